@@ -1,0 +1,61 @@
+"""sharify: make existing PyTorch CNNs smaller by sharing weights between residual blocks.
+
+One call turns a trained ResNet-like network into one where the convs of each residual stage share
+one weight tensor::
+
+    import timm, sharify
+    model = timm.create_model("resnet50", pretrained=True)
+    shared = sharify.sharify(model)        # torch.fx finds the stages; convs share weights
+    print(sharify.report(model, shared))   # parameters before/after, per group
+
+The stages are found by tracing the model with torch.fx (:mod:`sharify.residual`), so torchvision,
+timm and hand-written networks work alike; the result keeps its class and plugs into ordinary
+training code.
+
+Papers:
+    * A. Boulch. *ShaResNet: reducing residual network parameter number by sharing weights.*
+      arXiv:1702.08782; Pattern Recognition Letters, 2018.
+    * W. Kang, D. Kim et al. *Deeply Shared Filter Bases for Parameter-Efficient Convolutional
+      Neural Networks.* (NeurIPS 2021 submission; code: Net_RL2).
+"""
+
+from .checkpoint import load_unshared_state_dict
+from .errors import (
+    AlreadySharifiedError,
+    NothingToShareError,
+    SharifyError,
+    UnsupportedModelError,
+    UntraceableError,
+)
+from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
+from .plan import ConvSignature, SharingGroup, SharingPlan, plan
+from .report import GroupReport, ParameterReport, report
+from .rewrite import apply_plan, sharify, unshare
+from .shapes import ExampleInputsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadySharifiedError",
+    "ConvSignature",
+    "ExampleInputsError",
+    "GroupReport",
+    "NothingToShareError",
+    "ParameterReport",
+    "SharedConv2d",
+    "SharedConvParams",
+    "SharifyError",
+    "SharingGroup",
+    "SharingPlan",
+    "UnsupportedModelError",
+    "UntraceableError",
+    "__version__",
+    "apply_plan",
+    "is_shared_conv",
+    "load_unshared_state_dict",
+    "plan",
+    "report",
+    "shared_groups",
+    "sharify",
+    "unshare",
+]

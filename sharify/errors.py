@@ -1,0 +1,36 @@
+"""The exceptions sharify raises for models it cannot handle.
+
+Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models that sharify cannot analyse or
+rewrite raise a subclass of :class:`SharifyError`. Every message names the module or value at fault
+and says what to try.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadySharifiedError",
+    "NothingToShareError",
+    "SharifyError",
+    "UnsupportedModelError",
+    "UntraceableError",
+]
+
+
+class SharifyError(Exception):
+    """Root of the exceptions sharify raises for models it cannot handle."""
+
+
+class NothingToShareError(SharifyError):
+    """The model has no residual stage with two or more convs that could share one weight."""
+
+
+class UntraceableError(SharifyError):
+    """torch.fx cannot trace the part of the model that holds the residual stages."""
+
+
+class UnsupportedModelError(SharifyError, TypeError):
+    """The object is a kind of model sharify cannot rewrite (e.g. a TorchScript module)."""
+
+
+class AlreadySharifiedError(SharifyError):
+    """The model already contains shared convs; sharify refuses to share twice."""

@@ -1,0 +1,190 @@
+"""The modules a sharified model is made of: shared-tensor holders and the convs that read them.
+
+A sharing group's weight (and bias) is *owned once* by a :class:`SharedConvParams` holder. All holders
+live in one :class:`SharedStore` registered on the model's root as ``model.sharify_shared``; holders
+are nested by key, so the state_dict key of a group is e.g. ``sharify_shared.layer1.conv2.weight``.
+
+The member convs keep their place in the tree and their class hierarchy: each member's class is
+swapped to ``Shared<Class>``, a subclass of its original class (``SharedConv2d`` for
+``nn.Conv2d``, ``SharedStdConv2d`` for timm's ``StdConv2d``, ...) whose ``weight``/``bias`` are
+properties reading the holder at call time. The original ``forward`` runs unchanged, so conv
+variants with their own forward (weight standardisation, "same" padding) keep working, and
+``isinstance`` checks, hooks and references to the conv object stay valid. Because the member does
+not register the tensor, every shared tensor has exactly one state_dict key and
+``model.parameters()`` yields it once; ``.to()``, ``to_empty()`` and ``load_state_dict(assign=True)``
+replace the tensor in one place and every member sees the new one.
+
+Assigning ``conv.weight = ...`` (as conv-BN fusion helpers do on a copy) un-shares only that conv:
+it becomes an instance of its original class again with its own copies of the tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SHARED_STORE_NAME",
+    "SharedConv2d",
+    "SharedConvMixin",
+    "SharedConvParams",
+    "SharedStore",
+    "is_shared_conv",
+    "shared_class",
+    "shared_groups",
+]
+
+#: Attribute under which the store of shared tensors is registered on the model's root.
+SHARED_STORE_NAME = "sharify_shared"
+
+
+class SharedConvParams(nn.Module):
+    """Owns the weight (and bias) of one sharing group.
+
+    Args:
+        weight: Initial value of the shared weight.
+        bias: Initial value of the shared bias, or ``None`` when the members have no bias.
+        key: The group's key in the store, e.g. ``"layer1.conv2"``.
+        stage: Module path of the stage the members belong to (informational).
+        position: The position selector that picked the members (informational).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, key: str, stage: str = "", position: str = "") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+        self.key = key
+        self.stage = stage
+        self.position = position
+
+    def extra_repr(self) -> str:
+        bias = "" if self.bias is None else f", bias={tuple(self.bias.shape)}"
+        return f"key={self.key!r}, weight={tuple(self.weight.shape)}{bias}"
+
+
+class SharedStore(nn.Module):
+    """Container of all holders of a model, registered as ``model.sharify_shared``.
+
+    Its ``forward`` returns its first argument unchanged, so containers that call every child in
+    order (a root ``nn.Sequential``, timm's ``FeatureListNet``) pass through it.
+    """
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+    def holders(self) -> dict[str, SharedConvParams]:
+        """All holders by key, in registration order."""
+        return {m.key: m for m in self.modules() if isinstance(m, SharedConvParams)}
+
+    def add_holder(self, holder: SharedConvParams) -> None:
+        """Registers ``holder`` under ``holder.key``, creating the intermediate containers."""
+        *parents, leaf = holder.key.split(".")
+        node: nn.Module = self
+        for part in parents:
+            child = node._modules.get(part)
+            if child is None:
+                child = nn.Module()
+                node.add_module(part, child)
+            node = child
+        node.add_module(leaf, holder)
+
+
+class SharedConvMixin:
+    """Turns an instance of a conv class into a member of a sharing group.
+
+    Never instantiated directly: :func:`shared_class` builds ``Shared<Base>`` classes and the
+    rewrite swaps a conv's ``__class__`` to one of them. The holder is kept in the instance's
+    ``__dict__`` (not registered as a submodule), so the shared tensors have a single owner.
+    """
+
+    _sharify_base: type[nn.Module]
+    _sharify_holder: SharedConvParams
+
+    @property
+    def weight(self) -> Tensor:
+        return self._sharify_holder.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self._sharify_holder.bias
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias") and "_sharify_holder" in self.__dict__:
+            detach_from_holder(self)  # type: ignore[arg-type]
+            setattr(self, name, value)  # now dispatched to the original class
+            return
+        super().__setattr__(name, value)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, shared={self._sharify_holder.key!r}"  # type: ignore[misc]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Dynamic classes cannot be pickled by name: rebuild from the (importable) base class.
+        return _new_shared_instance, (self._sharify_base,), self.__getstate__()
+
+
+class SharedConv2d(SharedConvMixin, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weight and bias belong to a :class:`SharedConvParams` holder."""
+
+    _sharify_base = nn.Conv2d
+
+
+_SHARED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: SharedConv2d}
+
+
+def shared_class(base: type[nn.Module]) -> type[nn.Module]:
+    """Returns the ``Shared<base>`` class (created once per base class)."""
+    if issubclass(base, SharedConvMixin):
+        raise TypeError(f"{base.__name__} is already a shared conv class")
+    cls = _SHARED_CLASSES.get(base)
+    if cls is None:
+        name = f"Shared{base.__name__}"
+        cls = type(name, (SharedConvMixin, base), {"_sharify_base": base, "__module__": __name__, "__qualname__": name})
+        _SHARED_CLASSES[base] = cls
+    return cls
+
+
+def _new_shared_instance(base: type[nn.Module]) -> nn.Module:
+    cls = shared_class(base)
+    return cls.__new__(cls)
+
+
+def is_shared_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a member conv reading a shared holder."""
+    return isinstance(module, SharedConvMixin)
+
+
+def attach_to_holder(conv: nn.Module, holder: SharedConvParams) -> None:
+    """Makes ``conv`` a member of ``holder``'s group; its own weight and bias are dropped."""
+    base = type(conv)
+    del conv._parameters["weight"]
+    del conv._parameters["bias"]
+    conv.__class__ = shared_class(base)
+    conv.__dict__["_sharify_holder"] = holder
+
+
+def detach_from_holder(conv: nn.Module) -> None:
+    """Inverse of :func:`attach_to_holder`: ``conv`` gets its own copies of the shared tensors."""
+    holder: SharedConvParams = conv.__dict__.pop("_sharify_holder")
+    conv.__class__ = conv._sharify_base  # type: ignore[assignment]
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            value = getattr(holder, name)
+            param = None if value is None else nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+            conv.register_parameter(name, param)
+
+
+def shared_groups(model: nn.Module) -> dict[str, tuple[SharedConvParams, list[str]]]:
+    """Holders of ``model`` by key, each with the paths of the member convs that read it.
+
+    Derived from the module tree, so it stays right after ``load_state_dict``, ``to()`` or pickling.
+    """
+    store = getattr(model, SHARED_STORE_NAME, None)
+    holders = store.holders() if isinstance(store, SharedStore) else {}
+    members: dict[int, list[str]] = {id(h): [] for h in holders.values()}
+    for path, module in model.named_modules():
+        if isinstance(module, SharedConvMixin):
+            members.setdefault(id(module._sharify_holder), []).append(path)
+    return {key: (h, members[id(h)]) for key, h in holders.items()}

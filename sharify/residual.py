@@ -1,0 +1,287 @@
+"""Finding residual blocks and stages in a traced, shape-propagated graph. Purely structural.
+
+Definitions (all on the dataflow graph, never on module names):
+
+* A **residual add** is an addition ``a + b`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``) of two
+  same-shaped tensors that both depend on the model input and share ancestors, where at least one
+  operand's *exclusive* ancestors (those the other operand does not have) include a conv. The side
+  with more convs (then: more spatial convs) is the **branch**, the other the **shortcut**
+  (identity, projection, pooling, ...). Scales, layer scale, drop path or SE products on the branch
+  are simply part of it.
+* Each residual add is a **block**. Its **predecessor** is the latest residual add that both
+  operands depend on, provided it lies inside the same enclosing block (blocks nest: EDSR-style
+  global skips, Res2Net's hierarchical adds, RepVGG's parallel branches). Following predecessors
+  gives the chains of blocks along the residual stream.
+* A **stage** is a run of consecutive blocks of one chain whose outputs have the same shape. If
+  convs run between the predecessor and the stage's first residual block and produce the stage's
+  shape (MobileNetV2's non-residual entry block, ConvNeXt's downsample layer), the stage has an
+  **entry**: its first block is that non-residual one, and all its residual blocks are non-first.
+* A block's **branch convs** are the convs on its branch in execution order, except those owned by a
+  nested stage (a nested chain of two or more blocks shares among itself).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx, nn
+
+from .tracing import module_path
+
+__all__ = ["Block", "Stage", "common_prefix", "find_stages"]
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, Tensor.add, Tensor.add_}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A residual block.
+
+    Attributes:
+        index: Position of the block in execution order.
+        add: Name of the graph node of its residual add.
+        path: Module path of the block: the deepest module containing its branch and shortcut.
+        convs: Paths of the convs on its residual branch, in execution order.
+        shortcut_convs: Paths of the convs on its shortcut (projections).
+        output_shape: Shape of the block's output (the add's result).
+        predecessor: Index of the previous block on the residual stream, if any.
+    """
+
+    index: int
+    add: str
+    path: str
+    convs: tuple[str, ...]
+    shortcut_convs: tuple[str, ...]
+    output_shape: tuple[int, ...]
+    predecessor: int | None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run of consecutive blocks whose outputs have one shape.
+
+    Attributes:
+        path: Module path of the stage: the deepest module containing all its blocks.
+        shape: The blocks' output shape.
+        blocks: The blocks, in execution order.
+        has_entry: A non-residual block with the stage's output shape precedes ``blocks[0]``, so
+            every block in ``blocks`` is a non-first block of the stage.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    blocks: tuple[Block, ...]
+    has_entry: bool
+
+    @property
+    def first_block(self) -> Block | None:
+        """The stage's first block if it is residual, else ``None`` (the entry is the first block)."""
+        return None if self.has_entry else self.blocks[0]
+
+
+def common_prefix(paths: Sequence[str]) -> str:
+    """Deepest module path containing all ``paths`` (``""`` is the root)."""
+    if not paths:
+        return ""
+    parts = [p.split(".") if p else [] for p in paths]
+    prefix: list[str] = []
+    for level in zip(*parts):
+        if any(x != level[0] for x in level):
+            break
+        prefix.append(level[0])
+    return ".".join(prefix)
+
+
+def _bits(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, Tensor) else None
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in _ADD_METHODS
+
+
+@dataclass
+class _Add:
+    node: int
+    branch: int  # exclusive ancestors of the branch operand (bitset over node indices)
+    shortcut: int  # exclusive ancestors of the shortcut operand
+    common: int  # ancestors of both operands
+    shape: tuple[int, ...]
+
+
+class _Graph:
+    """Node indices, ancestor bitsets and conv masks of a graph."""
+
+    def __init__(self, graph: fx.Graph, model: nn.Module) -> None:
+        self.nodes = list(graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.ancestors: list[int] = []
+        self.from_input: list[bool] = []
+        self.conv_mask = 0
+        self.spatial_mask = 0
+        modules = dict(model.named_modules())
+        for i, n in enumerate(self.nodes):
+            anc = 1 << i
+            from_input = n.op == "placeholder"
+            for inp in n.all_input_nodes:
+                anc |= self.ancestors[index[inp]]
+                from_input |= self.from_input[index[inp]]
+            self.ancestors.append(anc)
+            self.from_input.append(from_input)
+            if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d):
+                self.conv_mask |= 1 << i
+                if any(k > 1 for k in modules[str(n.target)].kernel_size):
+                    self.spatial_mask |= 1 << i
+        self.index = index
+
+    def conv_count(self, mask: int) -> tuple[int, int]:
+        return (mask & self.conv_mask).bit_count(), (mask & self.spatial_mask).bit_count()
+
+    def conv_paths(self, mask: int) -> tuple[str, ...]:
+        return tuple(str(self.nodes[i].target) for i in _bits(mask & self.conv_mask))
+
+
+def _residual_add(g: _Graph, i: int) -> _Add | None:
+    node = g.nodes[i]
+    if not _is_add(node) or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    shape = _shape(node)
+    if shape is None or _shape(a) != shape or _shape(b) != shape:
+        return None  # broadcasting adds (biases, embeddings) are not residual
+    ia, ib = g.index[a], g.index[b]
+    if not (g.from_input[ia] and g.from_input[ib]):
+        return None
+    anc_a, anc_b = g.ancestors[ia], g.ancestors[ib]
+    common = anc_a & anc_b
+    if not common:
+        return None
+    only_a, only_b = anc_a & ~anc_b, anc_b & ~anc_a
+    count_a, count_b = g.conv_count(only_a), g.conv_count(only_b)
+    if count_a == count_b:
+        return None  # no conv on either side, or two symmetric branches: not a residual block
+    branch, shortcut = (only_a, only_b) if count_a > count_b else (only_b, only_a)
+    return _Add(i, branch, shortcut, common, shape)
+
+
+def _is_within(path: str, ancestor: str) -> bool:
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _block_path(g: _Graph, a: _Add, add_mask: int, sole_add_in_module: bool) -> str:
+    """The module that is the block: the one performing the add when it performs no other residual
+    add (torchvision's ``Bottleneck``), else the deepest module holding branch and shortcut (a user's
+    ``for f in self.blocks: x = x + f(x)`` loop performs every block's add in one module)."""
+    region = [p for p in (module_path(g.nodes[i]) for i in _bits((a.branch | a.shortcut) & ~add_mask)) if p]
+    inner = common_prefix(region) if region else ""
+    adder = module_path(g.nodes[a.node])
+    if sole_add_in_module and adder and _is_within(inner, adder):
+        return adder
+    return inner
+
+
+def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[Stage]]:
+    """Finds the residual blocks and stages of a traced graph whose nodes carry ``meta["val"]``.
+
+    Args:
+        graph: Graph traced from ``model`` with shapes propagated.
+        model: The traced model (used to tell convs apart from other leaf modules).
+
+    Returns:
+        All residual blocks in execution order, and the stages (including one-block stages).
+    """
+    g = _Graph(graph, model)
+    adds = [a for a in (_residual_add(g, i) for i in range(len(g.nodes))) if a is not None]
+    add_mask = sum(1 << a.node for a in adds)
+
+    # Nesting: block A is inside block B when A's add is on B's branch.
+    enclosing: dict[int, int | None] = {}
+    for k, a in enumerate(adds):
+        outers = [j for j, b in enumerate(adds) if (b.branch >> a.node) & 1]
+        enclosing[k] = min(outers, key=lambda j: adds[j].node) if outers else None
+
+    # Predecessor: latest residual add both operands depend on, within the same enclosing block.
+    position = {a.node: k for k, a in enumerate(adds)}
+    predecessor: dict[int, int | None] = {}
+    for k, a in enumerate(adds):
+        scope = adds[enclosing[k]].branch if enclosing[k] is not None else -1  # type: ignore[index]
+        candidates = a.common & add_mask & scope
+        predecessor[k] = position[candidates.bit_length() - 1] if candidates else None
+
+    # Stages: union blocks with their predecessor when the output shapes agree.
+    parent = list(range(len(adds)))
+
+    def find(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for k, p in predecessor.items():
+        if p is not None and adds[p].shape == adds[k].shape:
+            parent[find(k)] = find(p)
+    members: dict[int, list[int]] = {}
+    for k in range(len(adds)):
+        members.setdefault(find(k), []).append(k)
+
+    # A module whose forward performs exactly one residual add (at its nesting level) is that block.
+    scopes = [(module_path(g.nodes[a.node]), enclosing[k]) for k, a in enumerate(adds)]
+    sole_add_in_module = [scopes.count(scope) == 1 for scope in scopes]
+
+    # Convs owned by a nested multi-block stage are not candidates of the enclosing blocks.
+    in_multi_stage = [len(members[find(k)]) > 1 for k in range(len(adds))]
+    blocks: list[Block] = []
+    for k, a in enumerate(adds):
+        own = a.branch
+        for j, inner in enumerate(adds):
+            if in_multi_stage[j] and (a.branch >> inner.node) & 1:
+                own &= ~inner.branch
+        blocks.append(
+            Block(
+                index=k,
+                add=g.nodes[a.node].name,
+                path=_block_path(g, a, add_mask, sole_add_in_module[k]),
+                convs=g.conv_paths(own),
+                shortcut_convs=g.conv_paths(a.shortcut),
+                output_shape=a.shape,
+                predecessor=predecessor[k],
+            )
+        )
+
+    stages = []
+    for ks in sorted(members.values(), key=lambda ks: adds[ks[0]].node):
+        first = adds[ks[0]]
+        pred = predecessor[ks[0]]
+        has_entry = False
+        fork = first.common.bit_length() - 1  # latest node both operands depend on: the block input
+        if pred is not None and _shape(g.nodes[fork]) == first.shape:
+            between = first.common & ~g.ancestors[adds[pred].node]
+            has_entry = bool(between & g.conv_mask)
+        stage_blocks = tuple(blocks[k] for k in ks)
+        stages.append(
+            Stage(
+                path=common_prefix([b.path for b in stage_blocks]) if len(ks) > 1 else stage_blocks[0].path,
+                shape=first.shape,
+                blocks=stage_blocks,
+                has_entry=has_entry,
+            )
+        )
+    return blocks, stages

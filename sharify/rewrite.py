@@ -1,0 +1,184 @@
+"""Rewriting a model so that each sharing group reads one tensor: :func:`sharify` and :func:`unshare`.
+
+The rewrite works on the model's own module tree (no GraphModule): the result keeps its class and
+everything defined on it. It is transactional: the plan and every new tensor are computed before the
+first change, and if applying them fails the model is restored, so a caller's model is never left
+half-modified, even with ``inplace=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
+from .init import check_init, initial_tensors
+from .layers import (
+    SHARED_STORE_NAME,
+    SharedConvParams,
+    SharedStore,
+    attach_to_holder,
+    detach_from_holder,
+    is_shared_conv,
+)
+from .plan import ConvSignature, Selector, SharingPlan, plan
+from .tracing import LeafSpec
+
+__all__ = ["apply_plan", "check_model", "sharify", "unshare"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def check_model(model: object) -> None:
+    """Raises a clear error if ``model`` is not an eager module sharify can rewrite."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "got a TorchScript module; sharify rewrites eager modules: call sharify(model) before torch.jit.script"
+        )
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    if isinstance(model, wrappers) or type(model).__name__ == "OptimizedModule":
+        raise UnsupportedModelError(
+            f"got a {type(model).__name__} wrapper; sharify the bare model first and wrap the result "
+            "(shared = sharify(model); DDP(shared) / torch.compile(shared)), because the wrapper has already "
+            "registered the unshared parameters"
+        )
+    shared = next((p for p, m in model.named_modules() if is_shared_conv(m)), None)
+    if shared is not None or hasattr(model, SHARED_STORE_NAME):
+        raise AlreadySharifiedError(
+            f"{type(model).__name__} is already sharified (e.g. `{shared or SHARED_STORE_NAME}`); "
+            "pass the original model, or call sharify.unshare(model) first"
+        )
+
+
+def sharify(
+    model: ModelT,
+    *,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
+    positions: Sequence[Selector] | Selector = ("last_spatial",),
+    skip_first_block: bool = False,
+    depthwise: bool = False,
+    init: str = "average",
+    inplace: bool = False,
+    leaf_modules: LeafSpec | None = None,
+) -> ModelT:
+    """Returns ``model`` with the convs of each residual stage sharing one weight.
+
+    By default this is ShaResNet's rule (Boulch, 2017): in every block of a stage, the last spatial
+    conv of the residual branch; members with one signature share one tensor. The stages are found
+    by tracing the model with torch.fx, so any ResNet-like network works, not a list of classes.
+
+    Args:
+        model: The model; with ``inplace=False`` it is not modified.
+        example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
+        positions: Which branch conv(s) to share (see :func:`sharify.plan`).
+        skip_first_block: Leave each stage's first block unshared.
+        depthwise: Let depthwise convs be shared.
+        init: Initial shared tensor: ``"average"``, ``"first"`` or ``"random"``.
+        inplace: Rewrite ``model`` itself instead of a deep copy.
+        leaf_modules: Module classes or paths not to trace into.
+
+    Returns:
+        The sharified model, of the same class as ``model``.
+
+    Raises:
+        NothingToShareError: The model has no two convs to share; the message says why.
+        AlreadySharifiedError: The model already shares convs.
+
+    Example:
+        >>> import torchvision, sharify
+        >>> model = torchvision.models.resnet34()
+        >>> shared = sharify.sharify(model)
+        >>> isinstance(shared, torchvision.models.ResNet), sharify.report(model, shared).params_after
+        (True, 13613864)
+    """
+    check_model(model)
+    check_init(init)
+    sharing = plan(
+        model,
+        example_inputs=example_inputs,
+        positions=positions,
+        skip_first_block=skip_first_block,
+        depthwise=depthwise,
+        leaf_modules=leaf_modules,
+    )
+    return apply_plan(model, sharing, init=init, inplace=inplace)
+
+
+def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str = "average", inplace: bool = False) -> ModelT:
+    """Applies a :class:`~sharify.plan.SharingPlan` made for ``model`` (or an identical model).
+
+    Raises:
+        NothingToShareError: The plan has no groups.
+        SharifyError: The plan does not match the model.
+    """
+    check_model(model)
+    check_init(init)
+    if not sharing.groups:
+        raise NothingToShareError(sharing.empty_reason())
+    modules = dict(model.named_modules())
+    for group in sharing.groups:
+        for path in group.members:
+            conv = modules.get(path)
+            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != group.signature:
+                raise SharifyError(
+                    f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
+                    "make the plan from this model (sharify.plan(model))"
+                )
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+
+    # Everything new is built before the first change to the model.
+    store = SharedStore()
+    members: list[tuple[nn.Module, SharedConvParams]] = []
+    for group in sharing.groups:
+        convs = [modules[p] for p in group.members]
+        weight, bias = initial_tensors([c.weight for c in convs], [c.bias for c in convs], init)
+        holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
+        holder.requires_grad_(any(c.weight.requires_grad for c in convs))
+        store.add_holder(holder)
+        members.extend((c, holder) for c in convs)
+
+    if isinstance(target, (nn.Sequential, nn.ModuleList)):
+        warnings.warn(
+            f"the root is an {type(target).__name__}: the store of shared tensors is appended as its last child "
+            f"`{SHARED_STORE_NAME}` (an identity in forward), so len(model) and model[-1] change",
+            stacklevel=2,
+        )
+    saved: list[tuple[nn.Module, type, dict[str, nn.Parameter | None]]] = []
+    try:
+        target.add_module(SHARED_STORE_NAME, store)
+        for conv, holder in members:
+            saved.append((conv, type(conv), dict(conv._parameters)))
+            attach_to_holder(conv, holder)
+    except BaseException:
+        for conv, cls, params in reversed(saved):
+            conv.__dict__.pop("_sharify_holder", None)
+            conv.__class__ = cls
+            conv._parameters.clear()
+            conv._parameters.update(params)
+        target._modules.pop(SHARED_STORE_NAME, None)
+        raise
+    return target
+
+
+def unshare(model: ModelT, *, inplace: bool = False) -> ModelT:
+    """Materialises independent convs again: each member gets its own copy of its group's tensors.
+
+    Use it before exporters that need plain convs (TorchScript). A model without shared convs is
+    returned unchanged (copied unless ``inplace``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unshare expects a torch.nn.Module, got {type(model).__name__}")
+    target = model if inplace else copy.deepcopy(model)
+    for _, module in list(target.named_modules()):
+        if is_shared_conv(module):
+            detach_from_holder(module)
+    target._modules.pop(SHARED_STORE_NAME, None)
+    return target

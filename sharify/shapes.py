@@ -1,0 +1,168 @@
+"""Shape propagation over a traced graph with fake tensors: no real activation is allocated.
+
+Every tensor-valued node gets ``node.meta["val"]``, a fake tensor carrying shape, dtype and device.
+Parameters stay where they are (real, or on the meta device for models built there); fake tensor mode
+wraps them without copying, so analysis memory does not grow with the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .errors import SharifyError
+from .tracing import eval_mode, module_path
+
+__all__ = ["ExampleInputsError", "default_input_shapes", "propagate_shapes"]
+
+
+class ExampleInputsError(SharifyError, ValueError):
+    """The example inputs do not fit the model (wrong rank, channels or size)."""
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def default_input_shapes(model: nn.Module) -> list[tuple[int, int, int, int]]:
+    """Candidate default inputs ``(1, C, H, W)``, most likely first.
+
+    H and W come from timm's ``pretrained_cfg["input_size"]`` when present, else 224. C is the first
+    conv's ``in_channels`` (right for models built with ``in_chans=1``), then the cfg's channels
+    (right when a space-to-depth stem precedes the first conv), then 3.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    height, width = (int(size[1]), int(size[2])) if size is not None and len(size) == 3 else (224, 224)
+    first = _first_conv(model)
+    channels = [first[1].in_channels] if first is not None else []
+    channels += [int(size[0])] if size is not None and len(size) == 3 else []
+    return [(1, c, height, width) for c in dict.fromkeys([*channels, 3])]
+
+
+def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)")
+    first = _first_conv(model)
+    x = inputs[0] if inputs else None
+    if first is None or x is None:
+        return
+    path, conv = first
+    if x.dim() not in (3, 4):
+        raise ExampleInputsError(
+            f"example_inputs[0] has shape {tuple(x.shape)} (rank {x.dim()}), but the first conv `{path}` takes "
+            f"(N, C, H, W) images; pass e.g. torch.randn(1, {conv.in_channels}, 224, 224)"
+        )
+    if x.shape[-3] != conv.in_channels:
+        raise ExampleInputsError(
+            f"example_inputs[0] has {x.shape[-3]} channels (shape {tuple(x.shape)}), but the first conv `{path}` "
+            f"expects {conv.in_channels}; pass e.g. torch.randn(1, {conv.in_channels}, 224, 224)"
+        )
+
+
+def _shape_preserving_forwards() -> frozenset[Any]:
+    classes = [
+        nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Identity,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+        nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+        nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout,
+    ]  # fmt: skip
+    try:
+        from timm.layers import norm_act
+    except ImportError:  # pragma: no cover
+        norm_act = None
+    names = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
+             "LayerNormAct", "LayerNormAct2d")  # fmt: skip
+    classes += [getattr(norm_act, n) for n in names if hasattr(norm_act, n)]
+    return frozenset(c.forward for c in classes)
+
+
+_SHAPE_PRESERVING = _shape_preserving_forwards()
+
+
+class _FakePropagation(fx.Interpreter):
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        # Norms and activations keep their input's shape; running them on fake tensors (BatchNorm's
+        # decomposition in particular) would dominate the analysis time.
+        module = self.fetch_attr(target)
+        if type(module).forward in _SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            return torch.empty_like(args[0])
+        return super().call_module(target, args, kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            self.failed = (n, exc)
+            raise
+        if isinstance(result, Tensor):
+            n.meta["val"] = result
+        return result
+
+
+def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+    """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
+
+    Args:
+        model: The traced model (in eval mode; it is not modified).
+        graph: Its graph.
+        example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes`.
+
+    Returns:
+        The example inputs actually used (as fake tensors).
+
+    Raises:
+        ExampleInputsError: Propagation failed; the message names the failing node and module.
+    """
+    given = example_inputs is not None
+    if given:
+        inputs: Sequence[Any] = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        _check_inputs(model, inputs)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        if given:
+            candidates = [tuple(mode.from_tensor(x) for x in inputs)]
+        else:
+            device, dtype = _param_device(model)
+            candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
+        first_error: ExampleInputsError | None = None
+        for fake in candidates:
+            try:
+                _run(model, graph, fake, given)
+                return fake
+            except ExampleInputsError as exc:
+                first_error = first_error or exc
+    assert first_error is not None
+    raise first_error
+
+
+def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], given: bool) -> None:
+    interpreter = _FakePropagation(model, graph=graph)
+    interpreter.failed = None
+    try:
+        with eval_mode(model):
+            interpreter.run(*fake)
+    except Exception as exc:
+        where = ""
+        if interpreter.failed is not None:
+            node = interpreter.failed[0]
+            where = f" at `{node.name}` (in module `{module_path(node) or '<root>'}`)"
+        shapes = ", ".join(str(tuple(x.shape)) for x in fake)
+        hint = "pass example_inputs the model accepts" if given else "pass example_inputs=torch.randn(...) the model accepts"
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise ExampleInputsError(
+            f"shape propagation with example inputs of shape {shapes} failed{where}: "
+            f"{type(exc).__name__}: {message}; {hint}"
+        ) from exc

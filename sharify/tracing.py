@@ -1,0 +1,149 @@
+"""Tracing a model with torch.fx for analysis: convs are leaves, untraceable submodules are leafed.
+
+The tracer records, for every node, the stack of modules it was created in (torch.fx stores it in
+``node.meta["nn_module_stack"]``), treats every ``nn.Conv2d`` (subclasses included) as a leaf, and
+honours timm's registry of functions and modules that must not be traced when timm is installed
+(no-trace modules that hold convs are traced anyway, see ``is_leaf_module``).
+
+A submodule whose forward cannot be traced (data-dependent control flow, unsupported Python) is
+retried as a leaf: sharify then sees it as one opaque call and records it in
+:attr:`TraceResult.auto_leaves` with the reason. Only if the root's own forward cannot be traced
+does tracing fail, with an :class:`~sharify.errors.UntraceableError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from .errors import UntraceableError
+
+__all__ = ["LeafSpec", "TraceResult", "eval_mode", "module_path", "trace"]
+
+logger = logging.getLogger(__name__)
+
+#: What ``leaf_modules=`` accepts: module classes and/or module paths (``"head"``, ``"layer4.1"``).
+LeafSpec = Iterable[type[nn.Module] | str]
+
+_MAX_AUTO_LEAVES = 64
+
+
+@dataclass
+class TraceResult:
+    """A traced model.
+
+    Attributes:
+        graph: The traced graph; ``call_module``/``get_attr`` targets are paths into the traced model.
+        auto_leaves: Paths of submodules that could not be traced, with the tracing error.
+    """
+
+    graph: fx.Graph
+    auto_leaves: dict[str, str] = field(default_factory=dict)
+
+
+@functools.cache
+def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
+    try:
+        import timm  # noqa: F401  (registers the models' notrace modules on import)
+        from timm.layers import _fx as timm_fx
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep sharify importable without it
+        return (), ()
+    modules = tuple(m for m in timm_fx.get_notrace_modules() if isinstance(m, type))
+    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    return modules, functions
+
+
+class _AnalysisTracer(fx.Tracer):
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...], leaf_paths: set[str]) -> None:
+        timm_modules, timm_functions = _timm_notrace()
+        super().__init__(autowrap_functions=timm_functions)
+        self.timm_leaf_types = timm_modules
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+        self.failed_path: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.Conv2d) or module_qualified_name in self.leaf_paths:
+            return True
+        if isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, self.timm_leaf_types):
+            # timm marks modules as no-trace for feature extraction; a leaf would hide the convs
+            # sharify looks for, so those holding convs are traced (and leafed only if that fails).
+            return not any(isinstance(c, nn.Conv2d) for c in m.modules())
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The first call_module an exception passes through is the innermost failing module.
+            if self.failed_path is None:
+                self.failed_path = self.path_of_module(m)
+            raise
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Puts every submodule in eval mode and restores each one's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult:
+    """Traces ``model`` (in eval mode, restored afterwards) into a graph over its modules.
+
+    Args:
+        model: The model to trace; it is not modified.
+        leaf_modules: Extra module classes or paths not to trace into.
+
+    Returns:
+        The graph and the submodules that had to be treated as leaves.
+
+    Raises:
+        UntraceableError: The root's own forward cannot be traced.
+    """
+    user_types = tuple(x for x in leaf_modules or () if isinstance(x, type))
+    leaf_paths = {x for x in leaf_modules or () if isinstance(x, str)}
+    auto_leaves: dict[str, str] = {}
+    with eval_mode(model):
+        while True:
+            tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves))
+            try:
+                graph = tracer.trace(model)
+                break
+            except Exception as exc:  # torch.fx raises many kinds of errors for untraceable code
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                path = tracer.failed_path
+                if not path or path in auto_leaves or len(auto_leaves) >= _MAX_AUTO_LEAVES:
+                    where = f"`{type(model).__name__}.forward`" if not path else f"module `{path}`"
+                    raise UntraceableError(
+                        f"torch.fx cannot trace {where} ({reason}). sharify needs the data flow of the residual "
+                        "stages: make that code traceable, or pass leaf_modules=[...] naming the untraceable "
+                        "submodules (classes or paths) so they are treated as opaque calls."
+                    ) from exc
+                logger.info("treating %s as a leaf: it cannot be traced (%s)", path, reason)
+                auto_leaves[path] = reason
+    return TraceResult(graph, auto_leaves)
+
+
+def module_path(node: fx.Node) -> str:
+    """Path of the innermost module a node was created in (its own path for ``call_module``)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return str(next(reversed(stack.values()))[0])
+
