@@ -1,0 +1,103 @@
+"""Command line: ``sharify report MODEL`` (and ``python -m sharify ...``).
+
+Errors print one line naming the problem and exit with status 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .errors import SharifyError
+from .plan import Selector
+from .report import report
+from .rewrite import sharify
+from .zoo import build_model
+
+__all__ = ["main"]
+
+
+def _selector(text: str) -> Selector:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def add_sharing_options(parser: argparse.ArgumentParser) -> None:
+    """The options of :func:`sharify.sharify`, shared by all subcommands."""
+    g = parser.add_argument_group("sharing")
+    g.add_argument("--positions", nargs="+", type=_selector, default=["last_spatial"], metavar="SEL",
+                   help="branch convs to share: last_spatial (default), all_spatial, first, last or an index")  # fmt: skip
+    g.add_argument("--skip-first-block", action="store_true", help="leave each stage's first block unshared")
+    g.add_argument("--depthwise", action="store_true", help="let depthwise convs be shared")
+    g.add_argument("--init", default="average", help="shared tensor init: average (default), first, random")
+    g.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                   help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
+
+
+def sharing_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    kwargs: dict[str, object] = {
+        "positions": tuple(args.positions),
+        "skip_first_block": args.skip_first_block,
+        "depthwise": args.depthwise,
+        "init": args.init,
+    }
+    if args.input_size:
+        kwargs["example_inputs"] = torch.empty(1, *args.input_size)
+    return kwargs
+
+
+def _report(args: argparse.Namespace) -> int:
+    model, source = build_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
+    shared = sharify(model, **sharing_kwargs(args))  # type: ignore[arg-type]
+    result = report(model, shared)
+    if args.json:
+        print(json.dumps({"source": {"library": source.library, "name": source.name}, **result.to_dict()}, indent=2))
+    elif args.markdown:
+        print(result.to_markdown())
+    else:
+        print(f"{source.library}:{source.name}")
+        print(result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharify", description="Share conv weights between residual blocks.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="sharify a torchvision/timm model and print the parameter report")
+    p.add_argument("model", help="model name: resnet50, timm:resnet50d, tv:resnet34, ...")
+    p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs internet)")
+    p.add_argument("--num-classes", type=int, default=None)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    add_sharing_options(p)
+    p.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    try:
+        return int(args.func(args))
+    except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"sharify: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

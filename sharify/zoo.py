@@ -1,0 +1,102 @@
+"""Building torchvision and timm models by name, for the CLI and for recipes.
+
+``"resnet50"`` resolves to torchvision's builder when torchvision has a classification model of that
+name, else to timm's; ``"tv:resnet50"`` and ``"timm:resnet50"`` choose explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ModelSource", "build_model", "resolve_model_name"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``library`` (``"torchvision"`` or ``"timm"``), name and builder kwargs."""
+
+    library: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_names() -> list[str]:
+    try:
+        import timm
+    except ImportError:  # pragma: no cover
+        return []
+    return list(timm.list_models())
+
+
+def resolve_model_name(name: str) -> ModelSource:
+    """Resolves ``name`` (optionally prefixed ``tv:`` / ``timm:``) to a library and model name.
+
+    Raises:
+        ValueError: No such model; the message lists close matches.
+    """
+    library, _, bare = name.rpartition(":")
+    library = {"tv": "torchvision", "torchvision": "torchvision", "timm": "timm", "": ""}.get(library, library)
+    if library not in ("", "torchvision", "timm"):
+        raise ValueError(f"unknown model library {library!r} in {name!r}; use 'tv:NAME' or 'timm:NAME'")
+    if library in ("", "torchvision") and bare in _torchvision_names():
+        return ModelSource("torchvision", bare)
+    if library in ("", "timm"):
+        timm_names = _timm_names()
+        if bare in timm_names or bare.split(".")[0] in timm_names:
+            return ModelSource("timm", bare)
+    known = _torchvision_names() + _timm_names()
+    close = difflib.get_close_matches(bare, known, n=5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() / timm.list_models()"
+    raise ValueError(f"unknown model {name!r}: not a torchvision classification model or a timm model{hint}")
+
+
+def build_model(
+    name: str | ModelSource,
+    *,
+    pretrained: bool = False,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, ModelSource]:
+    """Builds a torchvision or timm model by name.
+
+    Args:
+        name: Model name or a :class:`ModelSource`.
+        pretrained: Load the library's pretrained weights (needs internet on first use).
+        num_classes: Classifier size; ``None`` keeps the library default.
+        in_chans: Input channels (timm models; torchvision models are built for 3).
+        **kwargs: Further builder arguments.
+
+    Returns:
+        The model and the source it was built from (with the kwargs needed to rebuild it).
+    """
+    source = resolve_model_name(name) if isinstance(name, str) else name
+    kw = dict(source.kwargs, **kwargs)
+    if num_classes is not None:
+        kw["num_classes"] = num_classes
+    if source.library == "timm":
+        import timm
+
+        if in_chans is not None:
+            kw["in_chans"] = in_chans
+        model = timm.create_model(source.name, pretrained=pretrained, **kw)
+    else:
+        import torchvision
+
+        if in_chans not in (None, 3):
+            raise ValueError(f"torchvision's {source.name} is built for 3 input channels; use timm:{source.name} for in_chans")
+        weights = "DEFAULT" if pretrained else None
+        if pretrained and num_classes is not None:
+            raise ValueError("torchvision pretrained weights fix num_classes; build pretrained, then replace the head")
+        model = torchvision.models.get_model(source.name, weights=weights, **kw)
+    return model, ModelSource(source.library, source.name, kw)
