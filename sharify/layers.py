@@ -71,6 +71,11 @@ class SharedStore(nn.Module):
     order (a root ``nn.Sequential``, timm's ``FeatureListNet``) pass through it.
     """
 
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        #: The sharing options the model was made with (JSON-ready; see :attr:`SharingPlan.options`).
+        self.options: dict[str, Any] = dict(options or {})
+
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x
 

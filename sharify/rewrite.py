@@ -135,7 +135,7 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str = "average", in
     modules = dict(target.named_modules())
 
     # Everything new is built before the first change to the model.
-    store = SharedStore()
+    store = SharedStore({**sharing.options, "init": init})
     members: list[tuple[nn.Module, SharedConvParams]] = []
     for group in sharing.groups:
         convs = [modules[p] for p in group.members]
