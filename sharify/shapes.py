@@ -8,6 +8,7 @@ wraps them without copying, so analysis memory does not grow with the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import SharifyError
 from .tracing import eval_mode, module_path
 
-__all__ = ["ExampleInputsError", "default_input_shapes", "propagate_shapes"]
+__all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
 
 class ExampleInputsError(SharifyError, ValueError):
@@ -86,6 +87,13 @@ _SHAPE_PRESERVING = _shape_preserving_forwards()
 
 
 class _FakePropagation(fx.Interpreter):
+    """Fake-tensor interpreter that survives failing nodes: their dependents get no shape."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        super().__init__(model, graph=graph)
+        self.unknown: set[fx.Node] = set()
+        self.failure: tuple[fx.Node, BaseException] | None = None
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         # Norms and activations keep their input's shape; running them on fake tensors (BatchNorm's
         # decomposition in particular) would dominate the analysis time.
@@ -95,14 +103,37 @@ class _FakePropagation(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
+        n.meta.pop("val", None)
+        if n.op == "output" or any(i in self.unknown for i in n.all_input_nodes):
+            self.unknown.add(n)
+            return None
         try:
             result = super().run_node(n)
-        except Exception as exc:
-            self.failed = (n, exc)
-            raise
+        except Exception as exc:  # data-dependent code, a head built for another input size, ...
+            self.unknown.add(n)
+            self.failure = self.failure or (n, exc)
+            return None
         if isinstance(result, Tensor):
             n.meta["val"] = result
         return result
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """Outcome of :func:`propagate_shapes`.
+
+    Attributes:
+        inputs: The example inputs used (fake tensors).
+        failure: Where propagation stopped, as a message (``None`` when every node got a value).
+            Nodes depending on the failing one have no ``meta["val"]``.
+        convs_without_shape: Conv calls left without a shape by the failure: their stages are not
+            analysed. A failing head after the last conv (data-dependent control flow, a ``Linear``
+            sized for another input) costs nothing.
+    """
+
+    inputs: tuple[Tensor, ...]
+    failure: str | None
+    convs_without_shape: int
 
 
 def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -112,19 +143,36 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propagation:
+    interpreter = _FakePropagation(model, graph)
+    with eval_mode(model):
+        interpreter.run(*fake)
+    failure = None
+    if interpreter.failure is not None:
+        node, exc = interpreter.failure
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        failure = f"`{node.name}` (module `{module_path(node) or '<root>'}`): {type(exc).__name__}: {message}"
+    modules = dict(model.named_modules())
+    unknown_convs = sum(
+        1 for n in interpreter.unknown if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)
+    )
+    return Propagation(fake, failure, unknown_convs)
+
+
+def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Tensor] | None) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
 
     Args:
-        model: The traced model (in eval mode; it is not modified).
+        model: The traced model (it is not modified).
         graph: Its graph.
-        example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes`.
+        example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes` in turn and
+            keeps the first that reaches every conv.
 
     Returns:
-        The example inputs actually used (as fake tensors).
+        The inputs used and where propagation stopped, if it did.
 
     Raises:
-        ExampleInputsError: Propagation failed; the message names the failing node and module.
+        ExampleInputsError: ``example_inputs`` do not fit the first conv, or no conv got a shape.
     """
     given = example_inputs is not None
     if given:
@@ -132,37 +180,22 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
         _check_inputs(model, inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        if given:
-            candidates = [tuple(mode.from_tensor(x) for x in inputs)]
+        device, dtype = _param_device(model)
+        if given:  # on the model's device (a meta-device model takes CPU example inputs)
+            candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:
-            device, dtype = _param_device(model)
             candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
-        first_error: ExampleInputsError | None = None
+        results = []
         for fake in candidates:
-            try:
-                _run(model, graph, fake, given)
-                return fake
-            except ExampleInputsError as exc:
-                first_error = first_error or exc
-    assert first_error is not None
-    raise first_error
-
-
-def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], given: bool) -> None:
-    interpreter = _FakePropagation(model, graph=graph)
-    interpreter.failed = None
-    try:
-        with eval_mode(model):
-            interpreter.run(*fake)
-    except Exception as exc:
-        where = ""
-        if interpreter.failed is not None:
-            node = interpreter.failed[0]
-            where = f" at `{node.name}` (in module `{module_path(node) or '<root>'}`)"
-        shapes = ", ".join(str(tuple(x.shape)) for x in fake)
+            results.append(_run(model, graph, fake))
+            if results[-1].convs_without_shape == 0:
+                break
+        best = min(results, key=lambda r: r.convs_without_shape)
+        if best is not results[-1]:
+            _run(model, graph, best.inputs)  # restore its node values
+    convs = sum(1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d))
+    if convs and best.convs_without_shape == convs:
+        shapes = ", ".join(str(tuple(x.shape)) for x in best.inputs)
         hint = "pass example_inputs the model accepts" if given else "pass example_inputs=torch.randn(...) the model accepts"
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        raise ExampleInputsError(
-            f"shape propagation with example inputs of shape {shapes} failed{where}: "
-            f"{type(exc).__name__}: {message}; {hint}"
-        ) from exc
+        raise ExampleInputsError(f"shape propagation with example inputs of shape {shapes} failed at {best.failure}; {hint}")
+    return best
