@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .residual import Block, Stage, find_stages
 from .shapes import propagate_shapes
@@ -227,7 +227,7 @@ def is_spatial(conv: nn.Conv2d) -> bool:
     return any(k > 1 for k in conv.kernel_size)
 
 
-def _check_positions(positions: Sequence[Selector]) -> tuple[Selector, ...]:
+def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:
     if isinstance(positions, (str, int)):
         positions = (positions,)
     out = tuple(positions)
@@ -235,7 +235,9 @@ def _check_positions(positions: Sequence[Selector]) -> tuple[Selector, ...]:
         raise ValueError(f"positions is empty; pass one or more of {SELECTORS} or conv indices")
     for p in out:
         if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, str) and p not in SELECTORS):
-            raise ValueError(f"unknown position selector {p!r}; valid: {', '.join(map(repr, SELECTORS))} or an int index")
+            raise ValueError(
+                f"unknown position selector {p!r}; valid: {', '.join(map(repr, SELECTORS))} or an int index"
+            )
     return out
 
 
@@ -314,6 +316,8 @@ def plan(
         >>> [g.key for g in p.groups]
         ['layer1.conv2', 'layer2.conv2', 'layer3.conv2', 'layer4.conv2']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     selectors = _check_positions(positions)
     traced = trace(model, leaf_modules)
     shapes = propagate_shapes(model, traced.graph, example_inputs)
@@ -371,7 +375,11 @@ def plan(
 
     notes = []
     if shapes.failure is not None:
-        lost = f"; {shapes.convs_without_shape} conv calls after it were not analysed" if shapes.convs_without_shape else ""
+        lost = (
+            f"; {shapes.convs_without_shape} conv calls after it were not analysed"
+            if shapes.convs_without_shape
+            else ""
+        )
         notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
     if not groups and saw_depthwise and not depthwise:
         notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")

@@ -48,7 +48,9 @@ def default_input_shapes(model: nn.Module) -> list[tuple[int, int, int, int]]:
 def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
-            raise TypeError(f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)")
+            raise TypeError(
+                f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)"
+            )
     first = _first_conv(model)
     x = inputs[0] if inputs else None
     if first is None or x is None:
@@ -67,23 +69,42 @@ def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
 
 
 def _shape_preserving_forwards() -> frozenset[Any]:
-    classes = [
+    classes: list[type[nn.Module]] = [
         nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Identity,
         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
         nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
         nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout,
     ]  # fmt: skip
-    try:
-        from timm.layers import norm_act
-    except ImportError:  # pragma: no cover
-        norm_act = None
     names = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
              "LayerNormAct", "LayerNormAct2d")  # fmt: skip
-    classes += [getattr(norm_act, n) for n in names if hasattr(norm_act, n)]
+    try:
+        from timm.layers import norm_act
+
+        classes += [getattr(norm_act, n) for n in names if hasattr(norm_act, n)]
+    except ImportError:  # pragma: no cover
+        pass
     return frozenset(c.forward for c in classes)
 
 
 _SHAPE_PRESERVING = _shape_preserving_forwards()
+
+
+def _conv2d_output(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Output of a plain ``nn.Conv2d`` (the formula of its docs), without dispatching a fake conv."""
+    if x.dim() not in (3, 4) or x.shape[-3] != conv.in_channels:
+        raise RuntimeError(f"expected input with {conv.in_channels} channels, got input of shape {tuple(x.shape)}")
+    size = []
+    for i, n in enumerate(x.shape[-2:]):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            size.append(n)
+            continue
+        p = 0 if isinstance(conv.padding, str) else int(conv.padding[i])  # "valid"
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        if out <= 0:
+            raise RuntimeError(f"input of shape {tuple(x.shape)} is too small for {conv}")
+        size.append(out)
+    return x.new_empty((*x.shape[:-3], conv.out_channels, *size))
 
 
 class _FakePropagation(fx.Interpreter):
@@ -95,12 +116,15 @@ class _FakePropagation(fx.Interpreter):
         self.failure: tuple[fx.Node, BaseException] | None = None
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        # Norms and activations keep their input's shape; running them on fake tensors (BatchNorm's
-        # decomposition in particular) would dominate the analysis time.
+        # Norms and activations keep their input's shape and plain convs follow a formula; running
+        # them on fake tensors (BatchNorm's decomposition in particular) would dominate analysis time.
         module = self.fetch_attr(target)
-        if type(module).forward in _SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-            return torch.empty_like(args[0])
-        return super().call_module(target, args, kwargs)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            if type(module).forward in _SHAPE_PRESERVING:
+                return torch.empty_like(args[0])
+            if type(module).forward is nn.Conv2d.forward:
+                return _conv2d_output(module, args[0])
+        return module.forward(*args, **kwargs)  # not module(...): the user's hooks must not see analysis
 
     def run_node(self, n: fx.Node) -> Any:
         n.meta.pop("val", None)
@@ -159,7 +183,9 @@ def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propaga
     return Propagation(fake, failure, unknown_convs)
 
 
-def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Tensor] | None) -> Propagation:
+def propagate_shapes(
+    model: nn.Module, graph: fx.Graph, example_inputs: Tensor | Sequence[Tensor] | None
+) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
 
     Args:
@@ -176,7 +202,9 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
     """
     given = example_inputs is not None
     if given:
-        inputs: Sequence[Any] = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        inputs: Sequence[Any] = (
+            tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        )
         _check_inputs(model, inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
@@ -193,9 +221,17 @@ def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
         best = min(results, key=lambda r: r.convs_without_shape)
         if best is not results[-1]:
             _run(model, graph, best.inputs)  # restore its node values
-    convs = sum(1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d))
+    convs = sum(
+        1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d)
+    )
     if convs and best.convs_without_shape == convs:
         shapes = ", ".join(str(tuple(x.shape)) for x in best.inputs)
-        hint = "pass example_inputs the model accepts" if given else "pass example_inputs=torch.randn(...) the model accepts"
-        raise ExampleInputsError(f"shape propagation with example inputs of shape {shapes} failed at {best.failure}; {hint}")
+        hint = (
+            "pass example_inputs the model accepts"
+            if given
+            else "pass example_inputs=torch.randn(...) the model accepts"
+        )
+        raise ExampleInputsError(
+            f"shape propagation with example inputs of shape {shapes} failed at {best.failure}; {hint}"
+        )
     return best

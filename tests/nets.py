@@ -177,20 +177,28 @@ class RandomBlock(nn.Module):
         mid = max(cout // 4, 1) if spec.block == "bottleneck" else cout
         b = spec.bias
         if spec.block == "bottleneck":
-            self.convs = nn.ModuleList([
-                nn.Conv2d(cin, mid, 1, bias=b), nn.Conv2d(mid, mid, 3, stride, 1, bias=b), nn.Conv2d(mid, cout, 1, bias=b)
-            ])  # fmt: skip
+            convs = [nn.Conv2d(cin, mid, 1, bias=b), nn.Conv2d(mid, mid, 3, stride, 1, bias=b)]
+            self.convs = nn.ModuleList([*convs, nn.Conv2d(mid, cout, 1, bias=b)])
         else:
-            self.convs = nn.ModuleList([nn.Conv2d(cin, mid, 3, stride, 1, bias=b), nn.Conv2d(mid, cout, 3, 1, 1, bias=b)])
+            self.convs = nn.ModuleList(
+                [nn.Conv2d(cin, mid, 3, stride, 1, bias=b), nn.Conv2d(mid, cout, 3, 1, 1, bias=b)]
+            )
         self.norms = nn.ModuleList(_norm(spec.norm, c.in_channels if spec.block == "preact" else c.out_channels)
                                    for c in self.convs)  # fmt: skip
         self.proj = nn.Conv2d(cin, cout, 1, stride, bias=b) if (cin != cout or stride != 1) else None
         self.scale = nn.Parameter(torch.ones(1, cout, 1, 1)) if spec.add == "layerscale" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add(x) if self.kind == "preact" else F.relu(self._add(x))
+
+    def _add(self, x: torch.Tensor) -> torch.Tensor:
         y = x
-        for conv, norm in zip(self.convs, self.norms):
-            y = conv(F.relu(norm(y))) if self.kind == "preact" else F.relu(norm(conv(y)))
+        last = len(self.convs) - 1
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if self.kind == "preact":
+                y = conv(F.relu(norm(y)))
+            else:  # torchvision style: no activation before the add
+                y = norm(conv(y)) if i == last else F.relu(norm(conv(y)))
         s = x if self.proj is None else self.proj(x)
         if self.add == "+":
             return y + s

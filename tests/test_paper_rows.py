@@ -62,7 +62,7 @@ def test_wrn_40_4_cifar_row_skips_first_blocks() -> None:
     assert p.params_before / 1e6 == pytest.approx(8.95, abs=0.01)
     assert p.params_after / 1e6 == pytest.approx(5.85, abs=0.01)
     # the second conv of blocks 1..5 of each stage
-    assert [g.members for g in p.groups][0] == tuple(f"blocks.0.{i}.conv2" for i in range(1, 6))
+    assert p.groups[0].members == tuple(f"blocks.0.{i}.conv2" for i in range(1, 6))
 
 
 def test_wrn_28_10_cifar100_row() -> None:
