@@ -19,6 +19,7 @@ Papers:
       Neural Networks.* (NeurIPS 2021 submission; code: Net_RL2).
 """
 
+from .basis import BasisConv2d, orthogonality_loss
 from .checkpoint import load_unshared_state_dict
 from .errors import (
     AlreadySharifiedError,
@@ -28,6 +29,7 @@ from .errors import (
     UntraceableError,
 )
 from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
+from .options import PRESETS, SharingOptions
 from .plan import ConvSignature, SharingGroup, SharingPlan, plan
 from .report import GroupReport, ParameterReport, report
 from .rewrite import apply_plan, sharify, unshare
@@ -36,7 +38,9 @@ from .shapes import ExampleInputsError
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "AlreadySharifiedError",
+    "BasisConv2d",
     "ConvSignature",
     "ExampleInputsError",
     "GroupReport",
@@ -46,6 +50,7 @@ __all__ = [
     "SharedConvParams",
     "SharifyError",
     "SharingGroup",
+    "SharingOptions",
     "SharingPlan",
     "UnsupportedModelError",
     "UntraceableError",
@@ -53,6 +58,7 @@ __all__ = [
     "apply_plan",
     "is_shared_conv",
     "load_unshared_state_dict",
+    "orthogonality_loss",
     "plan",
     "report",
     "shared_groups",
