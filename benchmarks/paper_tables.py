@@ -66,7 +66,7 @@ ROWS = [
         26.86,
         0.01,
         32,
-    ),  # fmt: skip
+    ),
     Row("ShaResNet", "ImageNet", "ResNet-34", _tv("resnet34"), {"preset": "sharesnet"}, 21.8, 13.6, 0.05),
     Row("ShaResNet", "ImageNet", "ResNet-50", _tv("resnet50"), {"preset": "sharesnet"}, 25.6, 20.5, 0.05),
     Row("ShaResNet", "ImageNet", "ResNet-101", _tv("resnet101"), {"preset": "sharesnet"}, 44.5, 29.4, 0.05),
@@ -80,7 +80,7 @@ ROWS = [
         None,
         11.786968,
         0.0005,
-    ),  # fmt: skip
+    ),
     Row("DSFB", "ImageNet", "ResNet50-Shared", _tv("resnet50"), {"preset": "dsfb-shared"}, None, 20.506664, 0.0005),
     Row("DSFB", "ImageNet", "ResNet50-Shared++", _tv("resnet50"), {"preset": "dsfb-shared++"}, None, 18.262056, 0.0005),
     Row("DSFB", "ImageNet", "ResNet101-Shared", _tv("resnet101"), {"preset": "dsfb-shared"}, None, 29.471784, 0.0005),
@@ -93,7 +93,7 @@ ROWS = [
         None,
         3.240680,
         0.0005,
-    ),  # fmt: skip
+    ),
     Row(
         "DSFB",
         "ImageNet",
@@ -103,7 +103,7 @@ ROWS = [
         None,
         2.976488,
         0.0005,
-    ),  # fmt: skip
+    ),
 ]
 """The 13 published rows. DSFB targets are the exact counts of the authors' definitions (the reference
 file; the authors' MobileNetV2 differs from torchvision's by a few biases, so those two rows are
