@@ -22,40 +22,58 @@ Papers:
 from .checkpoint import load_unshared_state_dict
 from .errors import (
     AlreadySharifiedError,
+    CheckpointError,
     NothingToShareError,
+    RecipeMismatchError,
     SharifyError,
+    TieError,
     UnsupportedModelError,
     UntraceableError,
 )
 from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
 from .plan import ConvSignature, SharingGroup, SharingPlan, plan
+from .recipe import GroupRecipe, Recipe
 from .report import GroupReport, ParameterReport, report
 from .rewrite import apply_plan, sharify, unshare
+from .serialization import load, read_recipe, save
 from .shapes import ExampleInputsError
+from .verify import retie, verify
+from .zoo import ModelSource
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlreadySharifiedError",
+    "CheckpointError",
     "ConvSignature",
     "ExampleInputsError",
+    "GroupRecipe",
     "GroupReport",
+    "ModelSource",
     "NothingToShareError",
     "ParameterReport",
+    "Recipe",
+    "RecipeMismatchError",
     "SharedConv2d",
     "SharedConvParams",
     "SharifyError",
     "SharingGroup",
     "SharingPlan",
+    "TieError",
     "UnsupportedModelError",
     "UntraceableError",
     "__version__",
     "apply_plan",
     "is_shared_conv",
+    "load",
     "load_unshared_state_dict",
     "plan",
+    "read_recipe",
     "report",
+    "retie",
+    "save",
     "shared_groups",
     "sharify",
     "unshare",
+    "verify",
 ]

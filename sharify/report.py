@@ -4,22 +4,33 @@ Per group it gives the members, the size of one member conv, the parameters befo
 the relative dissimilarity of the original members to the shared tensor,
 ``mean_i ||W_i - W_shared|| / ||W_i||``: the paper's question "how similar are the blocks?" answered
 for the user's own weights (0 = identical; about 1.4 for independent random weights of one scale).
+
+It also says what remains for deployment after conv-BN folding: a member conv whose output goes
+straight into a BatchNorm (found on the fx graph of the sharified model) gets its own folded weight
+(``W * gamma / sigma`` differs per block), so it counts as unshared in ``params_after_folding``. The
+BatchNorm -> bias conversion itself is not counted: it changes the original and the sharified model
+by the same amount.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from .errors import SharifyError
 from .layers import shared_groups
 from .plan import count_params
+from .tracing import module_path, trace
 
-__all__ = ["GroupReport", "ParameterReport", "report"]
+__all__ = ["GroupReport", "ParameterReport", "bn_folded_members", "report"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,10 +46,19 @@ class GroupReport:
     params_before: int
     params_after: int
     dissimilarity: float | None
+    folded: int | None = None
 
     @property
     def saved(self) -> int:
         return self.params_before - self.params_after
+
+    @property
+    def params_after_folding(self) -> int | None:
+        """Parameters after conv-BN folding: each of the ``folded`` members needs its own weight."""
+        if self.folded is None:
+            return None
+        unfolded = len(self.members) - self.folded
+        return self.folded * self.size + (self.size if unfolded else 0)
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,9 @@ class ParameterReport:
     params_before: int
     params_after: int
     groups: tuple[GroupReport, ...]
+    #: Parameters left after folding each BatchNorm into the conv before it (deployment); ``None``
+    #: when the sharified model could not be traced.
+    params_after_folding: int | None = None
 
     @property
     def saved(self) -> int:
@@ -62,6 +85,13 @@ class ParameterReport:
     def reduction(self) -> float:
         """Fraction of the original parameters saved."""
         return self.saved / self.params_before if self.params_before else 0.0
+
+    @property
+    def reduction_after_folding(self) -> float | None:
+        """Fraction of the original parameters still saved after conv-BN folding."""
+        if self.params_after_folding is None or not self.params_before:
+            return None
+        return (self.params_before - self.params_after_folding) / self.params_before
 
     def stages(self) -> dict[str, dict[str, int]]:
         """Per stage: groups, members, parameters before/after (of the shared convs only)."""
@@ -81,33 +111,51 @@ class ParameterReport:
             "params_after": self.params_after,
             "saved": self.saved,
             "reduction": self.reduction,
+            "params_after_folding": self.params_after_folding,
+            "reduction_after_folding": self.reduction_after_folding,
             "stages": self.stages(),
-            "groups": [{**asdict(g), "saved": g.saved} for g in self.groups],
+            "groups": [
+                {**asdict(g), "saved": g.saved, "params_after_folding": g.params_after_folding} for g in self.groups
+            ],
         }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     def _rows(self) -> list[list[str]]:
+        def num(n: int | None) -> str:
+            return "-" if n is None else f"{n:,}"
+
         rows = []
         for g in self.groups:
             d = "-" if g.dissimilarity is None else f"{g.dissimilarity:.3f}"
             rows.append(
                 [g.key, str(len(g.members)), "x".join(map(str, g.shape)), f"{g.params_before:,}",
-                 f"{g.params_after:,}", f"{g.saved:,}", d]
+                 f"{g.params_after:,}", f"{g.saved:,}", num(g.params_after_folding), d]
             )  # fmt: skip
         rows.append(["total (model)", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                     f"{self.saved:,} ({self.reduction:.1%})", ""])  # fmt: skip
+                     f"{self.saved:,} ({self.reduction:.1%})", num(self.params_after_folding), ""])  # fmt: skip
         return rows
 
-    _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
+    _HEADER = (
+        "group", "members", "weight", "params before", "params after", "saved", "after BN folding", "dissimilarity"
+    )  # fmt: skip
+
+    def _folding_note(self) -> str:
+        if self.reduction_after_folding is None:
+            return ""
+        return f"; after conv-BN folding: {self.params_after_folding:,} (-{self.reduction_after_folding:.1%})"
 
     def __str__(self) -> str:
         rows = [list(self._HEADER), *self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
-        lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters (-{self.reduction:.1%})"]
+        lines = [
+            f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters (-{self.reduction:.1%})"
+            + self._folding_note()
+        ]
         for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            cells = zip(r, widths, strict=True)
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(cells)))
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
@@ -135,6 +183,35 @@ def _dissimilarity(original: nn.Module, members: list[str], shared: torch.Tensor
     return sum(values) / len(values) if values else None
 
 
+def _is_batchnorm(module: nn.Module | None) -> bool:
+    # FrozenBatchNorm2d (torchvision, timm) is not a _BatchNorm subclass but folds the same way.
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def bn_folded_members(shared: nn.Module) -> set[str] | None:
+    """Member convs whose output goes only into a BatchNorm, so that folding gives them their own weight.
+
+    Found on the torch.fx graph of ``shared`` (the BatchNorm may be a module, e.g. ``nn.BatchNorm2d``
+    or timm's ``BatchNormAct2d``, or ops traced inside a ``FrozenBatchNorm2d``). ``None`` when the
+    model cannot be traced.
+    """
+    members = {p for _, paths in shared_groups(shared).values() for p in paths}
+    try:
+        graph = trace(shared).graph
+    except SharifyError as exc:
+        logger.info("cannot trace %s to find conv-BN pairs: %s", type(shared).__name__, exc)
+        return None
+    modules = dict(shared.named_modules())
+    folded = set()
+    node: fx.Node
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in members and len(node.users) == 1:
+            (user,) = node.users
+            if _is_batchnorm(modules.get(module_path(user))):
+                folded.add(str(node.target))
+    return folded
+
+
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     """Compares a sharified model with the original it was made from.
 
@@ -152,6 +229,7 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
+    folded = bn_folded_members(shared)
     groups = []
     for key, (holder, members) in shared_groups(shared).items():
         size = holder.weight.numel() + (0 if holder.bias is None else holder.bias.numel())
@@ -166,11 +244,17 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
                 params_before=size * len(members),
                 params_after=size,
                 dissimilarity=_dissimilarity(original, members, holder.weight),
+                folded=None if folded is None else sum(m in folded for m in members),
             )
         )
+    params_after = count_params(shared)
+    after_folding = None
+    if folded is not None:
+        after_folding = params_after + sum((g.params_after_folding or 0) - g.params_after for g in groups)
     return ParameterReport(
         model=type(shared).__name__,
         params_before=count_params(original),
-        params_after=count_params(shared),
+        params_after=params_after,
         groups=tuple(groups),
+        params_after_folding=after_folding,
     )
