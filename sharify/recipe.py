@@ -133,9 +133,12 @@ class Recipe:
 def detect_source(model: nn.Module) -> ModelSource | None:
     """The model's source: recorded by :func:`sharify.zoo.build_model`, or read from a timm model.
 
-    For a timm model it is ``pretrained_cfg["architecture"]`` with ``num_classes`` and ``in_chans``
-    (the first conv's input channels). A torchvision model does not know its builder's name: pass
-    ``source=`` to :func:`sharify.save` or build it with :func:`sharify.zoo.build_model`.
+    For a timm model it is ``pretrained_cfg["architecture"]`` (with its pretrained tag, which selects
+    the data config) and ``num_classes`` and ``in_chans`` (the first conv's input channels); other
+    builder kwargs that do not change the state_dict (``global_pool``, drop rates) are not visible
+    on the model: pass ``source=`` or build with :func:`sharify.zoo.build_model` to record them.
+    A torchvision model does not know its builder's name: pass ``source=`` to :func:`sharify.save`
+    or build it with :func:`sharify.zoo.build_model`.
     """
     recorded = getattr(model, SOURCE_ATTR, None)
     if isinstance(recorded, ModelSource):
@@ -148,7 +151,8 @@ def detect_source(model: nn.Module) -> ModelSource | None:
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if first_conv is not None:
             kwargs["in_chans"] = first_conv.in_channels
-        return ModelSource("timm", str(cfg["architecture"]), kwargs)
+        tag = cfg.get("tag")  # the pretrained tag selects the rebuilt model's pretrained_cfg (mean/std, input size)
+        return ModelSource("timm", f"{cfg['architecture']}.{tag}" if tag else str(cfg["architecture"]), kwargs)
     return None
 
 
