@@ -167,7 +167,8 @@ def save(
 
     Raises:
         TieError: The model's sharing is broken (see :func:`sharify.verify`); call :func:`sharify.retie`.
-        ValueError: An explicit ``source`` does not rebuild the model; a tensor is on the meta device.
+        ValueError: An explicit ``source`` does not rebuild the model; a tensor is on the meta device;
+            a shared group has no member left.
 
     Example:
         >>> import tempfile, torchvision, sharify
@@ -211,8 +212,18 @@ def save(
         source=_resolve_source(bare, source, recipe, shapes),
         checksums={k: _checksum(v) for k, v in tensors.items()},
     )
+    empty = next((g.key for g in recipe.groups if not g.members), None)
+    if empty is not None:
+        raise ValueError(
+            f"shared group `{empty}` has no member convs left (all were un-shared, e.g. by conv-BN fusion), so "
+            f"load could not rebuild it; delete `model.{SHARED_STORE_NAME}.{empty}` or save before un-sharing"
+        )
+    try:
+        text = recipe.to_json()
+    except TypeError as exc:
+        raise ValueError(f"the sharing options {recipe.options} cannot be stored as JSON ({exc})") from exc
     path = Path(path)
-    _atomic_save_file(tensors, path, {"format": "pt", RECIPE_KEY: recipe.to_json(), **extra})
+    _atomic_save_file(tensors, path, {"format": "pt", RECIPE_KEY: text, **extra})
     logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
     return path
 

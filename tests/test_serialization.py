@@ -318,6 +318,11 @@ def test_bad_save_arguments(tmp_path):
         sharify.save(shared.state_dict(), tmp_path / "a.safetensors")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="ModelSource"):
         sharify.save(shared, tmp_path / "a.safetensors", source=3)  # type: ignore[arg-type]
+    fused = copy.deepcopy(shared)
+    for block in fused.blocks:  # un-shares every member of the only group, as conv-BN fusion helpers do
+        block.conv2.weight = nn.Parameter(block.conv2.weight.detach().clone())
+    with pytest.raises(ValueError, match=r"shared group `blocks\.conv2` has no member convs left"):
+        sharify.save(fused, tmp_path / "a.safetensors")
     with torch.device("meta"):
         meta = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
