@@ -192,8 +192,8 @@ def bn_folded_members(shared: nn.Module) -> set[str] | None:
     """Member convs whose output goes only into a BatchNorm, so that folding gives them their own weight.
 
     Found on the torch.fx graph of ``shared`` (the BatchNorm may be a module, e.g. ``nn.BatchNorm2d``
-    or timm's ``BatchNormAct2d``, or ops traced inside a ``FrozenBatchNorm2d``). ``None`` when the
-    model cannot be traced.
+    or timm's ``BatchNormAct2d``, or ops traced inside a ``FrozenBatchNorm2d``). Members inside
+    submodules that cannot be traced count as not folded. ``None`` when the model cannot be traced.
     """
     members = {p for _, paths in shared_groups(shared).values() for p in paths}
     try:
