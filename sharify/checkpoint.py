@@ -19,7 +19,9 @@ from .layers import SHARED_STORE_NAME, shared_groups
 __all__ = ["load_unshared_state_dict"]
 
 
-def _strip_prefix(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> dict[str, Any]:
+def _strip_prefix(
+    state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
+) -> dict[str, Any]:
     out = dict(state_dict)
     for prefix in prefixes:
         if out and all(k.startswith(prefix) for k in out):

@@ -34,7 +34,7 @@ def add_sharing_options(parser: argparse.ArgumentParser) -> None:
     """The options of :func:`sharify.sharify`, shared by all subcommands."""
     g = parser.add_argument_group("sharing")
     g.add_argument("--positions", nargs="+", type=_selector, default=["last_spatial"], metavar="SEL",
-                   help="branch convs to share: last_spatial (default), all_spatial, first, last or an index")  # fmt: skip
+                   help="branch convs to share: last_spatial (default), all_spatial, first, last, index")  # fmt: skip
     g.add_argument("--skip-first-block", action="store_true", help="leave each stage's first block unshared")
     g.add_argument("--depthwise", action="store_true", help="let depthwise convs be shared")
     g.add_argument("--init", default="average", help="shared tensor init: average (default), first, random")
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.debug:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:

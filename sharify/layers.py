@@ -130,7 +130,7 @@ class SharedConvMixin:
         return _new_shared_instance, (self._sharify_base,), self.__getstate__()
 
 
-class SharedConv2d(SharedConvMixin, nn.Conv2d):
+class SharedConv2d(SharedConvMixin, nn.Conv2d):  # type: ignore[override]  # weight/bias become read-only views
     """An ``nn.Conv2d`` whose weight and bias belong to a :class:`SharedConvParams` holder."""
 
     _sharify_base = nn.Conv2d

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from .residual import Block, Stage, find_stages
 from .shapes import propagate_shapes
@@ -112,7 +112,9 @@ class SharingPlan:
         options: The options the plan was made with.
         auto_leaves: Submodules that could not be traced and were treated as opaque, with the reason.
         input_shapes: Shapes of the example inputs used for shape propagation.
-        notes: Why candidates were left out, when that explains an empty plan.
+        notes: Remarks on the analysis: where shape propagation stopped, why candidates were left out.
+        convs_without_shape: Conv calls that shape propagation could not reach (their stages were
+            not analysed; ``sharify`` warns when this is not 0).
     """
 
     model: str
@@ -123,6 +125,7 @@ class SharingPlan:
     auto_leaves: dict[str, str] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
     notes: tuple[str, ...] = ()
+    convs_without_shape: int = 0
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -176,6 +179,7 @@ class SharingPlan:
             "options": self.options,
             "input_shapes": [list(s) for s in self.input_shapes],
             "auto_leaves": self.auto_leaves,
+            "notes": list(self.notes),
             "stages": [
                 {
                     "path": s.path,
@@ -203,6 +207,7 @@ class SharingPlan:
             lines.append(f"  nothing to share: {self.empty_reason()}")
         for path, reason in self.auto_leaves.items():
             lines.append(f"  not traced (treated as a leaf): {path}: {reason}")
+        lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -222,7 +227,7 @@ def is_spatial(conv: nn.Conv2d) -> bool:
     return any(k > 1 for k in conv.kernel_size)
 
 
-def _check_positions(positions: Sequence[Selector]) -> tuple[Selector, ...]:
+def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:
     if isinstance(positions, (str, int)):
         positions = (positions,)
     out = tuple(positions)
@@ -230,7 +235,9 @@ def _check_positions(positions: Sequence[Selector]) -> tuple[Selector, ...]:
         raise ValueError(f"positions is empty; pass one or more of {SELECTORS} or conv indices")
     for p in out:
         if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, str) and p not in SELECTORS):
-            raise ValueError(f"unknown position selector {p!r}; valid: {', '.join(map(repr, SELECTORS))} or an int index")
+            raise ValueError(
+                f"unknown position selector {p!r}; valid: {', '.join(map(repr, SELECTORS))} or an int index"
+            )
     return out
 
 
@@ -309,9 +316,11 @@ def plan(
         >>> [g.key for g in p.groups]
         ['layer1.conv2', 'layer2.conv2', 'layer3.conv2', 'layer4.conv2']
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     selectors = _check_positions(positions)
     traced = trace(model, leaf_modules)
-    inputs = propagate_shapes(model, traced.graph, example_inputs)
+    shapes = propagate_shapes(model, traced.graph, example_inputs)
     _, stages = find_stages(traced.graph, model)
     modules = dict(model.named_modules())
 
@@ -365,6 +374,13 @@ def plan(
                 )
 
     notes = []
+    if shapes.failure is not None:
+        lost = (
+            f"; {shapes.convs_without_shape} conv calls after it were not analysed"
+            if shapes.convs_without_shape
+            else ""
+        )
+        notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
     if not groups and saw_depthwise and not depthwise:
         notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")
     if not groups and skip_first_block:
@@ -376,6 +392,7 @@ def plan(
         params_before=count_params(model),
         options={"positions": list(selectors), "skip_first_block": skip_first_block, "depthwise": depthwise},
         auto_leaves=traced.auto_leaves,
-        input_shapes=tuple(tuple(x.shape) for x in inputs),
+        input_shapes=tuple(tuple(x.shape) for x in shapes.inputs),
+        convs_without_shape=shapes.convs_without_shape,
         notes=tuple(notes),
     )

@@ -118,6 +118,11 @@ def sharify(
         depthwise=depthwise,
         leaf_modules=leaf_modules,
     )
+    if sharing.convs_without_shape:
+        warnings.warn(
+            f"{sharing.notes[0]}: stages there were not analysed; pass example_inputs the whole model accepts",
+            stacklevel=2,
+        )
     return apply_plan(model, sharing, init=init, inplace=inplace)
 
 

@@ -8,6 +8,7 @@ wraps them without copying, so analysis memory does not grow with the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import SharifyError
 from .tracing import eval_mode, module_path
 
-__all__ = ["ExampleInputsError", "default_input_shapes", "propagate_shapes"]
+__all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
 
 class ExampleInputsError(SharifyError, ValueError):
@@ -47,7 +48,9 @@ def default_input_shapes(model: nn.Module) -> list[tuple[int, int, int, int]]:
 def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
-            raise TypeError(f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)")
+            raise TypeError(
+                f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)"
+            )
     first = _first_conv(model)
     x = inputs[0] if inputs else None
     if first is None or x is None:
@@ -66,43 +69,95 @@ def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
 
 
 def _shape_preserving_forwards() -> frozenset[Any]:
-    classes = [
+    classes: list[type[nn.Module]] = [
         nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Identity,
         nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
         nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
         nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.Dropout3d, nn.AlphaDropout,
     ]  # fmt: skip
-    try:
-        from timm.layers import norm_act
-    except ImportError:  # pragma: no cover
-        norm_act = None
     names = ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct", "GroupNorm1Act",
              "LayerNormAct", "LayerNormAct2d")  # fmt: skip
-    classes += [getattr(norm_act, n) for n in names if hasattr(norm_act, n)]
+    try:
+        from timm.layers import norm_act
+
+        classes += [getattr(norm_act, n) for n in names if hasattr(norm_act, n)]
+    except ImportError:  # pragma: no cover
+        pass
     return frozenset(c.forward for c in classes)
 
 
 _SHAPE_PRESERVING = _shape_preserving_forwards()
 
 
+def _conv2d_output(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Output of a plain ``nn.Conv2d`` (the formula of its docs), without dispatching a fake conv."""
+    if x.dim() not in (3, 4) or x.shape[-3] != conv.in_channels:
+        raise RuntimeError(f"expected input with {conv.in_channels} channels, got input of shape {tuple(x.shape)}")
+    size = []
+    for i, n in enumerate(x.shape[-2:]):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        if conv.padding == "same":
+            size.append(n)
+            continue
+        p = 0 if isinstance(conv.padding, str) else int(conv.padding[i])  # "valid"
+        out = (n + 2 * p - d * (k - 1) - 1) // s + 1
+        if out <= 0:
+            raise RuntimeError(f"input of shape {tuple(x.shape)} is too small for {conv}")
+        size.append(out)
+    return x.new_empty((*x.shape[:-3], conv.out_channels, *size))
+
+
 class _FakePropagation(fx.Interpreter):
+    """Fake-tensor interpreter that survives failing nodes: their dependents get no shape."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        super().__init__(model, graph=graph)
+        self.unknown: set[fx.Node] = set()
+        self.failure: tuple[fx.Node, BaseException] | None = None
+
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        # Norms and activations keep their input's shape; running them on fake tensors (BatchNorm's
-        # decomposition in particular) would dominate the analysis time.
+        # Norms and activations keep their input's shape and plain convs follow a formula; running
+        # them on fake tensors (BatchNorm's decomposition in particular) would dominate analysis time.
         module = self.fetch_attr(target)
-        if type(module).forward in _SHAPE_PRESERVING and len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
-            return torch.empty_like(args[0])
-        return super().call_module(target, args, kwargs)
+        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+            if type(module).forward in _SHAPE_PRESERVING:
+                return torch.empty_like(args[0])
+            if type(module).forward is nn.Conv2d.forward:
+                return _conv2d_output(module, args[0])
+        return module.forward(*args, **kwargs)  # not module(...): the user's hooks must not see analysis
 
     def run_node(self, n: fx.Node) -> Any:
+        n.meta.pop("val", None)
+        if n.op == "output" or any(i in self.unknown for i in n.all_input_nodes):
+            self.unknown.add(n)
+            return None
         try:
             result = super().run_node(n)
-        except Exception as exc:
-            self.failed = (n, exc)
-            raise
+        except Exception as exc:  # data-dependent code, a head built for another input size, ...
+            self.unknown.add(n)
+            self.failure = self.failure or (n, exc)
+            return None
         if isinstance(result, Tensor):
             n.meta["val"] = result
         return result
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """Outcome of :func:`propagate_shapes`.
+
+    Attributes:
+        inputs: The example inputs used (fake tensors).
+        failure: Where propagation stopped, as a message (``None`` when every node got a value).
+            Nodes depending on the failing one have no ``meta["val"]``.
+        convs_without_shape: Conv calls left without a shape by the failure: their stages are not
+            analysed. A failing head after the last conv (data-dependent control flow, a ``Linear``
+            sized for another input) costs nothing.
+    """
+
+    inputs: tuple[Tensor, ...]
+    failure: str | None
+    convs_without_shape: int
 
 
 def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -112,57 +167,71 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def propagate_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propagation:
+    interpreter = _FakePropagation(model, graph)
+    with eval_mode(model):
+        interpreter.run(*fake)
+    failure = None
+    if interpreter.failure is not None:
+        node, exc = interpreter.failure
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        failure = f"`{node.name}` (module `{module_path(node) or '<root>'}`): {type(exc).__name__}: {message}"
+    modules = dict(model.named_modules())
+    unknown_convs = sum(
+        1 for n in interpreter.unknown if n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Conv2d)
+    )
+    return Propagation(fake, failure, unknown_convs)
+
+
+def propagate_shapes(
+    model: nn.Module, graph: fx.Graph, example_inputs: Tensor | Sequence[Tensor] | None
+) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
 
     Args:
-        model: The traced model (in eval mode; it is not modified).
+        model: The traced model (it is not modified).
         graph: Its graph.
-        example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes`.
+        example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes` in turn and
+            keeps the first that reaches every conv.
 
     Returns:
-        The example inputs actually used (as fake tensors).
+        The inputs used and where propagation stopped, if it did.
 
     Raises:
-        ExampleInputsError: Propagation failed; the message names the failing node and module.
+        ExampleInputsError: ``example_inputs`` do not fit the first conv, or no conv got a shape.
     """
     given = example_inputs is not None
     if given:
-        inputs: Sequence[Any] = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        inputs: Sequence[Any] = (
+            tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        )
         _check_inputs(model, inputs)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        if given:
-            candidates = [tuple(mode.from_tensor(x) for x in inputs)]
+        device, dtype = _param_device(model)
+        if given:  # on the model's device (a meta-device model takes CPU example inputs)
+            candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:
-            device, dtype = _param_device(model)
             candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
-        first_error: ExampleInputsError | None = None
+        results = []
         for fake in candidates:
-            try:
-                _run(model, graph, fake, given)
-                return fake
-            except ExampleInputsError as exc:
-                first_error = first_error or exc
-    assert first_error is not None
-    raise first_error
-
-
-def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], given: bool) -> None:
-    interpreter = _FakePropagation(model, graph=graph)
-    interpreter.failed = None
-    try:
-        with eval_mode(model):
-            interpreter.run(*fake)
-    except Exception as exc:
-        where = ""
-        if interpreter.failed is not None:
-            node = interpreter.failed[0]
-            where = f" at `{node.name}` (in module `{module_path(node) or '<root>'}`)"
-        shapes = ", ".join(str(tuple(x.shape)) for x in fake)
-        hint = "pass example_inputs the model accepts" if given else "pass example_inputs=torch.randn(...) the model accepts"
-        message = str(exc).splitlines()[0] if str(exc) else ""
+            results.append(_run(model, graph, fake))
+            if results[-1].convs_without_shape == 0:
+                break
+        best = min(results, key=lambda r: r.convs_without_shape)
+        if best is not results[-1]:
+            _run(model, graph, best.inputs)  # restore its node values
+    convs = sum(
+        1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d)
+    )
+    if convs and best.convs_without_shape == convs:
+        shapes = ", ".join(str(tuple(x.shape)) for x in best.inputs)
+        hint = (
+            "pass example_inputs the model accepts"
+            if given
+            else "pass example_inputs=torch.randn(...) the model accepts"
+        )
         raise ExampleInputsError(
-            f"shape propagation with example inputs of shape {shapes} failed{where}: "
-            f"{type(exc).__name__}: {message}; {hint}"
-        ) from exc
+            f"shape propagation with example inputs of shape {shapes} failed at {best.failure}; {hint}"
+        )
+    return best

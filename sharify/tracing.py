@@ -146,4 +146,3 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     return str(next(reversed(stack.values()))[0])
-

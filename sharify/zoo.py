@@ -59,7 +59,11 @@ def resolve_model_name(name: str) -> ModelSource:
             return ModelSource("timm", bare)
     known = _torchvision_names() + _timm_names()
     close = difflib.get_close_matches(bare, known, n=5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models() / timm.list_models()"
+    hint = (
+        f"; did you mean {', '.join(close)}?"
+        if close
+        else "; see torchvision.models.list_models() / timm.list_models()"
+    )
     raise ValueError(f"unknown model {name!r}: not a torchvision classification model or a timm model{hint}")
 
 
@@ -99,7 +103,9 @@ def build_model(
         import torchvision
 
         if in_chans not in (None, 3):
-            raise ValueError(f"torchvision's {source.name} is built for 3 input channels; use timm:{source.name} for in_chans")
+            raise ValueError(
+                f"torchvision's {source.name} is built for 3 input channels; use timm:{source.name} for in_chans"
+            )
         weights = "DEFAULT" if pretrained else None
         if pretrained and num_classes is not None:
             raise ValueError("torchvision pretrained weights fix num_classes; build pretrained, then replace the head")
