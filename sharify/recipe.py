@@ -66,6 +66,12 @@ class GroupRecipe:
     stage: str = ""
     position: str = ""
     holder: str = "SharedConvParams"
+    method: str = "share"
+
+    @property
+    def whole_conv(self) -> bool:
+        """The members are the original convs, sharing their whole weight (``method="share"``)."""
+        return self.method == "share" and self.holder == "SharedConvParams"
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,14 @@ def detect_source(model: nn.Module) -> ModelSource | None:
 def groups_of(model: nn.Module) -> tuple[GroupRecipe, ...]:
     """The sharing groups of a sharified model as recipe entries."""
     return tuple(
-        GroupRecipe(key, tuple(members), holder.stage, holder.position, type(holder).__name__)
+        GroupRecipe(
+            key=key,
+            members=tuple(members),
+            stage=holder.stage,
+            position=holder.position,
+            holder=type(holder).__name__,
+            method=getattr(holder, "method", "share"),  # "basis": the members are a BasisConv2d's shared convs
+        )
         for key, (holder, members) in shared_groups(model).items()
     )
 
@@ -181,8 +194,8 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
     )
 
 
-def _key(group: GroupRecipe) -> tuple[str, tuple[str, ...], str]:
-    return group.key, group.members, group.holder
+def _key(group: GroupRecipe) -> tuple[str, tuple[str, ...], str, str]:
+    return group.key, group.members, group.holder, group.method
 
 
 def shape_mismatches(
@@ -228,7 +241,13 @@ def fit_problems(
     here: str = "the model",
     there: str = "the file",
 ) -> list[str]:
-    """What stops the recipe and the file's tensors from fitting the unshared ``model`` (empty: fits)."""
+    """What stops the recipe and the file's tensors from fitting the unshared ``model`` (empty: fits).
+
+    Only recipes whose groups share whole convs can be checked on the unshared model; a rewrite that
+    changes the module tree (``method="basis"``) is checked after re-applying it, against the file.
+    """
+    if not all(g.whole_conv for g in recipe.groups):
+        return []
     modules = dict(model.named_modules())
     problems: list[str] = []
     member_keys: set[str] = set()
@@ -241,7 +260,7 @@ def fit_problems(
             elif not isinstance(conv, nn.Conv2d):
                 kind = type(conv).__name__
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is a {kind}, not a conv")
-            elif group.holder == "SharedConvParams":
+            else:
                 for attr in ("weight", "bias"):
                     mine = getattr(conv, attr)
                     have = None if mine is None else tuple(mine.shape)
@@ -290,6 +309,10 @@ def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
 def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     """A copy of the unshared ``model`` sharified exactly as the recipe says (``model`` is not modified).
 
+    Runs :func:`sharify.sharify` with the recorded options and keeps the result if it has the
+    recorded groups. Otherwise, when every group shares whole convs, the recorded groups are applied
+    directly (the model was analysed with example inputs or leaf modules the recipe does not record).
+
     Raises:
         RecipeMismatchError: The groups cannot be made on this model.
     """
@@ -297,13 +320,17 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
         return copy.deepcopy(model)
     options = dict(recipe.options)
     wanted = [_key(g) for g in recipe.groups]
+    direct = all(g.whole_conv for g in recipe.groups)  # the recorded groups alone rebuild the model
     try:
         shared = sharify(model, **options)
         if [_key(g) for g in groups_of(shared)] == wanted:
             return shared
-        logger.info("sharify(%s) made other groups than %s records; applying the recorded groups", options, name)
+        reason = "it makes other groups"
     except (SharifyError, TypeError, ValueError) as exc:  # e.g. untraceable without the original leaf_modules
-        logger.info("sharify(**%s) failed (%s); applying the groups recorded in %s", options, exc, name)
+        reason = f"it fails ({exc})"
+    if not direct:
+        raise_mismatch(name, [f"sharify(model, **{options}) does not rebuild the file's groups: {reason}"], recipe)
+    logger.info("sharify(model, **%s): %s; applying the groups recorded in %s", options, reason, name)
     try:
         shared = apply_plan(model, _plan_from_recipe(model, recipe), init=options.get("init", "average"))
     except (SharifyError, ValueError) as exc:

@@ -5,32 +5,27 @@ the relative dissimilarity of the original members to the shared tensor,
 ``mean_i ||W_i - W_shared|| / ||W_i||``: the paper's question "how similar are the blocks?" answered
 for the user's own weights (0 = identical; about 1.4 for independent random weights of one scale).
 
-It also says what remains for deployment after conv-BN folding: a member conv whose output goes
-straight into a BatchNorm (found on the fx graph of the sharified model) gets its own folded weight
-(``W * gamma / sigma`` differs per block), so it counts as unshared in ``params_after_folding``. The
-BatchNorm -> bias conversion itself is not counted: it changes the original and the sharified model
-by the same amount.
+For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
+into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
+its own folded weight. The BatchNorm -> bias conversion itself is not counted: it changes the
+original and the sharified model by the same amount.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .errors import SharifyError
+from .folding import bn_folded_members
 from .layers import shared_groups
 from .plan import count_params
-from .tracing import module_path, trace
 
-__all__ = ["GroupReport", "ParameterReport", "bn_folded_members", "report"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["GroupReport", "ParameterReport", "report"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +41,7 @@ class GroupReport:
     params_before: int
     params_after: int
     dissimilarity: float | None
+    #: Members whose output goes straight into a BatchNorm (``None``: the model could not be traced).
     folded: int | None = None
 
     @property
@@ -54,11 +50,11 @@ class GroupReport:
 
     @property
     def params_after_folding(self) -> int | None:
-        """Parameters after conv-BN folding: each of the ``folded`` members needs its own weight."""
+        """Parameters after conv-BN folding: each folded member needs its own copy of the shared tensor;
+        the shared one stays only while some member is not folded."""
         if self.folded is None:
             return None
-        unfolded = len(self.members) - self.folded
-        return self.folded * self.size + (self.size if unfolded else 0)
+        return self.params_after + self.folded * self.size - (self.size if self.folded == len(self.members) else 0)
 
 
 @dataclass(frozen=True)
@@ -73,8 +69,7 @@ class ParameterReport:
     params_before: int
     params_after: int
     groups: tuple[GroupReport, ...]
-    #: Parameters left after folding each BatchNorm into the conv before it (deployment); ``None``
-    #: when the sharified model could not be traced.
+    #: Parameters left after folding every BatchNorm into the conv before it (``None``: not traceable).
     params_after_folding: int | None = None
 
     @property
@@ -123,47 +118,45 @@ class ParameterReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def _rows(self) -> list[list[str]]:
-        def num(n: int | None) -> str:
-            return "-" if n is None else f"{n:,}"
-
         rows = []
         for g in self.groups:
             d = "-" if g.dissimilarity is None else f"{g.dissimilarity:.3f}"
             rows.append(
                 [g.key, str(len(g.members)), "x".join(map(str, g.shape)), f"{g.params_before:,}",
-                 f"{g.params_after:,}", f"{g.saved:,}", num(g.params_after_folding), d]
+                 f"{g.params_after:,}", f"{g.saved:,}", d]
             )  # fmt: skip
         rows.append(["total (model)", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                     f"{self.saved:,} ({self.reduction:.1%})", num(self.params_after_folding), ""])  # fmt: skip
+                     f"{self.saved:,} ({self.reduction:.1%})", ""])  # fmt: skip
         return rows
 
-    _HEADER = (
-        "group", "members", "weight", "params before", "params after", "saved", "after BN folding", "dissimilarity"
-    )  # fmt: skip
-
-    def _folding_note(self) -> str:
-        if self.reduction_after_folding is None:
-            return ""
-        return f"; after conv-BN folding: {self.params_after_folding:,} (-{self.reduction_after_folding:.1%})"
+    _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
 
     def __str__(self) -> str:
         rows = [list(self._HEADER), *self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
-        lines = [
-            f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters (-{self.reduction:.1%})"
-            + self._folding_note()
-        ]
+        lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters (-{self.reduction:.1%})"]
         for i, r in enumerate(rows):
-            cells = zip(r, widths, strict=True)
-            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(cells)))
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join([*lines, *self._folding_lines()])
+
+    def _folding_lines(self) -> list[str]:
+        if self.params_after_folding is None or self.reduction_after_folding is None:
+            return []
+        folded = sum(g.folded or 0 for g in self.groups)
+        members = sum(len(g.members) for g in self.groups)
+        return [
+            f"after conv-BN folding (deployment): {self.params_after_folding:,} parameters "
+            f"(-{self.reduction_after_folding:.1%}); {folded} of {members} shared convs feed a BatchNorm "
+            "and get their own folded weight"
+        ]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
         lines += ["| " + " | ".join(r) + " |" for r in self._rows()]
-        return "\n".join(lines)
+        folding = self._folding_lines()
+        return "\n".join([*lines, "", *folding] if folding else lines)
 
 
 def _dissimilarity(original: nn.Module, members: list[str], shared: torch.Tensor) -> float | None:
@@ -183,35 +176,6 @@ def _dissimilarity(original: nn.Module, members: list[str], shared: torch.Tensor
     return sum(values) / len(values) if values else None
 
 
-def _is_batchnorm(module: nn.Module | None) -> bool:
-    # FrozenBatchNorm2d (torchvision, timm) is not a _BatchNorm subclass but folds the same way.
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
-
-
-def bn_folded_members(shared: nn.Module) -> set[str] | None:
-    """Member convs whose output goes only into a BatchNorm, so that folding gives them their own weight.
-
-    Found on the torch.fx graph of ``shared`` (the BatchNorm may be a module, e.g. ``nn.BatchNorm2d``
-    or timm's ``BatchNormAct2d``, or ops traced inside a ``FrozenBatchNorm2d``). Members inside
-    submodules that cannot be traced count as not folded. ``None`` when the model cannot be traced.
-    """
-    members = {p for _, paths in shared_groups(shared).values() for p in paths}
-    try:
-        graph = trace(shared).graph
-    except SharifyError as exc:
-        logger.info("cannot trace %s to find conv-BN pairs: %s", type(shared).__name__, exc)
-        return None
-    modules = dict(shared.named_modules())
-    folded = set()
-    node: fx.Node
-    for node in graph.nodes:
-        if node.op == "call_module" and str(node.target) in members and len(node.users) == 1:
-            (user,) = node.users
-            if _is_batchnorm(modules.get(module_path(user))):
-                folded.add(str(node.target))
-    return folded
-
-
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     """Compares a sharified model with the original it was made from.
 
@@ -229,7 +193,6 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
-    folded = bn_folded_members(shared)
     groups = []
     for key, (holder, members) in shared_groups(shared).items():
         size = holder.weight.numel() + (0 if holder.bias is None else holder.bias.numel())
@@ -244,17 +207,18 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
                 params_before=size * len(members),
                 params_after=size,
                 dissimilarity=_dissimilarity(original, members, holder.weight),
-                folded=None if folded is None else sum(m in folded for m in members),
             )
         )
-    params_after = count_params(shared)
+    folded = bn_folded_members(shared)
     after_folding = None
     if folded is not None:
-        after_folding = params_after + sum((g.params_after_folding or 0) - g.params_after for g in groups)
+        counts = {k: sum(p in folded for p in paths) for k, (_, paths) in shared_groups(shared).items()}
+        groups = [replace(g, folded=counts.get(g.key, 0)) for g in groups]
+        after_folding = count_params(shared) + sum((g.params_after_folding or 0) - g.params_after for g in groups)
     return ParameterReport(
         model=type(shared).__name__,
         params_before=count_params(original),
-        params_after=params_after,
+        params_after=count_params(shared),
         groups=tuple(groups),
         params_after_folding=after_folding,
     )

@@ -111,8 +111,11 @@ def test_params_after_folding_matches_real_folding(build, example, all_folded):
 def test_report_shows_both_numbers():
     original = torchvision.models.resnet18()
     r = sharify.report(original, sharify.sharify(original))
-    assert f"after conv-BN folding: {r.params_after_folding:,} (-0.0%)" in str(r)
-    assert "after BN folding" in r.to_markdown()
+    line = (
+        f"after conv-BN folding (deployment): {r.params_after_folding:,} parameters (-0.0%); 8 of 8 shared convs "
+        "feed a BatchNorm and get their own folded weight"
+    )
+    assert str(r).endswith(line) and r.to_markdown().endswith(line)
     data = r.to_dict()
     assert data["params_after_folding"] == r.params_before and data["reduction_after_folding"] == 0.0
     assert data["groups"][0]["folded"] == 2 and data["groups"][0]["params_after_folding"] == 2 * 64 * 64 * 9
