@@ -111,7 +111,7 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
     d = _Diagnosis()
     store = model._modules.get(_STORE)
     if store is not None and not isinstance(store, SharedStore):
-        msg = f"`{_STORE}` is a {type(store).__name__}, not sharify's store of shared tensors"
+        msg = f"`{_STORE}` is not sharify's store of shared tensors (it is {type(store).__name__})"
         d.problems.append(msg)
         d.unfixable.append(msg)
         return d
@@ -123,8 +123,16 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
             if module.key != path:
                 d.problems.append(f"the holder registered at `{_STORE}.{path}` says its key is `{module.key}`")
                 d.fixes.append((_rename(module, path), f"set the key of `{_STORE}.{path}` to `{path}`"))
-    registered_ids = {id(h) for h in registered.values()}
+    _check_members(model, store, registered, d)
+    _check_aliases(model, registered, d)
+    return d
 
+
+def _check_members(
+    model: nn.Module, store: SharedStore | None, registered: dict[str, SharedConvParams], d: _Diagnosis
+) -> None:
+    """Every member conv must read the holder registered under its key."""
+    registered_ids = {id(h) for h in registered.values()}
     # Members grouped by the holder object they read.
     readers: dict[int, tuple[SharedConvParams, list[tuple[str, nn.Module]]]] = {}
     for path, module in model.named_modules():
@@ -187,7 +195,9 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
         created = " (created the store; the sharing options it recorded are unknown)" if store is None else ""
         d.fixes.append((register, f"registered holder `{holder.key}` as `{_STORE}.{holder.key}`{created}"))
 
-    # Tensors of registered holders that some other state_dict entry aliases.
+
+def _check_aliases(model: nn.Module, registered: dict[str, SharedConvParams], d: _Diagnosis) -> None:
+    """No other state_dict entry may share memory with a holder's tensors."""
     owners: dict[int, str] = {}
     for key, holder in registered.items():
         for attr in ("weight", "bias"):
@@ -195,7 +205,7 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
             if isinstance(t, Tensor) and _storage(t) is not None:
                 owners[_storage(t)] = f"{key}.{attr}"  # type: ignore[index]
     if not owners:
-        return d
+        return
     modules = dict(model.named_modules())
     seen: set[str] = set()
     for sd_key, value in model.state_dict(keep_vars=True).items():
@@ -226,7 +236,6 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
         )
         d.problems.append(msg)
         d.unfixable.append(msg)
-    return d
 
 
 def verify(model: nn.Module) -> list[str]:

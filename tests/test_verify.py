@@ -193,3 +193,20 @@ def test_unshared_model_and_bad_arguments():
         sharify.verify("model")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"retie expects a torch\.nn\.Module"):
         sharify.retie(None)  # type: ignore[arg-type]
+
+
+def test_holder_key_that_disagrees_with_its_place(shared):
+    _holder(shared).key = "elsewhere"
+    assert sharify.verify(shared) == [
+        "the holder registered at `sharify_shared.layer1.conv2` says its key is `elsewhere`"
+    ]
+    assert sharify.retie(shared) == ["set the key of `sharify_shared.layer1.conv2` to `layer1.conv2`"]
+    assert "layer1.conv2" in sharify.shared_groups(shared) and sharify.verify(shared) == []
+
+
+def test_foreign_store_is_not_guessed(shared):
+    del shared.sharify_shared
+    shared.sharify_shared = nn.Identity()
+    assert sharify.verify(shared) == ["`sharify_shared` is not sharify's store of shared tensors (it is Identity)"]
+    with pytest.raises(sharify.TieError, match="not sharify's store"):
+        sharify.retie(shared)
