@@ -84,6 +84,9 @@ def _source_problem(source: ModelSource, recipe: Recipe, shapes: Mapping[str, tu
             built = _build_quietly(source, "cpu")
     except Exception as exc:  # any builder error means: cannot rebuild from this source
         return f"building it fails ({type(exc).__name__}: {exc})"
+    cls = f"{type(built).__module__}.{type(built).__qualname__}"
+    if cls != recipe.model_class:
+        return f"it builds a {cls}, not a {recipe.model_class}"
     problems = fit_problems(built, recipe, shapes, here="the model it builds", there="the model to save")
     return problems[0] if problems else None
 

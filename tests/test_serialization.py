@@ -82,6 +82,8 @@ X3 = torch.randn(2, 3, 32, 32)
 
 def test_round_trip_timm_rebuilds_from_recipe(tmp_path):
     shared = _perturb(sharify.sharify(timm.create_model("resnet18.tv_in1k", num_classes=5, in_chans=1)))
+    with pytest.raises(ValueError, match=r"builds a torchvision\.models\.resnet\.ResNet, not a timm\.models"):
+        sharify.save(shared, tmp_path / "r18.safetensors", source="resnet18")  # torchvision's name comes first
     path = sharify.save(shared, tmp_path / "r18.safetensors")
     recipe = sharify.read_recipe(path)
     assert recipe.source == ModelSource("timm", "resnet18.tv_in1k", {"num_classes": 5, "in_chans": 1})
