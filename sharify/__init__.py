@@ -19,6 +19,7 @@ Papers:
       Neural Networks.* (NeurIPS 2021 submission; code: Net_RL2).
 """
 
+from .basis import BasisConv2d, orthogonality_loss
 from .checkpoint import load_unshared_state_dict
 from .errors import (
     AlreadySharifiedError,
@@ -31,6 +32,7 @@ from .errors import (
     UntraceableError,
 )
 from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
+from .options import PRESETS, SharingOptions
 from .plan import ConvSignature, SharingGroup, SharingPlan, plan
 from .recipe import GroupRecipe, Recipe
 from .report import GroupReport, ParameterReport, report
@@ -43,7 +45,9 @@ from .zoo import ModelSource
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "AlreadySharifiedError",
+    "BasisConv2d",
     "CheckpointError",
     "ConvSignature",
     "ExampleInputsError",
@@ -58,6 +62,7 @@ __all__ = [
     "SharedConvParams",
     "SharifyError",
     "SharingGroup",
+    "SharingOptions",
     "SharingPlan",
     "TieError",
     "UnsupportedModelError",
@@ -67,6 +72,7 @@ __all__ = [
     "is_shared_conv",
     "load",
     "load_unshared_state_dict",
+    "orthogonality_loss",
     "plan",
     "read_recipe",
     "report",

@@ -11,11 +11,12 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .errors import SharifyError
-from .plan import Selector
+from .options import PRESETS, Selector
 from .report import report
 from .rewrite import sharify
 from .zoo import build_model
@@ -31,22 +32,31 @@ def _selector(text: str) -> Selector:
 
 
 def add_sharing_options(parser: argparse.ArgumentParser) -> None:
-    """The options of :func:`sharify.sharify`, shared by all subcommands."""
-    g = parser.add_argument_group("sharing")
-    g.add_argument("--positions", nargs="+", type=_selector, default=["last_spatial"], metavar="SEL",
+    """The options of :func:`sharify.sharify`, shared by all subcommands (unset = preset/default)."""
+    g = parser.add_argument_group("sharing (unset options take the preset's value)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="a published variant (default: sharesnet)")
+    g.add_argument("--positions", nargs="+", type=_selector, metavar="SEL",
                    help="branch convs to share: last_spatial (default), all_spatial, first, last, index")  # fmt: skip
-    g.add_argument("--skip-first-block", action="store_true", help="leave each stage's first block unshared")
-    g.add_argument("--depthwise", action="store_true", help="let depthwise convs be shared")
-    g.add_argument("--init", default="average", help="shared tensor init: average (default), first, random")
+    g.add_argument("--skip-first-block", action="store_true", default=None, help="leave stages' first blocks out")
+    g.add_argument("--depthwise", action="store_true", default=None, help="let depthwise convs be shared")
+    g.add_argument("--method", choices=["share", "basis"], help="share whole convs (default) or filter bases")
+    g.add_argument("--shared-rank", type=int, help="basis: shared filters per 64 channels")
+    g.add_argument("--unique-rank", type=int, help="basis: unique filters per 64 channels")
+    g.add_argument("--init", help="share: average (default), first, random; basis: orthogonal (default), svd")
     g.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
 
 
-def sharing_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    kwargs: dict[str, object] = {
-        "positions": tuple(args.positions),
+def sharing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`sharify.sharify` from parsed options (``None`` where unset)."""
+    kwargs: dict[str, Any] = {
+        "preset": args.preset,
+        "positions": tuple(args.positions) if args.positions else None,
         "skip_first_block": args.skip_first_block,
         "depthwise": args.depthwise,
+        "method": args.method,
+        "shared_rank": args.shared_rank,
+        "unique_rank": args.unique_rank,
         "init": args.init,
     }
     if args.input_size:
@@ -56,7 +66,7 @@ def sharing_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 def _report(args: argparse.Namespace) -> int:
     model, source = build_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes)
-    shared = sharify(model, **sharing_kwargs(args))  # type: ignore[arg-type]
+    shared = sharify(model, **sharing_kwargs(args))
     result = report(model, shared)
     if args.json:
         print(json.dumps({"source": {"library": source.library, "name": source.name}, **result.to_dict()}, indent=2))

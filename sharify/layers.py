@@ -49,15 +49,27 @@ class SharedConvParams(nn.Module):
         key: The group's key in the store, e.g. ``"layer1.conv2"``.
         stage: Module path of the stage the members belong to (informational).
         position: The position selector that picked the members (informational).
+        method: ``"share"`` (the members are the group's convs) or ``"basis"`` (the members are the
+            shared-basis convs inside :class:`~sharify.basis.BasisConv2d` modules).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, *, key: str, stage: str = "", position: str = "") -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        key: str,
+        stage: str = "",
+        position: str = "",
+        method: str = "share",
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
         self.key = key
         self.stage = stage
         self.position = position
+        self.method = method
 
     def extra_repr(self) -> str:
         bias = "" if self.bias is None else f", bias={tuple(self.bias.shape)}"

@@ -9,21 +9,18 @@ groups of one are left alone. Nothing in the model changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
+from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
 
-__all__ = ["ConvSignature", "Selector", "SharingGroup", "SharingPlan", "plan"]
-
-#: A position selector: ``"last_spatial"``, ``"all_spatial"``, ``"first"``, ``"last"`` or a conv index.
-Selector = str | int
-SELECTORS = ("last_spatial", "all_spatial", "first", "last")
+__all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "make_plan", "plan"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +85,9 @@ class SharingGroup:
     members: tuple[str, ...]
     weight_numel: int
     bias_numel: int
+    method: str = "share"
+    shared_rank: int = 0
+    unique_rank: int = 0
 
     @property
     def size(self) -> int:
@@ -95,9 +95,27 @@ class SharingGroup:
         return self.weight_numel + self.bias_numel
 
     @property
+    def shared_size(self) -> int:
+        """Parameters owned once by the group: the shared weight and bias, or the shared basis."""
+        if self.method == "basis":
+            return self.shared_rank * self.weight_numel // self.signature.out_channels
+        return self.size
+
+    @property
+    def member_size(self) -> int:
+        """Parameters each member keeps for itself: none, or its unique basis, BatchNorm and 1x1 coefficients."""
+        if self.method != "basis":
+            return 0
+        rank = self.shared_rank + self.unique_rank
+        unique = self.unique_rank * self.weight_numel // self.signature.out_channels
+        return unique + 2 * rank + rank * self.signature.out_channels + self.bias_numel
+
+    @property
     def params_saved(self) -> int:
-        """``(n - 1) * size``: what sharing saves."""
-        return (len(self.members) - 1) * self.size
+        """What the group saves: ``(n - 1) * size`` for sharing; for a basis, the members' convs minus
+        the shared basis and each member's unique basis, BatchNorm and coefficients."""
+        n = len(self.members)
+        return n * self.size - self.shared_size - n * self.member_size
 
 
 @dataclass(frozen=True)
@@ -198,7 +216,7 @@ class SharingPlan:
     def __str__(self) -> str:
         lines = [
             f"SharingPlan for {self.model}: {len(self.groups)} groups, "
-            f"{self.params_before:,} -> {self.params_after:,} params (-{self.reduction:.1%})"
+            f"{self.params_before:,} -> {self.params_after:,} params ({-self.reduction:+.1%})"
         ]
         for grp in self.groups:
             lines.append(f"  {grp.key}: {len(grp.members)} x [{grp.signature}] saves {grp.params_saved:,}")
@@ -225,20 +243,6 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 def is_spatial(conv: nn.Conv2d) -> bool:
     return any(k > 1 for k in conv.kernel_size)
-
-
-def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:
-    if isinstance(positions, (str, int)):
-        positions = (positions,)
-    out = tuple(positions)
-    if not out:
-        raise ValueError(f"positions is empty; pass one or more of {SELECTORS} or conv indices")
-    for p in out:
-        if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, str) and p not in SELECTORS):
-            raise ValueError(
-                f"unknown position selector {p!r}; valid: {', '.join(map(repr, SELECTORS))} or an int index"
-            )
-    return out
 
 
 def _select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise: bool) -> list[tuple[str, str]]:
@@ -289,36 +293,100 @@ def plan(
     model: nn.Module,
     *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
-    positions: Sequence[Selector] | Selector = ("last_spatial",),
-    skip_first_block: bool = False,
-    depthwise: bool = False,
+    preset: str | None = None,
+    positions: Sequence[Selector] | Selector | None = None,
+    skip_first_block: bool | None = None,
+    depthwise: bool | None = None,
+    method: str | None = None,
+    shared_rank: Rank | None = None,
+    unique_rank: Rank | None = None,
     leaf_modules: LeafSpec | None = None,
 ) -> SharingPlan:
     """Analyses ``model`` and returns what :func:`sharify.sharify` would share. Changes nothing.
+
+    Options left as ``None`` take the preset's value, else the default shown.
 
     Args:
         model: Any ``nn.Module`` built of residual blocks.
         example_inputs: Inputs for shape propagation; default ``(1, C, H, W)`` from timm's
             ``pretrained_cfg["input_size"]`` or 3x224x224, C from the first conv.
+        preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
-            its own groups: ``"last_spatial"`` (ShaResNet), ``"all_spatial"``, ``"first"``, ``"last"``
-            or an index into the branch's convs.
-        skip_first_block: Leave each stage's first block out (the paper's WRN rows and DSFB).
-        depthwise: Let depthwise convs be members.
+            its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
+            ``"last"`` or an index into the branch's convs.
+        skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows
+            and DSFB leave it out).
+        depthwise: Let depthwise convs be members (default ``False``).
+        method: ``"share"`` (default): members share one weight; ``"basis"``: each member becomes
+            unique basis + shared basis -> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases).
+        shared_rank: ``method="basis"``: shared basis filters per 64 channels (or ``{stage: filters}``).
+        unique_rank: ``method="basis"``: unique basis filters per 64 channels (or ``{stage: filters}``).
         leaf_modules: Module classes or paths not to trace into.
 
     Returns:
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
+
+    Raises:
+        ValueError: Unknown preset/selector/method, bad ranks, or ``method="basis"`` on a position
+            that is not a dense 3x3 conv.
 
     Example:
         >>> import torchvision, sharify
         >>> p = sharify.plan(torchvision.models.resnet34())
         >>> [g.key for g in p.groups]
         ['layer1.conv2', 'layer2.conv2', 'layer3.conv2', 'layer4.conv2']
+        >>> sharify.plan(torchvision.models.resnet50(), preset="dsfb-shared++").params_after
+        18262056
     """
+    options = resolve_options(
+        preset,
+        positions=positions,
+        skip_first_block=skip_first_block,
+        depthwise=depthwise,
+        method=method,
+        shared_rank=shared_rank,
+        unique_rank=unique_rank,
+    )
+    return make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
+
+
+def _basis_ranks(options: SharingOptions, stage: str, sig: ConvSignature, member: str) -> tuple[int, int]:
+    """Effective (shared, unique) filter counts of a basis group, checked against the layer."""
+    if sig.kernel_size != (3, 3) or sig.groups != 1:
+        raise ValueError(
+            f"method='basis' replaces dense 3x3 convs, but position {member!r} holds a "
+            f"{'x'.join(map(str, sig.kernel_size))} conv with groups={sig.groups}; choose positions that pick "
+            "3x3 convs, e.g. positions=('all_spatial',) or ('last_spatial',)"
+        )
+
+    def effective(name: str, rank: Rank | None) -> int:
+        if isinstance(rank, Mapping):
+            if stage not in rank:
+                raise ValueError(f"{name} has no entry for stage {stage!r}; stages: give one int per stage path")
+            return int(rank[stage])
+        assert rank is not None
+        return max(1, round(rank * sig.out_channels / 64))
+
+    s, u = effective("shared_rank", options.shared_rank), effective("unique_rank", options.unique_rank)
+    dim = sig.in_channels * 9
+    if s + u > dim:
+        raise ValueError(
+            f"shared_rank + unique_rank = {s} + {u} filters exceeds what `{member}` allows: its filters live in a "
+            f"{dim}-dimensional space (in_channels * 3 * 3); use at most {dim} filters in total"
+        )
+    return s, u
+
+
+def make_plan(
+    model: nn.Module,
+    options: SharingOptions,
+    *,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
+    leaf_modules: LeafSpec | None = None,
+) -> SharingPlan:
+    """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
-    selectors = _check_positions(positions)
     traced = trace(model, leaf_modules)
     shapes = propagate_shapes(model, traced.graph, example_inputs)
     _, stages = find_stages(traced.graph, model)
@@ -344,13 +412,13 @@ def plan(
     for stage in stages:
         if len(stage.blocks) < 2:
             continue
-        blocks = [b for b in stage.blocks if not (skip_first_block and b is stage.first_block)]
-        for selector in selectors:
+        blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
+        for selector in options.positions:
             by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
             for block in blocks:
                 convs = [(p, modules[p]) for p in block.convs if p not in used and eligible(p)]
                 saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for _, c in convs)
-                for label, path in _select(convs, selector, depthwise):
+                for label, path in _select(convs, selector, options.depthwise):
                     sig = ConvSignature.of(modules[path])
                     by_position.setdefault((label, sig), []).append((block, path))
             for (label, sig), picked in by_position.items():
@@ -358,6 +426,7 @@ def plan(
                     continue
                 first_block, first_path = picked[0]
                 conv = modules[first_path]
+                ranks = _basis_ranks(options, stage.path, sig, first_path) if options.method == "basis" else (0, 0)
                 used.update(p for _, p in picked)
                 groups.append(
                     SharingGroup(
@@ -370,6 +439,9 @@ def plan(
                         members=tuple(p for _, p in picked),
                         weight_numel=conv.weight.numel(),
                         bias_numel=0 if conv.bias is None else conv.bias.numel(),
+                        method=options.method,
+                        shared_rank=ranks[0],
+                        unique_rank=ranks[1],
                     )
                 )
 
@@ -381,16 +453,16 @@ def plan(
             else ""
         )
         notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
-    if not groups and saw_depthwise and not depthwise:
+    if not groups and saw_depthwise and not options.depthwise:
         notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")
-    if not groups and skip_first_block:
+    if not groups and options.skip_first_block:
         notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
     return SharingPlan(
         model=type(model).__name__,
         stages=tuple(stages),
         groups=tuple(groups),
         params_before=count_params(model),
-        options={"positions": list(selectors), "skip_first_block": skip_first_block, "depthwise": depthwise},
+        options=options.to_dict(),
         auto_leaves=traced.auto_leaves,
         input_shapes=tuple(tuple(x.shape) for x in shapes.inputs),
         convs_without_shape=shapes.convs_without_shape,

@@ -1,9 +1,11 @@
 """Parameter report of a sharified model against its original: what sharing saved, and at what cost.
 
-Per group it gives the members, the size of one member conv, the parameters before and after, and
-the relative dissimilarity of the original members to the shared tensor,
+Per group it gives the members, the size of the shared tensor, the parameters before and after, and
+the relative dissimilarity of the original members to what the shared model computes in their place,
 ``mean_i ||W_i - W_shared|| / ||W_i||``: the paper's question "how similar are the blocks?" answered
-for the user's own weights (0 = identical; about 1.4 for independent random weights of one scale).
+for the user's own weights (0 = identical; ``sqrt((n-1)/n)`` for the average of n independent random
+tensors). For filter-basis groups ``W_shared`` is each block's effective conv (eval-mode BatchNorm
+folded), so the column is the relative reconstruction error of the basis.
 
 For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
 into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from .folding import bn_folded_members
-from .layers import shared_groups
+from .layers import SharedConvParams, shared_groups
 from .plan import count_params
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
@@ -126,7 +128,7 @@ class ParameterReport:
                  f"{g.params_after:,}", f"{g.saved:,}", d]
             )  # fmt: skip
         rows.append(["total (model)", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                     f"{self.saved:,} ({self.reduction:.1%})", ""])  # fmt: skip
+                     f"{self.saved:,} ({-self.reduction:+.1%})", ""])  # fmt: skip
         return rows
 
     _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
@@ -134,7 +136,7 @@ class ParameterReport:
     def __str__(self) -> str:
         rows = [list(self._HEADER), *self._rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
-        lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters (-{self.reduction:.1%})"]
+        lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters ({-self.reduction:+.1%})"]
         for i, r in enumerate(rows):
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0 or i == len(rows) - 2:
@@ -148,7 +150,7 @@ class ParameterReport:
         members = sum(len(g.members) for g in self.groups)
         return [
             f"after conv-BN folding (deployment): {self.params_after_folding:,} parameters "
-            f"(-{self.reduction_after_folding:.1%}); {folded} of {members} shared convs feed a BatchNorm "
+            f"({-self.reduction_after_folding:+.1%}); {folded} of {members} shared convs feed a BatchNorm "
             "and get their own folded weight"
         ]
 
@@ -159,21 +161,50 @@ class ParameterReport:
         return "\n".join([*lines, "", *folding] if folding else lines)
 
 
-def _dissimilarity(original: nn.Module, members: list[str], shared: torch.Tensor) -> float | None:
-    if shared.is_meta:
-        return None
+def _relative_error(original: nn.Module, members: list[str], computed: list[torch.Tensor]) -> float | None:
+    """``mean_i ||W_i - computed_i|| / ||W_i||`` over the original members' weights."""
     values = []
     with torch.no_grad():
-        for path in members:
+        for path, c in zip(members, computed):
             try:
                 w = original.get_submodule(path).weight
             except AttributeError:
                 return None
-            if not isinstance(w, torch.Tensor) or w.is_meta or w.shape != shared.shape:
+            if not isinstance(w, torch.Tensor) or w.is_meta or c.is_meta or w.shape != c.shape:
                 return None
             norm = w.float().norm().item()
-            values.append((w.float() - shared.float()).norm().item() / norm if norm else math.nan)
+            values.append((w.float() - c.float()).norm().item() / norm if norm else math.nan)
     return sum(values) / len(values) if values else None
+
+
+def _group_report(
+    original: nn.Module, shared: nn.Module, key: str, holder: SharedConvParams, members: list[str]
+) -> GroupReport:
+    def numel(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    if holder.method == "basis":  # members are the `.shared` convs of BasisConv2d modules
+        paths = [m.rpartition(".")[0] for m in members]
+        bases = [shared.get_submodule(p) for p in paths]
+        before = sum(numel(original.get_submodule(p)) for p in paths)
+        after = numel(holder) + sum(numel(b) for b in bases)  # a basis module does not register the holder
+        error = _relative_error(original, paths, [b.effective_weight() for b in bases])  # type: ignore[operator]
+    else:
+        paths = members
+        before = numel(holder) * len(members)
+        after = numel(holder)
+        error = _relative_error(original, paths, [holder.weight] * len(paths))
+    return GroupReport(
+        key=key,
+        stage=holder.stage,
+        position=holder.position,
+        members=tuple(paths),
+        shape=tuple(holder.weight.shape),
+        size=numel(holder),
+        params_before=before,
+        params_after=after,
+        dissimilarity=error,
+    )
 
 
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
@@ -193,22 +224,7 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
-    groups = []
-    for key, (holder, members) in shared_groups(shared).items():
-        size = holder.weight.numel() + (0 if holder.bias is None else holder.bias.numel())
-        groups.append(
-            GroupReport(
-                key=key,
-                stage=holder.stage,
-                position=holder.position,
-                members=tuple(members),
-                shape=tuple(holder.weight.shape),
-                size=size,
-                params_before=size * len(members),
-                params_after=size,
-                dissimilarity=_dissimilarity(original, members, holder.weight),
-            )
-        )
+    groups = [_group_report(original, shared, k, h, m) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)
     after_folding = None
     if folded is not None:

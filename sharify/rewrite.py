@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
+from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
-from .init import check_init, initial_tensors
+from .init import initial_tensors
 from .layers import (
     SHARED_STORE_NAME,
     SharedConvParams,
@@ -26,7 +27,8 @@ from .layers import (
     detach_from_holder,
     is_shared_conv,
 )
-from .plan import ConvSignature, Selector, SharingPlan, plan
+from .options import Rank, Selector, resolve_options
+from .plan import ConvSignature, SharingGroup, SharingPlan, make_plan
 from .tracing import LeafSpec
 
 __all__ = ["apply_plan", "check_model", "sharify", "unshare"]
@@ -69,10 +71,14 @@ def sharify(
     model: ModelT,
     *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
-    positions: Sequence[Selector] | Selector = ("last_spatial",),
-    skip_first_block: bool = False,
-    depthwise: bool = False,
-    init: str = "average",
+    preset: str | None = None,
+    positions: Sequence[Selector] | Selector | None = None,
+    skip_first_block: bool | None = None,
+    depthwise: bool | None = None,
+    method: str | None = None,
+    shared_rank: Rank | None = None,
+    unique_rank: Rank | None = None,
+    init: str | None = None,
     inplace: bool = False,
     leaf_modules: LeafSpec | None = None,
 ) -> ModelT:
@@ -81,14 +87,22 @@ def sharify(
     By default this is ShaResNet's rule (Boulch, 2017): in every block of a stage, the last spatial
     conv of the residual branch; members with one signature share one tensor. The stages are found
     by tracing the model with torch.fx, so any ResNet-like network works, not a list of classes.
+    Options left as ``None`` take the preset's value, else the default shown.
 
     Args:
         model: The model; with ``inplace=False`` it is not modified.
         example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
-        positions: Which branch conv(s) to share (see :func:`sharify.plan`).
-        skip_first_block: Leave each stage's first block unshared.
-        depthwise: Let depthwise convs be shared.
-        init: Initial shared tensor: ``"average"``, ``"first"`` or ``"random"``.
+        preset: A published variant, e.g. ``"sharesnet-wrn"``, ``"dsfb-shared++"`` (see
+            :mod:`sharify.options`); explicit options override it.
+        positions: Which branch conv(s) to share (default ``("last_spatial",)``; see :func:`sharify.plan`).
+        skip_first_block: Leave each stage's first block unshared (default ``False``).
+        depthwise: Let depthwise convs be shared (default ``False``).
+        method: ``"share"`` (default) or ``"basis"`` (shared filter bases; needs the ranks).
+        shared_rank: Shared basis filters per 64 channels, or ``{stage path: filters}``.
+        unique_rank: Unique basis filters per 64 channels, or ``{stage path: filters}``.
+        init: Initial shared tensors. ``"share"``: ``"average"`` (default; with pretrained weights the
+            paper's averaged init), ``"first"``, ``"random"``. ``"basis"``: ``"orthogonal"`` (default)
+            or ``"svd"`` (from the members' weights).
         inplace: Rewrite ``model`` itself instead of a deep copy.
         leaf_modules: Module classes or paths not to trace into.
 
@@ -100,6 +114,7 @@ def sharify(
         AlreadySharifiedError: The model already shares convs.
         UnsupportedModelError: A TorchScript module, or a DDP / DataParallel / ``torch.compile``
             wrapper: sharify the bare model, then wrap the result (see :func:`check_model`).
+        ValueError: Unknown preset, selector, method or init; bad ranks.
 
     Example:
         >>> import torchvision, sharify
@@ -109,32 +124,72 @@ def sharify(
         (True, 13613864)
     """
     check_model(model)
-    check_init(init)
-    sharing = plan(
-        model,
-        example_inputs=example_inputs,
+    options = resolve_options(
+        preset,
         positions=positions,
         skip_first_block=skip_first_block,
         depthwise=depthwise,
-        leaf_modules=leaf_modules,
+        method=method,
+        shared_rank=shared_rank,
+        unique_rank=unique_rank,
+        init=init,
     )
+    sharing = make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
     if sharing.convs_without_shape:
         warnings.warn(
             f"{sharing.notes[0]}: stages there were not analysed; pass example_inputs the whole model accepts",
             stacklevel=2,
         )
-    return apply_plan(model, sharing, init=init, inplace=inplace)
+    return apply_plan(model, sharing, inplace=inplace)
 
 
-def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str = "average", inplace: bool = False) -> ModelT:
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent), name, module)
+
+
+def _basis_modules(
+    group: SharingGroup, convs: list[nn.Conv2d], init: str
+) -> tuple[SharedConvParams, list[BasisConv2d]]:
+    s, u = group.shared_rank, group.unique_rank
+    modules = [BasisConv2d(c, s, u) for c in convs]
+    first = convs[0]
+    shared = torch.empty((s, *first.weight.shape[1:]), dtype=first.weight.dtype, device=first.weight.device)
+    if not shared.is_meta:
+        with torch.no_grad():
+            if init == "svd":
+                basis, uniques, coeffs = svd_bases([c.weight for c in convs], s, u)
+                shared.copy_(basis.view_as(shared))
+                for module, conv, unique, coeff in zip(modules, convs, uniques, coeffs):
+                    module.unique.weight.copy_(unique.view_as(module.unique.weight))
+                    module.coeff.weight.copy_(coeff.view_as(module.coeff.weight))
+                    if conv.bias is not None and module.coeff.bias is not None:
+                        module.coeff.bias.copy_(conv.bias)
+                    module.set_identity_norm()
+            else:
+                nn.init.orthogonal_(shared)
+    holder = SharedConvParams(shared, None, key=group.key, stage=group.stage, position=group.position, method="basis")
+    return holder, modules
+
+
+def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, inplace: bool = False) -> ModelT:
     """Applies a :class:`~sharify.plan.SharingPlan` made for ``model`` (or an identical model).
+
+    Args:
+        model: The model the plan was made for.
+        sharing: The plan.
+        init: Overrides the plan's ``options["init"]``.
+        inplace: Rewrite ``model`` itself instead of a deep copy.
 
     Raises:
         NothingToShareError: The plan has no groups.
         SharifyError: The plan does not match the model.
     """
     check_model(model)
-    check_init(init)
+    init = init or sharing.options.get("init", "average")
+    method = sharing.options.get("method", "share")
+    resolve_options(method=method, init=init, shared_rank=1 if method == "basis" else None,
+                    unique_rank=1 if method == "basis" else None)  # fmt: skip  # checks init for the method
     if not sharing.groups:
         raise NothingToShareError(sharing.empty_reason())
     modules = dict(model.named_modules())
@@ -151,14 +206,21 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str = "average", in
 
     # Everything new is built before the first change to the model.
     store = SharedStore({**sharing.options, "init": init})
-    members: list[tuple[nn.Module, SharedConvParams]] = []
+    attach: list[tuple[nn.Module, SharedConvParams]] = []  # existing convs to attach to a holder
+    replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
     for group in sharing.groups:
-        convs = [modules[p] for p in group.members]
-        weight, bias = initial_tensors([c.weight for c in convs], [c.bias for c in convs], init)
-        holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
+        convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
+        if group.method == "basis":
+            holder, bases = _basis_modules(group, convs, init)
+            for path, basis in zip(group.members, bases):
+                attach_to_holder(basis.shared, holder)  # a new module: no change to the model yet
+                replace.append((path, basis))
+        else:
+            weight, bias = initial_tensors([c.weight for c in convs], [c.bias for c in convs], init)
+            holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
+            attach.extend((c, holder) for c in convs)
         holder.requires_grad_(any(c.weight.requires_grad for c in convs))
         store.add_holder(holder)
-        members.extend((c, holder) for c in convs)
 
     if isinstance(target, (nn.Sequential, nn.ModuleList)):
         warnings.warn(
@@ -167,12 +229,18 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str = "average", in
             stacklevel=2,
         )
     saved: list[tuple[nn.Module, type, dict[str, nn.Parameter | None]]] = []
+    replaced: list[tuple[str, nn.Module]] = []
     try:
         target.add_module(SHARED_STORE_NAME, store)
-        for conv, holder in members:
+        for conv, holder in attach:
             saved.append((conv, type(conv), dict(conv._parameters)))
             attach_to_holder(conv, holder)
+        for path, module in replace:
+            replaced.append((path, modules[path]))
+            _set_module(target, path, module)
     except BaseException:
+        for path, original in reversed(replaced):
+            _set_module(target, path, original)
         for conv, cls, params in reversed(saved):
             conv.__dict__.pop("_sharify_holder", None)
             conv.__class__ = cls

@@ -12,11 +12,20 @@ import torchvision
 
 import sharify
 from benchmarks.cifar_models import preact_resnet164, wide_resnet
+from benchmarks.paper_tables import ROWS, Row, measure
 
 
 def _meta(builder, *args, **kwargs):
     with torch.device("meta"):
         return builder(*args, **kwargs)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.paper}-{r.model}" for r in ROWS])
+def test_published_row(row: Row) -> None:
+    before, after = measure(row)
+    assert abs(after / 1e6 - row.published_after) <= row.tolerance + 1e-9
+    if row.published_before is not None:
+        assert before / 1e6 == pytest.approx(row.published_before, abs=0.05)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,130 @@
+"""The sharing options, and the named presets of the published variants.
+
+A preset is just a bundle of options; options passed explicitly override it::
+
+    sharify(model, preset="dsfb-shared++")               # ResNet50-Shared++ of Kang et al.
+    sharify(model, preset="dsfb-basis", shared_rank=48, unique_rank=1)
+
+==========================  ==================================================================
+preset                      options
+==========================  ==================================================================
+``sharesnet`` (default)     last spatial conv of every block (Boulch: ImageNet ResNets, ResNet-164)
+``sharesnet-wrn``           the same, each stage's first block left out (Boulch: Wide ResNets)
+``dsfb-shared``             non-first blocks, last spatial conv (ResNet50/101-Shared)
+``dsfb-shared++``           non-first blocks, last spatial and last conv (ResNet50-Shared++)
+``dsfb-basis``              non-first blocks, every spatial conv replaced by a shared filter basis
+                            plus a unique one (ResNet34-S48U1: ``shared_rank=48, unique_rank=1``)
+``mobilenetv2-shared``      non-first blocks, the 1x1 expansion conv (MobileNetV2-Shared)
+``mobilenetv2-shared++``    non-first blocks, expansion and projection 1x1 (MobileNetV2-Shared++)
+==========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["METHODS", "PRESETS", "SELECTORS", "Rank", "Selector", "SharingOptions", "resolve_options"]
+
+#: A position selector: ``"last_spatial"``, ``"all_spatial"``, ``"first"``, ``"last"`` or a conv index.
+Selector = str | int
+SELECTORS = ("last_spatial", "all_spatial", "first", "last")
+#: ``"share"``: members share one conv weight (ShaResNet). ``"basis"``: members share a filter basis (DSFB).
+METHODS = ("share", "basis")
+#: A basis rank: an int counts filters per 64 channels (the paper's ``m = C/64`` scaling); a mapping
+#: gives the absolute number of filters per stage path.
+Rank = int | Mapping[str, int]
+
+_INITS = {"share": ("average", "first", "random"), "basis": ("orthogonal", "svd")}
+
+
+@dataclass(frozen=True)
+class SharingOptions:
+    """Everything that decides what is shared and how (defaults: ShaResNet)."""
+
+    positions: tuple[Selector, ...] = ("last_spatial",)
+    skip_first_block: bool = False
+    depthwise: bool = False
+    method: str = "share"
+    shared_rank: Rank | None = None
+    unique_rank: Rank | None = None
+    init: str = "average"
+    preset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (mappings of ranks become dicts)."""
+        d = asdict(self)
+        d["positions"] = list(self.positions)
+        for k in ("shared_rank", "unique_rank"):
+            if isinstance(d[k], Mapping):
+                d[k] = dict(d[k])
+        return d
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "sharesnet": {},
+    "sharesnet-wrn": {"skip_first_block": True},
+    "dsfb-shared": {"skip_first_block": True},
+    "dsfb-shared++": {"skip_first_block": True, "positions": ("last_spatial", "last")},
+    "dsfb-basis": {"skip_first_block": True, "positions": ("all_spatial",), "method": "basis", "init": "orthogonal"},
+    "mobilenetv2-shared": {"skip_first_block": True, "positions": ("first",)},
+    "mobilenetv2-shared++": {"skip_first_block": True, "positions": ("first", "last")},
+}
+
+
+def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:
+    if isinstance(positions, (str, int)):
+        positions = (positions,)
+    out = tuple(positions)
+    if not out:
+        raise ValueError(f"positions is empty; pass one or more of {SELECTORS} or conv indices")
+    for p in out:
+        if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, str) and p not in SELECTORS):
+            valid = ", ".join(map(repr, SELECTORS))
+            raise ValueError(f"unknown position selector {p!r}; valid: {valid} or an int index into the branch's convs")
+    return out
+
+
+def _check_rank(name: str, rank: Rank | None) -> None:
+    values = rank.values() if isinstance(rank, Mapping) else [rank]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(
+                f"{name} must be a positive int (or a mapping of stage path -> positive int), got {rank!r}"
+            )
+
+
+def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
+    """Resolves a preset and explicit options (``None`` = not given) into checked :class:`SharingOptions`.
+
+    Raises:
+        ValueError: Unknown preset, selector, method or init; ranks missing or not positive.
+    """
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(map(repr, PRESETS))}")
+    given = {k: v for k, v in explicit.items() if v is not None}
+    unknown = set(given) - set(SharingOptions.__dataclass_fields__) - {"preset"}
+    if unknown:
+        raise TypeError(f"unknown sharing option(s): {', '.join(sorted(unknown))}")
+    merged = {**PRESETS.get(preset or "sharesnet", {}), **given}
+    method = merged.get("method", "share")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")
+    if "init" not in merged:
+        merged["init"] = _INITS[method][0]
+    if merged["init"] not in _INITS[method]:
+        raise ValueError(
+            f"unknown init {merged['init']!r} for method={method!r}; valid: {', '.join(map(repr, _INITS[method]))}"
+        )
+    merged["positions"] = _check_positions(merged.get("positions", ("last_spatial",)))
+    if method == "basis":
+        for name in ("shared_rank", "unique_rank"):
+            if merged.get(name) is None:
+                raise ValueError(
+                    f"method='basis' needs {name}= (filters per 64 channels, e.g. shared_rank=48, unique_rank=1)"
+                )
+            _check_rank(name, merged[name])
+    elif merged.get("shared_rank") is not None or merged.get("unique_rank") is not None:
+        raise ValueError("shared_rank/unique_rank only apply to method='basis'")
+    return SharingOptions(**merged, preset=preset)

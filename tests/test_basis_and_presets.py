@@ -1,0 +1,156 @@
+"""Filter-basis sharing, the orthogonality regulariser, presets and their bad input (issue 3)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import sharify
+from benchmarks.cifar_models import cifar_resnet
+from sharify.layers import SHARED_STORE_NAME
+from tests.conftest import state_equal
+
+X = torch.randn(2, 3, 32, 32)
+BASIS = {"method": "basis", "positions": ("all_spatial",), "skip_first_block": True}
+
+
+def _basis(model: nn.Module, **kw) -> nn.Module:
+    return sharify.sharify(model, example_inputs=X, **{**BASIS, **kw})
+
+
+def test_basis_model_shapes_gradients_and_state_dict() -> None:
+    model = cifar_resnet(20)
+    shared = _basis(model, shared_rank=16, unique_rank=4)
+    block = shared.layer2[1].conv1
+    assert isinstance(block, sharify.BasisConv2d)
+    assert block.shared.weight is shared.layer2[2].conv1.shared.weight
+    assert (block.unique.out_channels, block.shared.out_channels, block.coeff.out_channels) == (2, 8, 32)
+    shared.train()
+    out = shared(X)
+    assert out.shape == (2, 10)
+    (out.square().mean() + 10 * sharify.orthogonality_loss(shared)).backward()
+    assert block.unique.weight.grad is not None and block.coeff.weight.grad is not None
+    assert all(h.weight.grad is not None for h, _ in sharify.shared_groups(shared).values())
+    keys = [k for k in shared.state_dict() if k.startswith(SHARED_STORE_NAME)]
+    assert keys == [f"{SHARED_STORE_NAME}.layer{i}.conv{j}.weight" for i in (1, 2, 3) for j in (1, 2)]
+    assert not any(".shared.weight" in k for k in shared.state_dict())
+    plan = sharify.plan(model, example_inputs=X, shared_rank=16, unique_rank=4, **BASIS)
+    assert sum(p.numel() for p in shared.parameters()) == plan.params_after
+    assert sharify.report(model, shared).params_after == plan.params_after
+
+
+def test_orthogonality_loss() -> None:
+    shared = _basis(cifar_resnet(20), shared_rank=16, unique_rank=4)
+    loss = sharify.orthogonality_loss(shared)
+    assert loss.item() < 1e-10
+    with torch.no_grad():
+        shared.sharify_shared.layer1.conv1.weight.mul_(1.5)
+    loss = sharify.orthogonality_loss(shared)
+    assert loss.item() > 0.01 and loss.requires_grad
+    plain = sharify.sharify(cifar_resnet(20), example_inputs=X)
+    assert sharify.orthogonality_loss(plain).item() == 0.0
+    assert sharify.orthogonality_loss(cifar_resnet(20)).item() == 0.0
+
+
+def test_svd_init_exact_at_full_rank_and_error_falls_with_rank() -> None:
+    torch.manual_seed(0)
+    model = cifar_resnet(20).eval()
+    expected = model(X)
+    errors, outputs = [], []
+    for unique_rank in (2, 16, 64):  # 64 per 64 channels = C: the unique basis captures every residual
+        shared = _basis(model, shared_rank=8, unique_rank=unique_rank, init="svd").eval()
+        r = sharify.report(model, shared)
+        errors.append(max(g.dissimilarity for g in r.groups))
+        outputs.append((shared(X) - expected).abs().max().item())
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
+    assert outputs[2] < 1e-4 < outputs[0]
+
+
+def test_presets_and_explicit_override() -> None:
+    with torch.device("meta"):
+        r50 = torchvision.models.resnet50()
+    assert sharify.plan(r50, preset="dsfb-shared++").params_after == 18_262_056
+    assert sharify.plan(r50, preset="dsfb-shared").params_after == 20_506_664
+    # explicit options override the preset
+    assert sharify.plan(r50, preset="dsfb-shared", skip_first_block=False).params_after == 20_469_800
+    p = sharify.plan(r50, preset="dsfb-shared++", positions=("last_spatial",))
+    assert p.params_after == 20_506_664 and p.options["preset"] == "dsfb-shared++"
+    assert set(sharify.PRESETS) >= {
+        "sharesnet",
+        "sharesnet-wrn",
+        "dsfb-shared",
+        "dsfb-shared++",
+        "dsfb-basis",
+        "mobilenetv2-shared",
+        "mobilenetv2-shared++",
+    }
+
+
+def test_shared_plus_plus_groups_are_the_3x3_and_the_last_1x1() -> None:
+    with torch.device("meta"):
+        r50 = torchvision.models.resnet50()
+    p = sharify.plan(r50, preset="dsfb-shared++")
+    assert {g.position for g in p.groups} == {"last_spatial", "last"}
+    assert p.groups[0].members == ("layer1.1.conv2", "layer1.2.conv2")
+    assert p.groups[1].members == ("layer1.1.conv3", "layer1.2.conv3")
+
+
+def test_basis_preset_needs_ranks() -> None:
+    with pytest.raises(ValueError, match=r"method='basis' needs shared_rank="):
+        sharify.plan(cifar_resnet(20), example_inputs=X, preset="dsfb-basis")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shared_rank": 0, "unique_rank": 1}, r"shared_rank must be a positive int"),
+        ({"shared_rank": 4, "unique_rank": -1}, r"unique_rank must be a positive int"),
+        ({"shared_rank": 1000, "unique_rank": 1}, r"exceeds what `layer1\.1\.conv1` allows.*144-dimensional"),
+        ({"shared_rank": 4, "unique_rank": 1, "init": "average"}, r"unknown init 'average' for method='basis'.*'svd'"),
+        ({"shared_rank": {"layer9": 4}, "unique_rank": 1}, r"shared_rank has no entry for stage 'layer1'"),
+    ],
+)
+def test_basis_bad_input(kwargs: dict, match: str) -> None:
+    model = cifar_resnet(20)
+    before = copy.deepcopy(model)
+    with pytest.raises((ValueError, sharify.NothingToShareError), match=match):
+        sharify.sharify(model, example_inputs=X, inplace=True, **{**BASIS, **kwargs})
+    assert state_equal(model, before)
+
+
+def test_basis_on_a_1x1_position_is_a_value_error() -> None:
+    with torch.device("meta"):
+        r50 = torchvision.models.resnet50()
+    with pytest.raises(ValueError, match=r"dense 3x3 convs, but position 'layer1\.1\.conv3' holds a 1x1 conv"):
+        sharify.plan(r50, method="basis", positions=("last",), skip_first_block=True, shared_rank=8, unique_rank=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"preset": "sharesnet-50"}, r"unknown preset 'sharesnet-50'; valid: 'sharesnet'"),
+        ({"positions": ("second",)}, r"unknown position selector 'second'; valid: 'last_spatial'"),
+        ({"method": "prune"}, r"unknown method 'prune'; valid: 'share', 'basis'"),
+        ({"shared_rank": 4}, r"only apply to method='basis'"),
+    ],
+)
+def test_bad_options(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        sharify.plan(cifar_resnet(20), example_inputs=X, **kwargs)
+
+
+def test_per_stage_explicit_ranks() -> None:
+    ranks = {"layer1": 3, "layer2": 5, "layer3": 7}
+    p = sharify.plan(cifar_resnet(20), example_inputs=X, shared_rank=ranks, unique_rank=1, **BASIS)
+    assert [(g.stage, g.shared_rank) for g in p.groups][::2] == [("layer1", 3), ("layer2", 5), ("layer3", 7)]
+
+
+def test_unshare_of_a_basis_model_gives_each_block_its_own_basis() -> None:
+    shared = _basis(cifar_resnet(20), shared_rank=8, unique_rank=2).eval()
+    plain = sharify.unshare(shared).eval()
+    assert plain.layer1[1].conv1.shared.weight is not plain.layer1[2].conv1.shared.weight
+    torch.testing.assert_close(plain(X), shared(X))
