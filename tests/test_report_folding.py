@@ -119,3 +119,10 @@ def test_report_shows_both_numbers():
     data = r.to_dict()
     assert data["params_after_folding"] == r.params_before and data["reduction_after_folding"] == 0.0
     assert data["groups"][0]["folded"] == 2 and data["groups"][0]["params_after_folding"] == 2 * 64 * 64 * 9
+
+
+def test_filter_basis_members_feed_a_concatenation_not_a_batchnorm():
+    original = torchvision.models.resnet18()
+    r = sharify.report(original, sharify.sharify(original, method="basis", shared_rank=8, unique_rank=1))
+    assert all(g.folded == 0 for g in r.groups)  # shared basis -> cat -> BatchNorm -> 1x1: nothing to re-materialise
+    assert r.params_after_folding == r.params_after < r.params_before

@@ -350,3 +350,24 @@ def test_save_refuses_broken_ties(tmp_path):
         sharify.save(shared, tmp_path / "a.safetensors")
     sharify.retie(shared)
     sharify.save(shared, tmp_path / "a.safetensors")
+
+
+def test_round_trip_filter_basis(tmp_path):
+    """method="basis" rewrites the member convs into BasisConv2d modules: the recipe re-runs sharify with the
+    recorded options (init="svd" included) and checks the result against the file."""
+    x = torch.randn(2, 3, 16, 16)
+    options = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank": {"blocks": 1}, "init": "svd"}
+    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], **options))
+    path = sharify.save(shared, tmp_path / "basis.safetensors")
+    (group,) = sharify.read_recipe(path).groups
+    assert group.method == "basis" and group.members[0] == "blocks.0.conv2.shared" and not group.whole_conv
+    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+    with pytest.raises(
+        sharify.RecipeMismatchError, match=r"`stem\.weight` has shape \(16, 3, 3, 3\) in the model but \(8, 3, 3, 3\)"
+    ):
+        sharify.load(path, TinyNet(width=16))
+
+    timm_shared = _perturb(
+        sharify.sharify(timm.create_model("resnet18", num_classes=3), method="basis", shared_rank=8, unique_rank=1)
+    )
+    _assert_identical(timm_shared, sharify.load(sharify.save(timm_shared, tmp_path / "r18.safetensors")), X3)
