@@ -18,6 +18,8 @@ CIFAR = torch.randn(1, 3, 32, 32)
 
 MODELS = [
     ("torchvision resnet34", lambda: build_model("tv:resnet34")[0], {}),
+    ("torchvision resnet34, filter basis (dsfb-basis S48U1)", lambda: build_model("tv:resnet34")[0],
+     {"preset": "dsfb-basis", "shared_rank": 48, "unique_rank": 1}),
     ("torchvision resnet50", lambda: build_model("tv:resnet50")[0], {}),
     ("timm resnetv2_50 (pre-activation bottleneck)", lambda: build_model("timm:resnetv2_50")[0], {}),
     ("CIFAR ResNet-20 (post-activation basic)", lambda: cifar_resnet(20), {"example_inputs": CIFAR}),
@@ -35,8 +37,8 @@ def main() -> None:
         r = sharify.report(model, sharify.sharify(model, **kwargs))
         assert r.params_after_folding is not None and r.reduction_after_folding is not None
         print(
-            f"| {name} | {r.params_before / 1e6:.2f} M | {r.params_after / 1e6:.2f} M (-{r.reduction:.1%}) "
-            f"| {r.params_after_folding / 1e6:.2f} M (-{r.reduction_after_folding:.1%}) |"
+            f"| {name} | {r.params_before / 1e6:.2f} M | {r.params_after / 1e6:.2f} M ({-r.reduction:+.1%}) "
+            f"| {r.params_after_folding / 1e6:.2f} M ({-r.reduction_after_folding:+.1%}) |"
         )
 
 
