@@ -4,7 +4,11 @@ Each strategy takes the members' weights (and biases) and returns the shared wei
 
 * ``"average"``: the mean of the members (with pretrained weights: the paper's averaged init);
 * ``"first"``: the first member's tensors (in execution order);
-* ``"random"``: a fresh draw of ``nn.Conv2d``'s default initialisation.
+* ``"random"``: a fresh draw of ``nn.Conv2d``'s default initialisation;
+* ``"scaled"``: a shared tensor ``W`` plus per-member, per-output-channel gains ``a_i`` minimising
+  ``sum_i ||diag(a_i) W - W_i||^2`` (:func:`scaled_tensors`), so that each block keeps its own filter
+  gains; the rewrite folds each ``a_i`` into the BatchNorm that follows the member (zero extra
+  parameters) or, where none follows, gives the member a ``shared_gain`` parameter.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["INITS", "initial_tensors"]
+__all__ = ["INITS", "initial_tensors", "scaled_tensors"]
 
 
 def _average(tensors: Sequence[Tensor]) -> Tensor:
@@ -49,7 +53,42 @@ INITS: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {
 }
 
 
+def scaled_tensors(
+    weights: Sequence[Tensor], biases: Sequence[Tensor | None]
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Shared weight (and bias) with per-member per-output-channel gains: the ``"scaled"`` init.
+
+    For each output channel ``c`` the members' filters ``W_i[c]`` are stacked as the rows of an
+    ``n x d`` matrix; its best rank-1 approximation ``a[c] w[c]^T`` (top singular pair) is the exact
+    minimiser of ``sum_i ||a_i[c] w[c] - W_i[c]||^2``. Gains are normalised to a root mean square of 1
+    over the members (and a positive mean), so ``W`` keeps the members' scale.
+
+    Returns:
+        ``(W, shared bias, [a_i])``; each ``a_i`` has ``C_out`` entries. Biases, if any, are shared
+        as the mean of ``b_i / a_i``, so that a member computes ``a_i * (W x + b)``.
+    """
+    with torch.no_grad():
+        stacked = torch.stack([w.detach().flatten(1).double() for w in weights], 1)  # (C_out, n, d)
+        u, sv, vh = torch.linalg.svd(stacked, full_matrices=False)
+        gains = u[:, :, 0] * sv[:, :1]  # (C_out, n)
+        direction = vh[:, 0, :]  # (C_out, d)
+        rms = gains.square().mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+        sign = torch.where(gains.mean(1, keepdim=True) < 0, -1.0, 1.0).double()
+        gains = gains / (rms * sign)
+        shared = direction * (rms * sign)
+        dtype = weights[0].dtype
+        weight = shared.view_as(weights[0]).to(dtype)
+        per_member = [g.to(dtype).contiguous() for g in gains.T]
+        present = [b for b in biases if b is not None]
+        bias = None
+        if present:
+            safe = [torch.where(a.abs() < 1e-8, torch.ones_like(a), a) for a in per_member]
+            bias = torch.stack([b.detach() / a for b, a in zip(present, safe)]).mean(0)
+    return weight, bias, per_member
+
+
 def check_init(init: str) -> str:
+    """Checks an init that combines tensors alone (``"scaled"`` also rewrites the model around them)."""
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(map(repr, INITS))}")
     return init
@@ -63,7 +102,7 @@ def initial_tensors(
     Args:
         weights: The members' weights, in execution order.
         biases: The members' biases (all ``None`` for convs without bias).
-        init: One of :data:`INITS`.
+        init: One of :data:`INITS` (``"scaled"`` goes through :func:`scaled_tensors`).
     """
     check_init(init)
     with torch.no_grad():

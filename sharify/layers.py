@@ -51,6 +51,8 @@ class SharedConvParams(nn.Module):
         position: The position selector that picked the members (informational).
         method: ``"share"`` (the members are the group's convs) or ``"basis"`` (the members are the
             shared-basis convs inside :class:`~sharify.basis.BasisConv2d` modules).
+        init: How the tensor was initialised (informational; ``"scaled"`` tells the report that
+            members apply per-channel gains, possibly folded into their BatchNorm).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class SharedConvParams(nn.Module):
         stage: str = "",
         position: str = "",
         method: str = "share",
+        init: str = "",
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
@@ -70,6 +73,7 @@ class SharedConvParams(nn.Module):
         self.stage = stage
         self.position = position
         self.method = method
+        self.init = init
 
     def extra_repr(self) -> str:
         bias = "" if self.bias is None else f", bias={tuple(self.bias.shape)}"
@@ -114,6 +118,9 @@ class SharedConvMixin:
     Never instantiated directly: :func:`shared_class` builds ``Shared<Base>`` classes and the
     rewrite swaps a conv's ``__class__`` to one of them. The holder is kept in the instance's
     ``__dict__`` (not registered as a submodule), so the shared tensors have a single owner.
+
+    A member may own a ``shared_gain`` parameter (one value per output channel, ``init="scaled"``
+    where no BatchNorm follows to absorb it): it then computes with ``gain * shared weight``.
     """
 
     _sharify_base: type[nn.Module]
@@ -121,11 +128,15 @@ class SharedConvMixin:
 
     @property
     def weight(self) -> Tensor:
-        return self._sharify_holder.weight
+        w = self._sharify_holder.weight
+        gain = self._parameters.get("shared_gain")  # type: ignore[attr-defined]
+        return w if gain is None else w * gain.view(-1, *([1] * (w.dim() - 1)))
 
     @property
     def bias(self) -> Tensor | None:
-        return self._sharify_holder.bias
+        b = self._sharify_holder.bias
+        gain = self._parameters.get("shared_gain")  # type: ignore[attr-defined]
+        return b if b is None or gain is None else b * gain
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("weight", "bias") and "_sharify_holder" in self.__dict__:
@@ -173,24 +184,34 @@ def is_shared_conv(module: nn.Module) -> bool:
     return isinstance(module, SharedConvMixin)
 
 
-def attach_to_holder(conv: nn.Module, holder: SharedConvParams) -> None:
-    """Makes ``conv`` a member of ``holder``'s group; its own weight and bias are dropped."""
+def attach_to_holder(conv: nn.Module, holder: SharedConvParams, gain: Tensor | None = None) -> None:
+    """Makes ``conv`` a member of ``holder``'s group; its own weight and bias are dropped.
+
+    Args:
+        conv: The conv (its class is swapped to ``Shared<Class>``).
+        holder: The group's holder.
+        gain: Optional per-output-channel gain the member applies to the shared tensors.
+    """
     base = type(conv)
     del conv._parameters["weight"]
     del conv._parameters["bias"]
+    if gain is not None:
+        conv._parameters["shared_gain"] = nn.Parameter(gain)
     conv.__class__ = shared_class(base)
     conv.__dict__["_sharify_holder"] = holder
 
 
 def detach_from_holder(conv: nn.Module) -> None:
-    """Inverse of :func:`attach_to_holder`: ``conv`` gets its own copies of the shared tensors."""
-    holder: SharedConvParams = conv.__dict__.pop("_sharify_holder")
-    conv.__class__ = conv._sharify_base  # type: ignore[assignment]
+    """Inverse of :func:`attach_to_holder`: ``conv`` gets its own copies of the tensors it computes with."""
     with torch.no_grad():
-        for name in ("weight", "bias"):
-            value = getattr(holder, name)
-            param = None if value is None else nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
-            conv.register_parameter(name, param)
+        values = {name: getattr(conv, name) for name in ("weight", "bias")}  # gain applied
+    holder: SharedConvParams = conv.__dict__.pop("_sharify_holder")
+    conv._parameters.pop("shared_gain", None)
+    conv.__class__ = conv._sharify_base  # type: ignore[assignment]
+    for name, value in values.items():
+        grad = getattr(holder, name) is not None and getattr(holder, name).requires_grad
+        param = None if value is None else nn.Parameter(value.detach().clone(), requires_grad=grad)
+        conv.register_parameter(name, param)
 
 
 def shared_groups(model: nn.Module) -> dict[str, tuple[SharedConvParams, list[str]]]:

@@ -36,7 +36,7 @@ METHODS = ("share", "basis")
 #: gives the absolute number of filters per stage path.
 Rank = int | Mapping[str, int]
 
-_INITS = {"share": ("average", "first", "random"), "basis": ("orthogonal", "svd")}
+_INITS = {"share": ("average", "first", "random", "scaled"), "basis": ("orthogonal", "svd")}
 
 
 @dataclass(frozen=True)

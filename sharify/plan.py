@@ -76,6 +76,13 @@ class SharingGroup:
         members: Module paths of the member convs, in execution order.
         weight_numel: Elements of the shared weight.
         bias_numel: Elements of the shared bias (0 without bias).
+        method: ``"share"`` (one shared weight) or ``"basis"`` (a shared filter basis).
+        shared_rank: Filters of the shared basis (``"basis"`` only).
+        unique_rank: Filters of each member's own basis (``"basis"`` only).
+        norms: Per member, the path of the BatchNorm that alone consumes its output (``None`` if
+            there is none); ``init="scaled"`` folds the member's gains into it.
+        gains: Parameters ``init="scaled"`` adds as per-channel gains of members without such a
+            BatchNorm (0 otherwise).
     """
 
     key: str
@@ -88,6 +95,8 @@ class SharingGroup:
     method: str = "share"
     shared_rank: int = 0
     unique_rank: int = 0
+    norms: tuple[str | None, ...] = ()
+    gains: int = 0
 
     @property
     def size(self) -> int:
@@ -115,7 +124,7 @@ class SharingGroup:
         """What the group saves: ``(n - 1) * size`` for sharing; for a basis, the members' convs minus
         the shared basis and each member's unique basis, BatchNorm and coefficients."""
         n = len(self.members)
-        return n * self.size - self.shared_size - n * self.member_size
+        return n * self.size - self.shared_size - n * self.member_size - self.gains
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,7 @@ def plan(
     method: str | None = None,
     shared_rank: Rank | None = None,
     unique_rank: Rank | None = None,
+    init: str | None = None,
     leaf_modules: LeafSpec | None = None,
 ) -> SharingPlan:
     """Analyses ``model`` and returns what :func:`sharify.sharify` would share. Changes nothing.
@@ -321,6 +331,8 @@ def plan(
             unique basis + shared basis -> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases).
         shared_rank: ``method="basis"``: shared basis filters per 64 channels (or ``{stage: filters}``).
         unique_rank: ``method="basis"``: unique basis filters per 64 channels (or ``{stage: filters}``).
+        init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
+            (members with no BatchNorm after them get per-channel gains).
         leaf_modules: Module classes or paths not to trace into.
 
     Returns:
@@ -346,6 +358,7 @@ def plan(
         method=method,
         shared_rank=shared_rank,
         unique_rank=unique_rank,
+        init=init,
     )
     return make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
 
@@ -404,6 +417,16 @@ def make_plan(
         conv = modules[path]
         return calls.get(path) == 1 and all(owners.get(id(p), 0) == 1 for p in conv.parameters(recurse=False))
 
+    conv_nodes = {str(n.target): n for n in traced.graph.nodes if n.op == "call_module"}
+
+    def following_norm(path: str) -> str | None:
+        users = list(conv_nodes[path].users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        norm = modules.get(str(users[0].target))
+        is_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and norm.track_running_stats
+        return str(users[0].target) if is_bn else None
+
     stage_paths = [s.path for s in stages if len(s.blocks) > 1]
     groups: list[SharingGroup] = []
     used: set[str] = set()
@@ -427,6 +450,7 @@ def make_plan(
                 first_block, first_path = picked[0]
                 conv = modules[first_path]
                 ranks = _basis_ranks(options, stage.path, sig, first_path) if options.method == "basis" else (0, 0)
+                norms = tuple(following_norm(p) for _, p in picked)
                 used.update(p for _, p in picked)
                 groups.append(
                     SharingGroup(
@@ -442,6 +466,8 @@ def make_plan(
                         method=options.method,
                         shared_rank=ranks[0],
                         unique_rank=ranks[1],
+                        norms=norms,
+                        gains=sig.out_channels * norms.count(None) if options.init == "scaled" else 0,
                     )
                 )
 

@@ -271,7 +271,9 @@ def fit_problems(
                             f"`{_HOLDER_PREFIX}{group.key}.{attr}` is {theirs or 'absent'} in {there}"
                         )
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in member_keys}
-    rest = {k: v for k, v in file_shapes.items() if not k.startswith(_HOLDER_PREFIX)}
+    # Tensors the rewrite adds to members (init="scaled" gains) are checked after re-applying the recipe.
+    members = tuple(f"{m}." for g in recipe.groups for m in g.members)
+    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *members))}
     return problems + shape_mismatches(model_shapes, rest, strict, here, there)
 
 
@@ -320,7 +322,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
         return copy.deepcopy(model)
     options = dict(recipe.options)
     wanted = [_key(g) for g in recipe.groups]
-    direct = all(g.whole_conv for g in recipe.groups)  # the recorded groups alone rebuild the model
+    # The recorded groups alone rebuild the model, unless the rewrite needs the model's graph: filter bases,
+    # and init="scaled" (which folds gains into the BatchNorm after a member, found by the analysis).
+    direct = all(g.whole_conv for g in recipe.groups) and options.get("init") != "scaled"
     try:
         shared = sharify(model, **options)
         if [_key(g) for g in groups_of(shared)] == wanted:

@@ -5,7 +5,8 @@ the relative dissimilarity of the original members to what the shared model comp
 ``mean_i ||W_i - W_shared|| / ||W_i||``: the paper's question "how similar are the blocks?" answered
 for the user's own weights (0 = identical; ``sqrt((n-1)/n)`` for the average of n independent random
 tensors). For filter-basis groups ``W_shared`` is each block's effective conv (eval-mode BatchNorm
-folded), so the column is the relative reconstruction error of the basis.
+folded), so the column is the relative reconstruction error of the basis; for ``init="scaled"``
+groups it is ``diag(a_i) W_shared`` with the member's per-channel gains.
 
 For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
 into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
@@ -177,6 +178,18 @@ def _relative_error(original: nn.Module, members: list[str], computed: list[torc
     return sum(values) / len(values) if values else None
 
 
+def _with_best_gains(original: nn.Module, path: str, shared: torch.Tensor) -> torch.Tensor:
+    """``diag(a) W`` with the least-squares per-channel gains ``a`` of the original member (the gains
+    ``init="scaled"`` applied when the model was made)."""
+    w = getattr(original.get_submodule(path), "weight", None)
+    if not isinstance(w, torch.Tensor) or w.is_meta or shared.is_meta or w.shape != shared.shape:
+        return shared
+    with torch.no_grad():
+        flat, ref = w.flatten(1).float(), shared.flatten(1).float()
+        gains = (flat * ref).sum(1) / ref.square().sum(1).clamp_min(1e-30)
+        return (gains[:, None] * ref).view_as(shared)
+
+
 def _group_report(
     original: nn.Module, shared: nn.Module, key: str, holder: SharedConvParams, members: list[str]
 ) -> GroupReport:
@@ -193,7 +206,10 @@ def _group_report(
         paths = members
         before = numel(holder) * len(members)
         after = numel(holder)
-        error = _relative_error(original, paths, [holder.weight] * len(paths))
+        computed: list[torch.Tensor] = [holder.weight] * len(paths)
+        if holder.init == "scaled":  # members apply per-channel gains (maybe folded into their BatchNorm)
+            computed = [_with_best_gains(original, p, holder.weight) for p in paths]
+        error = _relative_error(original, paths, computed)
     return GroupReport(
         key=key,
         stage=holder.stage,

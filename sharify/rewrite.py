@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
-from .init import initial_tensors
+from .init import initial_tensors, scaled_tensors
 from .layers import (
     SHARED_STORE_NAME,
     SharedConvParams,
@@ -101,8 +101,9 @@ def sharify(
         shared_rank: Shared basis filters per 64 channels, or ``{stage path: filters}``.
         unique_rank: Unique basis filters per 64 channels, or ``{stage path: filters}``.
         init: Initial shared tensors. ``"share"``: ``"average"`` (default; with pretrained weights the
-            paper's averaged init), ``"first"``, ``"random"``. ``"basis"``: ``"orthogonal"`` (default)
-            or ``"svd"`` (from the members' weights).
+            paper's averaged init), ``"first"``, ``"random"``, or ``"scaled"`` (a shared tensor plus
+            per-member per-channel gains, folded into the BatchNorm after each member, else kept as
+            its ``shared_gain`` parameter). ``"basis"``: ``"orthogonal"`` (default) or ``"svd"``.
         inplace: Rewrite ``model`` itself instead of a deep copy.
         leaf_modules: Module classes or paths not to trace into.
 
@@ -172,6 +173,24 @@ def _basis_modules(
     return holder, modules
 
 
+def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor) -> dict[str, Tensor]:
+    """New BatchNorm values such that ``norm'(y) == norm(gain * y)`` (eval mode; train mode up to eps)."""
+    assert norm.running_mean is not None and norm.running_var is not None
+    with torch.no_grad():
+        a = torch.where(gain.abs() < 1e-8, torch.full_like(gain, 1e-8), gain)
+        return {
+            "running_mean": norm.running_mean / a,
+            "running_var": ((norm.running_var + norm.eps) / a.square() - norm.eps).clamp_min(0),
+            "weight": norm.weight * a.sign(),
+        }
+
+
+def _assign(module: nn.Module, values: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(module, name).copy_(value)
+
+
 def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, inplace: bool = False) -> ModelT:
     """Applies a :class:`~sharify.plan.SharingPlan` made for ``model`` (or an identical model).
 
@@ -206,8 +225,9 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
 
     # Everything new is built before the first change to the model.
     store = SharedStore({**sharing.options, "init": init})
-    attach: list[tuple[nn.Module, SharedConvParams]] = []  # existing convs to attach to a holder
+    attach: list[tuple[nn.Module, SharedConvParams, Tensor | None]] = []  # existing convs to attach (with gain)
     replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
+    refold: list[tuple[nn.Module, dict[str, Tensor]]] = []  # BatchNorms absorbing "scaled" gains
     for group in sharing.groups:
         convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
         if group.method == "basis":
@@ -215,10 +235,22 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
             for path, basis in zip(group.members, bases):
                 attach_to_holder(basis.shared, holder)  # a new module: no change to the model yet
                 replace.append((path, basis))
+        elif init == "scaled":
+            weight, bias, gains = scaled_tensors([c.weight for c in convs], [c.bias for c in convs])
+            holder = SharedConvParams(
+                weight, bias, key=group.key, stage=group.stage, position=group.position, init="scaled"
+            )
+            for conv, gain, norm in zip(convs, gains, group.norms or [None] * len(convs)):
+                if norm is None:
+                    attach.append((conv, holder, gain))
+                else:  # the BatchNorm absorbs the gain: no extra parameter
+                    attach.append((conv, holder, None))
+                    bn = cast(nn.modules.batchnorm._BatchNorm, modules[norm])
+                    refold.append((bn, _fold_gain(bn, gain)))
         else:
             weight, bias = initial_tensors([c.weight for c in convs], [c.bias for c in convs], init)
             holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
-            attach.extend((c, holder) for c in convs)
+            attach.extend((c, holder, None) for c in convs)
         holder.requires_grad_(any(c.weight.requires_grad for c in convs))
         store.add_holder(holder)
 
@@ -230,15 +262,21 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         )
     saved: list[tuple[nn.Module, type, dict[str, nn.Parameter | None]]] = []
     replaced: list[tuple[str, nn.Module]] = []
+    refolded: list[tuple[nn.Module, dict[str, Tensor]]] = []
     try:
         target.add_module(SHARED_STORE_NAME, store)
-        for conv, holder in attach:
+        for conv, holder, member_gain in attach:
             saved.append((conv, type(conv), dict(conv._parameters)))
-            attach_to_holder(conv, holder)
+            attach_to_holder(conv, holder, member_gain)
         for path, module in replace:
             replaced.append((path, modules[path]))
             _set_module(target, path, module)
+        for norm_module, values in refold:
+            refolded.append((norm_module, {k: getattr(norm_module, k).detach().clone() for k in values}))
+            _assign(norm_module, values)
     except BaseException:
+        for norm_module, values in reversed(refolded):
+            _assign(norm_module, values)
         for path, original in reversed(replaced):
             _set_module(target, path, original)
         for conv, cls, params in reversed(saved):

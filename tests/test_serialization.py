@@ -371,3 +371,22 @@ def test_round_trip_filter_basis(tmp_path):
         sharify.sharify(timm.create_model("resnet18", num_classes=3), method="basis", shared_rank=8, unique_rank=1)
     )
     _assert_identical(timm_shared, sharify.load(sharify.save(timm_shared, tmp_path / "r18.safetensors")), X3)
+
+
+def test_round_trip_scaled_init(tmp_path, monkeypatch):
+    """init="scaled" adds per-member gains (here: no BatchNorm after conv2 absorbs them); the file holds them."""
+    x = torch.randn(2, 3, 16, 16)
+    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], init="scaled"))
+    path = sharify.save(shared, tmp_path / "scaled.safetensors")
+    assert "blocks.0.conv2.shared_gain" in load_file(path)
+    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+
+    # The gains' placement comes from the analysis, so the recorded groups alone cannot rebuild the model.
+    def untraceable(model, **options):
+        raise sharify.UntraceableError("cannot trace")
+
+    monkeypatch.setattr(recipe_module, "sharify", untraceable)
+    with pytest.raises(
+        sharify.RecipeMismatchError, match=r"does not rebuild the file's groups: it fails \(cannot trace\)"
+    ):
+        sharify.load(path, TinyNet())
