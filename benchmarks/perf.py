@@ -1,0 +1,316 @@
+"""Performance of sharified models against their originals, measured side by side in one process.
+
+    python -m benchmarks.perf                       # full run (CPU here: ~30-60 min with compile)
+    python -m benchmarks.perf --quick               # resnet50 only, eager, fewer repeats
+    python -m benchmarks.perf --device cuda --amp bf16 --channels-last --compile   # on a GPU machine
+
+Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B A B ...),
+median of ``--repeats`` timed runs after warm-up, on the same inputs. Memory figures are exact byte
+counts (parameters, optimizer state, safetensors checkpoint) and the peak memory of a training step
+(CUDA allocator peak on GPU; on CPU the peak resident set of a fresh subprocess per model). The
+``sharify()`` wall time covers trace + fake-tensor shape propagation + rewrite. Results go to
+``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+import sharify
+from benchmarks.cifar_models import wide_resnet
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """Model and a CPU-sized input shape (batch, C, H, W)."""
+    if name == "wrn-28-10":
+        return wide_resnet(28, 10), (16, 3, 32, 32)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:]), (8, 3, 128, 128)
+    return torchvision.models.get_model(name), (8, 3, 128, 128)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, train: bool, amp: str | None) -> Callable[[], None]:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+    autocast = (lambda: torch.autocast(x.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    if not train:
+
+        @torch.no_grad()
+        def infer() -> None:
+            with autocast():
+                model(x)
+
+        return infer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed alternately."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def speed(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    torch.manual_seed(0)
+    original, shape = build(name)
+    shared = sharify.sharify(original)
+    x = torch.randn(*shape, device=device)
+    rows = []
+    variants = [(False, False)]
+    variants += [(True, False)] if args.channels_last else []
+    variants += [(args.channels_last, True)] if args.compile else []
+    for channels_last, compiled in variants:
+        models = {}
+        for label, m in (("original", original), ("shared", shared)):
+            m = copy.deepcopy(m).to(device)
+            if channels_last:
+                m = m.to(memory_format=torch.channels_last)
+            models[label] = torch.compile(m) if compiled else m
+        xin = x.to(memory_format=torch.channels_last) if channels_last else x
+        for train in (True, False):
+            for m in models.values():
+                m.train(train)
+            fns = {k: _step_fn(m, xin, train, args.amp) for k, m in models.items()}
+            t = interleaved(fns, device, args.warmup, args.repeats)
+            rows.append({
+                "model": name, "mode": "train step" if train else "inference", "batch": list(shape),
+                "channels_last": channels_last, "compile": compiled, "amp": args.amp or "fp32",
+                "original_img_s": shape[0] / t["original"], "shared_img_s": shape[0] / t["shared"],
+                "ratio": t["original"] / t["shared"],
+            })  # fmt: skip
+            print(f"{name:16s} {rows[-1]['mode']:10s} cl={channels_last!s:5s} compile={compiled!s:5s} "
+                  f"orig {rows[-1]['original_img_s']:8.1f} img/s  shared {rows[-1]['shared_img_s']:8.1f} img/s  "
+                  f"ratio {rows[-1]['ratio']:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory(name: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    original, _ = build(name)
+    shared = sharify.sharify(original)
+    report = sharify.report(original, shared)
+    out: dict[str, Any] = {"model": name, "param_fraction": report.params_after / report.params_before}
+    for label, m in (("original", original), ("shared", shared)):
+        out[f"{label}_param_bytes"] = _nbytes(m.parameters())
+        for opt_name, opt_cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)):
+            m.zero_grad(set_to_none=True)
+            kw = {"momentum": 0.9} if opt_name == "sgd" else {}
+            opt = opt_cls(m.parameters(), lr=1e-3, **kw)
+            for p in m.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            out[f"{label}_{opt_name}_state_bytes"] = _nbytes(
+                v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0
+            )
+            m.zero_grad(set_to_none=True)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "m.safetensors")
+            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, path)
+            out[f"{label}_checkpoint_bytes"] = os.path.getsize(path)
+    for key in ("param_bytes", "sgd_state_bytes", "adamw_state_bytes", "checkpoint_bytes"):
+        out[f"{key}_ratio"] = out[f"shared_{key}"] / out[f"original_{key}"]
+    return out
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch, sharify
+from benchmarks.perf import build, _step_fn
+torch.manual_seed(0)
+model, shape = build(sys.argv[1])
+if sys.argv[2] == "shared":
+    model = sharify.sharify(model)
+step = _step_fn(model.train(), torch.randn(*shape), True, None)
+step(); step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_step_memory(name: str, device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        out = {}
+        for label in ("original", "shared"):
+            torch.manual_seed(0)
+            m, shape = build(name)
+            if label == "shared":
+                m = sharify.sharify(m)
+            m = m.to(device).train()
+            step = _step_fn(m, torch.randn(*shape, device=device), True, None)
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            out[f"{label}_peak_bytes"] = torch.cuda.max_memory_allocated()
+            del m, step
+            torch.cuda.empty_cache()
+        return out
+    res = {}
+    for label in ("original", "shared"):
+        cmd = [sys.executable, "-c", _PEAK_SCRIPT, name, label]
+        stdout = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        res[f"{label}_peak_bytes"] = int(stdout.split()[-1])
+    return res
+
+
+def sharify_time(name: str, meta: bool = False, repeats: int = 3) -> dict[str, Any]:
+    """Median wall time of ``sharify.sharify``; ``meta=True`` builds the (timm) model on the meta device."""
+    import timm
+
+    times, params = [], 0
+    for _ in range(repeats):
+        if meta:
+            with torch.device("meta"):
+                model = timm.create_model(name)
+        else:
+            model = build(name)[0]
+        params = sum(p.numel() for p in model.parameters())
+        t = time.perf_counter()
+        sharify.sharify(model)
+        times.append(time.perf_counter() - t)
+    return {"model": name, "meta_device": meta, "params": params, "seconds": statistics.median(times)}
+
+
+def machine() -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "sharify": sharify.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write(results: dict[str, Any], out: Path, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_" + results["machine"]["gpu"].replace(" ", "_") if "gpu" in results["machine"] else ""
+    (out / f"perf{suffix}.json").write_text(json.dumps(results, indent=2))
+    m = results["machine"]
+    lines = [
+        "# Performance: sharified vs original, measured side by side",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPU cores ({m['torch_threads']} torch threads); "
+        f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, sharify {m['sharify']}.",
+        "",
+        "## Throughput (images/s; ratio = shared / original, target >= 0.98)",
+        "",
+        "| model | mode | batch | channels_last | compile | precision | original | shared | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["speed"]:
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['batch']))} | {r['channels_last']} | {r['compile']} "
+            f"| {r['amp']} | {r['original_img_s']:.1f} | {r['shared_img_s']:.1f} | {r['ratio']:.3f} |"
+        )
+    lines += ["", "## Memory (bytes; ratio = shared / original, target = parameter fraction ± 1 %)", "",
+              "| model | parameter fraction | params | SGD momentum | AdamW state | safetensors file "
+              "| peak of a training step |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results["memory"]:
+        peak = r.get("peak", {})
+        peak_text = (
+            f"{peak['original_peak_bytes'] / 2**20:.0f} -> {peak['shared_peak_bytes'] / 2**20:.0f} MiB" if peak else "-"
+        )
+        lines.append(
+            f"| {r['model']} | {r['param_fraction']:.4f} | {r['param_bytes_ratio']:.4f} "
+            f"| {r['sgd_state_bytes_ratio']:.4f} | {r['adamw_state_bytes_ratio']:.4f} "
+            f"| {r['checkpoint_bytes_ratio']:.4f} | {peak_text} |"
+        )
+    lines += ["", "## sharify() wall time (trace + fake-tensor shapes + rewrite)", "",
+              "| model | device | parameters | seconds | target |", "|---|---|---|---|---|"]  # fmt: skip
+    targets = {"resnet50": "< 1 s", "resnet152": "< 3 s"}
+    for r in results["sharify_time"]:
+        lines.append(f"| {r['model']} | {'meta' if r['meta_device'] else 'cpu'} | {r['params'] / 1e6:.1f} M "
+                     f"| {r['seconds']:.2f} | {targets.get(r['model'], '-')} |")  # fmt: skip
+    (out / f"perf{suffix}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "resnet152", "timm:resnet50d", "wrn-28-10"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--big-model", default="resnetv2_152x4_bit", help="timm model analysed on the meta device")
+    parser.add_argument("--quick", action="store_true", help="resnet50 only, eager, 3 repeats")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.repeats, args.compile = ["resnet50"], 3, False
+    device = torch.device(args.device)
+    results: dict[str, Any] = {"machine": machine(), "speed": [], "memory": [], "sharify_time": []}
+    for name in args.models:
+        results["speed"] += speed(name, args, device)
+    for name in args.models:
+        mem = memory(name)
+        mem["peak"] = peak_step_memory(name, device)
+        results["memory"].append(mem)
+        print(json.dumps(mem), flush=True)
+    for name in ("resnet50", "resnet152"):
+        results["sharify_time"].append(sharify_time(name))
+    if args.big_model:
+        results["sharify_time"].append(sharify_time(args.big_model, meta=True, repeats=1))
+    print(json.dumps(results["sharify_time"], indent=1))
+    write(results, args.out, "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
