@@ -23,17 +23,24 @@ from .basis import BasisConv2d, orthogonality_loss
 from .checkpoint import load_unshared_state_dict
 from .errors import (
     AlreadySharifiedError,
+    CheckpointError,
     NothingToShareError,
+    RecipeMismatchError,
     SharifyError,
+    TieError,
     UnsupportedModelError,
     UntraceableError,
 )
 from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
 from .options import PRESETS, SharingOptions
 from .plan import ConvSignature, SharingGroup, SharingPlan, plan
+from .recipe import GroupRecipe, Recipe
 from .report import GroupReport, ParameterReport, report
 from .rewrite import apply_plan, sharify, unshare
+from .serialization import load, read_recipe, save
 from .shapes import ExampleInputsError
+from .verify import retie, verify
+from .zoo import ModelSource
 
 __version__ = "0.1.0"
 
@@ -41,27 +48,38 @@ __all__ = [
     "PRESETS",
     "AlreadySharifiedError",
     "BasisConv2d",
+    "CheckpointError",
     "ConvSignature",
     "ExampleInputsError",
+    "GroupRecipe",
     "GroupReport",
+    "ModelSource",
     "NothingToShareError",
     "ParameterReport",
+    "Recipe",
+    "RecipeMismatchError",
     "SharedConv2d",
     "SharedConvParams",
     "SharifyError",
     "SharingGroup",
     "SharingOptions",
     "SharingPlan",
+    "TieError",
     "UnsupportedModelError",
     "UntraceableError",
     "__version__",
     "apply_plan",
     "is_shared_conv",
+    "load",
     "load_unshared_state_dict",
     "orthogonality_loss",
     "plan",
+    "read_recipe",
     "report",
+    "retie",
+    "save",
     "shared_groups",
     "sharify",
     "unshare",
+    "verify",
 ]

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 __all__ = [
     "AlreadySharifiedError",
+    "CheckpointError",
     "NothingToShareError",
+    "RecipeMismatchError",
     "SharifyError",
     "UnsupportedModelError",
+    "TieError",
     "UntraceableError",
 ]
 
@@ -34,3 +37,15 @@ class UnsupportedModelError(SharifyError, TypeError):
 
 class AlreadySharifiedError(SharifyError):
     """The model already contains shared convs; sharify refuses to share twice."""
+
+
+class CheckpointError(SharifyError, ValueError):
+    """A sharify checkpoint file cannot be read: missing, corrupted, truncated or not written by sharify."""
+
+
+class RecipeMismatchError(CheckpointError):
+    """A sharify checkpoint does not fit the model it is loaded into (a path or shape differs)."""
+
+
+class TieError(SharifyError):
+    """The sharing of a model is broken in a way :func:`sharify.retie` cannot repair."""

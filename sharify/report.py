@@ -7,18 +7,24 @@ for the user's own weights (0 = identical; ``sqrt((n-1)/n)`` for the average of 
 tensors). For filter-basis groups ``W_shared`` is each block's effective conv (eval-mode BatchNorm
 folded), so the column is the relative reconstruction error of the basis; for ``init="scaled"``
 groups it is ``diag(a_i) W_shared`` with the member's per-channel gains.
+
+For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
+into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
+its own folded weight. The BatchNorm -> bias conversion itself is not counted: it changes the
+original and the sharified model by the same amount.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from .folding import bn_folded_members
 from .layers import SharedConvParams, shared_groups
 from .plan import count_params
 
@@ -38,10 +44,20 @@ class GroupReport:
     params_before: int
     params_after: int
     dissimilarity: float | None
+    #: Members whose output goes straight into a BatchNorm (``None``: the model could not be traced).
+    folded: int | None = None
 
     @property
     def saved(self) -> int:
         return self.params_before - self.params_after
+
+    @property
+    def params_after_folding(self) -> int | None:
+        """Parameters after conv-BN folding: each folded member needs its own copy of the shared tensor;
+        the shared one stays only while some member is not folded."""
+        if self.folded is None:
+            return None
+        return self.params_after + self.folded * self.size - (self.size if self.folded == len(self.members) else 0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +72,8 @@ class ParameterReport:
     params_before: int
     params_after: int
     groups: tuple[GroupReport, ...]
+    #: Parameters left after folding every BatchNorm into the conv before it (``None``: not traceable).
+    params_after_folding: int | None = None
 
     @property
     def saved(self) -> int:
@@ -65,6 +83,13 @@ class ParameterReport:
     def reduction(self) -> float:
         """Fraction of the original parameters saved."""
         return self.saved / self.params_before if self.params_before else 0.0
+
+    @property
+    def reduction_after_folding(self) -> float | None:
+        """Fraction of the original parameters still saved after conv-BN folding."""
+        if self.params_after_folding is None or not self.params_before:
+            return None
+        return (self.params_before - self.params_after_folding) / self.params_before
 
     def stages(self) -> dict[str, dict[str, int]]:
         """Per stage: groups, members, parameters before/after (of the shared convs only)."""
@@ -84,8 +109,12 @@ class ParameterReport:
             "params_after": self.params_after,
             "saved": self.saved,
             "reduction": self.reduction,
+            "params_after_folding": self.params_after_folding,
+            "reduction_after_folding": self.reduction_after_folding,
             "stages": self.stages(),
-            "groups": [{**asdict(g), "saved": g.saved} for g in self.groups],
+            "groups": [
+                {**asdict(g), "saved": g.saved, "params_after_folding": g.params_after_folding} for g in self.groups
+            ],
         }
 
     def to_json(self) -> str:
@@ -113,12 +142,24 @@ class ParameterReport:
             lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join([*lines, *self._folding_lines()])
+
+    def _folding_lines(self) -> list[str]:
+        if self.params_after_folding is None or self.reduction_after_folding is None:
+            return []
+        folded = sum(g.folded or 0 for g in self.groups)
+        members = sum(len(g.members) for g in self.groups)
+        return [
+            f"after conv-BN folding (deployment): {self.params_after_folding:,} parameters "
+            f"({-self.reduction_after_folding:+.1%}); {folded} of {members} shared convs feed a BatchNorm "
+            "and get their own folded weight"
+        ]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
         lines += ["| " + " | ".join(r) + " |" for r in self._rows()]
-        return "\n".join(lines)
+        folding = self._folding_lines()
+        return "\n".join([*lines, "", *folding] if folding else lines)
 
 
 def _relative_error(original: nn.Module, members: list[str], computed: list[torch.Tensor]) -> float | None:
@@ -200,9 +241,16 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
     groups = [_group_report(original, shared, k, h, m) for k, (h, m) in shared_groups(shared).items()]
+    folded = bn_folded_members(shared)
+    after_folding = None
+    if folded is not None:
+        counts = {k: sum(p in folded for p in paths) for k, (_, paths) in shared_groups(shared).items()}
+        groups = [replace(g, folded=counts.get(g.key, 0)) for g in groups]
+        after_folding = count_params(shared) + sum((g.params_after_folding or 0) - g.params_after for g in groups)
     return ParameterReport(
         model=type(shared).__name__,
         params_before=count_params(original),
         params_after=count_params(shared),
         groups=tuple(groups),
+        params_after_folding=after_folding,
     )

@@ -37,7 +37,15 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def check_model(model: object) -> None:
-    """Raises a clear error if ``model`` is not an eager module sharify can rewrite."""
+    """Raises a clear error if ``model`` is not an eager module sharify can rewrite.
+
+    Wrappers (DDP, DataParallel, ``torch.compile``'s ``OptimizedModule``) are refused rather than
+    unwrapped: DDP has already registered the unshared parameters with its reducer and broadcast
+    them, and dynamo has guarded on them, so a rewrite underneath would leave the wrapper stale,
+    while returning the unwrapped result would silently change the type the caller gets back. The
+    message tells the user to sharify the bare model and wrap the result. Functions that only read
+    a model (:func:`sharify.save`, :func:`sharify.verify`) look through wrappers instead.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -105,6 +113,8 @@ def sharify(
     Raises:
         NothingToShareError: The model has no two convs to share; the message says why.
         AlreadySharifiedError: The model already shares convs.
+        UnsupportedModelError: A TorchScript module, or a DDP / DataParallel / ``torch.compile``
+            wrapper: sharify the bare model, then wrap the result (see :func:`check_model`).
         ValueError: Unknown preset, selector, method or init; bad ranks.
 
     Example:

@@ -12,7 +12,10 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ModelSource", "build_model", "resolve_model_name"]
+__all__ = ["SOURCE_ATTR", "ModelSource", "build_model", "resolve_model_name"]
+
+#: Attribute in which :func:`build_model` records a model's :class:`ModelSource` (read by :func:`sharify.save`).
+SOURCE_ATTR = "_sharify_source"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,9 @@ def build_model(
         **kwargs: Further builder arguments.
 
     Returns:
-        The model and the source it was built from (with the kwargs needed to rebuild it).
+        The model and the source it was built from (with the kwargs needed to rebuild it). The source
+        is also recorded on the model (attribute ``_sharify_source``, kept by ``sharify`` and deep
+        copies), so :func:`sharify.save` can store it without being told.
     """
     source = resolve_model_name(name) if isinstance(name, str) else name
     kw = dict(source.kwargs, **kwargs)
@@ -105,4 +110,6 @@ def build_model(
         if pretrained and num_classes is not None:
             raise ValueError("torchvision pretrained weights fix num_classes; build pretrained, then replace the head")
         model = torchvision.models.get_model(source.name, weights=weights, **kw)
-    return model, ModelSource(source.library, source.name, kw)
+    built = ModelSource(source.library, source.name, kw)
+    setattr(model, SOURCE_ATTR, built)
+    return model, built

@@ -1,0 +1,382 @@
+"""One-file save and restore of sharified models: safetensors weights with the recipe in the header.
+
+:func:`save` writes the state_dict (each shared tensor once: the model registers it once) to a
+``.safetensors`` file and puts the :class:`~sharify.recipe.Recipe` in the file's string metadata
+(key ``"sharify"``, JSON): library version, source model, sharing options and groups, and a CRC-32
+of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
+own), re-applies the sharing and loads the weights strictly; the result equals the saved model bit
+for bit. Any safetensors reader can still load the weights: the recipe is only metadata.
+
+Wrapped models: ``save`` looks through DDP, DataParallel and ``torch.compile`` wrappers (reading is
+harmless, and the file then loads into the bare model); ``load`` into a wrapped model is refused,
+as :func:`sharify.sharify` refuses it: load into the bare model, then wrap the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import uuid
+import warnings
+import zlib
+from collections.abc import Mapping
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ._wrappers import is_wrapper, unwrap
+from .errors import CheckpointError, TieError, UnsupportedModelError
+from .layers import SHARED_STORE_NAME, shared_groups
+from .recipe import (
+    Recipe,
+    apply_recipe,
+    check_fits,
+    check_same_groups,
+    detect_source,
+    fit_problems,
+    raise_mismatch,
+    recipe_of,
+    shape_mismatches,
+)
+from .verify import verify
+from .zoo import ModelSource, build_model, resolve_model_name
+
+__all__ = ["RECIPE_KEY", "load", "read_recipe", "save"]
+
+logger = logging.getLogger(__name__)
+
+#: Metadata key of the recipe in the safetensors header.
+RECIPE_KEY = "sharify"
+_RESERVED = ("format", RECIPE_KEY)
+
+PathLike = str | os.PathLike[str]
+
+
+def _checksum(tensor: Tensor) -> str:
+    data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    return f"{zlib.crc32(data.data):08x}"
+
+
+def _build_quietly(source: ModelSource, device: str) -> nn.Module:
+    """Builds ``source`` without consuming the caller's random numbers."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        model, _ = build_model(source)
+    return model
+
+
+def _source_problem(source: ModelSource, recipe: Recipe, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why ``source`` does not rebuild the saved architecture, or ``None`` when it does."""
+    try:
+        json.dumps(asdict(source))
+    except TypeError as exc:
+        return f"its builder kwargs cannot be stored as JSON ({exc})"
+    try:
+        try:
+            built = _build_quietly(source, "meta")  # cheap: no memory, no init
+        except (RuntimeError, NotImplementedError):  # a builder that reads tensor values
+            built = _build_quietly(source, "cpu")
+    except Exception as exc:  # any builder error means: cannot rebuild from this source
+        return f"building it fails ({type(exc).__name__}: {exc})"
+    cls = f"{type(built).__module__}.{type(built).__qualname__}"
+    if cls != recipe.model_class:
+        return f"it builds a {cls}, not a {recipe.model_class}"
+    problems = fit_problems(built, recipe, shapes, here="the model it builds", there="the model to save")
+    return problems[0] if problems else None
+
+
+def _resolve_source(
+    model: nn.Module, source: ModelSource | str | None, recipe: Recipe, shapes: Mapping[str, tuple[int, ...]]
+) -> ModelSource | None:
+    explicit = source is not None
+    if isinstance(source, str):
+        source = resolve_model_name(source)
+    elif source is not None and not isinstance(source, ModelSource):
+        raise TypeError(f"source must be a model name or a sharify.zoo.ModelSource, got {type(source).__name__}")
+    source = source or detect_source(model)
+    if source is None:
+        logger.info("no source known for %s; the file loads with sharify.load(path, model=...)", type(model).__name__)
+        return None
+    problem = _source_problem(source, recipe, shapes)
+    if problem is None:
+        return source
+    text = f"{source.library}:{source.name} with {source.kwargs}"
+    if explicit:
+        raise ValueError(
+            f"source={text} does not rebuild this model ({problem}); pass the builder kwargs it was made with, "
+            "e.g. source=sharify.zoo.ModelSource('torchvision', 'resnet18', {'num_classes': 10})"
+        )
+    warnings.warn(
+        f"the model looks like {text} but that does not rebuild it ({problem}); saving without a source, "
+        "so the file loads with sharify.load(path, model=...); pass source= to record one",
+        stacklevel=3,
+    )
+    return None
+
+
+def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable where directories can be opened
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    source: ModelSource | str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Saves a (sharified) model to one ``.safetensors`` file with the recipe to rebuild it.
+
+    The weights are the model's state_dict (each shared tensor once); the header's metadata holds the
+    recipe (see :class:`~sharify.recipe.Recipe`). The file is written to a temporary file next to
+    ``path`` and renamed, so ``path`` is never left half-written. DDP, DataParallel and
+    ``torch.compile`` wrappers are looked through: the file holds the bare model's keys.
+
+    Args:
+        model: The model, usually returned by :func:`sharify.sharify` or :func:`load`. An unshared
+            model is saved too (its recipe then has no groups).
+        path: Destination file.
+        source: Where to rebuild the architecture from: a name (``"resnet18"``, ``"timm:resnet26"``)
+            or a :class:`~sharify.zoo.ModelSource` with builder kwargs. Default: recorded by
+            :func:`sharify.zoo.build_model`, or read from a timm model's ``pretrained_cfg``;
+            torchvision models need it (without it the file loads only with ``load(path, model=...)``).
+            It is checked by building the architecture on the meta device.
+        metadata: Extra string entries for the header (``"format"`` and ``"sharify"`` are reserved);
+            read them back with :func:`read_recipe`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TieError: The model's sharing is broken (see :func:`sharify.verify`); call :func:`sharify.retie`.
+        ValueError: An explicit ``source`` does not rebuild the model; a tensor is on the meta device;
+            a shared group has no member left.
+
+    Example:
+        >>> import tempfile, torchvision, sharify
+        >>> shared = sharify.sharify(torchvision.models.resnet18())
+        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors", source="resnet18")
+        >>> restored = sharify.load(path)
+        >>> sorted(sharify.shared_groups(restored)) == sorted(sharify.shared_groups(shared))
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    bare, wrappers = unwrap(model)
+    if wrappers:
+        logger.info("saving the %s inside %s", type(bare).__name__, " > ".join(wrappers))
+    if isinstance(bare, torch.jit.ScriptModule):
+        raise UnsupportedModelError("got a TorchScript module; save the eager model (before torch.jit.script)")
+    problems = verify(bare)
+    if problems:
+        raise TieError(f"cannot save {type(bare).__name__}: {problems[0]}; call sharify.retie(model) first")
+    extra = dict(metadata or {})
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")
+        if k in _RESERVED:
+            raise ValueError(f"metadata key {k!r} is reserved by sharify; use another name")
+
+    tensors: dict[str, Tensor] = {}
+    for key, value in bare.state_dict().items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"state_dict entry `{key}` is a {type(value).__name__}; safetensors stores tensors only")
+        if value.is_meta:
+            raise ValueError(
+                f"`{key}` is on the meta device (it has no data); materialise the model first "
+                "(model.to_empty(device=...) and load its weights)"
+            )
+        tensors[key] = value.detach().to("cpu").contiguous()
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    recipe = recipe_of(bare, source=None)
+    recipe = replace(
+        recipe,
+        source=_resolve_source(bare, source, recipe, shapes),
+        checksums={k: _checksum(v) for k, v in tensors.items()},
+    )
+    empty = next((g.key for g in recipe.groups if not g.members), None)
+    if empty is not None:
+        raise ValueError(
+            f"shared group `{empty}` has no member convs left (all were un-shared, e.g. by conv-BN fusion), so "
+            f"load could not rebuild it; delete `model.{SHARED_STORE_NAME}.{empty}` or save before un-sharing"
+        )
+    try:
+        text = recipe.to_json()
+    except TypeError as exc:
+        raise ValueError(f"the sharing options {recipe.options} cannot be stored as JSON ({exc})") from exc
+    path = Path(path)
+    _atomic_save_file(tensors, path, {"format": "pt", RECIPE_KEY: text, **extra})
+    logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
+    return path
+
+
+def _read_header(path: Path) -> tuple[Recipe, dict[str, tuple[int, ...]]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # safetensors raises its own SafetensorError for every malformed file
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is truncated, corrupted or of another "
+            "format: save the model again with sharify.save"
+        ) from exc
+    if RECIPE_KEY not in meta:
+        raise CheckpointError(
+            f"{path} is a safetensors file without a sharify recipe, so it was not written by sharify.save. "
+            "Load a plain state_dict with model.load_state_dict(safetensors.torch.load_file(path)), or an "
+            "original (unshared) checkpoint with "
+            "sharify.load_unshared_state_dict(shared, safetensors.torch.load_file(path))"
+        )
+    try:
+        recipe = Recipe.from_json(meta[RECIPE_KEY], {k: v for k, v in meta.items() if k not in _RESERVED})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} has a damaged sharify recipe ({type(exc).__name__}: {exc})") from exc
+    return recipe, shapes
+
+
+def read_recipe(path: PathLike) -> Recipe:
+    """Reads the recipe (and the user's metadata) of a file written by :func:`save`, without the weights.
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: Not a readable safetensors file, or not one written by :func:`save`.
+
+    Example:
+        >>> import tempfile, torchvision, sharify
+        >>> path = sharify.save(sharify.sharify(torchvision.models.resnet18()), tempfile.mkdtemp() + "/m.safetensors",
+        ...                     source="resnet18", metadata={"epoch": "3"})
+        >>> recipe = sharify.read_recipe(path)
+        >>> recipe.source.name, [g.key for g in recipe.groups][:2], recipe.metadata
+        ('resnet18', ['layer1.conv2', 'layer2.conv2'], {'epoch': '3'})
+    """
+    return _read_header(Path(path))[0]
+
+
+def _warn_version(recipe: Recipe, path: Path) -> None:
+    from . import __version__
+
+    if recipe.version != __version__:
+        warnings.warn(
+            f"{path} was written by sharify {recipe.version or '(unknown)'}, this is sharify {__version__}: the "
+            "recipe is re-applied with this version's rules and checked against the file; if loading fails, "
+            f"load it with sharify=={recipe.version}",
+            stacklevel=3,
+        )
+
+
+def _load_tensors(path: Path, recipe: Recipe) -> dict[str, Tensor]:
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); it is truncated or corrupted") from exc
+    for key, want in recipe.checksums.items():
+        if key not in tensors:
+            raise CheckpointError(f"{path} is damaged: tensor `{key}` listed in its recipe is missing")
+        if _checksum(tensors[key]) != want:
+            raise CheckpointError(
+                f"{path} is corrupted: tensor `{key}` does not match the checksum written with it; "
+                "copy the file again or save the model again"
+            )
+    return tensors
+
+
+def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True) -> nn.Module:
+    """Restores a model saved by :func:`save`: architecture, sharing and weights.
+
+    With ``model=None`` the architecture is rebuilt from the recipe's source (timm/torchvision, random
+    init, no download; the caller's random number stream is not consumed), sharified as recorded and
+    loaded. With a ``model`` (the original, unshared architecture, or one already sharified the same
+    way) the recorded sharing is applied to a copy of it after checking that every member path and
+    every tensor shape matches the file. The weights are then loaded; every tensor is checked
+    against its checksum. The result equals the saved model bit for bit (with ``model=None`` in the
+    file's floating dtype; with a ``model``, converted to the model's dtype as ``load_state_dict`` does).
+
+    Args:
+        path: A file written by :func:`save`.
+        model: The architecture to load into; not modified (a sharified copy is returned).
+        strict: As in ``nn.Module.load_state_dict``: with ``False``, keys outside the sharing groups
+            that only one side has are skipped. The sharing groups must always match.
+
+    Returns:
+        The sharified model with the saved weights, in training mode as built (call ``.eval()``).
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: The file is truncated, corrupted, or not written by :func:`save`; or
+            ``model=None`` and the recipe records no source.
+        RecipeMismatchError: The file does not fit ``model``; the message names the first path.
+        UnsupportedModelError: ``model`` is wrapped (DDP, DataParallel, ``torch.compile``): load
+            into the bare model, then wrap the result.
+
+    Example:
+        >>> import tempfile, torch, timm, sharify
+        >>> shared = sharify.sharify(timm.create_model("resnet18", num_classes=10))
+        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors")
+        >>> restored = sharify.load(path)
+        >>> all(torch.equal(a, b) for a, b in zip(shared.state_dict().values(), restored.state_dict().values()))
+        True
+    """
+    path = Path(path)
+    name = str(path)
+    recipe, shapes = _read_header(path)
+    _warn_version(recipe, path)
+    if model is None:
+        if recipe.source is None:
+            raise CheckpointError(
+                f"{path} records no source model to rebuild ({recipe.model_class or 'unknown class'}); pass the "
+                "architecture: sharify.load(path, model=MyModel(...))"
+            )
+        with torch.random.fork_rng(devices=[]):
+            base = _build_quietly(recipe.source, "cpu")
+            check_fits(base, recipe, shapes, name=name, strict=strict)
+            target = apply_recipe(base, recipe, name=name)
+    else:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"load expects model=None or a torch.nn.Module, got {type(model).__name__}")
+        if is_wrapper(model):
+            raise UnsupportedModelError(
+                f"got a {type(model).__name__} wrapper; load into the bare model and wrap the result "
+                "(shared = sharify.load(path, model); DDP(shared) / torch.compile(shared))"
+            )
+        if shared_groups(model) or SHARED_STORE_NAME in model._modules:
+            check_same_groups(model, recipe, name=name)
+            target = copy.deepcopy(model)
+        else:
+            check_fits(model, recipe, shapes, name=name, strict=strict)
+            with torch.random.fork_rng(devices=[]):  # init="random" in the recipe draws numbers
+                target = apply_recipe(model, recipe, name=name)
+    built = {k: tuple(v.shape) for k, v in target.state_dict().items()}
+    raise_mismatch(name, shape_mismatches(built, shapes, strict), recipe)
+    tensors = _load_tensors(path, recipe)
+    if model is None:
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1:
+            target.to(dtypes.pop())  # keep the file's precision when the saved model was e.g. bf16
+    target.load_state_dict(tensors, strict=strict)
+    problems = verify(target)
+    if problems:  # pragma: no cover - apply_recipe builds consistent ties
+        raise TieError(f"loading {path} produced broken sharing: {problems[0]}")
+    return target

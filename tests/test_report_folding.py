@@ -1,0 +1,128 @@
+"""ParameterReport.params_after_folding: what sharing still saves once each BatchNorm is folded into its conv.
+
+The figure is checked against real folding: torch's ``fuse_conv_bn_eval`` applied to the conv -> BN pairs that
+torch.fx finds in the original model, counting the distinct tensors the folded models compute with.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+import sharify
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (WRN style): conv2 feeds the addition, not a BatchNorm."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
+
+
+class PreActNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stage = nn.Sequential(*(PreActBlock(16) for _ in range(4)))
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.stage(self.stem(x)))).mean((2, 3)))
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """torch.fx's fusion pattern (``torch.fx.experimental.optimization.fuse``): a conv used only by a BN."""
+    graph = torch.fx.symbolic_trace(model).graph
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.BatchNorm2d):
+            src = node.args[0]
+            if src.op == "call_module" and isinstance(modules[src.target], nn.Conv2d) and len(src.users) == 1:
+                pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _fold(model: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    folded = copy.deepcopy(model).eval()
+    for conv, bn in pairs:
+        folded.set_submodule(conv, fuse_conv_bn_eval(folded.get_submodule(conv), folded.get_submodule(bn)))
+        folded.set_submodule(bn, nn.Identity())
+    return folded
+
+
+def _deployed_params(model: nn.Module) -> int:
+    """Distinct tensors the forward computes with (holders counted through the members still reading them)."""
+    sizes = {}
+    for path, module in model.named_modules():
+        if path.split(".")[0] == "sharify_shared":
+            continue
+        for p in module.parameters(recurse=False):
+            sizes[id(p)] = p.numel()
+        if sharify.is_shared_conv(module):
+            for t in (module.weight, module.bias):
+                if t is not None:
+                    sizes[id(t)] = t.numel()
+    return sum(sizes.values())
+
+
+@pytest.mark.parametrize(
+    ("build", "example", "all_folded"),
+    [
+        (lambda: torchvision.models.resnet18(num_classes=10), torch.randn(2, 3, 32, 32), True),
+        (PreActNet, torch.randn(2, 3, 16, 16), False),
+    ],
+    ids=["resnet18-post-activation", "pre-activation"],
+)
+def test_params_after_folding_matches_real_folding(build, example, all_folded):
+    torch.manual_seed(0)
+    original = build().eval()
+    shared = sharify.sharify(original, example_inputs=example[:1]).eval()
+    r = sharify.report(original, shared)
+
+    pairs = _conv_bn_pairs(original)
+    folded_original, folded_shared = _fold(original, pairs), _fold(shared, pairs)
+    with torch.no_grad():
+        assert torch.allclose(folded_shared(example), shared(example), atol=1e-4)  # the folding is real
+    saved_after_folding = _deployed_params(folded_original) - _deployed_params(folded_shared)
+    assert r.params_before - r.params_after_folding == saved_after_folding
+
+    if all_folded:  # every shared conv2 feeds bn2: folding re-materialises every member
+        assert r.params_after_folding == r.params_before and r.reduction_after_folding == 0
+        assert all(g.folded == len(g.members) for g in r.groups)
+    else:  # conv2 feeds the addition: the saving survives folding
+        assert r.params_after_folding == r.params_after < r.params_before
+        assert all(g.folded == 0 for g in r.groups)
+
+
+def test_report_shows_both_numbers():
+    original = torchvision.models.resnet18()
+    r = sharify.report(original, sharify.sharify(original))
+    line = (
+        f"after conv-BN folding (deployment): {r.params_after_folding:,} parameters (-0.0%); 8 of 8 shared convs "
+        "feed a BatchNorm and get their own folded weight"
+    )
+    assert str(r).endswith(line) and r.to_markdown().endswith(line)
+    data = r.to_dict()
+    assert data["params_after_folding"] == r.params_before and data["reduction_after_folding"] == 0.0
+    assert data["groups"][0]["folded"] == 2 and data["groups"][0]["params_after_folding"] == 2 * 64 * 64 * 9
+
+
+def test_filter_basis_members_feed_a_concatenation_not_a_batchnorm():
+    original = torchvision.models.resnet18()
+    r = sharify.report(original, sharify.sharify(original, method="basis", shared_rank=8, unique_rank=1))
+    assert all(g.folded == 0 for g in r.groups)  # shared basis -> cat -> BatchNorm -> 1x1: nothing to re-materialise
+    assert r.params_after_folding == r.params_after < r.params_before
