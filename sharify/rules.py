@@ -1,0 +1,201 @@
+"""The sharing rule: conv signatures, position selectors, groups and their parameter arithmetic.
+
+Given the stages found by :mod:`sharify.residual`, a group is the set of convs of one stage picked by
+one position selector that have one :class:`ConvSignature`; :class:`SharingGroup` knows what sharing
+it (whole conv or filter basis) saves. :mod:`sharify.plan` applies these rules to a traced model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .options import Rank, Selector, SharingOptions
+from .residual import Block, Stage
+
+__all__ = ["ConvSignature", "SharingGroup", "basis_ranks", "group_key", "is_depthwise", "is_spatial", "select"]
+
+
+@dataclass(frozen=True)
+class ConvSignature:
+    """Everything that must agree for two convs to share one weight."""
+
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    padding_mode: str
+    dtype: str
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> ConvSignature:
+        padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+        return cls(
+            kind=f"{type(conv).__module__}.{type(conv).__qualname__}",
+            in_channels=conv.in_channels,
+            out_channels=conv.out_channels,
+            kernel_size=tuple(conv.kernel_size),
+            stride=tuple(conv.stride),
+            padding=padding,
+            dilation=tuple(conv.dilation),
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            dtype=str(conv.weight.dtype).removeprefix("torch."),
+        )
+
+    def __str__(self) -> str:
+        k = "x".join(map(str, self.kernel_size))
+        s = "x".join(map(str, self.stride))
+        g = f" g{self.groups}" if self.groups > 1 else ""
+        b = " +bias" if self.bias else ""
+        return f"{self.in_channels}->{self.out_channels} {k} s{s}{g}{b}"
+
+
+@dataclass(frozen=True)
+class SharingGroup:
+    """Convs that will share one weight (and bias).
+
+    Attributes:
+        key: Where the shared tensors live: ``model.sharify_shared.<key>``.
+        stage: Module path of the stage.
+        position: The selector position the members were picked by.
+        signature: The members' common conv signature.
+        members: Module paths of the member convs, in execution order.
+        weight_numel: Elements of the shared weight.
+        bias_numel: Elements of the shared bias (0 without bias).
+        method: ``"share"`` (one shared weight) or ``"basis"`` (a shared filter basis).
+        shared_rank: Filters of the shared basis (``"basis"`` only).
+        unique_rank: Filters of each member's own basis (``"basis"`` only).
+        norms: Per member, the path of the BatchNorm that alone consumes its output (``None`` if
+            there is none); ``init="scaled"`` folds the member's gains into it.
+        gains: Parameters ``init="scaled"`` adds as per-channel gains of members without such a
+            BatchNorm (0 otherwise).
+    """
+
+    key: str
+    stage: str
+    position: str
+    signature: ConvSignature
+    members: tuple[str, ...]
+    weight_numel: int
+    bias_numel: int
+    method: str = "share"
+    shared_rank: int = 0
+    unique_rank: int = 0
+    norms: tuple[str | None, ...] = ()
+    gains: int = 0
+
+    @property
+    def size(self) -> int:
+        """Parameters of one member conv (weight + bias)."""
+        return self.weight_numel + self.bias_numel
+
+    @property
+    def shared_size(self) -> int:
+        """Parameters owned once by the group: the shared weight and bias, or the shared basis."""
+        if self.method == "basis":
+            return self.shared_rank * self.weight_numel // self.signature.out_channels
+        return self.size
+
+    @property
+    def member_size(self) -> int:
+        """Parameters each member keeps for itself: none, or its unique basis, BatchNorm and 1x1 coefficients."""
+        if self.method != "basis":
+            return 0
+        rank = self.shared_rank + self.unique_rank
+        unique = self.unique_rank * self.weight_numel // self.signature.out_channels
+        return unique + 2 * rank + rank * self.signature.out_channels + self.bias_numel
+
+    @property
+    def params_saved(self) -> int:
+        """What the group saves: ``(n - 1) * size`` for sharing; for a basis, the members' convs minus
+        the shared basis and each member's unique basis, BatchNorm and coefficients."""
+        n = len(self.members)
+        return n * self.size - self.shared_size - n * self.member_size - self.gains
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def is_spatial(conv: nn.Conv2d) -> bool:
+    return any(k > 1 for k in conv.kernel_size)
+
+
+def select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise: bool) -> list[tuple[str, str]]:
+    """``(position label, conv path)`` picked by ``selector`` in one block's branch convs."""
+
+    def ok(conv: nn.Conv2d) -> bool:
+        return depthwise or not is_depthwise(conv)
+
+    if selector == "last_spatial":
+        spatial = [p for p, c in convs if is_spatial(c) and ok(c)]
+        return [("last_spatial", spatial[-1])] if spatial else []
+    if selector == "all_spatial":
+        return [(f"spatial{i}", p) for i, p in enumerate(p for p, c in convs if is_spatial(c) and ok(c))]
+    index = {"first": 0, "last": -1}.get(selector, selector) if isinstance(selector, str) else selector
+    assert isinstance(index, int)
+    if -len(convs) <= index < len(convs) and ok(convs[index][1]):
+        return [(str(selector), convs[index][0])]
+    return []
+
+
+def group_key(stage: Stage, unique_stage_path: bool, block: Block, member: str, label: str, taken: set[str]) -> str:
+    """Deterministic holder key: ``<stage>.<member path inside its block>`` (e.g. ``layer1.conv2``),
+    or the first member's own path when the stage's path does not identify the stage."""
+    if unique_stage_path and _within(member, block.path) and member != block.path:
+        rel = member[len(block.path) + 1 :] if block.path else member
+        base = ".".join(x for x in (stage.path, rel) if x)
+    elif unique_stage_path and member == block.path:
+        base = ".".join(x for x in (stage.path, label) if x)
+    else:
+        base = member
+    key, n = base, 1
+
+    def clashes(k: str) -> bool:
+        return any(k == t or k.startswith(t + ".") or t.startswith(k + ".") for t in taken)
+
+    while clashes(key):
+        n += 1
+        key = f"{base}_{n}"
+    taken.add(key)
+    return key
+
+
+def _within(path: str, ancestor: str) -> bool:
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
+
+
+def basis_ranks(options: SharingOptions, stage: str, sig: ConvSignature, member: str) -> tuple[int, int]:
+    """Effective (shared, unique) filter counts of a basis group, checked against the layer."""
+    if sig.kernel_size != (3, 3) or sig.groups != 1:
+        raise ValueError(
+            f"method='basis' replaces dense 3x3 convs, but position {member!r} holds a "
+            f"{'x'.join(map(str, sig.kernel_size))} conv with groups={sig.groups}; choose positions that pick "
+            "3x3 convs, e.g. positions=('all_spatial',) or ('last_spatial',)"
+        )
+
+    def effective(name: str, rank: Rank | None) -> int:
+        if isinstance(rank, Mapping):
+            if stage not in rank:
+                raise ValueError(f"{name} has no entry for stage {stage!r}; stages: give one int per stage path")
+            return int(rank[stage])
+        assert rank is not None
+        return max(1, round(rank * sig.out_channels / 64))
+
+    s, u = effective("shared_rank", options.shared_rank), effective("unique_rank", options.unique_rank)
+    dim = sig.in_channels * 9
+    if s + u > dim:
+        raise ValueError(
+            f"shared_rank + unique_rank = {s} + {u} filters exceeds what `{member}` allows: its filters live in a "
+            f"{dim}-dimensional space (in_channels * 3 * 3); use at most {dim} filters in total"
+        )
+    return s, u
