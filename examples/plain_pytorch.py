@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"epoch {epoch}: loss {loss.item():.4f}, top1 {top1:.2f}%, {seen / (time.perf_counter() - tic):.0f} img/s")
     # Each shared tensor is stored once; the file loads into sharify.sharify(resnet18(...)) with load_state_dict.
     save_file({k: v.contiguous() for k, v in shared.state_dict().items()}, args.out)
-    return {"top1": top1, "loss": float(loss)}
+    return {"top1": top1, "loss": loss.item()}
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ once, placed at its first member's layer; timm alone would give it the head's le
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 import timm
@@ -65,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     optimizer = create_optimizer_v2(groups, "adamw", lr=args.lr)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * len(train), t_in_epochs=False)
     ema = ModelEmaV3(model, decay=0.99)
+    os.makedirs(args.out, exist_ok=True)
     saver = CheckpointSaver(model, optimizer, model_ema=ema, checkpoint_dir=args.out, recovery_dir=args.out, max_history=1)
     loss_fn = nn.CrossEntropyLoss()
     updates = 0
