@@ -85,7 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             total += torch.stack([loss.detach() * len(labels), torch.tensor(float(len(labels)), device=device)])
         dist.all_reduce(total)
         if rank == 0:
-            print(f"epoch {epoch}: mean train loss {total[0] / total[1]:.4f} over {int(total[1])} images, {world} processes")
+            print(
+                f"epoch {epoch}: mean train loss {total[0] / total[1]:.4f} over {int(total[1])} images, "
+                f"{world} processes"
+            )
     # Every rank holds the same shared tensor; rank 0 saves.
     holder, _members = next(iter(sharify.shared_groups(model).values()))
     weight = holder.weight.detach()

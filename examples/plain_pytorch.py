@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 correct += int((shared(images).argmax(1) == labels).sum())
                 total += len(labels)
         top1 = 100.0 * correct / total
-        print(f"epoch {epoch}: loss {loss.item():.4f}, top1 {top1:.2f}%, {seen / (time.perf_counter() - tic):.0f} img/s")
+        print(
+            f"epoch {epoch}: loss {loss.item():.4f}, top1 {top1:.2f}%, {seen / (time.perf_counter() - tic):.0f} img/s"
+        )
     # Each shared tensor is stored once; the file loads into sharify.sharify(resnet18(...)) with load_state_dict.
     save_file({k: v.contiguous() for k, v in shared.state_dict().items()}, args.out)
     return {"top1": top1, "loss": loss.item()}

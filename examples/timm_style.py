@@ -59,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     mean, std = (0.5,) * data.in_chans, (0.5,) * data.in_chans
     train_tf = create_transform((data.in_chans, size, size), is_training=True, mean=mean, std=std, scale=(0.5, 1.0))
     val_tf = create_transform((data.in_chans, size, size), is_training=False, mean=mean, std=std, crop_pct=1.0)
-    train = DataLoader(TransformedDataset(data.train, train_tf), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    train = DataLoader(
+        TransformedDataset(data.train, train_tf), batch_size=args.batch_size, shuffle=True, drop_last=True
+    )
     val = DataLoader(TransformedDataset(data.val, val_tf), batch_size=2 * args.batch_size)
 
     groups = param_groups(model, weight_decay=0.05, layer_decay=args.layer_decay)
@@ -67,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * len(train), t_in_epochs=False)
     ema = ModelEmaV3(model, decay=0.99)
     os.makedirs(args.out, exist_ok=True)
-    saver = CheckpointSaver(model, optimizer, model_ema=ema, checkpoint_dir=args.out, recovery_dir=args.out, max_history=1)
+    saver = CheckpointSaver(
+        model, optimizer, model_ema=ema, checkpoint_dir=args.out, recovery_dir=args.out, max_history=1
+    )
     loss_fn = nn.CrossEntropyLoss()
     updates = 0
     for epoch in range(args.epochs):

@@ -19,9 +19,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-import sharify  # noqa: E402
-from finetune_utils import TinyNet  # noqa: E402
-from sharify.train import finetune, load_data  # noqa: E402
+from finetune_utils import TinyNet
+
+import sharify
+from sharify.train import finetune, load_data
 
 
 def grad_checkpointing(out: Path) -> None:
@@ -31,7 +32,9 @@ def grad_checkpointing(out: Path) -> None:
 
     set_reentrant_ckpt(True)
     torch.manual_seed(0)
-    model = sharify.sharify(timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64)), example_inputs=torch.zeros(1, 3, 32, 32))
+    model = sharify.sharify(
+        timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64)), example_inputs=torch.zeros(1, 3, 32, 32)
+    )
     model.set_grad_checkpointing(True)
     results = {}
     for static in (False, True):
@@ -55,8 +58,18 @@ def main() -> None:
     dist.init_process_group("gloo")  # once: finetune() and the example use the existing group
     torch.manual_seed(0)
     shared = sharify.sharify(TinyNet(norm="gn"), example_inputs=torch.zeros(1, 3, 12, 12))
-    result = finetune(shared, load_data(data_dir), out=out / "run", epochs=1, batch_size=4, workers=0, lr=0.1,
-                      augment=False, quiet=True, device="cpu")  # fmt: skip
+    result = finetune(
+        shared,
+        load_data(data_dir),
+        out=out / "run",
+        epochs=1,
+        batch_size=4,
+        workers=0,
+        lr=0.1,
+        augment=False,
+        quiet=True,
+        device="cpu",
+    )
     rank = dist.get_rank()
     save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
     grad_checkpointing(out)
@@ -64,8 +77,20 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     import ddp_torchrun
 
-    result = ddp_torchrun.main(["--data", str(data_dir), "--subset", "16", "--batch-size", "4",
-                                "--grad-checkpointing", "reentrant", "--out", str(out / "example.pt")])  # fmt: skip
+    result = ddp_torchrun.main(
+        [
+            "--data",
+            str(data_dir),
+            "--subset",
+            "16",
+            "--batch-size",
+            "4",
+            "--grad-checkpointing",
+            "reentrant",
+            "--out",
+            str(out / "example.pt"),
+        ]
+    )
     if rank == 0:
         (out / "example.json").write_text(json.dumps(result))
     dist.destroy_process_group()

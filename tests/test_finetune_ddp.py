@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -30,8 +32,17 @@ def _env() -> dict[str, str]:
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("ddp")
     data = make_image_folder(tmp / "data", classes=3, train=8, val=4)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "ddp_worker.py"), str(data), str(tmp)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(data),
+        str(tmp),
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return data, tmp
@@ -43,8 +54,18 @@ def test_two_processes_equal_one_process_on_the_global_batch(ddp_run: tuple[Path
     shared = sharify.sharify(TinyNet(norm="gn"), example_inputs=torch.zeros(1, 3, 12, 12))
     initial = {k: v.clone() for k, v in shared.state_dict().items()}
     # 24 images: one process with batches of 8 sees the same 3 global batches as 2 ranks with 4 each.
-    single = finetune(shared, load_data(data), out=tmp_path, epochs=1, batch_size=8, workers=0, lr=0.1,
-                      augment=False, quiet=True, device="cpu").model.state_dict()  # fmt: skip
+    single = finetune(
+        shared,
+        load_data(data),
+        out=tmp_path,
+        epochs=1,
+        batch_size=8,
+        workers=0,
+        lr=0.1,
+        augment=False,
+        quiet=True,
+        device="cpu",
+    ).model.state_dict()
     rank0, rank1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     written = load_file(str(out / "run" / "model.safetensors"))
     assert set(rank0) == set(single) == set(written)

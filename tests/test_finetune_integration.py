@@ -44,8 +44,13 @@ def test_original_checkpoint_with_module_prefix_loads_strictly() -> None:
 def test_prepare_model_loads_the_original_checkpoint_then_shares(tmp_path: Path) -> None:
     trained = timm.create_model("resnet18", num_classes=3)  # a 3-class checkpoint, built by name below
     torch.save({"model": trained.state_dict()}, tmp_path / "orig.pth")
-    net, shared = prepare_model("timm:resnet18", checkpoint=tmp_path / "orig.pth", num_classes=5,
-                                sharing={"init": "average"}, input_size=(32, 32))  # fmt: skip
+    net, shared = prepare_model(
+        "timm:resnet18",
+        checkpoint=tmp_path / "orig.pth",
+        num_classes=5,
+        sharing={"init": "average"},
+        input_size=(32, 32),
+    )
     assert torch.equal(net.layer1[0].conv1.weight, trained.layer1[0].conv1.weight)  # original weights loaded
     assert net.fc.out_features == shared.fc.out_features == 5  # then the head replaced
     members = [trained.layer3[0].conv2.weight, trained.layer3[1].conv2.weight]
@@ -172,7 +177,9 @@ def _run_example(name: str, argv: list[str]) -> dict[str, float]:
 def test_plain_pytorch_example(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", train=4, val=2)
     out = tmp_path / "plain.safetensors"
-    result = _run_example("plain_pytorch", ["--data", str(data), "--subset", "12", "--batch-size", "6", "--out", str(out)])
+    result = _run_example(
+        "plain_pytorch", ["--data", str(data), "--subset", "12", "--batch-size", "6", "--out", str(out)]
+    )
     shared = sharify.sharify(torchvision.models.resnet18(num_classes=3), example_inputs=EXAMPLE)
     from safetensors.torch import load_file
 
@@ -183,8 +190,21 @@ def test_plain_pytorch_example(tmp_path: Path) -> None:
 def test_timm_style_example_with_checkpoint_saver(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", train=4, val=2)
     out = tmp_path / "ckpt"
-    _run_example("timm_style", ["--data", str(data), "--subset", "12", "--batch-size", "4", "--out", str(out),
-                                "--grad-checkpointing", "non-reentrant"])  # fmt: skip
+    _run_example(
+        "timm_style",
+        [
+            "--data",
+            str(data),
+            "--subset",
+            "12",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--grad-checkpointing",
+            "non-reentrant",
+        ],
+    )
     saved = torch.load(out / "model_best.pth.tar", map_location="cpu", weights_only=False)
     model = sharify.sharify(timm.create_model("resnet18", num_classes=3), example_inputs=EXAMPLE)
     model.load_state_dict(saved["state_dict"])  # timm's saver output loads into a sharified model

@@ -29,8 +29,17 @@ def _tiny() -> torch.nn.Module:
 
 
 def _config(out: Path, **kw: object) -> FinetuneConfig:
-    base = {"out": out, "epochs": 2, "batch_size": 4, "workers": 0, "lr": 0.05, "warmup_epochs": 0.5,
-            "ema_decay": 0.9, "quiet": True, "device": "cpu"}  # fmt: skip
+    base = {
+        "out": out,
+        "epochs": 2,
+        "batch_size": 4,
+        "workers": 0,
+        "lr": 0.05,
+        "warmup_epochs": 0.5,
+        "ema_decay": 0.9,
+        "quiet": True,
+        "device": "cpu",
+    }
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
@@ -68,8 +77,12 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(data_dir: Pa
 def test_final_weights_restore_exactly_into_a_sharified_model(data_dir: Path, tmp_path: Path) -> None:
     original = TinyNet()
     model = sharify.sharify(original, example_inputs=EXAMPLE)
-    result = finetune(model, data_dir, _config(tmp_path, epochs=1, ema_decay=None, bn_recalibrate=8, eval_before=True),
-                      original=original)  # fmt: skip
+    result = finetune(
+        model,
+        data_dir,
+        _config(tmp_path, epochs=1, ema_decay=None, bn_recalibrate=8, eval_before=True),
+        original=original,
+    )
     fresh = sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
     fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
     x = torch.randn(2, 3, 12, 12)
@@ -85,8 +98,26 @@ def test_cli_smoke_with_original_checkpoint(data_dir: Path, tmp_path: Path, caps
     original = timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64))
     ckpt = tmp_path / "original.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}, ckpt)
-    args = ["finetune", "--model", "timm:resnet18", "--checkpoint", str(ckpt), "--data", str(data_dir), "--out",
-            str(tmp_path / "run"), "--epochs", "1", "--batch-size", "8", "--workers", "0", "--subset", "12", "--quiet"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model",
+        "timm:resnet18",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--subset",
+        "12",
+        "--quiet",
+    ]
     # timm's resnet18 at 64 channels does not fit a checkpoint of 8..64 channels: a clear error, exit 2
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -95,11 +126,38 @@ def test_cli_smoke_with_original_checkpoint(data_dir: Path, tmp_path: Path, caps
 
 def test_cli_finetune_runs_and_writes_its_outputs(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(out), "--epochs", "1",
-            "--batch-size", "6", "--workers", "0", "--subset", "12", "--quiet", "--layer-decay", "0.8", "--opt", "adamw",
-            "--lr", "1e-3"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model",
+        "timm:resnet18",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--subset",
+        "12",
+        "--quiet",
+        "--layer-decay",
+        "0.8",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-3",
+    ]
     assert main(args) == 0
-    assert {p.name for p in out.iterdir()} >= {"report.json", "report.md", "metrics.jsonl", "model.safetensors", "checkpoints"}
+    assert {p.name for p in out.iterdir()} >= {
+        "report.json",
+        "report.md",
+        "metrics.jsonl",
+        "model.safetensors",
+        "checkpoints",
+    }
     metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["train_images"] == 12 and metrics[0]["val_images"] == 12
     report = json.loads((out / "report.json").read_text())
@@ -165,7 +223,8 @@ def test_lambda_r_uses_sharify_orthogonality_loss_when_present(
     monkeypatch.setattr(sharify, "orthogonality_loss", fake_loss, raising=False)
     cfg = _config(tmp_path / "b", epochs=1, ema_decay=None, augment=False, lambda_r=10.0, weight_decay=0.0)
     shrunk = finetune(_tiny(), data_dir, cfg).model.sharify_shared.layer1.conv2.weight
-    plain = finetune(_tiny(), data_dir, _config(tmp_path / "c", epochs=1, ema_decay=None, augment=False,
-                                                weight_decay=0.0)).model.sharify_shared.layer1.conv2.weight  # fmt: skip
+    plain = finetune(
+        _tiny(), data_dir, _config(tmp_path / "c", epochs=1, ema_decay=None, augment=False, weight_decay=0.0)
+    ).model.sharify_shared.layer1.conv2.weight
     assert len(calls) == 6  # once per micro-batch (24 images / 4)
     assert shrunk.norm() < 0.5 * plain.norm()  # the regulariser's gradient reached the shared tensor

@@ -78,10 +78,10 @@ def recalibrate_batchnorm(
             if seen >= num_images:
                 break
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
-        for m, training in was_training.items():
-            m.train(training)
+        for module, training in was_training.items():
+            module.train(training)
     if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         world = dist.get_world_size()
         for m in norms:

@@ -48,7 +48,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Calls ``write(tmp_path)`` then renames the temporary file to ``path`` (all or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,8 +148,13 @@ def _load_into(module: nn.Module, path: Path, directory: Path) -> None:
     extra = [k for k in tensors if k not in own]
     wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
     if missing or extra or wrong:
-        what = (f"missing key {missing[0]!r}" if missing else f"unexpected key {extra[0]!r}" if extra
-                else f"{wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}")  # fmt: skip
+        what = (
+            f"missing key {missing[0]!r}"
+            if missing
+            else f"unexpected key {extra[0]!r}"
+            if extra
+            else f"{wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, the model {tuple(own[wrong[0]].shape)}"
+        )
         raise CheckpointError(
             f"checkpoint {path} does not match the model ({what}); resume with the same --model, --num-classes and "
             "sharing options as the run that wrote it, or use another --out"
@@ -168,7 +173,9 @@ def load_checkpoint(directory: str | Path, model: nn.Module, *, ema: nn.Module |
         meta = json.loads((directory / "meta.json").read_text())
         int(meta["epoch"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {directory}/meta.json is unreadable ({exc}); {_fix_hint(directory)}") from exc
+        raise CheckpointError(
+            f"checkpoint {directory}/meta.json is unreadable ({exc}); {_fix_hint(directory)}"
+        ) from exc
     for name in meta.get("files", []):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} lacks {name}; {_fix_hint(directory)}")
@@ -180,7 +187,11 @@ def load_checkpoint(directory: str | Path, model: nn.Module, *, ema: nn.Module |
     try:
         state: dict[str, Any] = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint file {directory}/state.pt is corrupt ({exc}); {_fix_hint(directory)}") from exc
+        raise CheckpointError(
+            f"checkpoint file {directory}/state.pt is corrupt ({exc}); {_fix_hint(directory)}"
+        ) from exc
     if state.get("epoch") != meta["epoch"]:
-        raise CheckpointError(f"checkpoint {directory}: state.pt and meta.json disagree on the epoch; {_fix_hint(directory)}")
+        raise CheckpointError(
+            f"checkpoint {directory}: state.pt and meta.json disagree on the epoch; {_fix_hint(directory)}"
+        )
     return state

@@ -62,7 +62,9 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
 
     h = p.add_argument_group("hardware")
     h.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    h.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="auto: bf16 on CUDA, fp32 on CPU")  # fmt: skip
+    h.add_argument(
+        "--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="auto: bf16 on CUDA, fp32 on CPU"
+    )
     h.add_argument("--channels-last", action="store_true")
     h.add_argument("--compile", action="store_true", help="torch.compile the model")
     h.add_argument("--grad-checkpointing", action="store_true", help="timm models: activation checkpointing")
@@ -108,6 +110,8 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     result = finetune(model, data, config, original=original if args.share else None)
     if rank == 0 and not args.quiet:
         final = result.final
-        print(f"{result.out}: top1 {final.get('top1', float('nan')):.2f}% after {config.epochs} epoch(s); "
-              f"weights in {result.out / 'model.safetensors'}")  # fmt: skip
+        print(
+            f"{result.out}: top1 {final.get('top1', float('nan')):.2f}% after {config.epochs} epoch(s); "
+            f"weights in {result.out / 'model.safetensors'}"
+        )
     return 0

@@ -43,8 +43,17 @@ logger = logging.getLogger(__name__)
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 #: Per-channel (mean, std) of the training sets, for normalisation.
 STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -54,7 +63,13 @@ STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 _VAL_DIRS = ("val", "validation", "test")
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4")}
+_IDX_DTYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+}
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,9 @@ def read_idx(path: str | Path) -> torch.Tensor:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}; reinstall the data set (apt-get install dataset-fashion-mnist)") from exc
+        raise DataError(
+            f"cannot read {path}: {exc}; reinstall the data set (apt-get install dataset-fashion-mnist)"
+        ) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an idx file (bad magic number); point --data-root at the original files")
     ndim = raw[3]
@@ -166,8 +183,9 @@ def _fashion_mnist(root: Path | None) -> DataBundle:
         parts[split] = IdxImageDataset(read_idx(files[0]), read_idx(files[1]))  # type: ignore[arg-type]
     height, width = parts["train"].images.shape[1:]
     mean, std = STATS["fashion-mnist"]
-    return DataBundle("fashion-mnist", parts["train"], parts["val"], FASHION_MNIST_CLASSES, 1, (height, width),
-                      mean, std, str(folder))  # fmt: skip
+    return DataBundle(
+        "fashion-mnist", parts["train"], parts["val"], FASHION_MNIST_CLASSES, 1, (height, width), mean, std, str(folder)
+    )
 
 
 def _cifar(name: str, root: Path | None) -> DataBundle:
@@ -269,7 +287,8 @@ def load_data(
         bundle = _fashion_mnist(path) if _find_idx_dir(path) else _image_folder(path)
     val_n = val_subset if val_subset is not None else subset
     bundle = replace(bundle, train=_subset(bundle.train, subset, seed), val=_subset(bundle.val, val_n, seed + 1))
-    logger.info("data %s from %s: %d train / %d val images, %d classes", bundle.name, bundle.source,
-                len(bundle.train), len(bundle.val), bundle.num_classes)  # type: ignore[arg-type]  # fmt: skip
+    sizes = len(bundle.train), len(bundle.val)  # type: ignore[arg-type]
+    logger.info(
+        "data %s from %s: %d train / %d val images, %d classes", bundle.name, bundle.source, *sizes, bundle.num_classes
+    )
     return bundle
-

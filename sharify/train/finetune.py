@@ -120,8 +120,12 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad setting."""
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "accum_steps": self.accum_steps,
-                    "keep_checkpoints": self.keep_checkpoints}  # fmt: skip
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "accum_steps": self.accum_steps,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -149,12 +153,12 @@ class FinetuneResult:
 
 
 def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],  # type: ignore[misc]
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
     }
 
 
@@ -220,7 +224,7 @@ def finetune(
         >>> from sharify.train import finetune, load_data, prepare_model
         >>> data = load_data("fashion-mnist", subset=256)  # doctest: +SKIP
         >>> original, shared = prepare_model("resnet18", num_classes=10, in_chans=1)  # doctest: +SKIP
-        >>> result = finetune(shared, data, out="runs/demo", epochs=1, batch_size=64, original=original)  # doctest: +SKIP
+        >>> result = finetune(shared, data, out="runs/demo", epochs=1, original=original)  # doctest: +SKIP
         >>> result.final["top1"]  # doctest: +SKIP
     """
     config = replace(config or FinetuneConfig(), **overrides)
@@ -252,14 +256,17 @@ def _run(
         from .errors import DataError
 
         raise DataError(
-            f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but {bundle.source or bundle.name} "
+            f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but "
+            f"{bundle.source or bundle.name} "
             f"has {bundle.num_classes} classes; pass --num-classes {bundle.num_classes} to replace the head"
         )
     if config.lambda_r and orthogonality_regulariser() is None:
         raise ValueError("--lambda-r needs sharify.orthogonality_loss (filter-basis sharing), which this version lacks")
     existing = latest_checkpoint(out)
     if existing is not None and not config.resume:
-        raise ValueError(f"{out} already holds checkpoints ({existing.name}); pass --resume to continue, or another --out")
+        raise ValueError(
+            f"{out} already holds checkpoints ({existing.name}); pass --resume to continue, or another --out"
+        )
     if config.resume and existing is None:
         from .errors import CheckpointError
 
@@ -273,21 +280,41 @@ def _run(
     _seed_everything(config.seed + ctx.rank)
     module.to(ctx.device)
     if config.channels_last:
-        module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        module.to(memory_format=torch.channels_last)
     if config.grad_checkpointing:
         if not hasattr(module, "set_grad_checkpointing"):
-            raise ValueError(f"--grad-checkpointing needs a timm model; {type(module).__name__} has no set_grad_checkpointing")
-        module.set_grad_checkpointing(True)
+            raise ValueError(
+                f"--grad-checkpointing needs a timm model; {type(module).__name__} has no set_grad_checkpointing"
+            )
+        module.set_grad_checkpointing(True)  # type: ignore[operator]
     if config.sync_bn and ctx.distributed:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    loaders = build_loaders(bundle, module, ctx, batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                            image_size=config.image_size, augment=config.augment,
-                            eval_batch_size=config.eval_batch_size)  # fmt: skip
-    optimizer = create_optimizer(module, opt=config.opt, lr=config.lr, weight_decay=config.weight_decay,
-                                 momentum=config.momentum, layer_decay=config.layer_decay)  # fmt: skip
+    loaders = build_loaders(
+        bundle,
+        module,
+        ctx,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        seed=config.seed,
+        image_size=config.image_size,
+        augment=config.augment,
+        eval_batch_size=config.eval_batch_size,
+    )
+    optimizer = create_optimizer(
+        module,
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        layer_decay=config.layer_decay,
+    )
     updates_per_epoch = -(-len(loaders.train) // config.accum_steps)
-    scheduler = create_scheduler(optimizer, total_updates=updates_per_epoch * config.epochs, min_lr=config.min_lr,
-                                 warmup_updates=round(config.warmup_epochs * updates_per_epoch))  # fmt: skip
+    scheduler = create_scheduler(
+        optimizer,
+        total_updates=updates_per_epoch * config.epochs,
+        min_lr=config.min_lr,
+        warmup_updates=round(config.warmup_epochs * updates_per_epoch),
+    )
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
     ema = None
     if config.ema_decay is not None:
@@ -295,8 +322,11 @@ def _run(
 
         ema = ModelEmaV3(module, decay=config.ema_decay)
     params = sum(p.numel() for p in module.parameters())
-    evaluate_kw: dict[str, Any] = {"autocast": autocast, "channels_last": config.channels_last,
-                                   "num_classes": bundle.num_classes}  # fmt: skip
+    evaluate_kw: dict[str, Any] = {
+        "autocast": autocast,
+        "channels_last": config.channels_last,
+        "num_classes": bundle.num_classes,
+    }
 
     metrics: list[dict[str, Any]] = []
     start_epoch, num_updates = 1, 0
@@ -320,32 +350,54 @@ def _run(
             _write_metrics(out / "metrics.jsonl", [])
         if config.bn_recalibrate:
             loaders.set_epoch(0, config.seed)
-            recalibrate_batchnorm(module, loaders.train, num_images=config.bn_recalibrate, device=ctx.device,
-                                  channels_last=config.channels_last, autocast=autocast())  # fmt: skip
+            recalibrate_batchnorm(
+                module,
+                loaders.train,
+                num_images=config.bn_recalibrate,
+                device=ctx.device,
+                channels_last=config.channels_last,
+                autocast=autocast(),
+            )
             if ema is not None:
                 ema.module.load_state_dict(module.state_dict())
         if config.eval_before:
-            record = {"epoch": 0, **evaluate(module, loaders.val, ctx, **evaluate_kw), "params": params}
-            metrics.append(record)
+            first = {"epoch": 0, **evaluate(module, loaders.val, ctx, **evaluate_kw), "params": params}
+            metrics.append(first)
             if ctx.is_main:
-                _append_metrics(out / "metrics.jsonl", record)
-                logger.info("epoch 0 (before training): top1 %.2f%%, val loss %.4f", record["top1"], record["val_loss"])
+                _append_metrics(out / "metrics.jsonl", first)
+                logger.info("epoch 0 (before training): top1 %.2f%%, val loss %.4f", first["top1"], first["val_loss"])
 
     train_model: nn.Module = module
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                          static_graph=config.grad_checkpointing)  # fmt: skip
+        train_model = DDP(
+            module,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            static_graph=config.grad_checkpointing,
+        )
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
     trainer = Trainer(
-        model=train_model, module=module, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
-        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), autocast=autocast, scaler=scaler,
-        ema=ema, accum_steps=config.accum_steps, clip_grad=config.clip_grad, channels_last=config.channels_last,
-        lambda_r=config.lambda_r, regulariser=orthogonality_regulariser(), num_classes=bundle.num_classes,
-        num_updates=num_updates, on_update=on_update, show_progress=show,
-    )  # fmt: skip
+        model=train_model,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ctx=ctx,
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        autocast=autocast,
+        scaler=scaler,
+        ema=ema,
+        accum_steps=config.accum_steps,
+        clip_grad=config.clip_grad,
+        channels_last=config.channels_last,
+        lambda_r=config.lambda_r,
+        regulariser=orthogonality_regulariser(),
+        num_classes=bundle.num_classes,
+        num_updates=num_updates,
+        on_update=on_update,
+        show_progress=show,
+    )
 
     last_dir = existing
     for epoch in range(start_epoch, config.epochs + 1):
@@ -355,25 +407,48 @@ def _run(
         record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
         if ema is not None:
             ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw)
-            record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"])
-        record.update(lr=max(g["lr"] for g in optimizer.param_groups), updates=trainer.num_updates, params=params,
-                      epoch_seconds=time.perf_counter() - tic)  # fmt: skip
+            record.update(
+                ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"]
+            )
+        record.update(
+            lr=max(g["lr"] for g in optimizer.param_groups),
+            updates=trainer.num_updates,
+            params=params,
+            epoch_seconds=time.perf_counter() - tic,
+        )
         metrics.append(record)
         rngs = all_gather_objects(_rng_state(), ctx)
         if ctx.is_main:
             state = {
-                "epoch": epoch, "num_updates": trainer.num_updates, "metrics": metrics, "rng": rngs,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "config": _jsonable(config),
-            }  # fmt: skip
-            last_dir = save_checkpoint(out, epoch, module.state_dict(), state, keep=config.keep_checkpoints,
-                                       ema_state=ema.module.state_dict() if ema is not None else None)  # fmt: skip
+                "epoch": epoch,
+                "num_updates": trainer.num_updates,
+                "metrics": metrics,
+                "rng": rngs,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "config": _jsonable(config),
+            }
+            last_dir = save_checkpoint(
+                out,
+                epoch,
+                module.state_dict(),
+                state,
+                keep=config.keep_checkpoints,
+                ema_state=ema.module.state_dict() if ema is not None else None,
+            )
             _append_metrics(out / "metrics.jsonl", record)
             logger.info(
                 "epoch %d/%d: train loss %.4f, val loss %.4f, top1 %.2f%%, top5 %.2f%%, %.0f img/s, %.1fs",
-                epoch, config.epochs, record["train_loss"], record["val_loss"], record["top1"], record["top5"],
-                record["images_per_s"], record["epoch_seconds"],
-            )  # fmt: skip
+                epoch,
+                config.epochs,
+                record["train_loss"],
+                record["val_loss"],
+                record["top1"],
+                record["top5"],
+                record["images_per_s"],
+                record["epoch_seconds"],
+            )
         barrier(ctx)
 
     if ctx.is_main:

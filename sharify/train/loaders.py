@@ -92,13 +92,13 @@ def build_transforms(
     small = native is not None and max(native) <= SMALL_IMAGE and (image_size is None or image_size <= SMALL_IMAGE)
     if small:
         assert native is not None
-        size = (image_size, image_size) if image_size else native
+        hw: tuple[int, int] = (image_size, image_size) if image_size else native
         mean, std = bundle.mean or (0.5,) * bundle.in_chans, bundle.std or (0.5,) * bundle.in_chans
         mean, std = _fit_stats(mean, chans), _fit_stats(std, chans)
-        resize = [T.Resize(size)] if size != native else []
+        resize = [T.Resize(hw)] if hw != native else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]
-        aug = [T.RandomCrop(size, padding=max(1, min(size) // 8)), T.RandomHorizontalFlip()] if augment else []
-        return T.Compose(convert + resize + aug + tail), T.Compose(convert + resize + tail), (chans, *size)
+        aug = [T.RandomCrop(hw, padding=max(1, min(hw) // 8)), T.RandomHorizontalFlip()] if augment else []
+        return T.Compose(convert + resize + aug + tail), T.Compose(convert + resize + tail), (chans, *hw)
 
     from timm.data import create_transform
 
@@ -106,7 +106,12 @@ def build_transforms(
     size = image_size or (cfg["input_size"][-1] if "input_size" in cfg else 224)
     mean = _fit_stats(tuple(cfg.get("mean", _IMAGENET_MEAN)), chans)
     std = _fit_stats(tuple(cfg.get("std", _IMAGENET_STD)), chans)
-    common = {"input_size": (chans, size, size), "mean": mean, "std": std, "interpolation": cfg.get("interpolation", "bilinear")}
+    common = {
+        "input_size": (chans, size, size),
+        "mean": mean,
+        "std": std,
+        "interpolation": cfg.get("interpolation", "bilinear"),
+    }
     train = create_transform(is_training=True, no_aug=not augment, **common)
     val = create_transform(is_training=False, crop_pct=cfg.get("crop_pct", 0.875), **common)
     return T.Compose([*convert, train]), T.Compose([*convert, val]), (chans, size, size)

@@ -126,8 +126,15 @@ class Trainer:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         seen = 0
         batches = len(loader)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", dynamic_ncols=True, leave=False,
-                   disable=not self.show_progress, file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            dynamic_ncols=True,
+            leave=False,
+            disable=not self.show_progress,
+            file=sys.stderr,
+        )
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(bar):
@@ -206,4 +213,9 @@ def evaluate(
         model.train(was_training)
     loss, top1, top5, count = all_reduce_sum(sums.tolist(), ctx)
     count = max(count, 1.0)
-    return {"val_loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_images": int(count)}
+    return {
+        "val_loss": loss / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "val_images": int(count),
+    }

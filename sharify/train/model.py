@@ -28,10 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The model's final ``nn.Linear`` classifier and its path (timm ``get_classifier``, ``fc``, ``classifier``, ``head``)."""
+    """The model's final ``nn.Linear`` and its path (timm ``get_classifier``, ``fc``, ``classifier``, ``head``)."""
     candidates: list[tuple[str, Any]] = []
     if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+        head = model.get_classifier()  # type: ignore[operator]
         path = next((p for p, m in model.named_modules() if m is head), None)
         if path is not None:
             candidates.append((path, head))
@@ -62,19 +62,22 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     if found is not None and found[1].out_features == num_classes:
         return
     if hasattr(model, "reset_classifier"):
-        model.reset_classifier(num_classes)
+        model.reset_classifier(num_classes)  # type: ignore[operator]
         return
     if found is None:
         raise ValueError(
-            f"cannot find the classifier of {type(model).__name__} to replace it; build the model with num_classes={num_classes}"
+            f"cannot find the classifier of {type(model).__name__} to replace it; "
+            f"build the model with num_classes={num_classes}"
         )
     path, old = found
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    new = nn.Linear(
+        old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
     model.set_submodule(path, new)
 
 
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """Reads a state_dict from ``.safetensors`` or a ``torch.save`` file (also ``{"state_dict": ...}``/``{"model": ...}``).
+    """Reads a state_dict from ``.safetensors`` or ``torch.save`` files (also ``{"state_dict"/"model": ...}``).
 
     Raises:
         CheckpointError: Missing, unreadable or not a state_dict.
@@ -90,12 +93,16 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt files raise many different types
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint"
+        ) from exc
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state_dict of tensors; save one with torch.save(model.state_dict())")
+        raise CheckpointError(
+            f"{path} does not hold a state_dict of tensors; save one with torch.save(model.state_dict())"
+        )
     return _strip_prefix(obj)
 
 

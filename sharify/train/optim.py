@@ -45,7 +45,7 @@ def _shared_aliases(model: nn.Module) -> dict[str, str]:
 
 def _execution_order(model: nn.Module, aliases: dict[str, str]) -> list[str]:
     """Parameter names in module order, each shared tensor placed where its first member is."""
-    by_member = {alias.rsplit(".", 1)[0]: [] for alias in aliases.values()}
+    by_member: dict[str, list[str]] = {alias.rsplit(".", 1)[0]: [] for alias in aliases.values()}
     for name, alias in aliases.items():
         by_member[alias.rsplit(".", 1)[0]].append(name)
     seen = set(aliases)
@@ -76,7 +76,8 @@ def layer_ids(model: nn.Module, *, coarse: bool = False) -> dict[str, int]:
     names = [n for n, p in model.named_parameters()]
     if hasattr(model, "group_matcher"):
         lookup = [aliases.get(n, n) for n in names]
-        ids = group_with_matcher(((n, None) for n in lookup), model.group_matcher(coarse=coarse), reverse=True)
+        matcher = model.group_matcher(coarse=coarse)  # type: ignore[operator]
+        ids = group_with_matcher(((n, None) for n in lookup), matcher, reverse=True)
         return {n: ids[aliases.get(n, n)] for n in names}
 
     class _Ordered:  # auto_group_layers reads named_parameters() order and pretrained_cfg
@@ -129,7 +130,7 @@ def param_groups(
     """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-    no_decay = getattr(model, "no_weight_decay", lambda: set())()
+    no_decay: set[str] = getattr(model, "no_weight_decay", lambda: set())()
     if layer_decay is None:
         return list(param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_decay))
     grouping = _Grouping(model, layer_ids(model))
