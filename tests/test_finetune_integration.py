@@ -211,3 +211,18 @@ def test_timm_style_example_with_checkpoint_saver(tmp_path: Path) -> None:
     ema = sharify.sharify(timm.create_model("resnet18", num_classes=3), example_inputs=EXAMPLE)
     ema.load_state_dict(saved["state_dict_ema"])
     assert "sharify_shared.layer4.conv2.weight" in saved["state_dict"]
+
+
+def test_named_datasets_without_files_say_how_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"download=True"):
+        load_data("cifar10", root=tmp_path)
+    with pytest.raises(DataError, match="--data-root"):
+        load_data("cifar100")
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        load_data("fashion-mnist", root=tmp_path)
+
+
+def test_baseline_without_sharing_uses_the_same_model_object() -> None:
+    own = TinyNet(num_classes=4)
+    net, model = prepare_model(own, num_classes=3, share=False)
+    assert net is model and not sharify.shared_groups(model) and model.fc.out_features == 3

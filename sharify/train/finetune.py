@@ -38,6 +38,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from .data import DataBundle, load_data
 from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from .errors import CheckpointError, DataError
 from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
 from .model import classifier
@@ -253,12 +254,10 @@ def _run(
     show = ctx.is_main and not config.quiet and sys.stderr.isatty()
     found = classifier(module)
     if found is not None and found[1].out_features != bundle.num_classes:
-        from .errors import DataError
-
         raise DataError(
             f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but "
-            f"{bundle.source or bundle.name} "
-            f"has {bundle.num_classes} classes; pass --num-classes {bundle.num_classes} to replace the head"
+            f"{bundle.source or bundle.name} has {bundle.num_classes} classes; "
+            f"pass --num-classes {bundle.num_classes} to replace the head"
         )
     if config.lambda_r and orthogonality_regulariser() is None:
         raise ValueError("--lambda-r needs sharify.orthogonality_loss (filter-basis sharing), which this version lacks")
@@ -268,8 +267,6 @@ def _run(
             f"{out} already holds checkpoints ({existing.name}); pass --resume to continue, or another --out"
         )
     if config.resume and existing is None:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)

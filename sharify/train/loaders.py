@@ -95,7 +95,8 @@ def build_transforms(
         hw: tuple[int, int] = (image_size, image_size) if image_size else native
         mean, std = bundle.mean or (0.5,) * bundle.in_chans, bundle.std or (0.5,) * bundle.in_chans
         mean, std = _fit_stats(mean, chans), _fit_stats(std, chans)
-        resize = [T.Resize(hw)] if hw != native else []
+        # ImageFolder images may differ in size: resize them all to the first image's (or image_size)
+        resize = [T.Resize(hw)] if hw != native or bundle.name == "imagefolder" else []
         tail = [T.ToTensor(), T.Normalize(mean, std)]
         aug = [T.RandomCrop(hw, padding=max(1, min(hw) // 8)), T.RandomHorizontalFlip()] if augment else []
         return T.Compose(convert + resize + aug + tail), T.Compose(convert + resize + tail), (chans, *hw)
