@@ -93,7 +93,9 @@ def test_final_weights_restore_exactly_into_a_sharified_model(data_dir: Path, tm
     assert {"top1", "top5", "val_loss", "train_loss", "images_per_s", "params", "epoch_seconds"} <= set(result.final)
 
 
-def test_cli_smoke_with_original_checkpoint(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_checkpoint_of_another_architecture_is_a_clear_error(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.manual_seed(0)
     original = timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64))
     ckpt = tmp_path / "original.pth"
@@ -164,6 +166,24 @@ def test_cli_finetune_runs_and_writes_its_outputs(data_dir: Path, tmp_path: Path
     assert report["params_after"] == metrics[0]["params"] < report["params_before"]
     state = load_file(str(out / "model.safetensors"))
     assert "sharify_shared.layer1.conv2.weight" in state and "layer1.1.conv2.weight" not in state
+
+
+def test_cli_original_checkpoint_and_no_sharify(data_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = timm.create_model("resnet18", num_classes=3)
+    torch.save(trained.state_dict(), tmp_path / "original.pth")
+    common = ["--model", "timm:resnet18", "--data", str(data_dir), "--epochs", "1", "--batch-size", "6"]
+    common += ["--workers", "0", "--subset", "6", "--quiet", "--lr", "1e-9", "--weight-decay", "0"]
+    assert (
+        main(["finetune", *common, "--checkpoint", str(tmp_path / "original.pth"), "--out", str(tmp_path / "a")]) == 0
+    )
+    state = load_file(str(tmp_path / "a" / "model.safetensors"))
+    members = (trained.layer2[0].conv2.weight + trained.layer2[1].conv2.weight) / 2
+    torch.testing.assert_close(state["sharify_shared.layer2.conv2.weight"], members, atol=1e-6, rtol=0)  # lr ~ 0
+    assert main(["finetune", *common, "--no-sharify", "--out", str(tmp_path / "b")]) == 0
+    plain = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert "layer2.1.conv2.weight" in plain and not any(k.startswith("sharify_shared") for k in plain)
+    assert not (tmp_path / "b" / "report.json").exists()
 
 
 def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
