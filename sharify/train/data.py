@@ -16,7 +16,7 @@ Specs:
 
 Example:
     >>> bundle = load_data("fashion-mnist", subset=100)  # doctest: +SKIP
-    >>> bundle.num_classes, bundle.in_chans, bundle.image_size
+    >>> bundle.num_classes, bundle.in_chans, bundle.image_size  # doctest: +SKIP
     (10, 1, (28, 28))
 """
 
