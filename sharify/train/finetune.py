@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +34,7 @@ from ..layers import shared_groups
 from ..report import report
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
 from .errors import CheckpointError, DataError
@@ -43,97 +42,11 @@ from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
 from .model import classifier
 from .optim import create_optimizer, create_scheduler
+from .rng import get_rng_state, seed_everything, set_rng_state
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of a fine-tuning run (the ``sharify finetune`` options of the same names).
-
-    Attributes:
-        out: Output directory (metrics, report, checkpoints, final weights).
-        epochs: Training epochs.
-        batch_size: Images per process and micro-batch (global batch = ``batch_size * world * accum_steps``).
-        eval_batch_size: Evaluation batch size (default ``2 * batch_size``).
-        opt: Any timm optimizer name (``sgd``, ``adamw``, ...).
-        lr: Peak learning rate.
-        momentum: SGD momentum.
-        weight_decay: Weight decay of conv/linear weights (1-d tensors get none).
-        layer_decay: Layer-wise lr decay factor (shared tensors get their first member's layer).
-        warmup_epochs: Linear warm-up length in epochs (fractions allowed); cosine decay afterwards.
-        min_lr: Final learning rate of the cosine schedule.
-        label_smoothing: Cross-entropy label smoothing.
-        accum_steps: Micro-batches per optimizer update (gradient accumulation).
-        clip_grad: Max gradient norm, or ``None``.
-        amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
-        channels_last: Train in channels-last memory format.
-        compile: Wrap the model in ``torch.compile``.
-        grad_checkpointing: timm ``set_grad_checkpointing`` (DDP then uses ``static_graph=True``).
-        ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
-        bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
-        lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
-        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA).
-        image_size: Input size (default: native size of small images, else the model's data config).
-        augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
-        workers: DataLoader worker processes.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
-        eval_before: Evaluate before the first update and log it as epoch 0.
-        resume: Continue from the newest checkpoint in ``out``.
-        keep_checkpoints: Checkpoints to keep (newest first).
-        quiet: No progress bars.
-    """
-
-    out: str | Path = "runs/finetune"
-    epochs: int = 1
-    batch_size: int = 128
-    eval_batch_size: int | None = None
-    opt: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    layer_decay: float | None = None
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    label_smoothing: float = 0.0
-    accum_steps: int = 1
-    clip_grad: float | None = None
-    amp: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    grad_checkpointing: bool = False
-    ema_decay: float | None = None
-    bn_recalibrate: int = 0
-    lambda_r: float = 0.0
-    sync_bn: bool = False
-    image_size: int | None = None
-    augment: bool = True
-    workers: int = 2
-    device: str = "auto"
-    seed: int = 0
-    eval_before: bool = False
-    resume: bool = False
-    keep_checkpoints: int = 1
-    quiet: bool = False
-
-    def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "accum_steps": self.accum_steps,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.bn_recalibrate < 0 or self.workers < 0:
-            raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -151,32 +64,6 @@ class FinetuneResult:
     def final(self) -> dict[str, Any]:
         """The last epoch's metrics."""
         return self.metrics[-1] if self.metrics else {}
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state: Any = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _jsonable(config: FinetuneConfig) -> dict[str, Any]:
@@ -274,7 +161,7 @@ def _run(
         if original is not None and shared_groups(module):
             _write_report(out, original, module)
 
-    _seed_everything(config.seed + ctx.rank)
+    seed_everything(config.seed + ctx.rank)
     module.to(ctx.device)
     if config.channels_last:
         module.to(memory_format=torch.channels_last)
@@ -338,7 +225,7 @@ def _run(
         rngs = state["rng"]
         if len(rngs) != ctx.world_size:
             logger.warning("resuming %d processes from a run of %d: RNG streams differ", ctx.world_size, len(rngs))
-        _set_rng_state(rngs[ctx.rank % len(rngs)])
+        set_rng_state(rngs[ctx.rank % len(rngs)])
         if ctx.is_main:
             _write_metrics(out / "metrics.jsonl", metrics)
             logger.info("resumed from %s (epoch %d, %d updates)", existing, state["epoch"], num_updates)
@@ -414,7 +301,7 @@ def _run(
             epoch_seconds=time.perf_counter() - tic,
         )
         metrics.append(record)
-        rngs = all_gather_objects(_rng_state(), ctx)
+        rngs = all_gather_objects(get_rng_state(), ctx)
         if ctx.is_main:
             state = {
                 "epoch": epoch,
