@@ -1,4 +1,4 @@
-"""Command line: ``sharify report MODEL`` (and ``python -m sharify ...``).
+"""Command line: ``sharify report MODEL``, ``sharify finetune ...`` (and ``python -m sharify ...``).
 
 Errors print one line naming the problem and exit with status 2 (``--debug`` shows the traceback).
 """
@@ -78,6 +78,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .train.cli import run_finetune
+
+    return run_finetune(args, sharing_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sharify", description="Share conv weights between residual blocks.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -91,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
     add_sharing_options(p)
     p.set_defaults(func=_report)
+
+    from .train.cli import GPU_EXAMPLE, add_finetune_options
+
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune a sharified (or plain) model; runs data-parallel under torchrun",
+        description="Build, sharify and fine-tune a model; writes report.json, metrics.jsonl, checkpoints and "
+        "model.safetensors to --out. Data-parallel: torchrun --nproc_per_node N -m sharify finetune ...",
+        epilog=f"GPU example: {GPU_EXAMPLE}",
+    )
+    add_finetune_options(f)
+    add_sharing_options(f)
+    f.set_defaults(func=_finetune)
     return parser
 
 
@@ -104,11 +123,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
         return int(args.func(args))
-    except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+    except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError) as exc:
         if args.debug:
             raise
         print(f"sharify: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("sharify: interrupted; completed checkpoints are intact (continue with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,95 @@
+"""The settings of a fine-tuning run: :class:`FinetuneConfig` (one field per ``sharify finetune`` option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["FinetuneConfig"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of a fine-tuning run (the ``sharify finetune`` options of the same names).
+
+    Attributes:
+        out: Output directory (metrics, report, checkpoints, final weights).
+        epochs: Training epochs.
+        batch_size: Images per process and micro-batch (global batch = ``batch_size * world * accum_steps``).
+        eval_batch_size: Evaluation batch size (default ``2 * batch_size``).
+        opt: Any timm optimizer name (``sgd``, ``adamw``, ...).
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: Weight decay of conv/linear weights (1-d tensors get none).
+        layer_decay: Layer-wise lr decay factor (shared tensors get their first member's layer).
+        warmup_epochs: Linear warm-up length in epochs (fractions allowed); cosine decay afterwards.
+        min_lr: Final learning rate of the cosine schedule.
+        label_smoothing: Cross-entropy label smoothing.
+        accum_steps: Micro-batches per optimizer update (gradient accumulation).
+        clip_grad: Max gradient norm, or ``None``.
+        amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        channels_last: Train in channels-last memory format.
+        compile: Wrap the model in ``torch.compile``.
+        grad_checkpointing: timm ``set_grad_checkpointing`` (DDP then uses ``static_graph=True``).
+        ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
+        bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
+        lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
+        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA).
+        image_size: Input size (default: native size of small images, else the model's data config).
+        augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
+        workers: DataLoader worker processes.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
+        eval_before: Evaluate before the first update and log it as epoch 0.
+        resume: Continue from the newest checkpoint in ``out``.
+        keep_checkpoints: Checkpoints to keep (newest first).
+        quiet: No progress bars.
+    """
+
+    out: str | Path = "runs/finetune"
+    epochs: int = 1
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    opt: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    layer_decay: float | None = None
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    grad_checkpointing: bool = False
+    ema_decay: float | None = None
+    bn_recalibrate: int = 0
+    lambda_r: float = 0.0
+    sync_bn: bool = False
+    image_size: int | None = None
+    augment: bool = True
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    eval_before: bool = False
+    resume: bool = False
+    keep_checkpoints: int = 1
+    quiet: bool = False
+
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the first bad setting."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "accum_steps": self.accum_steps,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.bn_recalibrate < 0 or self.workers < 0:
+            raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")

@@ -1,0 +1,105 @@
+"""Data-parallel plumbing for runs launched by ``torchrun``: rank, device, reductions.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; :func:`init_distributed` reads them
+(``env://`` initialisation), picks NCCL for CUDA and gloo for CPU, and binds each process to its
+local GPU. Without those variables it returns a single-process context, so the same code runs
+with ``python -m sharify finetune`` and ``torchrun -m sharify finetune``. No process management
+happens here: launching is torchrun's job.
+
+Example:
+    >>> ctx = init_distributed("cpu")
+    >>> ctx.world_size, ctx.is_main
+    (1, True)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup", "init_distributed"]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank among ``world_size`` processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU -> ``ValueError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Initialises ``torch.distributed`` from torchrun's environment, or returns a 1-process context.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (the local rank's GPU is used under torchrun).
+
+    Returns:
+        The process's :class:`DistContext`.
+    """
+    dev = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext(device=dev)
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
+    """Sums a list of numbers over all ranks (identity in a single process)."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Destroys the process group created by :func:`init_distributed`."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()

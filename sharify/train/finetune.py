@@ -1,0 +1,353 @@
+"""The fine-tuning run: :func:`finetune` (Python) behind ``sharify finetune`` (command line).
+
+A run trains a model -- sharified or not -- on a :class:`~sharify.train.data.DataBundle` and writes
+into ``config.out``:
+
+* ``report.json`` / ``report.md``: the parameter report, when the unshared ``original`` is given;
+* ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
+  ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
+  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
+* ``checkpoints/epoch-NNNN/``: the newest complete epoch (:mod:`sharify.train.checkpoint`);
+* ``model.safetensors`` (and ``model_ema.safetensors``): the final weights, which
+  ``load_state_dict`` into an identically sharified model restores exactly.
+
+With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
+schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. Under ``torchrun`` every
+process calls :func:`finetune`; rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import shared_groups
+from ..report import report
+from .batchnorm import recalibrate_batchnorm
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .config import FinetuneConfig
+from .data import DataBundle, load_data
+from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from .errors import CheckpointError, DataError
+from .loaders import build_loaders
+from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
+from .model import classifier
+from .optim import create_optimizer, create_scheduler
+from .rng import get_rng_state, seed_everything, set_rng_state
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns: the trained model (on its device), the EMA model and the metrics."""
+
+    model: nn.Module
+    metrics: list[dict[str, Any]]
+    out: Path
+    ema_model: nn.Module | None = None
+    checkpoint: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """The last epoch's metrics."""
+        return self.metrics[-1] if self.metrics else {}
+
+
+def _jsonable(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+
+
+def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_report(out: Path, original: nn.Module, module: nn.Module) -> None:
+    result = report(original, module)
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(result.to_markdown() + "\n"))
+
+
+def finetune(
+    model: nn.Module,
+    data: DataBundle | str | Path,
+    config: FinetuneConfig | None = None,
+    *,
+    original: nn.Module | None = None,
+    on_update: Callable[[int, int], None] | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tunes ``model`` on ``data``; see the module docstring for what is written to ``config.out``.
+
+    Args:
+        model: The model to train (sharified or not); it is trained in place and moved to the device.
+        data: A :class:`DataBundle` (see :func:`sharify.train.load_data`) or a spec for ``load_data``.
+        config: Run settings; ``overrides`` replace single fields (``finetune(m, d, epochs=2, out=...)``).
+        original: The unshared model ``model`` was made from; enables ``report.json``/``report.md``.
+        on_update: Called as ``on_update(epoch, num_updates)`` after every optimizer update.
+
+    Returns:
+        The trained model, per-epoch metrics and the output directory.
+
+    Raises:
+        DataError: The data does not fit the model (class count, channels).
+        CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint.
+        ValueError: Bad settings, or ``out`` holds a run's checkpoints and ``resume`` is off.
+
+    Example:
+        >>> import sharify
+        >>> from sharify.train import finetune, load_data, prepare_model
+        >>> data = load_data("fashion-mnist", subset=256)  # doctest: +SKIP
+        >>> original, shared = prepare_model("resnet18", num_classes=10, in_chans=1)  # doctest: +SKIP
+        >>> result = finetune(shared, data, out="runs/demo", epochs=1, original=original)  # doctest: +SKIP
+        >>> result.final["top1"]  # doctest: +SKIP
+    """
+    config = replace(config or FinetuneConfig(), **overrides)
+    config.validate()
+    bundle = data if isinstance(data, DataBundle) else load_data(data)
+    created_group = not torch.distributed.is_initialized()
+    ctx = init_distributed(config.device)
+    try:
+        return _run(model, bundle, config, ctx, original, on_update)
+    finally:
+        if created_group:
+            cleanup(ctx)
+
+
+def _run(
+    module: nn.Module,
+    bundle: DataBundle,
+    config: FinetuneConfig,
+    ctx: DistContext,
+    original: nn.Module | None,
+    on_update: Callable[[int, int], None] | None,
+) -> FinetuneResult:
+    out = Path(config.out)
+    amp = resolve_amp(config.amp, ctx.device)
+    autocast = autocast_context(amp, ctx.device)
+    show = ctx.is_main and not config.quiet and sys.stderr.isatty()
+    found = classifier(module)
+    if found is not None and found[1].out_features != bundle.num_classes:
+        raise DataError(
+            f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but "
+            f"{bundle.source or bundle.name} has {bundle.num_classes} classes; "
+            f"pass --num-classes {bundle.num_classes} to replace the head"
+        )
+    if config.lambda_r and orthogonality_regulariser() is None:
+        raise ValueError("--lambda-r needs sharify.orthogonality_loss (filter-basis sharing), which this version lacks")
+    existing = latest_checkpoint(out)
+    if existing is not None and not config.resume:
+        raise ValueError(
+            f"{out} already holds checkpoints ({existing.name}); pass --resume to continue, or another --out"
+        )
+    if config.resume and existing is None:
+        raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(_jsonable(config), indent=2) + "\n"))
+        if original is not None and shared_groups(module):
+            _write_report(out, original, module)
+
+    seed_everything(config.seed + ctx.rank)
+    module.to(ctx.device)
+    if config.channels_last:
+        module.to(memory_format=torch.channels_last)
+    if config.grad_checkpointing:
+        if not hasattr(module, "set_grad_checkpointing"):
+            raise ValueError(
+                f"--grad-checkpointing needs a timm model; {type(module).__name__} has no set_grad_checkpointing"
+            )
+        module.set_grad_checkpointing(True)  # type: ignore[operator]
+    if config.sync_bn and ctx.distributed:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    loaders = build_loaders(
+        bundle,
+        module,
+        ctx,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        seed=config.seed,
+        image_size=config.image_size,
+        augment=config.augment,
+        eval_batch_size=config.eval_batch_size,
+    )
+    optimizer = create_optimizer(
+        module,
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        layer_decay=config.layer_decay,
+    )
+    updates_per_epoch = -(-len(loaders.train) // config.accum_steps)
+    scheduler = create_scheduler(
+        optimizer,
+        total_updates=updates_per_epoch * config.epochs,
+        min_lr=config.min_lr,
+        warmup_updates=round(config.warmup_epochs * updates_per_epoch),
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    ema = None
+    if config.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(module, decay=config.ema_decay)
+    params = sum(p.numel() for p in module.parameters())
+    evaluate_kw: dict[str, Any] = {
+        "autocast": autocast,
+        "channels_last": config.channels_last,
+        "num_classes": bundle.num_classes,
+    }
+
+    metrics: list[dict[str, Any]] = []
+    start_epoch, num_updates = 1, 0
+    if config.resume:
+        assert existing is not None
+        state = load_checkpoint(existing, module, ema=ema.module if ema is not None else None)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, num_updates, metrics = state["epoch"] + 1, state["num_updates"], list(state["metrics"])
+        rngs = state["rng"]
+        if len(rngs) != ctx.world_size:
+            logger.warning("resuming %d processes from a run of %d: RNG streams differ", ctx.world_size, len(rngs))
+        set_rng_state(rngs[ctx.rank % len(rngs)])
+        if ctx.is_main:
+            _write_metrics(out / "metrics.jsonl", metrics)
+            logger.info("resumed from %s (epoch %d, %d updates)", existing, state["epoch"], num_updates)
+    else:
+        if ctx.is_main:
+            _write_metrics(out / "metrics.jsonl", [])
+        if config.bn_recalibrate:
+            loaders.set_epoch(0, config.seed)
+            recalibrate_batchnorm(
+                module,
+                loaders.train,
+                num_images=config.bn_recalibrate,
+                device=ctx.device,
+                channels_last=config.channels_last,
+                autocast=autocast(),
+            )
+            if ema is not None:
+                ema.module.load_state_dict(module.state_dict())
+        if config.eval_before:
+            first = {"epoch": 0, **evaluate(module, loaders.val, ctx, **evaluate_kw), "params": params}
+            metrics.append(first)
+            if ctx.is_main:
+                _append_metrics(out / "metrics.jsonl", first)
+                logger.info("epoch 0 (before training): top1 %.2f%%, val loss %.4f", first["top1"], first["val_loss"])
+
+    train_model: nn.Module = module
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(
+            module,
+            device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            static_graph=config.grad_checkpointing,
+        )
+    if config.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    trainer = Trainer(
+        model=train_model,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ctx=ctx,
+        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+        autocast=autocast,
+        scaler=scaler,
+        ema=ema,
+        accum_steps=config.accum_steps,
+        clip_grad=config.clip_grad,
+        channels_last=config.channels_last,
+        lambda_r=config.lambda_r,
+        regulariser=orthogonality_regulariser(),
+        num_classes=bundle.num_classes,
+        num_updates=num_updates,
+        on_update=on_update,
+        show_progress=show,
+    )
+
+    last_dir = existing
+    for epoch in range(start_epoch, config.epochs + 1):
+        tic = time.perf_counter()
+        loaders.set_epoch(epoch, config.seed)
+        record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(loaders.train, epoch, config.epochs)}
+        record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw)
+            record.update(
+                ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"]
+            )
+        record.update(
+            lr=max(g["lr"] for g in optimizer.param_groups),
+            updates=trainer.num_updates,
+            params=params,
+            epoch_seconds=time.perf_counter() - tic,
+        )
+        metrics.append(record)
+        rngs = all_gather_objects(get_rng_state(), ctx)
+        if ctx.is_main:
+            state = {
+                "epoch": epoch,
+                "num_updates": trainer.num_updates,
+                "metrics": metrics,
+                "rng": rngs,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {},
+                "config": _jsonable(config),
+            }
+            last_dir = save_checkpoint(
+                out,
+                epoch,
+                module.state_dict(),
+                state,
+                keep=config.keep_checkpoints,
+                ema_state=ema.module.state_dict() if ema is not None else None,
+            )
+            _append_metrics(out / "metrics.jsonl", record)
+            logger.info(
+                "epoch %d/%d: train loss %.4f, val loss %.4f, top1 %.2f%%, top5 %.2f%%, %.0f img/s, %.1fs",
+                epoch,
+                config.epochs,
+                record["train_loss"],
+                record["val_loss"],
+                record["top1"],
+                record["top5"],
+                record["images_per_s"],
+                record["epoch_seconds"],
+            )
+        barrier(ctx)
+
+    if ctx.is_main:
+        meta = {"format": "sharify-finetune", "epochs": str(config.epochs)}
+        save_weights(module.state_dict(), out / "model.safetensors", meta)
+        if ema is not None:
+            save_weights(ema.module.state_dict(), out / "model_ema.safetensors", meta)
+    barrier(ctx)
+    return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    import os
+
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,191 @@
+"""Getting the model to fine-tune: build by name, load original weights, replace the head, sharify.
+
+:func:`prepare_model` is what ``sharify finetune`` does before training: build a timm/torchvision
+model (:func:`sharify.zoo.build_model`) or take the caller's module, load an *original* (unshared)
+checkpoint into it, replace the classifier for the data's classes, then sharify it with the chosen
+init (or not, for baselines). Loading the original weights *before* sharifying is equivalent to
+:func:`sharify.load_unshared_state_dict` after it, and lets the init see the trained weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import _strip_prefix
+from ..rewrite import sharify
+from ..zoo import ModelSource, build_model, resolve_model_name
+from .errors import CheckpointError
+
+__all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
+
+logger = logging.getLogger(__name__)
+
+
+def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The model's final ``nn.Linear`` and its path (timm ``get_classifier``, ``fc``, ``classifier``, ``head``)."""
+    candidates: list[tuple[str, Any]] = []
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()  # type: ignore[operator]
+        path = next((p for p, m in model.named_modules() if m is head), None)
+        if path is not None:
+            candidates.append((path, head))
+    for name in ("fc", "classifier", "head", "heads"):
+        candidates.append((name, getattr(model, name, None)))
+    for path, module in candidates:
+        if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
+            return f"{path}.{len(module) - 1}", module[-1]
+        if isinstance(module, nn.Linear):
+            return path, module
+        if isinstance(module, nn.Module):
+            linears = [(f"{path}.{p}", m) for p, m in module.named_modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1]
+    return None
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Gives ``model`` a freshly initialised classifier with ``num_classes`` outputs (in place).
+
+    Uses timm's ``reset_classifier`` when present, else replaces the final ``nn.Linear`` found by
+    :func:`classifier`.
+
+    Raises:
+        ValueError: No classifier was found.
+    """
+    found = classifier(model)
+    if found is not None and found[1].out_features == num_classes:
+        return
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)  # type: ignore[operator]
+        return
+    if found is None:
+        raise ValueError(
+            f"cannot find the classifier of {type(model).__name__} to replace it; "
+            f"build the model with num_classes={num_classes}"
+        )
+    path, old = found
+    new = nn.Linear(
+        old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+    )
+    model.set_submodule(path, new)
+
+
+def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """Reads a state_dict from ``.safetensors`` or ``torch.save`` files (also ``{"state_dict"/"model": ...}``).
+
+    Raises:
+        CheckpointError: Missing, unreadable or not a state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt files raise many different types
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint"
+        ) from exc
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} does not hold a state_dict of tensors; save one with torch.save(model.state_dict())"
+        )
+    return _strip_prefix(obj)
+
+
+def _load_original(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {type(model).__name__}: {detail}; pass the original (unshared) weights "
+            "of this --model (a sharified checkpoint is resumed with --resume)"
+        ) from None
+
+
+def prepare_model(
+    model: str | ModelSource | nn.Module,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    share: bool = True,
+    sharing: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """Builds (or takes) a model, loads original weights, fits the head, and sharifies it.
+
+    Args:
+        model: A timm/torchvision name (see :func:`sharify.zoo.build_model`) or a module (not modified).
+        num_classes: Classes of the data; the head is replaced when it has another size.
+        in_chans: Input channels for models built by name (timm; ignored with ``checkpoint``).
+        pretrained: Load the library's pretrained weights (needs internet on first use).
+        checkpoint: File with the original, unshared weights (``.safetensors``/``.pt``/``.pth``).
+        share: Sharify the model (``False`` trains the unshared baseline with the same loop).
+        sharing: Keyword arguments for :func:`sharify.sharify` (``init``, ``positions``, ...).
+        input_size: ``(H, W)`` of the training images: the analysis's example input when ``sharing``
+            has no ``example_inputs`` (its channels are the model's).
+
+    Returns:
+        ``(original, model_to_train)``: the unshared model with loaded weights and new head, and its
+        sharified copy (the same object when ``share=False``).
+
+    Raises:
+        CheckpointError: The checkpoint is missing, corrupt or of another architecture.
+
+    Example:
+        >>> original, shared = prepare_model("resnet18", num_classes=10, sharing={"init": "average"})
+        >>> sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in original.parameters())
+        True
+    """
+    state = load_weights_file(checkpoint) if checkpoint is not None else None
+    if isinstance(model, nn.Module):
+        import copy
+
+        net = copy.deepcopy(model)
+    else:
+        source = model if isinstance(model, ModelSource) else resolve_model_name(model)
+        if source.library != "timm":
+            in_chans = None  # torchvision models take 3 channels; the data is converted instead
+        kwargs: dict[str, Any] = {}
+        if state is None and not pretrained:
+            kwargs["num_classes"] = num_classes
+            kwargs["in_chans"] = in_chans
+        elif pretrained and in_chans not in (None, 3):
+            kwargs["in_chans"] = in_chans  # timm adapts the pretrained stem
+        net, _ = build_model(source, pretrained=pretrained, **kwargs)
+        if state is not None:  # build with the checkpoint's head so that it loads strictly
+            head = classifier(net)
+            if head is not None and f"{head[0]}.weight" in state:
+                n = state[f"{head[0]}.weight"].shape[0]
+                if n != head[1].out_features:
+                    net, _ = build_model(source, num_classes=n)
+    if state is not None:
+        _load_original(net, state, Path(checkpoint))  # type: ignore[arg-type]
+    if num_classes is not None:
+        replace_head(net, num_classes)
+    if not share:
+        return net, net
+    kwargs = dict(sharing or {})
+    if input_size is not None and kwargs.get("example_inputs") is None:
+        from .loaders import model_in_chans
+
+        kwargs["example_inputs"] = torch.zeros(1, model_in_chans(net) or 3, *input_size)
+    shared = sharify(net, **kwargs)
+    return net, shared

@@ -1,0 +1,93 @@
+"""Data-parallel fine-tuning: 2 gloo processes under torchrun equal one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from finetune_utils import TinyNet, make_image_folder
+from safetensors.torch import load_file
+
+import sharify
+from sharify.train import finetune, load_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = make_image_folder(tmp / "data", classes=3, train=8, val=4)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "ddp_worker.py"),
+        str(data),
+        str(tmp),
+    ]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return data, tmp
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(ddp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, out = ddp_run
+    torch.manual_seed(0)
+    shared = sharify.sharify(TinyNet(norm="gn"), example_inputs=torch.zeros(1, 3, 12, 12))
+    initial = {k: v.clone() for k, v in shared.state_dict().items()}
+    # 24 images: one process with batches of 8 sees the same 3 global batches as 2 ranks with 4 each.
+    single = finetune(
+        shared,
+        load_data(data),
+        out=tmp_path,
+        epochs=1,
+        batch_size=8,
+        workers=0,
+        lr=0.1,
+        augment=False,
+        quiet=True,
+        device="cpu",
+    ).model.state_dict()
+    rank0, rank1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
+    written = load_file(str(out / "run" / "model.safetensors"))
+    assert set(rank0) == set(single) == set(written)
+    for key, value in single.items():
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+        assert torch.equal(written[key], rank0[key])
+    moved = single["sharify_shared.layer1.conv2.weight"] - initial["sharify_shared.layer1.conv2.weight"]
+    assert moved.abs().max() > 1e-3  # training did change the shared tensor
+    metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["val_images"] == 12 and metrics[-1]["train_images"] == 24  # reduced over both ranks
+
+
+def test_ddp_reentrant_checkpointing_needs_static_graph(ddp_run: tuple[Path, Path]) -> None:
+    results = json.loads((ddp_run[1] / "ckpt.json").read_text())
+    # The shared weight is used inside several checkpointed blocks: each re-entrant backward marks it ready again.
+    assert not results["False"]["ok"] and "mark a variable ready only once" in results["False"]["error"]
+    assert results["True"] == {"ok": True, "same_grad_on_ranks": True}
+
+
+def test_ddp_example_runs_with_reentrant_checkpointing(ddp_run: tuple[Path, Path]) -> None:
+    result = json.loads((ddp_run[1] / "example.json").read_text())
+    assert result["same_on_ranks"] == 1.0 and result["loss"] > 0
+    state = torch.load(ddp_run[1] / "example.pt", weights_only=True)
+    assert any(k.startswith("sharify_shared.") for k in state)

@@ -1,0 +1,228 @@
+"""Plugging sharified models into training code: original checkpoints, timm optimizer/EMA/saver,
+activation checkpointing, BatchNorm re-calibration, data sources, and the examples."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from finetune_utils import TinyNet, make_image_folder
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+
+import sharify
+from sharify.train import DataError, layer_ids, load_data, param_groups, prepare_model, recalibrate_batchnorm
+from sharify.train.data import FASHION_MNIST_SYSTEM_DIR, read_idx
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE = torch.zeros(1, 3, 12, 12)
+
+
+def _small_timm() -> torch.nn.Module:
+    return timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64))
+
+
+def test_original_checkpoint_with_module_prefix_loads_strictly() -> None:
+    original = TinyNet()
+    shared = sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
+    ddp_style = {f"module.{k}": v for k, v in original.state_dict().items()}
+    assert not sharify.load_unshared_state_dict(shared, ddp_style).missing_keys
+    members = [original.layer1[0].conv2.weight, original.layer1[1].conv2.weight]
+    torch.testing.assert_close(shared.sharify_shared.layer1.conv2.weight, (members[0] + members[1]) / 2)
+    assert torch.equal(shared.stem.weight, original.stem.weight)
+    del ddp_style["module.layer2.1.conv2.weight"]
+    with pytest.raises(KeyError, match=r"layer2\.1\.conv2\.weight"):
+        sharify.load_unshared_state_dict(shared, ddp_style)
+
+
+def test_prepare_model_loads_the_original_checkpoint_then_shares(tmp_path: Path) -> None:
+    trained = timm.create_model("resnet18", num_classes=3)  # a 3-class checkpoint, built by name below
+    torch.save({"model": trained.state_dict()}, tmp_path / "orig.pth")
+    net, shared = prepare_model(
+        "timm:resnet18",
+        checkpoint=tmp_path / "orig.pth",
+        num_classes=5,
+        sharing={"init": "average"},
+        input_size=(32, 32),
+    )
+    assert torch.equal(net.layer1[0].conv1.weight, trained.layer1[0].conv1.weight)  # original weights loaded
+    assert net.fc.out_features == shared.fc.out_features == 5  # then the head replaced
+    members = [trained.layer3[0].conv2.weight, trained.layer3[1].conv2.weight]
+    torch.testing.assert_close(shared.sharify_shared.layer3.conv2.weight, (members[0] + members[1]) / 2)
+    # an in-Python model object works the same way, and is not modified
+    own = TinyNet()
+    torch.save(TinyNet().state_dict(), tmp_path / "tiny.pth")
+    before = {k: v.clone() for k, v in own.state_dict().items()}
+    _, tiny = prepare_model(own, checkpoint=tmp_path / "tiny.pth", num_classes=3, input_size=(12, 12))
+    assert all(torch.equal(v, own.state_dict()[k]) for k, v in before.items())
+    assert sharify.shared_groups(tiny)
+
+
+def test_ema_moves_the_shared_weight_by_one_step() -> None:
+    model = sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
+    ema = ModelEmaV3(model, decay=0.9)
+    before = ema.module.sharify_shared.layer1.conv2.weight.clone()
+    with torch.no_grad():
+        model.sharify_shared.layer1.conv2.weight.add_(1.0)
+    ema.update(model)
+    expected = 0.9 * before + 0.1 * model.sharify_shared.layer1.conv2.weight
+    torch.testing.assert_close(ema.module.sharify_shared.layer1.conv2.weight, expected)
+    assert ema.module.layer1[1].conv2.weight is ema.module.sharify_shared.layer1.conv2.weight  # still shared
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.7])
+def test_optimizer_sees_each_shared_tensor_once(layer_decay: float | None) -> None:
+    model = sharify.sharify(_small_timm(), example_inputs=torch.zeros(1, 3, 32, 32))
+    opt = create_optimizer_v2(param_groups(model, weight_decay=0.05, layer_decay=layer_decay), "adamw", lr=1e-3)
+    seen = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) == len(list(model.parameters()))
+    shared = model.sharify_shared.layer1.conv2.weight
+    group = next(g for g in opt.param_groups if any(p is shared for p in g["params"]))
+    assert group["weight_decay"] == 0.05  # a conv weight: decayed
+    if layer_decay is not None:
+        first_member = next(g for g in opt.param_groups if any(p is model.layer1[0].conv1.weight for p in g["params"]))
+        head = next(g for g in opt.param_groups if any(p is model.fc.weight for p in g["params"]))
+        assert group["lr_scale"] == first_member["lr_scale"] < head["lr_scale"] == 1.0
+
+
+def test_layer_ids_place_shared_tensors_at_their_first_member() -> None:
+    timm_model = sharify.sharify(_small_timm(), example_inputs=torch.zeros(1, 3, 32, 32))
+    ids = layer_ids(timm_model)
+    assert ids["sharify_shared.layer2.conv2.weight"] == ids["layer2.0.conv1.weight"] < ids["layer2.1.conv1.weight"]
+    tv = sharify.sharify(torchvision.models.resnet18(num_classes=3))  # no group_matcher: timm's auto grouping
+    ids = layer_ids(tv)
+    assert ids["sharify_shared.layer1.conv2.weight"] <= ids["layer2.0.conv1.weight"] < ids["fc.weight"]
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_grad_checkpointing_gives_the_same_gradients(reentrant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    previous = use_reentrant_ckpt()
+    set_reentrant_ckpt(reentrant)
+    try:
+        model = sharify.sharify(_small_timm(), example_inputs=torch.zeros(1, 3, 32, 32)).eval()
+        x = torch.randn(2, 3, 32, 32)
+        model(x).square().sum().backward()
+        plain = model.sharify_shared.layer3.conv2.weight.grad.clone()
+        model.zero_grad()
+        model.set_grad_checkpointing(True)
+        model(x).square().sum().backward()
+        torch.testing.assert_close(model.sharify_shared.layer3.conv2.weight.grad, plain)
+    finally:
+        set_reentrant_ckpt(previous)
+
+
+def test_batchnorm_recalibration_uses_a_cumulative_average() -> None:
+    model = TinyNet().eval()
+    batches = [torch.randn(4, 3, 12, 12) + i for i in range(3)]
+    assert recalibrate_batchnorm(model, batches, num_images=12) == 12
+    bn = model.layer1[0].n1
+    assert bn.momentum == 0.1 and not model.training  # restored
+    recalibrated = bn.running_mean.clone()
+    acts: list[torch.Tensor] = []
+    handle = model.layer1[0].conv1.register_forward_hook(lambda m, i, o: acts.append(o.mean(dim=(0, 2, 3))))
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    handle.remove()
+    torch.testing.assert_close(recalibrated, torch.stack(acts).mean(0), rtol=1e-4, atol=1e-5)
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    code = {np.uint8: 0x08}[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
+    bundle = load_data("fashion-mnist", root=tmp_path, subset=8)
+    assert (len(bundle.train), len(bundle.val), bundle.num_classes, bundle.in_chans) == (8, 8, 10, 1)
+    image, label = bundle.train[0]
+    assert image.size == (28, 28) and image.mode == "L" and 0 <= label < 10
+    broken = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    broken.write_bytes(gzip.compress(gzip.decompress(broken.read_bytes())[:-3]))
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(broken)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_system_package_is_found() -> None:
+    bundle = load_data("fashion-mnist", subset=100)
+    assert bundle.source == str(FASHION_MNIST_SYSTEM_DIR) and bundle.image_size == (28, 28)
+    assert len(bundle.train) == 100 and bundle.classes[9] == "Ankle boot"
+
+
+def _run_example(name: str, argv: list[str]) -> dict[str, float]:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        module = __import__(name)
+        return module.main(argv)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_plain_pytorch_example(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", train=4, val=2)
+    out = tmp_path / "plain.safetensors"
+    result = _run_example(
+        "plain_pytorch", ["--data", str(data), "--subset", "12", "--batch-size", "6", "--out", str(out)]
+    )
+    shared = sharify.sharify(torchvision.models.resnet18(num_classes=3), example_inputs=EXAMPLE)
+    from safetensors.torch import load_file
+
+    shared.load_state_dict(load_file(str(out)))
+    assert 0 <= result["top1"] <= 100
+
+
+def test_timm_style_example_with_checkpoint_saver(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", train=4, val=2)
+    out = tmp_path / "ckpt"
+    _run_example(
+        "timm_style",
+        [
+            "--data",
+            str(data),
+            "--subset",
+            "12",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--grad-checkpointing",
+            "non-reentrant",
+        ],
+    )
+    saved = torch.load(out / "model_best.pth.tar", map_location="cpu", weights_only=False)
+    model = sharify.sharify(timm.create_model("resnet18", num_classes=3), example_inputs=EXAMPLE)
+    model.load_state_dict(saved["state_dict"])  # timm's saver output loads into a sharified model
+    ema = sharify.sharify(timm.create_model("resnet18", num_classes=3), example_inputs=EXAMPLE)
+    ema.load_state_dict(saved["state_dict_ema"])
+    assert "sharify_shared.layer4.conv2.weight" in saved["state_dict"]
+
+
+def test_named_datasets_without_files_say_how_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"download=True"):
+        load_data("cifar10", root=tmp_path)
+    with pytest.raises(DataError, match="--data-root"):
+        load_data("cifar100")
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        load_data("fashion-mnist", root=tmp_path)
+
+
+def test_baseline_without_sharing_uses_the_same_model_object() -> None:
+    own = TinyNet(num_classes=4)
+    net, model = prepare_model(own, num_classes=3, share=False)
+    assert net is model and not sharify.shared_groups(model) and model.fc.out_features == 3

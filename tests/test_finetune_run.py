@@ -1,0 +1,250 @@
+"""``sharify finetune`` and :func:`sharify.train.finetune`: smoke run, exact resume, final weights, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from finetune_utils import TinyNet, make_image_folder
+from safetensors.torch import load_file
+
+import sharify
+from sharify.cli import main
+from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, latest_checkpoint, load_data
+
+EXAMPLE = torch.zeros(1, 3, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, train=8, val=4)
+
+
+def _tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
+
+
+def _config(out: Path, **kw: object) -> FinetuneConfig:
+    base = {
+        "out": out,
+        "epochs": 2,
+        "batch_size": 4,
+        "workers": 0,
+        "lr": 0.05,
+        "warmup_epochs": 0.5,
+        "ema_decay": 0.9,
+        "quiet": True,
+        "device": "cpu",
+    }
+    return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
+    data = load_data(data_dir)
+    # one worker process: its augmentation seeds must also follow (seed, epoch) for the resume to be exact
+    full = finetune(_tiny(), data, _config(tmp_path / "full", workers=1))
+
+    def interrupt(epoch: int, update: int) -> None:
+        if epoch == 2 and update == 8:  # in the middle of epoch 2 (6 updates per epoch)
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        finetune(_tiny(), data, _config(tmp_path / "cut", workers=1), on_update=interrupt)
+    assert latest_checkpoint(tmp_path / "cut").name == "epoch-0001"  # the last complete epoch survived
+    with pytest.raises(ValueError, match="--resume"):
+        finetune(_tiny(), data, _config(tmp_path / "cut"))  # never overwrites a run by accident
+    resumed = finetune(_tiny(), data, _config(tmp_path / "cut", workers=1, resume=True))
+
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    ea, eb = full.ema_model.state_dict(), resumed.ema_model.state_dict()  # type: ignore[union-attr]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    lines = [json.loads(s) for s in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in full.metrics]
+    final = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert all(torch.equal(final[k], b[k]) for k in b)
+
+
+def test_final_weights_restore_exactly_into_a_sharified_model(data_dir: Path, tmp_path: Path) -> None:
+    original = TinyNet()
+    model = sharify.sharify(original, example_inputs=EXAMPLE)
+    result = finetune(
+        model,
+        data_dir,
+        _config(tmp_path, epochs=1, ema_decay=None, bn_recalibrate=8, eval_before=True),
+        original=original,
+    )
+    fresh = sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    x = torch.randn(2, 3, 12, 12)
+    assert torch.equal(fresh.eval()(x), result.model.eval()(x))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["params_after"] == sum(p.numel() for p in model.parameters()) < report["params_before"]
+    assert [m["epoch"] for m in result.metrics] == [0, 1]  # eval_before logs epoch 0
+    assert {"top1", "top5", "val_loss", "train_loss", "images_per_s", "params", "epoch_seconds"} <= set(result.final)
+
+
+def test_cli_checkpoint_of_another_architecture_is_a_clear_error(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    original = timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64))
+    ckpt = tmp_path / "original.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in original.state_dict().items()}}, ckpt)
+    args = [
+        "finetune",
+        "--model",
+        "timm:resnet18",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--subset",
+        "12",
+        "--quiet",
+    ]
+    # timm's resnet18 at 64 channels does not fit a checkpoint of 8..64 channels: a clear error, exit 2
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(ckpt) in err and "does not fit" in err
+
+
+def test_cli_finetune_runs_and_writes_its_outputs(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [
+        "finetune",
+        "--model",
+        "timm:resnet18",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--subset",
+        "12",
+        "--quiet",
+        "--layer-decay",
+        "0.8",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-3",
+    ]
+    assert main(args) == 0
+    assert {p.name for p in out.iterdir()} >= {
+        "report.json",
+        "report.md",
+        "metrics.jsonl",
+        "model.safetensors",
+        "checkpoints",
+    }
+    metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["train_images"] == 12 and metrics[0]["val_images"] == 12
+    report = json.loads((out / "report.json").read_text())
+    assert report["params_after"] == metrics[0]["params"] < report["params_before"]
+    state = load_file(str(out / "model.safetensors"))
+    assert "sharify_shared.layer1.conv2.weight" in state and "layer1.1.conv2.weight" not in state
+
+
+def test_cli_original_checkpoint_and_no_sharify(data_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trained = timm.create_model("resnet18", num_classes=3)
+    torch.save(trained.state_dict(), tmp_path / "original.pth")
+    common = ["--model", "timm:resnet18", "--data", str(data_dir), "--epochs", "1", "--batch-size", "6"]
+    common += ["--workers", "0", "--subset", "6", "--quiet", "--lr", "1e-9", "--weight-decay", "0"]
+    assert (
+        main(["finetune", *common, "--checkpoint", str(tmp_path / "original.pth"), "--out", str(tmp_path / "a")]) == 0
+    )
+    state = load_file(str(tmp_path / "a" / "model.safetensors"))
+    members = (trained.layer2[0].conv2.weight + trained.layer2[1].conv2.weight) / 2
+    torch.testing.assert_close(state["sharify_shared.layer2.conv2.weight"], members, atol=1e-6, rtol=0)  # lr ~ 0
+    assert main(["finetune", *common, "--no-sharify", "--out", str(tmp_path / "b")]) == 0
+    plain = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert "layer2.1.conv2.weight" in plain and not any(k.startswith("sharify_shared") for k in plain)
+    assert not (tmp_path / "b" / "report.json").exists()
+
+
+def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("sharify: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
+    assert "does not exist" in _cli_error([*base, "--data", str(tmp_path / "nope")], capsys)
+    (tmp_path / "flat").mkdir()
+    assert "train/<class>" in _cli_error([*base, "--data", str(tmp_path / "flat")], capsys)
+    assert "--num-classes 3" in _cli_error([*base, "--data", str(data_dir), "--num-classes", "5"], capsys)
+    bad_model = ["finetune", "--model", "resnet_does_not_exist", "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    assert "unknown model" in _cli_error(bad_model, capsys)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    assert str(corrupt) in _cli_error([*base, "--data", str(data_dir), "--checkpoint", str(corrupt)], capsys)
+    assert "--resume" in _cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
+
+
+def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:
+    data = load_data(data_dir)
+    finetune(_tiny(), data, _config(tmp_path, epochs=1))
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        torch.manual_seed(0)
+        other = sharify.sharify(TinyNet(width=4), example_inputs=EXAMPLE)
+        finetune(other, data, _config(tmp_path, epochs=2, resume=True))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=rf"{weights}.*corrupt.*delete"):
+        finetune(_tiny(), data, _config(tmp_path, epochs=2, resume=True))
+
+
+def test_class_count_mismatch_is_a_data_error(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--num-classes 3"):
+        finetune(sharify.sharify(TinyNet(num_classes=10), example_inputs=EXAMPLE), data_dir, _config(tmp_path))
+
+
+def test_lambda_r_uses_sharify_orthogonality_loss_when_present(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hasattr(sharify, "orthogonality_loss"):
+        with pytest.raises(ValueError, match="orthogonality_loss"):
+            finetune(_tiny(), data_dir, _config(tmp_path / "a", epochs=1, lambda_r=0.1))
+    calls: list[torch.nn.Module] = []
+
+    def fake_loss(model: torch.nn.Module) -> torch.Tensor:
+        calls.append(model)
+        return model.sharify_shared.layer1.conv2.weight.square().sum()
+
+    monkeypatch.setattr(sharify, "orthogonality_loss", fake_loss, raising=False)
+    cfg = _config(tmp_path / "b", epochs=1, ema_decay=None, augment=False, lambda_r=10.0, weight_decay=0.0)
+    shrunk = finetune(_tiny(), data_dir, cfg).model.sharify_shared.layer1.conv2.weight
+    plain = finetune(
+        _tiny(), data_dir, _config(tmp_path / "c", epochs=1, ema_decay=None, augment=False, weight_decay=0.0)
+    ).model.sharify_shared.layer1.conv2.weight
+    assert len(calls) == 6  # once per micro-batch (24 images / 4)
+    assert shrunk.norm() < 0.5 * plain.norm()  # the regulariser's gradient reached the shared tensor
