@@ -42,7 +42,7 @@ def add_sharing_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=["share", "basis"], help="share whole convs (default) or filter bases")
     g.add_argument("--shared-rank", type=int, help="basis: shared filters per 64 channels")
     g.add_argument("--unique-rank", type=int, help="basis: unique filters per 64 channels")
-    g.add_argument("--init", help="share: average (default), first, random; basis: orthogonal (default), svd")
+    g.add_argument("--init", help="share: average (default), first, random, scaled; basis: orthogonal (default), svd")
     g.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
 
