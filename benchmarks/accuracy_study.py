@@ -1,0 +1,275 @@
+"""Does sharing keep the accuracy? Fashion-MNIST, CPU: the cost of sharify on a trained model, and what
+fine-tuning buys back, per initialisation; plus the papers' equal-budget comparisons.
+
+    python -m benchmarks.accuracy_study                    # the full study (budget: see --help defaults)
+    python -m benchmarks.accuracy_study --smoke            # a ~1 minute run of every step on a tiny subset
+
+Steps (one command, every run through ``sharify.train.finetune``):
+
+1. **Baseline**: He et al.'s CIFAR ResNet (``--depth``, 3 stages of ``--width``/2x/4x channels, 1 input
+   channel) trained from scratch for ``--baseline-epochs``.
+2. **Variants**: the trained baseline sharified with each initialisation, evaluated before any update
+   (epoch 0) and after each of ``--finetune-epochs`` epochs of one fine-tuning schedule (the same for all):
+   ``random``, ``first``, ``average``, ``average`` + BatchNorm re-calibration, ``scaled`` (per-member channel
+   gains folded into the BatchNorms), and ``method="basis"`` with ``init="svd"`` at ranks giving a similar
+   parameter count.
+3. **Equal budget**: the sharified architecture trained from scratch with the baseline's schedule, and a
+   shallower plain ResNet (``--depth - 6``) with about the sharified model's parameter count.
+
+Writes ``--out`` (default ``benchmarks/results/accuracy_study/``): ``accuracy_study.md`` (table),
+``accuracy_study.png`` (accuracy vs fine-tune epochs per init; accuracy vs parameters), ``study.json``
+(configuration, seeds, command, machine, all metrics) and each run's ``metrics.jsonl``/``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import sharify
+from benchmarks.cifar_models import cifar_resnet
+from sharify.train import DataBundle, finetune, load_data
+
+RESULTS = Path(__file__).parent / "results" / "accuracy_study"
+
+
+@dataclass
+class Run:
+    name: str
+    kind: str  # "baseline" | "variant" | "scratch"
+    params: int
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def top1(self, epoch: int) -> float | None:
+        return next((m["top1"] for m in self.metrics if m["epoch"] == epoch), None)
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
+    """(name, sharify options, BatchNorm re-calibration images) of the fine-tuned variants."""
+    basis = {"method": "basis", "positions": ("last_spatial",), "init": "svd",
+             "shared_rank": args.shared_rank, "unique_rank": args.unique_rank}  # fmt: skip
+    return [
+        ("random", {"init": "random"}, 0),
+        ("first", {"init": "first"}, 0),
+        ("average", {"init": "average"}, 0),
+        ("average + BN recal.", {"init": "average"}, args.bn_images),
+        ("scaled", {"init": "scaled"}, 0),
+        (f"basis S{args.shared_rank}U{args.unique_rank} (svd)", basis, 0),
+    ]
+
+
+def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, args: argparse.Namespace,
+           *, epochs: int, lr: float, original: nn.Module | None = None, eval_before: bool = False,
+           bn_recalibrate: int = 0, options: dict[str, Any] | None = None) -> Run:  # fmt: skip
+    run_dir = out / "runs" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    result = finetune(
+        model, data, out=run_dir, epochs=epochs, lr=lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        warmup_epochs=0, seed=args.seed, eval_before=eval_before, bn_recalibrate=bn_recalibrate,
+        original=original, quiet=True, workers=args.workers, keep_checkpoints=1, device="cpu",
+        lambda_r=args.lambda_r if (options or {}).get("method") == "basis" else 0.0,
+    )  # fmt: skip
+    run = Run(name, kind, sum(p.numel() for p in result.model.parameters()), result.metrics,
+              time.perf_counter() - start, options or {})  # fmt: skip
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # weights are not results; metrics are
+    accs = ", ".join(f"e{m['epoch']} {m['top1']:.2f}" for m in run.metrics)
+    print(
+        f"[{time.strftime('%H:%M:%S')}] {name}: params {run.params:,}, top-1 {accs} ({run.seconds:.0f} s)", flush=True
+    )
+    return run
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    data = load_data("fashion-mnist", root=args.data_root, subset=args.subset, val_subset=args.val_subset,
+                     seed=args.seed)  # fmt: skip
+    x = torch.empty(1, 1, *data.image_size) if data.image_size else None
+    out: Path = args.out
+    runs: list[Run] = []
+
+    baseline_model = cifar_resnet(args.depth, num_classes=data.num_classes, in_chans=1, width=args.width)
+    baseline = _train("baseline", "baseline", baseline_model, data, out, args, epochs=args.baseline_epochs, lr=args.lr)
+    runs.append(baseline)
+    trained = baseline_model.eval()
+
+    for name, options, bn_images in variants(args):
+        shared = sharify.sharify(copy.deepcopy(trained), example_inputs=x, **options)
+        runs.append(_train(name, "variant", shared, data, out, args, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                           original=trained, eval_before=True, bn_recalibrate=bn_images, options=options))  # fmt: skip
+
+    torch.manual_seed(args.seed)
+    scratch = sharify.sharify(cifar_resnet(args.depth, num_classes=data.num_classes, in_chans=1, width=args.width),
+                              example_inputs=x, init="random")  # fmt: skip
+    runs.append(_train("shared, from scratch", "scratch", scratch, data, out, args, epochs=args.baseline_epochs,
+                       lr=args.lr, options={"init": "random"}))  # fmt: skip
+    torch.manual_seed(args.seed)
+    shallow = cifar_resnet(args.depth - 6, num_classes=data.num_classes, in_chans=1, width=args.width)
+    runs.append(_train(f"plain ResNet-{args.depth - 6}, from scratch", "scratch", shallow, data, out, args,
+                       epochs=args.baseline_epochs, lr=args.lr))  # fmt: skip
+    return {"runs": runs, "data": data}
+
+
+def _machine() -> dict[str, Any]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"python": platform.python_version(), "torch": torch.__version__, "sharify": sharify.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_at_end": load}  # fmt: skip
+
+
+def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, command: str, seconds: float) -> None:
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = runs[0]
+    base_acc = base.top1(args.baseline_epochs) or 0.0
+    epochs = sorted({0, 1, 2, args.finetune_epochs} & set(range(args.finetune_epochs + 1)))
+    lines = [
+        "# Accuracy study: sharify on a trained ResNet, Fashion-MNIST, CPU",
+        "",
+        f"Command: `{command}`  ",
+        f"Total wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
+        f"(load average at the end: {_machine()['load_avg_at_end']}).",
+        "",
+        f"Data: Fashion-MNIST ({len(data.train):,} train / {len(data.val):,} test images, {data.source}). "
+        f"Model: CIFAR ResNet-{args.depth} (width {args.width}, 1 input channel). Seed {args.seed}.",
+        f"Baseline: {args.baseline_epochs} epochs from scratch, SGD (timm, Nesterov) lr {args.lr} cosine, batch "
+        f"{args.batch_size}, weight decay {args.weight_decay}, random crop + flip. Fine-tuning: {args.finetune_epochs} "
+        f"epochs, same recipe with lr {args.finetune_lr}; accuracy is top-1 on the test set after each epoch "
+        "(epoch 0 = right after sharifying, before any update).",
+        "",
+        f"Baseline top-1: **{base_acc:.2f} %** with {base.params:,} parameters ({base.seconds / 60:.1f} min).",
+        "",
+        "| variant | params | fewer params | "
+        + " | ".join(f"top-1 after {e} ep." for e in epochs)
+        + f" | vs baseline after {args.finetune_epochs} ep. | wall time |",
+        "|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|",
+    ]
+    for run in runs[1:]:
+        if run.kind == "variant":
+            accs = [run.top1(e) for e in epochs]
+            final = run.top1(args.finetune_epochs)
+        else:
+            accs = [None] * (len(epochs) - 1) + [run.top1(args.baseline_epochs)]
+            final = run.top1(args.baseline_epochs)
+        cells = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
+        delta = "-" if final is None else f"{final - base_acc:+.2f} pp"
+        lines.append(f"| {run.name} | {run.params:,} | {1 - run.params / base.params:.1%} | {cells} | {delta} "
+                     f"| {run.seconds / 60:.1f} min |")  # fmt: skip
+    lines += ["", "Rows 'from scratch' are trained with the baseline's schedule; their accuracy is in the last column.",
+              "Raw per-epoch metrics: `runs/*/metrics.jsonl`; everything in `study.json`."]  # fmt: skip
+    summary = _summary(args, runs, base_acc)
+    lines += ["", "## Findings (computed from the table)", "", *summary]
+    (out / "accuracy_study.md").write_text("\n".join(lines) + "\n")
+    payload = {
+        "command": command, "seconds": seconds, "machine": _machine(),
+        "args": {k: str(v) for k, v in vars(args).items()}, "runs": [{**vars(r)} for r in runs],
+    }  # fmt: skip
+    (out / "study.json").write_text(json.dumps(payload, indent=2, default=str))
+    _plot(args, runs, out / "accuracy_study.png")
+
+
+def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float) -> list[str]:
+    variants_ = [r for r in runs if r.kind == "variant"]
+    lines = []
+    best = max(variants_, key=lambda r: r.top1(args.finetune_epochs) or 0.0)
+    gap = base_acc - (best.top1(args.finetune_epochs) or 0.0)
+    lines.append(f"- Best sharified variant after {args.finetune_epochs} fine-tune epochs: **{best.name}**, "
+                 f"{best.top1(args.finetune_epochs):.2f} % ({-gap:+.2f} pp vs baseline) with "
+                 f"{1 - best.params / runs[0].params:.1%} fewer parameters; target: within 0.5 pp "
+                 f"-> {'met' if gap <= 0.5 else 'NOT met'}.")  # fmt: skip
+    by = {r.name: r for r in variants_}
+    if "scaled" in by and "average" in by:
+        s0, a0 = by["scaled"].top1(0), by["average"].top1(0)
+        lines.append(f"- Before fine-tuning: scaled {s0:.2f} % vs average {a0:.2f} % "
+                     f"-> scaled {'beats' if s0 > a0 else 'does NOT beat'} average.")  # fmt: skip
+    if "random" in by:
+        r0 = by["random"].top1(0) or 0.0
+        worse = [r.name for r in variants_ if r.name != "random" and (r.top1(0) or 0.0) <= r0]
+        verdict = "every other init beats it." if not worse else f"NOT beaten by: {', '.join(worse)}."
+        lines.append(f"- Random init before fine-tuning: {r0:.2f} %; {verdict}")
+    return lines
+
+
+def _plot(args: argparse.Namespace, runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    base_acc = runs[0].top1(args.baseline_epochs)
+    for run in runs:
+        if run.kind == "variant":
+            pts = [(m["epoch"], m["top1"]) for m in run.metrics]
+            ax1.plot(*zip(*pts), marker="o", label=run.name)
+    if base_acc is not None:
+        ax1.axhline(base_acc, color="k", ls="--", label="baseline")
+    ax1.set(xlabel="fine-tune epochs", ylabel="test top-1 (%)", title="Accuracy after sharifying a trained model")
+    ax1.legend(fontsize=8)
+    for run in runs:
+        final = run.top1(args.finetune_epochs if run.kind == "variant" else args.baseline_epochs)
+        if final is not None:
+            ax2.scatter(run.params / 1e3, final, marker="*" if run.kind == "baseline" else "o")
+            ax2.annotate(run.name, (run.params / 1e3, final), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax2.set(xlabel="parameters (thousands)", ylabel="test top-1 (%)", title="Accuracy vs parameters (end of training)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--subset", type=int, default=None, help="training images (default: all 60,000)")
+    p.add_argument("--val-subset", type=int, default=None, help="test images (default: all 10,000)")
+    p.add_argument("--baseline-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--bn-images", type=int, default=1024, help="images for BatchNorm re-calibration")
+    p.add_argument("--shared-rank", type=int, default=24, help="basis variant: shared filters per 64 channels")
+    p.add_argument("--unique-rank", type=int, default=8, help="basis variant: unique filters per 64 channels")
+    p.add_argument("--lambda-r", type=float, default=10.0, help="orthogonality regulariser of the basis variant")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--smoke", action="store_true", help="tiny subsets and 1 epoch each: checks every step quickly")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.smoke:
+        args.depth, args.width = 14, 8
+        args.subset, args.val_subset = args.subset or 256, args.val_subset or 256
+        args.baseline_epochs, args.finetune_epochs, args.bn_images = 1, 1, 64
+    command = "python -m benchmarks.accuracy_study " + " ".join(argv if argv is not None else sys.argv[1:])
+    start = time.perf_counter()
+    study = run_study(args)
+    write_results(args, study["runs"], study["data"], command.strip(), time.perf_counter() - start)
+    print((args.out / "accuracy_study.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
