@@ -79,6 +79,19 @@ class BasisConv2d(nn.Module):
             self.norm.running_var.fill_(1 - self.norm.eps)  # type: ignore[union-attr]
 
 
+def _top_right_singular(m: Tensor, k: int, avoid: Tensor | None = None) -> Tensor:
+    """``k`` orthonormal rows: the top right singular vectors of ``m``, completed (orthogonally to
+    them and to the rows of ``avoid``) when ``m`` has fewer than ``k`` rows."""
+    vh = torch.linalg.svd(m, full_matrices=False)[2][:k]
+    if vh.shape[0] >= k:
+        return vh
+    known = vh if avoid is None else torch.cat([vh, avoid])
+    g = torch.Generator(device="cpu").manual_seed(0)
+    extra = torch.randn(k - vh.shape[0], m.shape[1], generator=g, dtype=m.dtype).to(m.device)
+    extra = extra - (extra @ known.T) @ known
+    return torch.cat([vh, torch.linalg.qr(extra.T)[0].T])
+
+
 def svd_bases(
     weights: Sequence[Tensor], shared_rank: int, unique_rank: int
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -95,11 +108,11 @@ def svd_bases(
         each basis are orthonormal; coefficients are the least-squares fit of the member's filters.
     """
     mats = [w.detach().flatten(1).double() for w in weights]
-    shared = torch.linalg.svd(torch.cat(mats), full_matrices=True)[2][:shared_rank]
+    shared = _top_right_singular(torch.cat(mats), shared_rank)
     uniques, coeffs = [], []
     for w in mats:
         residual = w - (w @ shared.T) @ shared  # what the shared basis misses of this member
-        unique = torch.linalg.svd(residual, full_matrices=True)[2][:unique_rank]
+        unique = _top_right_singular(residual, unique_rank, avoid=shared)
         basis = torch.cat([unique, shared])
         uniques.append(unique)
         coeffs.append(torch.linalg.lstsq(basis.T, w.T).solution.T)
