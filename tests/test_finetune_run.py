@@ -87,6 +87,8 @@ def test_final_weights_restore_exactly_into_a_sharified_model(data_dir: Path, tm
     fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
     x = torch.randn(2, 3, 12, 12)
     assert torch.equal(fresh.eval()(x), result.model.eval()(x))
+    restored = sharify.load(tmp_path / "model.safetensors", TinyNet())  # the recipe re-applies the sharing
+    assert torch.equal(restored.eval()(x), result.model.eval()(x))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["params_after"] == sum(p.numel() for p in model.parameters()) < report["params_before"]
     assert [m["epoch"] for m in result.metrics] == [0, 1]  # eval_before logs epoch 0

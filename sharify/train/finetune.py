@@ -8,8 +8,10 @@ into ``config.out``:
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
   ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
 * ``checkpoints/epoch-NNNN/``: the newest complete epoch (:mod:`sharify.train.checkpoint`);
-* ``model.safetensors`` (and ``model_ema.safetensors``): the final weights, which
-  ``load_state_dict`` into an identically sharified model restores exactly.
+* ``model.safetensors`` (and ``model_ema.safetensors``): the final weights, written by
+  :func:`sharify.save` with the sharing recipe in the header, so ``sharify.load(path)`` (or
+  ``sharify.load(path, model=...)`` for a model of your own) rebuilds the trained model, and
+  ``load_state_dict`` into an identically sharified model restores it exactly.
 
 With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. Under ``torchrun`` every
@@ -32,8 +34,9 @@ from torch import nn
 
 from ..layers import shared_groups
 from ..report import report
+from ..serialization import save
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
@@ -336,10 +339,11 @@ def _run(
         barrier(ctx)
 
     if ctx.is_main:
-        meta = {"format": "sharify-finetune", "epochs": str(config.epochs)}
-        save_weights(module.state_dict(), out / "model.safetensors", meta)
+        # sharify.save: atomic, and the recipe in the header lets sharify.load(path) rebuild the model
+        meta = {"sharify-finetune-epochs": str(config.epochs)}
+        save(module, out / "model.safetensors", metadata=meta)
         if ema is not None:
-            save_weights(ema.module.state_dict(), out / "model_ema.safetensors", meta)
+            save(ema.module, out / "model_ema.safetensors", metadata=meta)
     barrier(ctx)
     return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
 
