@@ -16,9 +16,14 @@ def _blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_python_api_example_runs() -> None:
+def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
     api = next(b for b in _blocks("python") if "sharify.plan(model)" in b)
-    exec(compile(api, "README.md", "exec"), {})
+    exec(compile(api, "README.md", "exec"), namespace)
+    persistence = next(b for b in _blocks("python") if "sharify.save(" in b)
+    exec(compile(persistence, "README.md", "exec"), namespace)  # continues with the API example's model
+    assert namespace["problems"] == [] and (tmp_path / "r34_shared.safetensors").exists()
 
 
 def test_readme_commands_are_the_ci_commands() -> None:
