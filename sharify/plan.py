@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .options import Rank, Selector, SharingOptions, resolve_options
-from .residual import Block, Stage, find_stages
+from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
@@ -219,7 +219,10 @@ def make_plan(
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     traced = trace(model, leaf_modules)
-    shapes = propagate_shapes(model, traced.graph, example_inputs)
+    # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
+    shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
     _, stages = find_stages(traced.graph, model)
     modules = dict(model.named_modules())
 

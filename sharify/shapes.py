@@ -7,6 +7,7 @@ wraps them without copying, so analysis memory does not grow with the model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,13 +108,18 @@ def _conv2d_output(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-3], conv.out_channels, *size))
 
 
+class _Stop(Exception):
+    """Raised after the last node whose shape is needed."""
+
+
 class _FakePropagation(fx.Interpreter):
     """Fake-tensor interpreter that survives failing nodes: their dependents get no shape."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+    def __init__(self, model: nn.Module, graph: fx.Graph, stop_after: fx.Node | None = None) -> None:
         super().__init__(model, graph=graph)
         self.unknown: set[fx.Node] = set()
         self.failure: tuple[fx.Node, BaseException] | None = None
+        self.stop_after = stop_after
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         # Norms and activations keep their input's shape and plain convs follow a formula; running
@@ -139,6 +145,8 @@ class _FakePropagation(fx.Interpreter):
             return None
         if isinstance(result, Tensor):
             n.meta["val"] = result
+        if n is self.stop_after:
+            raise _Stop
         return result
 
 
@@ -167,9 +175,9 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propagation:
-    interpreter = _FakePropagation(model, graph)
-    with eval_mode(model):
+def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], stop_after: fx.Node | None) -> Propagation:
+    interpreter = _FakePropagation(model, graph, stop_after)
+    with eval_mode(model), contextlib.suppress(_Stop):
         interpreter.run(*fake)
     failure = None
     if interpreter.failure is not None:
@@ -184,7 +192,11 @@ def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propaga
 
 
 def propagate_shapes(
-    model: nn.Module, graph: fx.Graph, example_inputs: Tensor | Sequence[Tensor] | None
+    model: nn.Module,
+    graph: fx.Graph,
+    example_inputs: Tensor | Sequence[Tensor] | None,
+    *,
+    stop_after: fx.Node | None = None,
 ) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
 
@@ -193,6 +205,7 @@ def propagate_shapes(
         graph: Its graph.
         example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes` in turn and
             keeps the first that reaches every conv.
+        stop_after: The last node whose shape is needed (``None``: all); later nodes are not run.
 
     Returns:
         The inputs used and where propagation stopped, if it did.
@@ -215,12 +228,12 @@ def propagate_shapes(
             candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
         results = []
         for fake in candidates:
-            results.append(_run(model, graph, fake))
+            results.append(_run(model, graph, fake, stop_after))
             if results[-1].convs_without_shape == 0:
                 break
         best = min(results, key=lambda r: r.convs_without_shape)
         if best is not results[-1]:
-            _run(model, graph, best.inputs)  # restore its node values
+            _run(model, graph, best.inputs, stop_after)  # restore its node values
     convs = sum(
         1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d)
     )

@@ -6,8 +6,11 @@ fix is checked without building zoo models.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+import sharify
 
 
 class _Block(nn.Module):
@@ -49,3 +52,58 @@ def test_parameters_read_in_forward_trace_to_the_same_get_attr_nodes_as_fx() -> 
     theirs = [n.target for n in fx.Tracer().trace(model).nodes if n.op == "get_attr"]
     # A tied parameter gets one node, named by its first path in named_parameters() (the root's own first).
     assert ours == theirs == ["gammas.0", "tied", "gammas.2"]
+
+
+class _FixedSizeHead(nn.Module):
+    """Residual stages followed by a head that only accepts 8x8 feature maps (flatten + Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(8), _Block(8), _Block(8))
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.blocks(self.stem(x)), 1))
+
+
+def test_head_after_the_last_stage_is_not_shape_propagated() -> None:
+    # The default analysis input is 224 px, which the head rejects; the stages do not care.
+    model = _FixedSizeHead()
+    plan = sharify.plan(model)
+    assert [g.members for g in plan.groups] == [("blocks.0.conv2", "blocks.1.conv2", "blocks.2.conv2")]
+    assert plan.notes == ()  # the head is never run, so no "shape propagation stopped" note
+    shared = sharify.sharify(model)
+    assert sharify.report(model, shared).params_after == plan.params_after
+    assert shared(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+class _DataDependentMixer(nn.Module):
+    """A transformer-like block whose forward cannot run on fake tensors (data-dependent shape)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.nonzero(x[0, :, 0] > 0).shape[0]  # data-dependent: unknown to fake tensors
+        return x + self.fc(x) * keep
+
+
+class _PatchTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.blocks = nn.Sequential(_DataDependentMixer(16), _DataDependentMixer(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+
+
+def test_model_without_conv_branches_is_refused_without_running_it() -> None:
+    # No add has a conv on one side only, so shape propagation (which would fail here) is not needed.
+    model = _PatchTransformer()
+    plan = sharify.plan(model)
+    assert plan.groups == () and plan.stages == () and plan.notes == ()
+    with pytest.raises(sharify.NothingToShareError, match="no residual blocks found"):
+        sharify.sharify(model)
