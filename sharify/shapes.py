@@ -8,6 +8,7 @@ wraps them without copying, so analysis memory does not grow with the model.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import SharifyError
 from .tracing import eval_mode, module_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
@@ -155,7 +158,7 @@ class Propagation:
     """Outcome of :func:`propagate_shapes`.
 
     Attributes:
-        inputs: The example inputs used (fake tensors).
+        inputs: The example inputs used (fake tensors, or meta tensors for a meta-device model).
         failure: Where propagation stopped, as a message (``None`` when every node got a value).
             Nodes depending on the failing one have no ``meta["val"]``.
         convs_without_shape: Conv calls left without a shape by the failure: their stages are not
@@ -191,6 +194,12 @@ def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], stop_after
     return Propagation(fake, failure, unknown_convs)
 
 
+def _on_meta(model: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``model`` is on the meta device (a model built there)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return bool(tensors) and all(t.is_meta for t in tensors)
+
+
 def propagate_shapes(
     model: nn.Module,
     graph: fx.Graph,
@@ -199,6 +208,9 @@ def propagate_shapes(
     stop_after: fx.Node | None = None,
 ) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
+
+    A model whose parameters and buffers are all on the meta device runs on meta tensors instead
+    (faster), and on fake tensors where that fails.
 
     Args:
         model: The traced model (it is not modified).
@@ -219,9 +231,20 @@ def propagate_shapes(
             tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         )
         _check_inputs(model, inputs)
+    device, dtype = _param_device(model)
+    if _on_meta(model):
+        # A model built on the meta device runs on meta tensors directly: no fake-tensor dispatch, several
+        # times faster. What meta tensors cannot run (a copy to the CPU, ...) is retried with fake tensors.
+        metas = [tuple(x.to("meta") for x in inputs)] if given else [
+            (torch.empty(s, device="meta", dtype=dtype),) for s in default_input_shapes(model)
+        ]  # fmt: skip
+        for meta in metas:
+            result = _run(model, graph, meta, stop_after)
+            if result.failure is None:
+                return result
+            logger.debug("meta-device shape propagation stopped at %s; retrying with fake tensors", result.failure)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        device, dtype = _param_device(model)
         if given:  # on the model's device (a meta-device model takes CPU example inputs)
             candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:

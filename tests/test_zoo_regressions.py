@@ -6,6 +6,8 @@ fix is checked without building zoo models.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,36 @@ def test_model_without_conv_branches_is_refused_without_running_it() -> None:
     assert plan.groups == () and plan.stages == () and plan.notes == ()
     with pytest.raises(sharify.NothingToShareError, match="no residual blocks found"):
         sharify.sharify(model)
+
+
+def _plan_summary(plan: sharify.SharingPlan) -> tuple:
+    return plan.params_after, [(g.key, g.members) for g in plan.groups], [(s.path, s.shape) for s in plan.stages]
+
+
+def test_meta_device_model_plans_like_the_real_one() -> None:
+    # Models built on the meta device are propagated on meta tensors (no fake-tensor dispatch).
+    import torchvision
+
+    real = torchvision.models.resnet18()
+    with torch.device("meta"):
+        meta = torchvision.models.resnet18()
+    assert _plan_summary(sharify.plan(meta)) == _plan_summary(sharify.plan(real))
+    assert sharify.report(meta, sharify.sharify(meta)).params_after == sharify.plan(real).params_after
+
+
+class _CopiesToCpu(_FixedSizeHead):
+    """A forward meta tensors cannot run (a round trip through the CPU); fake tensors can."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.fc(torch.flatten(self.blocks(x.cpu().to(x.device)), 1))
+
+
+def test_meta_model_that_meta_tensors_cannot_run_falls_back_to_fake_tensors(caplog: pytest.LogCaptureFixture) -> None:
+    with torch.device("meta"):
+        meta = _CopiesToCpu()
+    with caplog.at_level(logging.DEBUG, logger="sharify.shapes"):
+        plan = sharify.plan(meta)
+    assert "retrying with fake tensors" in caplog.text
+    assert _plan_summary(plan) == _plan_summary(sharify.plan(_CopiesToCpu()))
+    assert len(plan.groups) == 1
