@@ -218,6 +218,10 @@ def make_plan(
     """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
+        no_convs = ("the model has no Conv2d layers",)
+        return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
     traced = trace(model, leaf_modules)
     # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]

@@ -142,3 +142,24 @@ def test_meta_model_that_meta_tensors_cannot_run_falls_back_to_fake_tensors(capl
     assert "retrying with fake tensors" in caplog.text
     assert _plan_summary(plan) == _plan_summary(sharify.plan(_CopiesToCpu()))
     assert len(plan.groups) == 1
+
+
+class _UntraceableMixer(nn.Module):
+    """A conv-free transformer whose root forward has data-dependent control flow (not traceable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if x.sum() > 0:
+                x = x + block(x)
+        return x
+
+
+def test_model_without_convs_is_refused_without_tracing() -> None:
+    model = _UntraceableMixer()
+    assert sharify.plan(model).groups == ()
+    with pytest.raises(sharify.NothingToShareError, match=r"no residual blocks found.*has no Conv2d layers"):
+        sharify.sharify(model)
