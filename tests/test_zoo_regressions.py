@@ -163,3 +163,47 @@ def test_model_without_convs_is_refused_without_tracing() -> None:
     assert sharify.plan(model).groups == ()
     with pytest.raises(sharify.NothingToShareError, match=r"no residual blocks found.*has no Conv2d layers"):
         sharify.sharify(model)
+
+
+class _PoolMixerBlock(nn.Module):
+    """PoolFormer/MetaFormer-style block: pooling token mixer, then a pointwise-conv MLP."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)
+        self.fc1 = nn.Conv2d(c, 2 * c, 1)
+        self.fc2 = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + (self.pool(x) - x)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_pointwise_only_branches_are_refused_with_the_position_that_shares_them() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _PoolMixerBlock(8), _PoolMixerBlock(8))
+    with pytest.raises(sharify.NothingToShareError, match=r"only pointwise \(1x1\) convs.*positions=\['last'\]"):
+        sharify.sharify(model)
+    plan = sharify.plan(model, positions="last")
+    assert [g.members for g in plan.groups] == [("1.fc2", "2.fc2")]
+
+
+class _ReusedConvNet(nn.Module):
+    """CoaT-style: one conv module applied in every block (its weight is already shared)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(8, 8, 3, padding=1)
+        self.mlps = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for mlp in self.mlps:
+            x = x + self.pos(x)
+            x = x + mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
+
+
+def test_convs_reused_across_blocks_are_refused_as_already_shared() -> None:
+    with pytest.raises(sharify.NothingToShareError, match="called more than once per forward"):
+        sharify.sharify(_ReusedConvNet())
