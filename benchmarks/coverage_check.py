@@ -19,10 +19,12 @@ back-propagates through the sharified one.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 import sharify
 from sharify.layers import shared_groups
-from sharify.plan import ConvSignature, is_depthwise, is_spatial
+from sharify.rules import ConvSignature, is_depthwise, is_spatial
 from sharify.zoo import ModelSource, build_model
 
 __all__ = ["ModelResult", "check_model", "family_of", "variant_of"]
@@ -50,7 +52,7 @@ class ModelResult:
     outcome: str = "error"
     reason_kind: str = ""  # nothing-to-share: kind of refusal; error: exception type
     reason: str = ""
-    build: str = ""  # "meta" or "cpu" (device the analysed model was built on)
+    build: str = ""  # how the analysed model got onto the meta device (see _build_meta)
     traced: str = ""  # "yes", "auto-leaf: <paths>", or "no"
     input_shape: str = ""
     blocks: int = 0
@@ -62,6 +64,7 @@ class ModelResult:
     reduction: float = 0.0
     alternative: str = ""  # nothing-to-share with stages: what the option the reason suggests would share
     repeated_dense_convs: int = 0  # dense spatial convs whose signature another one in the model has too
+    convs_without_shape: int = 0  # conv calls shape propagation could not reach (not analysed)
     real_check: str = ""  # "passed", "skipped: ...", or "" when not applicable
     real_input: str = ""
     output_shape: str = ""
@@ -102,12 +105,18 @@ def _kind_of(exc: BaseException) -> str:
     if isinstance(exc, sharify.ExampleInputsError):
         return "input-shapes"
     if isinstance(exc, sharify.NothingToShareError):
+        if "has no Conv2d layers" in message:
+            return "no conv layers"
         if message.startswith("no residual blocks"):
             return "no residual blocks"
         if "no stage has two" in message:
             return "no multi-block stage"
         if "depthwise=True" in message:
             return "depthwise only"
+        if "only pointwise" in message:
+            return "pointwise only"
+        if "called more than once" in message:
+            return "convs reused across blocks"
         return "no same-signature convs"
     return type(exc).__name__
 
@@ -176,9 +185,14 @@ def _real_check(result: ModelResult, source: ModelSource, plan: sharify.SharingP
 
 
 def _alternative(model: nn.Module, plan: sharify.SharingPlan) -> str:
-    """Follows the hint of an empty plan (``depthwise=True``), else tries every spatial conv position."""
-    options: dict[str, Any] = {"depthwise": True} if "depthwise=True" in plan.empty_reason() else {}
-    options = options or {"positions": "all_spatial"}
+    """Follows the hint of an empty plan (``depthwise=True``, ``positions=['last']``), else tries every spatial
+    conv position."""
+    reason = plan.empty_reason()
+    options: dict[str, Any] = {"positions": "all_spatial"}
+    if "depthwise=True" in reason:
+        options = {"depthwise": True}
+    elif "positions=['last']" in reason:
+        options = {"positions": "last"}
     label = ", ".join(f"{k}={v!r}" for k, v in options.items())
     alt = sharify.plan(model, **options)
     return f"{label}: {len(alt.groups)} groups, -{alt.reduction:.1%}" if alt.groups else f"{label}: nothing"
@@ -195,10 +209,38 @@ def _repeated_dense_convs(model: nn.Module) -> int:
     return sum(n for n in signatures.values() if n > 1)
 
 
-def _build_meta(source: ModelSource) -> nn.Module:
-    with torch.device("meta"):
-        model, _ = build_model(source)
-    return model
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Every parameter and buffer a module registers is moved to the meta device right away, while the
+    builder's other tensors stay on the CPU (for builders that compute with tensors, e.g. torchvision's
+    RegNet widths, which fail under ``torch.device("meta")``)."""
+
+    def parameter(module: nn.Module, name: str, p: nn.Parameter | None) -> nn.Parameter | None:
+        return None if p is None else nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    def buffer(module: nn.Module, name: str, b: Tensor | None) -> Tensor | None:
+        return None if b is None else b.to("meta")
+
+    # Documented as "may return a modified value"; the stubs say the hooks return None.
+    handles = [
+        nn.modules.module.register_module_parameter_registration_hook(parameter),  # type: ignore[arg-type]
+        nn.modules.module.register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _build_meta(source: ModelSource) -> tuple[nn.Module, str]:
+    """The model with every parameter and buffer on the meta device, and how it was built there."""
+    try:
+        with torch.device("meta"):
+            return build_model(source)[0], "meta"
+    except Exception:  # a builder that computes with tensors cannot run under the meta device
+        with _registered_on_meta():
+            return build_model(source)[0], "meta (moved at registration)"
 
 
 def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000, input_px: int = 128) -> ModelResult:
@@ -215,12 +257,7 @@ def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000
     source = ModelSource(library, name)
     stage = "build"
     try:
-        try:
-            model = _build_meta(source)
-            result.build = "meta"
-        except Exception:  # a builder that computes with its parameters at init cannot run on meta
-            model, _ = build_model(source)
-            result.build = "cpu"
+        model, result.build = _build_meta(source)
         result.repeated_dense_convs = _repeated_dense_convs(model)
         stage = "plan"
         try:
@@ -232,6 +269,7 @@ def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000
             return result
         result.traced = "auto-leaf: " + ", ".join(plan.auto_leaves) if plan.auto_leaves else "yes"
         result.input_shape = "x".join(map(str, plan.input_shapes[0])) if plan.input_shapes else ""
+        result.convs_without_shape = plan.convs_without_shape
         result.blocks = len(plan.blocks)
         result.stages = sum(len(s.blocks) > 1 for s in plan.stages)
         result.groups = len(plan.groups)

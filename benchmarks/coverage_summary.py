@@ -66,9 +66,13 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         f"- Wall time: {wall:.0f} s ({wall / 60:.1f} min) on {meta.get('machine', '?')}",
         f"- Versions: torch {meta.get('torch')}, torchvision {meta.get('torchvision')}, timm {meta.get('timm')}, "
         f"Python {meta.get('python')} ({meta.get('date')})",
-        "- Every model is built with random init on the meta device and analysed with the default options "
-        "(`sharify.plan(model)`, `sharify.sharify(model)`: ShaResNet's rule, last spatial conv of each block); "
-        "`shared` means the plan has groups and `sharify.report(model, shared).params_after == plan.params_after`. "
+        "- Every model is built with random init on the meta device (`with torch.device('meta')`, or, for "
+        "builders that compute with tensors such as torchvision's RegNets, with each parameter and buffer moved "
+        "to meta as it is registered) and analysed with the default options (`sharify.plan(model)`, "
+        "`sharify.sharify(model)`: ShaResNet's rule, the last spatial conv of each block); `shared` means the "
+        "plan has groups and `sharify.report(model, shared).params_after == plan.params_after`; "
+        "`nothing-to-share` means the library refused the model with a `SharifyError` whose message (the reason, "
+        "in the CSV/JSON) says why and what to try; `error` is anything else. "
         f"Shared models up to {int(meta.get('forward_max_params', 0)) / 1e6:.0f} M parameters are also built for "
         "real, sharified (the same groups as on meta are required), run forward and backward on a "
         f"{meta.get('input_px')}-px batch of two (fixed-size timm models at their size) with the output shapes "
@@ -77,12 +81,14 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         "",
         "## Outcomes",
         "",
-        "| outcome | reason | models |",
-        "|---|---|---:|",
+        "| outcome | reason | models | example (the library's message) |",
+        "|---|---|---:|---|",
     ]
     kinds = Counter((r["outcome"], r["reason_kind"] or "-") for r in results)
     for (outcome, kind), n in sorted(kinds.items(), key=lambda kv: (kv[0][0] != "shared", -kv[1])):
-        lines.append(f"| {outcome} | {kind} | {n} |")
+        example = next((r for r in results if r["outcome"] == outcome and (r["reason_kind"] or "-") == kind), None)
+        text = f"`{example['name']}`: {example['reason']}".replace("|", "\\|") if example and example["reason"] else ""
+        lines.append(f"| {outcome} | {kind} | {n} | {text} |")
     real = Counter(r["real_check"].split(":")[0] for r in results if r["outcome"] == "shared")
     lines += [
         "",
@@ -131,6 +137,12 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         f"| {r['library']}:{r['name']} | {r['reason_kind']} | {r['repeated_dense_convs']} | {r['alternative']} |"
         for r in review
     ]
+    partial = [r for r in results if r.get("convs_without_shape")]
+    lines += ["", "## Models whose shape propagation stopped before some convs", ""]
+    lines += [
+        f"- `{r['library']}:{r['name']}` ({r['outcome']}): {r['convs_without_shape']} conv calls not analysed"
+        for r in partial
+    ] or ["None."]
     auto = [r for r in results if r["traced"].startswith("auto-leaf")]
     lines += ["", "## Models traced with automatically leafed submodules", ""]
     lines += [f"- `{r['library']}:{r['name']}` ({r['outcome']}): {r['traced'][len('auto-leaf: ') :]}" for r in auto]
