@@ -62,7 +62,7 @@ class ModelResult:
     params_before: int = 0
     params_after: int = 0
     reduction: float = 0.0
-    alternative: str = ""  # nothing-to-share with stages: what the option the reason suggests would share
+    alternative: str = ""  # nothing-to-share with stages: what other options would share (see _alternative)
     repeated_dense_convs: int = 0  # dense spatial convs whose signature another one in the model has too
     convs_without_shape: int = 0  # conv calls shape propagation could not reach (not analysed)
     real_check: str = ""  # "passed", "skipped: ...", or "" when not applicable
@@ -185,17 +185,20 @@ def _real_check(result: ModelResult, source: ModelSource, plan: sharify.SharingP
 
 
 def _alternative(model: nn.Module, plan: sharify.SharingPlan) -> str:
-    """Follows the hint of an empty plan (``depthwise=True``, ``positions=['last']``), else tries every spatial
-    conv position."""
+    """What other options would share: every dense spatial conv position (an audit of the default rule),
+    and the option the refusal suggests (``depthwise=True``, ``positions=['last']``)."""
     reason = plan.empty_reason()
-    options: dict[str, Any] = {"positions": "all_spatial"}
+    tries: list[dict[str, Any]] = [{"positions": "all_spatial"}]
     if "depthwise=True" in reason:
-        options = {"depthwise": True}
-    elif "positions=['last']" in reason:
-        options = {"positions": "last"}
-    label = ", ".join(f"{k}={v!r}" for k, v in options.items())
-    alt = sharify.plan(model, **options)
-    return f"{label}: {len(alt.groups)} groups, -{alt.reduction:.1%}" if alt.groups else f"{label}: nothing"
+        tries.append({"depthwise": True})
+    if "positions=['last']" in reason:
+        tries.append({"positions": "last"})
+    out = []
+    for options in tries:
+        label = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        alt = sharify.plan(model, **options)
+        out.append(f"{label}: {len(alt.groups)} groups, -{alt.reduction:.1%}" if alt.groups else f"{label}: nothing")
+    return "; ".join(out)
 
 
 def _repeated_dense_convs(model: nn.Module) -> int:

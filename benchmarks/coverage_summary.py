@@ -90,10 +90,16 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         text = f"`{example['name']}`: {example['reason']}".replace("|", "\\|") if example and example["reason"] else ""
         lines.append(f"| {outcome} | {kind} | {n} | {text} |")
     real = Counter(r["real_check"].split(":")[0] for r in results if r["outcome"] == "shared")
+    audited = [r for r in results if r["outcome"] == "nothing-to-share" and r["alternative"]]
+    dense = [r for r in audited if not r["alternative"].startswith("positions='all_spatial': nothing")]
     lines += [
         "",
         f"Real forward/backward check of the shared models: {real.get('passed', 0)} passed, "
         f"{real.get('skipped', 0)} skipped as larger than the limit.",
+        "",
+        f"Audit of the refusals: {len(audited)} refused models have residual stages; planned again with "
+        f"`positions='all_spatial'` (any dense spatial conv of the residual branches), {len(dense)} of them would "
+        "share something" + (": " + ", ".join(f"`{r['name']}` ({r['alternative']})" for r in dense) if dense else "."),
         "",
         "## By family",
         "",
@@ -128,7 +134,8 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         "",
         "Models refused although some dense (not depthwise) spatial convs share a signature somewhere in the "
         "model; sharing needs two of them in consecutive residual blocks of one shape. `alternative` is what "
-        "the option the refusal suggests (`depthwise=True`), or else `positions='all_spatial'`, would share.",
+        "`positions='all_spatial'` (every dense spatial conv of the branches) and the option the refusal suggests, "
+        "if any, would share.",
         "",
         "| model | reason | repeated dense convs | alternative |",
         "|---|---|---:|---|",

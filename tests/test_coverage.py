@@ -86,6 +86,10 @@ def test_model_outcome(library: str, name: str, expected: str) -> None:
     else:
         assert (result.outcome, result.reason_kind) == ("nothing-to-share", expected), result.reason
         assert result.params_after == result.params_before and result.reason
+        # The refusal's suggestion works: the option it names shares something.
+        hint = {DEPTHWISE: "depthwise=True: ", POINTWISE: "positions='last': "}.get(expected)
+        if hint is not None:
+            assert hint in result.alternative and f"{hint}nothing" not in result.alternative, result.alternative
 
 
 def test_list_models_filters_with_globs() -> None:
