@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .options import Rank, Selector, SharingOptions, resolve_options
-from .residual import Block, Stage, find_stages
+from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
@@ -218,8 +218,15 @@ def make_plan(
     """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
+        no_convs = ("the model has no Conv2d layers",)
+        return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
     traced = trace(model, leaf_modules)
-    shapes = propagate_shapes(model, traced.graph, example_inputs)
+    # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
+    shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
     _, stages = find_stages(traced.graph, model)
     modules = dict(model.named_modules())
 
@@ -249,7 +256,7 @@ def make_plan(
     groups: list[SharingGroup] = []
     used: set[str] = set()
     taken: set[str] = set()
-    saw_depthwise = False
+    saw_depthwise = saw_spatial = saw_pointwise = saw_reused = False
     for stage in stages:
         if len(stage.blocks) < 2:
             continue
@@ -258,7 +265,10 @@ def make_plan(
             by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
             for block in blocks:
                 convs = [(p, modules[p]) for p in block.convs if p not in used and eligible(p)]
+                saw_reused |= any(p not in used and not eligible(p) for p in block.convs)
                 saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for _, c in convs)
+                saw_spatial |= any(is_spatial(c) for _, c in convs)
+                saw_pointwise |= any(not is_spatial(c) for _, c in convs)
                 for label, path in select(convs, selector, options.depthwise):
                     sig = ConvSignature.of(modules[path])
                     by_position.setdefault((label, sig), []).append((block, path))
@@ -297,6 +307,17 @@ def make_plan(
         notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
     if not groups and saw_depthwise and not options.depthwise:
         notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")
+    spatial_only = all(p in ("last_spatial", "all_spatial") for p in options.positions)
+    if not groups and saw_pointwise and not saw_spatial and spatial_only:
+        notes.append(
+            "the residual branches hold only pointwise (1x1) convs, which positions="
+            f"{list(options.positions)!r} does not pick; positions=['last'] shares the last conv of each branch"
+        )
+    if not groups and saw_reused:
+        notes.append(
+            "some branch convs are called more than once per forward or hold tied parameters (already shared), "
+            "so they are left alone"
+        )
     if not groups and options.skip_first_block:
         notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
     return SharingPlan(

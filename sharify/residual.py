@@ -31,7 +31,7 @@ from torch import Tensor, fx, nn
 
 from .tracing import module_path
 
-__all__ = ["Block", "Stage", "common_prefix", "find_stages"]
+__all__ = ["Block", "Stage", "common_prefix", "find_stages", "last_candidate_add"]
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, Tensor.add, Tensor.add_}
 _ADD_METHODS = {"add", "add_"}
@@ -157,16 +157,15 @@ class _Graph:
         return tuple(str(self.nodes[i].target) for i in _bits(mask & self.conv_mask))
 
 
-def _residual_add(g: _Graph, i: int) -> _Add | None:
+def _structural_add(g: _Graph, i: int) -> tuple[int, int, int] | None:
+    """``(branch, shortcut, common)`` ancestor masks if node ``i`` is a residual add as far as the graph's
+    structure alone tells (shapes not looked at)."""
     node = g.nodes[i]
     if not _is_add(node) or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return None
-    shape = _shape(node)
-    if shape is None or _shape(a) != shape or _shape(b) != shape:
-        return None  # broadcasting adds (biases, embeddings) are not residual
     ia, ib = g.index[a], g.index[b]
     if not (g.from_input[ia] and g.from_input[ib]):
         return None
@@ -178,8 +177,29 @@ def _residual_add(g: _Graph, i: int) -> _Add | None:
     count_a, count_b = g.conv_count(only_a), g.conv_count(only_b)
     if count_a == count_b:
         return None  # no conv on either side, or two symmetric branches: not a residual block
-    branch, shortcut = (only_a, only_b) if count_a > count_b else (only_b, only_a)
-    return _Add(i, branch, shortcut, common, shape)
+    return (only_a, only_b, common) if count_a > count_b else (only_b, only_a, common)
+
+
+def _residual_add(g: _Graph, i: int) -> _Add | None:
+    masks = _structural_add(g, i)
+    if masks is None:
+        return None
+    node = g.nodes[i]
+    shape = _shape(node)
+    if shape is None or _shape(node.args[0]) != shape or _shape(node.args[1]) != shape:
+        return None  # broadcasting adds (biases, embeddings) are not residual
+    return _Add(i, *masks, shape)
+
+
+def last_candidate_add(graph: fx.Graph, model: nn.Module) -> fx.Node | None:
+    """The last node that may be a residual add, judged from the graph's structure alone.
+
+    :func:`find_stages` reads shapes only up to that node, so shape propagation can stop there: in a
+    transformer (no conv on any branch) it need not run at all, and heads after the last residual
+    stage are never evaluated.
+    """
+    g = _Graph(graph, model)
+    return next((g.nodes[i] for i in reversed(range(len(g.nodes))) if _structural_add(g, i) is not None), None)
 
 
 def _is_within(path: str, ancestor: str) -> bool:

@@ -7,6 +7,8 @@ wraps them without copying, so analysis memory does not grow with the model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import SharifyError
 from .tracing import eval_mode, module_path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
@@ -107,13 +111,18 @@ def _conv2d_output(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-3], conv.out_channels, *size))
 
 
+class _Stop(Exception):
+    """Raised after the last node whose shape is needed."""
+
+
 class _FakePropagation(fx.Interpreter):
     """Fake-tensor interpreter that survives failing nodes: their dependents get no shape."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+    def __init__(self, model: nn.Module, graph: fx.Graph, stop_after: fx.Node | None = None) -> None:
         super().__init__(model, graph=graph)
         self.unknown: set[fx.Node] = set()
         self.failure: tuple[fx.Node, BaseException] | None = None
+        self.stop_after = stop_after
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         # Norms and activations keep their input's shape and plain convs follow a formula; running
@@ -139,6 +148,8 @@ class _FakePropagation(fx.Interpreter):
             return None
         if isinstance(result, Tensor):
             n.meta["val"] = result
+        if n is self.stop_after:
+            raise _Stop
         return result
 
 
@@ -147,7 +158,7 @@ class Propagation:
     """Outcome of :func:`propagate_shapes`.
 
     Attributes:
-        inputs: The example inputs used (fake tensors).
+        inputs: The example inputs used (fake tensors, or meta tensors for a meta-device model).
         failure: Where propagation stopped, as a message (``None`` when every node got a value).
             Nodes depending on the failing one have no ``meta["val"]``.
         convs_without_shape: Conv calls left without a shape by the failure: their stages are not
@@ -167,9 +178,9 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.get_default_dtype()
 
 
-def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propagation:
-    interpreter = _FakePropagation(model, graph)
-    with eval_mode(model):
+def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], stop_after: fx.Node | None) -> Propagation:
+    interpreter = _FakePropagation(model, graph, stop_after)
+    with eval_mode(model), contextlib.suppress(_Stop):
         interpreter.run(*fake)
     failure = None
     if interpreter.failure is not None:
@@ -183,16 +194,30 @@ def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...]) -> Propaga
     return Propagation(fake, failure, unknown_convs)
 
 
+def _on_meta(model: nn.Module) -> bool:
+    """Whether every parameter and buffer of ``model`` is on the meta device (a model built there)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return bool(tensors) and all(t.is_meta for t in tensors)
+
+
 def propagate_shapes(
-    model: nn.Module, graph: fx.Graph, example_inputs: Tensor | Sequence[Tensor] | None
+    model: nn.Module,
+    graph: fx.Graph,
+    example_inputs: Tensor | Sequence[Tensor] | None,
+    *,
+    stop_after: fx.Node | None = None,
 ) -> Propagation:
     """Runs ``graph`` (traced from ``model``) on fake tensors, storing each node's result in its meta.
+
+    A model whose parameters and buffers are all on the meta device runs on meta tensors instead
+    (faster), and on fake tensors where that fails.
 
     Args:
         model: The traced model (it is not modified).
         graph: Its graph.
         example_inputs: Inputs to propagate; ``None`` tries :func:`default_input_shapes` in turn and
             keeps the first that reaches every conv.
+        stop_after: The last node whose shape is needed (``None``: all); later nodes are not run.
 
     Returns:
         The inputs used and where propagation stopped, if it did.
@@ -206,21 +231,32 @@ def propagate_shapes(
             tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         )
         _check_inputs(model, inputs)
+    device, dtype = _param_device(model)
+    if _on_meta(model):
+        # A model built on the meta device runs on meta tensors directly: no fake-tensor dispatch, several
+        # times faster. What meta tensors cannot run (a copy to the CPU, ...) is retried with fake tensors.
+        metas = [tuple(x.to("meta") for x in inputs)] if given else [
+            (torch.empty(s, device="meta", dtype=dtype),) for s in default_input_shapes(model)
+        ]  # fmt: skip
+        for meta in metas:
+            result = _run(model, graph, meta, stop_after)
+            if result.failure is None:
+                return result
+            logger.debug("meta-device shape propagation stopped at %s; retrying with fake tensors", result.failure)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        device, dtype = _param_device(model)
         if given:  # on the model's device (a meta-device model takes CPU example inputs)
             candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:
             candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
         results = []
         for fake in candidates:
-            results.append(_run(model, graph, fake))
+            results.append(_run(model, graph, fake, stop_after))
             if results[-1].convs_without_shape == 0:
                 break
         best = min(results, key=lambda r: r.convs_without_shape)
         if best is not results[-1]:
-            _run(model, graph, best.inputs)  # restore its node values
+            _run(model, graph, best.inputs, stop_after)  # restore its node values
     convs = sum(
         1 for n in graph.nodes if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.Conv2d)
     )

@@ -67,6 +67,22 @@ class _AnalysisTracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_paths = leaf_paths
         self.failed_path: str | None = None
+        self._parameter_names: dict[int, str] | None = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx finds a parameter's path by scanning root.named_parameters() on every access, which is
+        # quadratic in large models; look it up in a map built once per trace instead.
+        if isinstance(attr_val, nn.Parameter):
+            if self._parameter_names is None:
+                self._parameter_names = {}
+                for path, p in self.root.named_parameters():
+                    self._parameter_names.setdefault(id(p), path)
+            name = self._parameter_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, nn.Conv2d) or module_qualified_name in self.leaf_paths:
