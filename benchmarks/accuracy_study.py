@@ -12,7 +12,8 @@ Steps (one command, every run through ``sharify.train.finetune``):
    (epoch 0) and after each of ``--finetune-epochs`` epochs of one fine-tuning schedule (the same for all):
    ``random``, ``first``, ``average``, ``average`` + BatchNorm re-calibration, ``scaled`` (per-member channel
    gains folded into the BatchNorms), and ``method="basis"`` with ``init="svd"`` at ranks giving a similar
-   parameter count.
+   parameter count. A control run fine-tunes the unshared baseline with the same schedule, so the gain of the
+   extra epochs alone is visible.
 3. **Equal budget**: the sharified architecture trained from scratch with the baseline's schedule, and a
    shallower plain ResNet (``--depth - 6``) with about the sharified model's parameter count.
 
@@ -49,7 +50,7 @@ RESULTS = Path(__file__).parent / "results" / "accuracy_study"
 @dataclass
 class Run:
     name: str
-    kind: str  # "baseline" | "variant" | "scratch"
+    kind: str  # "baseline" | "control" | "variant" | "scratch"
     params: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -108,6 +109,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     baseline = _train("baseline", "baseline", baseline_model, data, out, args, epochs=args.baseline_epochs, lr=args.lr)
     runs.append(baseline)
     trained = baseline_model.eval()
+    # The control: the unshared baseline fine-tuned with the variants' schedule, so that what the extra
+    # epochs alone buy is not credited to sharing.
+    runs.append(_train("baseline + same fine-tune (control)", "control", copy.deepcopy(trained), data, out, args,
+                       epochs=args.finetune_epochs, lr=args.finetune_lr, eval_before=True))  # fmt: skip
 
     for name, options, bn_images in variants(args):
         shared = sharify.sharify(copy.deepcopy(trained), example_inputs=x, **options)
@@ -160,7 +165,7 @@ def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, c
         "|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|",
     ]
     for run in runs[1:]:
-        if run.kind == "variant":
+        if run.kind in ("variant", "control"):
             accs = [run.top1(e) for e in epochs]
             final = run.top1(args.finetune_epochs)
         else:
@@ -192,6 +197,12 @@ def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float) -> list
                  f"{best.top1(args.finetune_epochs):.2f} % ({-gap:+.2f} pp vs baseline) with "
                  f"{1 - best.params / runs[0].params:.1%} fewer parameters; target: within 0.5 pp "
                  f"-> {'met' if gap <= 0.5 else 'NOT met'}.")  # fmt: skip
+    control = next((r for r in runs if r.kind == "control"), None)
+    if control is not None and control.top1(args.finetune_epochs) is not None:
+        c = control.top1(args.finetune_epochs)
+        lines.append(f"- The unshared baseline fine-tuned on the same schedule reaches {c:.2f} %; the best sharified "
+                     f"variant is {(best.top1(args.finetune_epochs) or 0.0) - c:+.2f} pp from it (the fair comparison "
+                     "when the baseline itself was still improving).")  # fmt: skip
     by = {r.name: r for r in variants_}
     if "scaled" in by and "average" in by:
         s0, a0 = by["scaled"].top1(0), by["average"].top1(0)
@@ -214,15 +225,16 @@ def _plot(args: argparse.Namespace, runs: list[Run], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     base_acc = runs[0].top1(args.baseline_epochs)
     for run in runs:
-        if run.kind == "variant":
+        if run.kind in ("variant", "control"):
             pts = [(m["epoch"], m["top1"]) for m in run.metrics]
-            ax1.plot(*zip(*pts), marker="o", label=run.name)
+            style = {"color": "k", "ls": ":"} if run.kind == "control" else {}
+            ax1.plot(*zip(*pts), marker="o", label=run.name, **style)
     if base_acc is not None:
         ax1.axhline(base_acc, color="k", ls="--", label="baseline")
     ax1.set(xlabel="fine-tune epochs", ylabel="test top-1 (%)", title="Accuracy after sharifying a trained model")
     ax1.legend(fontsize=8)
     for run in runs:
-        final = run.top1(args.finetune_epochs if run.kind == "variant" else args.baseline_epochs)
+        final = run.top1(args.finetune_epochs if run.kind in ("variant", "control") else args.baseline_epochs)
         if final is not None:
             ax2.scatter(run.params / 1e3, final, marker="*" if run.kind == "baseline" else "o")
             ax2.annotate(run.name, (run.params / 1e3, final), fontsize=7, xytext=(3, 3), textcoords="offset points")

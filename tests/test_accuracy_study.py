@@ -36,7 +36,7 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     assert accuracy_study.main(["--smoke", "--data-root", str(data), "--out", str(out), "--bn-images", "32"]) == 0
     table = (out / "accuracy_study.md").read_text()
     for name in ("random", "first", "average", "average + BN recal.", "scaled", "basis S24U8 (svd)",
-                 "shared, from scratch", "plain ResNet-8, from scratch"):  # fmt: skip
+                 "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)"):  # fmt: skip
         assert f"| {name} |" in table
     assert "## Findings" in table and (out / "accuracy_study.png").stat().st_size > 10_000
     study = json.loads((out / "study.json").read_text())
@@ -44,3 +44,7 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     assert [m["epoch"] for m in runs["scaled"]["metrics"]] == [0, 1]
     assert runs["scaled"]["params"] == runs["average"]["params"] < runs["baseline"]["params"]
     assert (out / "runs" / "scaled" / "metrics.jsonl").exists()
+    control = runs["baseline + same fine-tune (control)"]
+    assert control["params"] == runs["baseline"]["params"] and [m["epoch"] for m in control["metrics"]] == [0, 1]
+    # epoch 0 of the control is the trained baseline itself, untouched
+    assert control["metrics"][0]["top1"] == runs["baseline"]["metrics"][-1]["top1"]
