@@ -42,8 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     """Model and a CPU-sized input shape (batch, C, H, W)."""
-    if name == "wrn-28-10":
-        return wide_resnet(28, 10), (16, 3, 32, 32)
+    if name.startswith("wrn-"):  # CIFAR wide ResNet, e.g. wrn-28-10
+        depth, k = map(int, name[4:].split("-"))
+        return wide_resnet(depth, k), (16, 3, 32, 32)
     if name.startswith("timm:"):
         import timm
 
@@ -222,6 +223,25 @@ def sharify_time(name: str, meta: bool = False, repeats: int = 3) -> dict[str, A
     return {"model": name, "meta_device": meta, "params": params, "seconds": statistics.median(times)}
 
 
+_ANALYSIS_MEMORY_SCRIPT = """
+import resource, sys, timm, torch, sharify
+with torch.device("meta"):
+    model = timm.create_model(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sharify.sharify(model)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(sum(p.numel() for p in model.parameters()), (after - before) * 1024)
+"""
+
+
+def analysis_memory(name: str) -> dict[str, Any]:
+    """Growth of the peak resident set while ``sharify()`` analyses and rewrites a meta-device timm model,
+    in a fresh process (so earlier work does not hide it)."""
+    cmd = [sys.executable, "-c", _ANALYSIS_MEMORY_SCRIPT, name]
+    params, growth = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:]
+    return {"model": name, "params": int(params), "peak_rss_growth_bytes": int(growth)}
+
+
 def machine() -> dict[str, Any]:
     info = {
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -276,6 +296,13 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
     for r in results["sharify_time"]:
         lines.append(f"| {r['model']} | {'meta' if r['meta_device'] else 'cpu'} | {r['params'] / 1e6:.1f} M "
                      f"| {r['seconds']:.2f} | {targets.get(r['model'], '-')} |")  # fmt: skip
+    if results.get("analysis_memory"):
+        lines += ["", "## Analysis memory (meta-device timm models, fresh process each)", "",
+                  "Growth of the process's peak resident set during `sharify.sharify(model)`: shapes are propagated "
+                  "with fake tensors, so it should not grow with the model.", "",
+                  "| model | parameters | peak RSS growth |", "|---|---|---|"]  # fmt: skip
+        for r in results["analysis_memory"]:
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['peak_rss_growth_bytes'] / 2**20:.1f} MiB |")
     (out / f"perf{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -288,14 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--time-models", nargs="+", default=["resnet50", "resnet152"], help="sharify() wall time")
     parser.add_argument("--big-model", default="resnetv2_152x4_bit", help="timm model analysed on the meta device")
+    parser.add_argument("--small-meta-model", default="resnet50", help="timm model compared with --big-model for "
+                        "analysis memory")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="resnet50 only, eager, 3 repeats")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.repeats, args.compile = ["resnet50"], 3, False
     device = torch.device(args.device)
-    results: dict[str, Any] = {"machine": machine(), "speed": [], "memory": [], "sharify_time": []}
+    results: dict[str, Any] = {"machine": machine(), "speed": [], "memory": [], "sharify_time": [],
+                               "analysis_memory": []}  # fmt: skip
     for name in args.models:
         results["speed"] += speed(name, args, device)
     for name in args.models:
@@ -303,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         mem["peak"] = peak_step_memory(name, device)
         results["memory"].append(mem)
         print(json.dumps(mem), flush=True)
-    for name in ("resnet50", "resnet152"):
+    for name in args.time_models:
         results["sharify_time"].append(sharify_time(name))
     if args.big_model:
         results["sharify_time"].append(sharify_time(args.big_model, meta=True, repeats=1))
+        results["analysis_memory"] = [analysis_memory(n) for n in (args.small_meta_model, args.big_model)]
     print(json.dumps(results["sharify_time"], indent=1))
     write(results, args.out, "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0

@@ -1,0 +1,35 @@
+"""The performance benchmark's machinery on tiny models: it runs end to end and its memory ratios are exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import perf
+
+
+def test_memory_ratios_follow_the_parameter_fraction() -> None:
+    mem = perf.memory("wrn-16-2")
+    assert 0.3 < mem["param_fraction"] < 1.0
+    # parameters and optimizer state are exact byte counts: shared tensors are counted once
+    assert mem["param_bytes_ratio"] == pytest.approx(mem["param_fraction"], rel=1e-9)
+    assert mem["sgd_state_bytes_ratio"] == pytest.approx(mem["param_fraction"], rel=1e-9)
+    # AdamW keeps a scalar step per parameter (excluded) and two moments per element
+    assert mem["adamw_state_bytes_ratio"] == pytest.approx(mem["param_fraction"], rel=1e-9)
+    # the file adds a header with one entry per tensor name
+    assert mem["checkpoint_bytes_ratio"] == pytest.approx(mem["param_fraction"], rel=0.02)
+
+
+def test_perf_main_end_to_end(tmp_path: Path) -> None:
+    argv = ["--models", "wrn-16-1", "--time-models", "resnet18", "--big-model", "resnet26", "--small-meta-model",
+            "resnet18", "--warmup", "0", "--repeats", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert perf.main(argv) == 0
+    results = json.loads((tmp_path / "perf.json").read_text())
+    assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
+    assert all(r["ratio"] > 0 for r in results["speed"])
+    assert results["memory"][0]["peak"]["shared_peak_bytes"] > 0
+    assert [r["model"] for r in results["analysis_memory"]] == ["resnet18", "resnet26"]
+    text = (tmp_path / "perf.md").read_text()
+    assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text
