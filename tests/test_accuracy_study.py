@@ -35,8 +35,9 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert accuracy_study.main(["--smoke", "--data-root", str(data), "--out", str(out), "--bn-images", "32"]) == 0
     table = (out / "accuracy_study.md").read_text()
-    for name in ("random", "first", "average", "average + BN recal.", "scaled", "basis S24U8 (svd)",
-                 "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)"):  # fmt: skip
+    names = ("random", "first", "average", "average + BN recal.", "scaled", "basis S24U8 (svd)",
+             "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)")  # fmt: skip
+    for name in names:
         assert f"| {name} |" in table
     assert "## Findings" in table and (out / "accuracy_study.png").stat().st_size > 10_000
     study = json.loads((out / "study.json").read_text())
