@@ -127,8 +127,9 @@ class SharingPlan:
         for grp in self.groups:
             lines.append(f"  {grp.key}: {len(grp.members)} x [{grp.signature}] saves {grp.params_saved:,}")
             lines.extend(f"    {m}" for m in grp.members)
-        if not self.groups:
+        if not self.groups:  # the reason already lists the notes and the untraced submodules
             lines.append(f"  nothing to share: {self.empty_reason()}")
+            return "\n".join(lines)
         for path, reason in self.auto_leaves.items():
             lines.append(f"  not traced (treated as a leaf): {path}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,19 @@ from .errors import SharifyError
 from .tracing import eval_mode, module_path
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Silence torch's ERROR-level traceback for an op that fails under fake tensors: such a failure is
+    expected while candidate inputs are tried, and it is recorded (``Propagation.failure``) and reported."""
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        fake_log.setLevel(level)
 
 __all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
@@ -244,7 +257,7 @@ def propagate_shapes(
                 return result
             logger.debug("meta-device shape propagation stopped at %s; retrying with fake tensors", result.failure)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    with mode, _quiet_fake_tensor_log():
         if given:  # on the model's device (a meta-device model takes CPU example inputs)
             candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:

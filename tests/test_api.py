@@ -217,3 +217,28 @@ def test_plan_is_a_dry_run_with_readable_output() -> None:
     assert "layer3.conv2: 5 x [256->256 3x3 s1x1] saves 2,359,296" in text
     d = p.to_dict()
     assert d["params_after"] == 20_469_800 and len(d["groups"]) == 4 and d["stages"][0]["blocks"][0] == "layer1.0"
+
+
+class _FailsBeforeTheStages(nn.Module):
+    """A stem op that cannot run on the inputs sharify tries (a buffer of the wrong size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(5, 1, 1))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)) for _ in range(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x) * self.scale
+        for block in self.body:
+            x = x + block(x)
+        return x
+
+
+def test_failed_shape_propagation_is_reported_once_without_torch_log_noise(caplog) -> None:
+    with caplog.at_level("DEBUG"):
+        p = sharify.plan(_FailsBeforeTheStages())
+    assert not [r for r in caplog.records if r.levelno >= 40], "torch's fake-tensor traceback leaked to the log"
+    text = str(p)
+    assert "shape propagation stopped at `mul`" in p.empty_reason()
+    assert text.count("shape propagation stopped at") == 1
