@@ -35,6 +35,7 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
     finally:
         fake_log.setLevel(level)
 
+
 __all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
 
 
