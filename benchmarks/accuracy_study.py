@@ -84,6 +84,7 @@ def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, 
         model, data, out=run_dir, epochs=epochs, lr=lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         warmup_epochs=0, seed=args.seed, eval_before=eval_before, bn_recalibrate=bn_recalibrate,
         original=original, quiet=True, workers=args.workers, keep_checkpoints=1, device="cpu",
+        channels_last=args.channels_last,
         lambda_r=args.lambda_r if (options or {}).get("method") == "basis" else 0.0,
     )  # fmt: skip
     run = Run(name, kind, sum(p.numel() for p in result.model.parameters()), result.metrics,
@@ -99,8 +100,8 @@ def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    data = load_data("fashion-mnist", root=args.data_root, subset=args.subset, val_subset=args.val_subset,
-                     seed=args.seed)  # fmt: skip
+    data = load_data("fashion-mnist", root=args.data_root, subset=args.subset or None,
+                     val_subset=args.val_subset or None, seed=args.seed)  # fmt: skip
     x = torch.empty(1, 1, *data.image_size) if data.image_size else None
     out: Path = args.out
     runs: list[Run] = []
@@ -248,8 +249,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--subset", type=int, default=None, help="training images (default: all 60,000)")
-    p.add_argument("--val-subset", type=int, default=None, help="test images (default: all 10,000)")
+    # The default budget fits ~50 min on 2 CPU cores, which train this ResNet-20 at ~300 images/s: a fixed
+    # random 15,000 of the 60,000 training images, 5,000 of the 10,000 test images.
+    p.add_argument("--subset", type=int, default=15_000, help="training images (0: all 60,000)")
+    p.add_argument("--val-subset", type=int, default=5_000, help="test images (0: all 10,000)")
     p.add_argument("--baseline-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.1)
@@ -261,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unique-rank", type=int, default=8, help="basis variant: unique filters per 64 channels")
     p.add_argument("--lambda-r", type=float, default=10.0, help="orthogonality regulariser of the basis variant")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="train in channels-last memory format (about 1.3x faster on this CPU)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.smoke:
         args.depth, args.width = 14, 8
-        args.subset, args.val_subset = args.subset or 256, args.val_subset or 256
+        args.subset, args.val_subset = 256, 256
         args.baseline_epochs, args.finetune_epochs, args.bn_images = 1, 1, 64
     command = "python -m benchmarks.accuracy_study " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
