@@ -7,7 +7,9 @@
 Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B A B ...),
 median of ``--repeats`` timed runs after warm-up, on the same inputs. Memory figures are exact byte
 counts (parameters, optimizer state, safetensors checkpoint) and the peak memory of a training step
-(CUDA allocator peak on GPU; on CPU the peak resident set of a fresh subprocess per model). The
+(CUDA allocator peak on GPU; on CPU the growth of the peak resident set of a fresh subprocess per model
+over its imports, which covers building the model -- so the shared model's peak includes the original
+weights it was made from -- and two training steps). The
 ``sharify()`` wall time covers trace + fake-tensor shape propagation + rewrite. Results go to
 ``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
 """
@@ -168,13 +170,14 @@ def memory(name: str) -> dict[str, Any]:
 _PEAK_SCRIPT = """
 import resource, sys, torch, sharify
 from benchmarks.perf import build, _step_fn
+imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 torch.manual_seed(0)
 model, shape = build(sys.argv[1])
 if sys.argv[2] == "shared":
-    model = sharify.sharify(model)
+    model = sharify.sharify(model, inplace=True)
 step = _step_fn(model.train(), torch.randn(*shape), True, None)
 step(); step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - imports) * 1024)
 """
 
 
@@ -278,12 +281,15 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         )
     lines += ["", "## Memory (bytes; ratio = shared / original, target = parameter fraction ± 1 %)", "",
               "| model | parameter fraction | params | SGD momentum | AdamW state | safetensors file "
-              "| peak of a training step |",
+              "| peak memory of build + 2 training steps |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["memory"]:
         peak = r.get("peak", {})
         peak_text = (
-            f"{peak['original_peak_bytes'] / 2**20:.0f} -> {peak['shared_peak_bytes'] / 2**20:.0f} MiB" if peak else "-"
+            f"{peak['original_peak_bytes'] / 2**20:.0f} -> {peak['shared_peak_bytes'] / 2**20:.0f} MiB "
+            f"({peak['shared_peak_bytes'] / peak['original_peak_bytes']:.3f})"
+            if peak
+            else "-"
         )
         lines.append(
             f"| {r['model']} | {r['param_fraction']:.4f} | {r['param_bytes_ratio']:.4f} "
