@@ -8,8 +8,9 @@ Every speed figure is a ratio sharified/original of throughputs measured interle
 median of ``--repeats`` timed runs after warm-up, on the same inputs. Memory figures are exact byte
 counts (parameters, optimizer state, safetensors checkpoint) and the peak memory of a training step
 (CUDA allocator peak on GPU; on CPU the growth of the peak resident set of a fresh subprocess per model
-over its imports, which covers building the model -- so the shared model's peak includes the original
-weights it was made from -- and two training steps). The
+after its imports -- the high-water mark is reset there through ``/proc/self/clear_refs`` -- which covers
+building the model, so the shared model's peak includes the original weights it was made from, and two
+training steps). The
 ``sharify()`` wall time covers trace + fake-tensor shape propagation + rewrite. Results go to
 ``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
 """
@@ -167,17 +168,50 @@ def memory(name: str) -> dict[str, Any]:
     return out
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Start a peak-memory measurement; returns the baseline (KiB) for :func:`peak_rss_growth`.
+
+    On Linux the resident-set high-water mark is reset (``clear_refs`` 5), so the growth is measured from
+    now even when the imports peaked higher than the work that follows (a small model). Elsewhere the
+    process's peak so far is the baseline, which under-reports work that stays below it."""
+    import resource
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_growth(baseline_kib: int) -> int:
+    """Bytes by which the peak resident set grew past ``baseline_kib`` since :func:`reset_peak_rss`."""
+    import resource
+
+    try:
+        peak = _status_kib("VmHWM")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(peak - baseline_kib, 0) * 1024
+
+
 _PEAK_SCRIPT = """
-import resource, sys, torch, sharify
-from benchmarks.perf import build, _step_fn
-imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import sys, torch, sharify
+from benchmarks.perf import build, _step_fn, reset_peak_rss, peak_rss_growth
+baseline = reset_peak_rss()
 torch.manual_seed(0)
 model, shape = build(sys.argv[1])
 if sys.argv[2] == "shared":
     model = sharify.sharify(model, inplace=True)
 step = _step_fn(model.train(), torch.randn(*shape), True, None)
 step(); step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - imports) * 1024)
+print(peak_rss_growth(baseline))
 """
 
 
@@ -227,13 +261,13 @@ def sharify_time(name: str, meta: bool = False, repeats: int = 3) -> dict[str, A
 
 
 _ANALYSIS_MEMORY_SCRIPT = """
-import resource, sys, timm, torch, sharify
+import sys, timm, torch, sharify
+from benchmarks.perf import reset_peak_rss, peak_rss_growth
 with torch.device("meta"):
     model = timm.create_model(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+baseline = reset_peak_rss()
 sharify.sharify(model)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(sum(p.numel() for p in model.parameters()), (after - before) * 1024)
+print(sum(p.numel() for p in model.parameters()), peak_rss_growth(baseline))
 """
 
 
@@ -288,7 +322,7 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         peak_text = (
             f"{peak['original_peak_bytes'] / 2**20:.0f} -> {peak['shared_peak_bytes'] / 2**20:.0f} MiB "
             f"({peak['shared_peak_bytes'] / peak['original_peak_bytes']:.3f})"
-            if peak
+            if peak and peak["original_peak_bytes"] > 0
             else "-"
         )
         lines.append(

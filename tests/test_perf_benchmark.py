@@ -29,7 +29,8 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "perf.json").read_text())
     assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
     assert all(r["ratio"] > 0 for r in results["speed"])
-    assert results["memory"][0]["peak"]["shared_peak_bytes"] > 0
+    peak = results["memory"][0]["peak"]
+    assert peak["original_peak_bytes"] > 0 and peak["shared_peak_bytes"] > 0
     assert [r["model"] for r in results["analysis_memory"]] == ["resnet18", "resnet26"]
     text = (tmp_path / "perf.md").read_text()
     assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text
