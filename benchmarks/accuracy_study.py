@@ -11,9 +11,9 @@ Steps (one command, every run through ``sharify.train.finetune``):
 2. **Variants**: the trained baseline sharified with each initialisation, evaluated before any update
    (epoch 0) and after each of ``--finetune-epochs`` epochs of one fine-tuning schedule (the same for all):
    ``random``, ``first``, ``average``, ``average`` + BatchNorm re-calibration, ``scaled`` (per-member channel
-   gains folded into the BatchNorms), and ``method="basis"`` with ``init="svd"`` at ranks giving a similar
-   parameter count. A control run fine-tunes the unshared baseline with the same schedule, so the gain of the
-   extra epochs alone is visible.
+   gains folded into the BatchNorms) with and without re-calibration, and ``method="basis"`` with
+   ``init="svd"`` at ranks giving a similar parameter count. A control run fine-tunes the unshared baseline
+   with the same schedule, so the gain of the extra epochs alone is visible.
 3. **Equal budget**: the sharified architecture trained from scratch with the baseline's schedule, and a
    shallower plain ResNet (``--depth - 6``) with about the sharified model's parameter count.
 
@@ -55,6 +55,9 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    #: Mean over groups of ``sharify.report``'s relative error of the members against what the shared
+    #: model computes in their place, right after sharifying (variants only).
+    dissimilarity: float | None = None
 
     def top1(self, epoch: int) -> float | None:
         return next((m["top1"] for m in self.metrics if m["epoch"] == epoch), None)
@@ -70,6 +73,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
         ("average", {"init": "average"}, 0),
         ("average + BN recal.", {"init": "average"}, args.bn_images),
         ("scaled", {"init": "scaled"}, 0),
+        ("scaled + BN recal.", {"init": "scaled"}, args.bn_images),
         (f"basis S{args.shared_rank}U{args.unique_rank} (svd)", basis, 0),
     ]
 
@@ -117,8 +121,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     for name, options, bn_images in variants(args):
         shared = sharify.sharify(copy.deepcopy(trained), example_inputs=x, **options)
-        runs.append(_train(name, "variant", shared, data, out, args, epochs=args.finetune_epochs, lr=args.finetune_lr,
-                           original=trained, eval_before=True, bn_recalibrate=bn_images, options=options))  # fmt: skip
+        errors = [g.dissimilarity for g in sharify.report(trained, shared).groups if g.dissimilarity is not None]
+        run = _train(name, "variant", shared, data, out, args, epochs=args.finetune_epochs, lr=args.finetune_lr,
+                     original=trained, eval_before=True, bn_recalibrate=bn_images, options=options)  # fmt: skip
+        run.dissimilarity = sum(errors) / len(errors) if errors else None
+        runs.append(run)
 
     torch.manual_seed(args.seed)
     scratch = sharify.sharify(cifar_resnet(args.depth, num_classes=data.num_classes, in_chans=1, width=args.width),
@@ -162,8 +169,8 @@ def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, c
         "",
         "| variant | params | fewer params | "
         + " | ".join(f"top-1 after {e} ep." for e in epochs)
-        + f" | vs baseline after {args.finetune_epochs} ep. | wall time |",
-        "|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|",
+        + f" | vs baseline after {args.finetune_epochs} ep. | member error | wall time |",
+        "|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|---:|",
     ]
     for run in runs[1:]:
         if run.kind in ("variant", "control"):
@@ -174,11 +181,14 @@ def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, c
             final = run.top1(args.baseline_epochs)
         cells = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
         delta = "-" if final is None else f"{final - base_acc:+.2f} pp"
+        error = "-" if run.dissimilarity is None else f"{run.dissimilarity:.3f}"
         lines.append(f"| {run.name} | {run.params:,} | {1 - run.params / base.params:.1%} | {cells} | {delta} "
-                     f"| {run.seconds / 60:.1f} min |")  # fmt: skip
+                     f"| {error} | {run.seconds / 60:.1f} min |")  # fmt: skip
     lines += ["", "Rows 'from scratch' are trained with the baseline's schedule; their accuracy is in the last column.",
+              "Member error: `sharify.report`'s relative error ||W_i - W_i'|| / ||W_i|| of each original conv "
+              "against what the sharified model computes in its place (gains and bases included), mean over groups.",
               "Raw per-epoch metrics: `runs/*/metrics.jsonl`; everything in `study.json`."]  # fmt: skip
-    summary = _summary(args, runs, base_acc)
+    summary = _summary(args, runs, base_acc, data.num_classes)
     lines += ["", "## Findings (computed from the table)", "", *summary]
     (out / "accuracy_study.md").write_text("\n".join(lines) + "\n")
     payload = {
@@ -189,7 +199,7 @@ def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, c
     _plot(args, runs, out / "accuracy_study.png")
 
 
-def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float) -> list[str]:
+def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float, num_classes: int) -> list[str]:
     variants_ = [r for r in runs if r.kind == "variant"]
     lines = []
     best = max(variants_, key=lambda r: r.top1(args.finetune_epochs) or 0.0)
@@ -205,10 +215,20 @@ def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float) -> list
                      f"variant is {(best.top1(args.finetune_epochs) or 0.0) - c:+.2f} pp from it (the fair comparison "
                      "when the baseline itself was still improving).")  # fmt: skip
     by = {r.name: r for r in variants_}
+    chance = 100.0 / num_classes
     if "scaled" in by and "average" in by:
-        s0, a0 = by["scaled"].top1(0), by["average"].top1(0)
+        s0, a0 = by["scaled"].top1(0) or 0.0, by["average"].top1(0) or 0.0
+        near = " (both within 2x of chance, so the difference means little)" if max(s0, a0) < 2 * chance else ""
         lines.append(f"- Before fine-tuning: scaled {s0:.2f} % vs average {a0:.2f} % "
-                     f"-> scaled {'beats' if s0 > a0 else 'does NOT beat'} average.")  # fmt: skip
+                     f"-> scaled {'beats' if s0 > a0 else 'does NOT beat'} average{near}.")  # fmt: skip
+    at_chance = [r.name for r in variants_ if (r.top1(0) or 0.0) < 2 * chance]
+    if at_chance:
+        errs = [r.dissimilarity for r in variants_ if r.name in at_chance and r.dissimilarity is not None]
+        err_text = f" (member error {min(errs):.2f}-{max(errs):.2f})" if errs else ""
+        lines.append(f"- Near chance ({chance:.0f} %) before fine-tuning: {', '.join(at_chance)}{err_text}. Blocks "
+                     "trained independently do not have similar filters, so one shared tensor cannot stand in "
+                     "for them until fine-tuning (or BatchNorm re-calibration) adapts the rest of the "
+                     "network.")  # fmt: skip
     if "random" in by:
         r0 = by["random"].top1(0) or 0.0
         worse = [r.name for r in variants_ if r.name != "random" and (r.top1(0) or 0.0) <= r0]
@@ -253,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     # random 15,000 of the 60,000 training images, 5,000 of the 10,000 test images.
     p.add_argument("--subset", type=int, default=15_000, help="training images (0: all 60,000)")
     p.add_argument("--val-subset", type=int, default=5_000, help="test images (0: all 10,000)")
-    p.add_argument("--baseline-epochs", type=int, default=4)
+    p.add_argument("--baseline-epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr", type=float, default=0.02)

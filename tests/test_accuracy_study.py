@@ -35,7 +35,7 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert accuracy_study.main(["--smoke", "--data-root", str(data), "--out", str(out), "--bn-images", "32"]) == 0
     table = (out / "accuracy_study.md").read_text()
-    names = ("random", "first", "average", "average + BN recal.", "scaled", "basis S24U8 (svd)",
+    names = ("random", "first", "average", "average + BN recal.", "scaled", "scaled + BN recal.", "basis S24U8 (svd)",
              "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)")  # fmt: skip
     for name in names:
         assert f"| {name} |" in table
@@ -45,6 +45,9 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     assert [m["epoch"] for m in runs["scaled"]["metrics"]] == [0, 1]
     assert runs["scaled"]["params"] == runs["average"]["params"] < runs["baseline"]["params"]
     assert (out / "runs" / "scaled" / "metrics.jsonl").exists()
+    # every variant records the report's member error right after sharifying; BN re-calibration does not change it
+    assert all(r["dissimilarity"] >= 0 for r in runs.values() if r["kind"] == "variant")
+    assert runs["scaled + BN recal."]["dissimilarity"] == runs["scaled"]["dissimilarity"]
     control = runs["baseline + same fine-tune (control)"]
     assert control["params"] == runs["baseline"]["params"] and [m["epoch"] for m in control["metrics"]] == [0, 1]
     # epoch 0 of the control is the trained baseline itself, untouched
