@@ -8,7 +8,15 @@ Each strategy takes the members' weights (and biases) and returns the shared wei
 * ``"scaled"``: a shared tensor ``W`` plus per-member, per-output-channel gains ``a_i`` minimising
   ``sum_i ||diag(a_i) W - W_i||^2`` (:func:`scaled_tensors`), so that each block keeps its own filter
   gains; the rewrite folds each ``a_i`` into the BatchNorm that follows the member (zero extra
-  parameters) or, where none follows, gives the member a ``shared_gain`` parameter.
+  parameters) or, where none follows, gives the member a ``shared_gain`` parameter. A folded gain lives
+  in the BatchNorm's running statistics (and its sign in the BatchNorm weight): a BatchNorm in train
+  mode, or re-calibrated, normalises the magnitude away again, so there ``"scaled"`` differs from
+  ``"average"`` by the choice of ``W`` and the signs.
+
+None of them makes a model whose blocks were trained independently compute what it computed before:
+the members' filters are not similar (``sharify.report``'s dissimilarity shows how far apart), and
+fine-tuning, or BatchNorm re-calibration as a first step, has to adapt the network
+(``benchmarks/results/accuracy_study``).
 """
 
 from __future__ import annotations
