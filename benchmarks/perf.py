@@ -4,14 +4,14 @@
     python -m benchmarks.perf --quick               # resnet50 only, eager, fewer repeats
     python -m benchmarks.perf --device cuda --amp bf16 --channels-last --compile   # on a GPU machine
 
-Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B A B ...),
-median of ``--repeats`` timed runs after warm-up, on the same inputs. Memory figures are exact byte
-counts (parameters, optimizer state, safetensors checkpoint) and the peak memory of a training step
-(CUDA allocator peak on GPU; on CPU the growth of the peak resident set of a fresh subprocess per model
-after its imports -- the high-water mark is reset there through ``/proc/self/clear_refs`` -- which covers
-building the model, so the shared model's peak includes the original weights it was made from, and two
-training steps). The
-``sharify()`` wall time covers trace + fake-tensor shape propagation + rewrite. Results go to
+Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B, B A, ...),
+median of ``--repeats`` timed rounds (the order alternating) after warm-up, on the same inputs. Memory
+figures are exact byte counts (parameters, optimizer state, safetensors checkpoint) and the peak memory
+of a training step (CUDA allocator peak on GPU; on CPU the growth of the peak resident set of a fresh
+subprocess per model after its imports -- the high-water mark is reset there through
+``/proc/self/clear_refs`` -- which covers building the model, so the shared model's peak includes the
+original weights it was made from, and two training steps). The ``sharify()`` wall time covers trace +
+fake-tensor shape propagation + rewrite. Results go to
 ``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
 """
 
@@ -85,21 +85,34 @@ def _step_fn(model: nn.Module, x: torch.Tensor, train: bool, amp: str | None) ->
 
 def interleaved(
     fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median seconds per call of each function, timed alternately."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``repeats`` rounds, timed alternately.
+
+    Each round calls every function once; the order is reversed every other round (A B, B A, ...) so that
+    neither function always runs right after the other, the way a first-measured model otherwise pays
+    for allocator growth and primitive caches that the second one then finds warm.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    keys = list(fns)
+    for i in range(repeats):
+        for k in keys if i % 2 == 0 else keys[::-1]:
             _sync(device)
             t = time.perf_counter()
-            fn()
+            fns[k]()
             _sync(device)
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def speed(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -123,16 +136,20 @@ def speed(name: str, args: argparse.Namespace, device: torch.device) -> list[dic
             for m in models.values():
                 m.train(train)
             fns = {k: _step_fn(m, xin, train, args.amp) for k, m in models.items()}
-            t = interleaved(fns, device, args.warmup, args.repeats)
+            times = interleaved(fns, device, args.warmup, args.repeats)
+            t = {k: statistics.median(v) for k, v in times.items()}
+            # per-round ratios show the noise: a ratio's interquartile range that contains 1 is no difference
+            q1, q3 = _quartiles([o / s for o, s in zip(times["original"], times["shared"], strict=True)])
             rows.append({
                 "model": name, "mode": "train step" if train else "inference", "batch": list(shape),
                 "channels_last": channels_last, "compile": compiled, "amp": args.amp or "fp32",
                 "original_img_s": shape[0] / t["original"], "shared_img_s": shape[0] / t["shared"],
-                "ratio": t["original"] / t["shared"],
+                "ratio": t["original"] / t["shared"], "ratio_q1": q1, "ratio_q3": q3,
+                "repeats": args.repeats, "warmup": args.warmup,
             })  # fmt: skip
             print(f"{name:16s} {rows[-1]['mode']:10s} cl={channels_last!s:5s} compile={compiled!s:5s} "
                   f"orig {rows[-1]['original_img_s']:8.1f} img/s  shared {rows[-1]['shared_img_s']:8.1f} img/s  "
-                  f"ratio {rows[-1]['ratio']:.3f}", flush=True)  # fmt: skip
+                  f"ratio {rows[-1]['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f})", flush=True)  # fmt: skip
     return rows
 
 
@@ -305,13 +322,17 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         "",
         "## Throughput (images/s; ratio = shared / original, target >= 0.98)",
         "",
-        "| model | mode | batch | channels_last | compile | precision | original | shared | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Medians over the timed rounds; the ratio's IQR is the interquartile range of the per-round ratios "
+        "(the order of the two models alternates every round), i.e. the run-to-run noise of this machine.",
+        "",
+        "| model | mode | batch | channels_last | compile | precision | original | shared | ratio | ratio IQR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["speed"]:
         lines.append(
             f"| {r['model']} | {r['mode']} | {'x'.join(map(str, r['batch']))} | {r['channels_last']} | {r['compile']} "
-            f"| {r['amp']} | {r['original_img_s']:.1f} | {r['shared_img_s']:.1f} | {r['ratio']:.3f} |"
+            f"| {r['amp']} | {r['original_img_s']:.1f} | {r['shared_img_s']:.1f} | {r['ratio']:.3f} "
+            f"| {r.get('ratio_q1', r['ratio']):.3f}-{r.get('ratio_q3', r['ratio']):.3f} |"
         )
     lines += ["", "## Memory (bytes; ratio = shared / original, target = parameter fraction ± 1 %)", "",
               "| model | parameter fraction | params | SGD momentum | AdamW state | safetensors file "
@@ -353,8 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--time-models", nargs="+", default=["resnet50", "resnet152"], help="sharify() wall time")
     parser.add_argument("--big-model", default="resnetv2_152x4_bit", help="timm model analysed on the meta device")
     parser.add_argument("--small-meta-model", default="resnet50", help="timm model compared with --big-model for "

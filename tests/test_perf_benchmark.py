@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import perf
 
@@ -29,8 +30,17 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "perf.json").read_text())
     assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
     assert all(r["ratio"] > 0 for r in results["speed"])
+    assert all(r["ratio_q1"] <= r["ratio_q3"] for r in results["speed"])
     peak = results["memory"][0]["peak"]
     assert peak["original_peak_bytes"] > 0 and peak["shared_peak_bytes"] > 0
     assert [r["model"] for r in results["analysis_memory"]] == ["resnet18", "resnet26"]
     text = (tmp_path / "perf.md").read_text()
-    assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text
+    assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text and "ratio IQR" in text
+
+
+def test_interleaved_alternates_the_order_every_round() -> None:
+    calls: list[str] = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = perf.interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B / B A / A B
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
