@@ -6,7 +6,7 @@ one weight tensor::
     import timm, sharify
     model = timm.create_model("resnet50", pretrained=True)
     shared = sharify.sharify(model)        # torch.fx finds the stages; convs share weights
-    print(sharify.report(model, shared))   # parameters before/after, per group
+    print(sharify.report(model, shared))   # parameters before/after, per stage and group
 
 The stages are found by tracing the model with torch.fx (:mod:`sharify.residual`), so torchvision,
 timm and hand-written networks work alike; the result keeps its class and plugs into ordinary

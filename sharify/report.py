@@ -1,7 +1,9 @@
 """Parameter report of a sharified model against its original: what sharing saved, and at what cost.
 
-Per group it gives the members, the size of the shared tensor, the parameters before and after, and
-the relative dissimilarity of the original members to what the shared model computes in their place,
+Per stage it gives the groups, members and the parameters of the shared convs before and after (with
+the saving as a share of the whole model). Per group it gives the members, the size of the shared
+tensor, the parameters before and after, and the relative dissimilarity of the original members to
+what the shared model computes in their place,
 ``mean_i ||W_i - W_shared|| / ||W_i||``: the paper's question "how similar are the blocks?" answered
 for the user's own weights (0 = identical; ``sqrt((n-1)/n)`` for the average of n independent random
 tensors). For filter-basis groups ``W_shared`` is each block's effective conv (eval-mode BatchNorm
@@ -62,10 +64,10 @@ class GroupReport:
 
 @dataclass(frozen=True)
 class ParameterReport:
-    """Parameters of an original and a sharified model, per sharing group.
+    """Parameters of an original and a sharified model, per stage and per sharing group.
 
-    ``str(report)`` is a plain-text table; :meth:`to_markdown` and :meth:`to_dict` give the same
-    content as Markdown and JSON-ready data.
+    ``str(report)`` is two plain-text tables (stages, then groups with the model's total);
+    :meth:`to_markdown` and :meth:`to_dict` give the same content as Markdown and JSON-ready data.
     """
 
     model: str
@@ -92,14 +94,17 @@ class ParameterReport:
         return (self.params_before - self.params_after_folding) / self.params_before
 
     def stages(self) -> dict[str, dict[str, int]]:
-        """Per stage: groups, members, parameters before/after (of the shared convs only)."""
+        """Per stage, in execution order: groups, members, parameters before/after (of the shared convs
+        only) and saved."""
         out: dict[str, dict[str, int]] = {}
         for g in self.groups:
-            s = out.setdefault(g.stage, {"groups": 0, "members": 0, "params_before": 0, "params_after": 0})
+            s = out.setdefault(g.stage, dict.fromkeys(("groups", "members", "params_before", "params_after"), 0))
             s["groups"] += 1
             s["members"] += len(g.members)
             s["params_before"] += g.params_before
             s["params_after"] += g.params_after
+        for s in out.values():
+            s["saved"] = s["params_before"] - s["params_after"]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +125,22 @@ class ParameterReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    def _of_model(self, saved: int) -> str:
+        """``saved`` with its share of the model's parameters: ``5,087,232 (-19.9%)``."""
+        share = saved / self.params_before if self.params_before else 0.0
+        return f"{saved:,} ({-share:+.1%})"
+
+    _STAGE_HEADER = ("stage", "groups", "members", "params before", "params after", "saved (of model)")
+
+    def _stage_rows(self) -> list[list[str]]:
+        return [
+            [stage or "<root>", str(s["groups"]), str(s["members"]), f"{s['params_before']:,}",
+             f"{s['params_after']:,}", self._of_model(s["saved"])]
+            for stage, s in self.stages().items()
+        ]  # fmt: skip
+
+    _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
+
     def _rows(self) -> list[list[str]]:
         rows = []
         for g in self.groups:
@@ -129,19 +150,30 @@ class ParameterReport:
                  f"{g.params_after:,}", f"{g.saved:,}", d]
             )  # fmt: skip
         rows.append(["total (model)", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                     f"{self.saved:,} ({-self.reduction:+.1%})", ""])  # fmt: skip
+                     self._of_model(self.saved), ""])  # fmt: skip
         return rows
 
-    _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
+    @staticmethod
+    def _text_table(header: tuple[str, ...], rows: list[list[str]], total: bool) -> list[str]:
+        """Aligned columns (the first left-aligned), a rule under the header and above a total row."""
+        table = [list(header), *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+        rule = "  ".join("-" * w for w in widths)
+        lines = []
+        for i, r in enumerate(table):
+            if total and i == len(table) - 1 and i > 1:
+                lines.append(rule)
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+            if i == 0:
+                lines.append(rule)
+        return lines
 
     def __str__(self) -> str:
-        rows = [list(self._HEADER), *self._rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(self._HEADER))]
+        """Two tables: per stage (the shared convs of each stage), then per group with the model's total."""
         lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters ({-self.reduction:+.1%})"]
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-            if i == 0 or i == len(rows) - 2:
-                lines.append("  ".join("-" * w for w in widths))
+        if self.groups:
+            lines += [*self._text_table(self._STAGE_HEADER, self._stage_rows(), total=False), ""]
+        lines += self._text_table(self._HEADER, self._rows(), total=True)
         return "\n".join([*lines, *self._folding_lines()])
 
     def _folding_lines(self) -> list[str]:
@@ -156,8 +188,15 @@ class ParameterReport:
         ]
 
     def to_markdown(self) -> str:
-        lines = ["| " + " | ".join(self._HEADER) + " |", "|" + "---|" * len(self._HEADER)]
-        lines += ["| " + " | ".join(r) + " |" for r in self._rows()]
+        """The tables of ``str(report)`` as Markdown (the stage table only when something is shared)."""
+
+        def table(header: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+            return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+                "| " + " | ".join(r) + " |" for r in rows
+            ]
+
+        lines = [*table(self._STAGE_HEADER, self._stage_rows()), ""] if self.groups else []
+        lines += table(self._HEADER, self._rows())
         folding = self._folding_lines()
         return "\n".join([*lines, "", *folding] if folding else lines)
 
