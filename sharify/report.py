@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .folding import bn_folded_members
-from .layers import SharedConvParams, shared_groups
+from .layers import SharedConvParams, is_shared_conv, shared_groups
 from .plan import count_params
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
@@ -269,6 +269,10 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
         original: The model before :func:`sharify.sharify`.
         shared: The sharified model.
 
+    Raises:
+        TypeError: An argument is not an ``nn.Module``.
+        ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``).
+
     Example:
         >>> import torchvision, sharify
         >>> model = torchvision.models.resnet50()
@@ -279,6 +283,19 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
+    # Comparing a sharified model with itself would report nothing saved and members identical to their
+    # shared weight: say so instead of printing a plausible, wrong table.
+    keep = "keep an unshared copy (copy.deepcopy(model) before sharify(..., inplace=True)) or use inplace=False"
+    if original is shared:
+        raise ValueError(
+            f"report(original, shared) got the same {type(shared).__name__} twice: the original is the shared "
+            f"model (sharify(..., inplace=True) rewrites it); {keep}"
+        )
+    if any(is_shared_conv(m) for m in original.modules()):
+        raise ValueError(
+            f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
+            f"can be compared against it; pass the model as it was before sharify(): {keep}"
+        )
     groups = [_group_report(original, shared, k, h, m) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)
     after_folding = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -73,3 +75,15 @@ def test_dissimilarity_is_zero_for_identical_members() -> None:
                 block.conv2.weight.copy_(stage[0].conv2.weight)
     r = sharify.report(model, sharify.sharify(model, example_inputs=X32))
     assert [g.dissimilarity for g in r.groups] == [0.0, 0.0, 0.0]
+
+
+def test_report_of_a_model_against_itself_is_refused() -> None:
+    model = cifar_resnet(20)
+    original = copy.deepcopy(model)
+    shared = sharify.sharify(model, example_inputs=X32, inplace=True)
+    with pytest.raises(ValueError, match=r"same CifarResNet twice.*inplace=True.*copy\.deepcopy.*inplace=False"):
+        sharify.report(model, shared)
+    other = sharify.sharify(copy.deepcopy(original), example_inputs=X32)
+    with pytest.raises(ValueError, match=r"original CifarResNet is already sharified.*inplace=False"):
+        sharify.report(shared, other)
+    assert sharify.report(original, shared).saved > 0  # keeping a copy is the way
