@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -35,7 +36,42 @@ def test_readme_commands_are_the_ci_commands() -> None:
     assert test_command in ci
 
 
-def test_cli_report_resnet50_text_and_json() -> None:
+def test_readme_command_sharify_report_resnet50_prints_the_table() -> None:
+    # The README's main command, verbatim, through the installed console script (this checkout first on
+    # the path, so an editable install of another checkout does not answer for this one).
+    script = next(
+        (p for p in (Path(sys.executable).parent / n for n in ("sharify", "sharify.exe")) if p.exists()), None
+    )
+    if script is None:
+        pytest.skip("no `sharify` console script next to the interpreter (install the project: pip install -e .)")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")])),
+    }
+    lines = subprocess.run([str(script), "report", "resnet50"], capture_output=True, text=True, check=True,
+                           env=env).stdout.splitlines()  # fmt: skip
+    assert lines[:2] == ["torchvision:resnet50", "ResNet: 25,557,032 -> 20,469,800 parameters (-19.9%)"]
+    rows = [line.split() for line in lines]
+    assert rows[2] == ["stage", "groups", "members", "params", "before", "params", "after", "saved", "(of", "model)"]
+    assert rows[4:8] == [
+        ["layer1", "1", "3", "110,592", "36,864", "73,728", "(-0.3%)"],
+        ["layer2", "1", "3", "442,368", "147,456", "294,912", "(-1.2%)"],
+        ["layer3", "1", "5", "2,949,120", "589,824", "2,359,296", "(-9.2%)"],
+        ["layer4", "1", "2", "4,718,592", "2,359,296", "2,359,296", "(-9.2%)"],
+    ]
+    assert rows[9] == ["group", "members", "weight", "params", "before", "params", "after", "saved", "dissimilarity"]
+    assert [r[:6] for r in rows[11:15]] == [
+        ["layer1.conv2", "3", "64x64x3x3", "110,592", "36,864", "73,728"],
+        ["layer2.conv2", "3", "128x128x3x3", "442,368", "147,456", "294,912"],
+        ["layer3.conv2", "5", "256x256x3x3", "2,949,120", "589,824", "2,359,296"],
+        ["layer4.conv2", "2", "512x512x3x3", "4,718,592", "2,359,296", "2,359,296"],
+    ]
+    assert all(0.5 < float(r[6]) < 1 for r in rows[11:15])  # dissimilarity of independent random members
+    assert rows[16] == ["total", "(model)", "25,557,032", "20,469,800", "5,087,232", "(-19.9%)"]
+    assert lines[17].startswith("after conv-BN folding (deployment): 25,557,032 parameters")
+
+
+def test_cli_report_resnet50_json_and_resnet18_markdown(capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from sharify.cli import main
@@ -46,6 +82,14 @@ def test_cli_report_resnet50_text_and_json() -> None:
     assert data["params_before"] == 25_557_032 and data["params_after"] == 20_469_800
     assert 0.19 < data["reduction"] < 0.2 and len(data["groups"]) == 4
     assert main(["report", "tv:resnet18", "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert markdown.startswith(
+        "| stage | groups | members | params before | params after | saved (of model) |\n|---|---|---|---|---|---|\n"
+        "| layer1 | 1 | 2 | 73,728 | 36,864 | 36,864 (-0.3%) |\n"
+    )
+    assert "| group | members | weight | params before | params after | saved | dissimilarity |" in markdown
+    assert "| layer4.conv2 | 2 | 512x512x3x3 | 4,718,592 | 2,359,296 | 2,359,296 | 0.7" in markdown
+    assert "| total (model) |  |  | 11,689,512 | 8,556,072 | 3,133,440 (-26.8%) |  |" in markdown
 
 
 @pytest.mark.parametrize(
