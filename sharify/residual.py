@@ -12,10 +12,20 @@ Definitions (all on the dataflow graph, never on module names):
   operands depend on, provided it lies inside the same enclosing block (blocks nest: EDSR-style
   global skips, Res2Net's hierarchical adds, RepVGG's parallel branches). Following predecessors
   gives the chains of blocks along the residual stream.
-* A **stage** is a run of consecutive blocks of one chain whose outputs have the same shape. If
-  convs run between the predecessor and the stage's first residual block and produce the stage's
-  shape (MobileNetV2's non-residual entry block, ConvNeXt's downsample layer), the stage has an
+* A **stage** is a run of consecutive blocks of one chain whose outputs have the same shape. Its
+  **first block** is the first block whose output has that shape, residual or not: if convs run
+  between the predecessor and the stage's first residual block and produce the stage's shape
+  (MobileNetV2's non-residual entry block, ConvNeXt's downsample layer), the stage has an
   **entry**: its first block is that non-residual one, and all its residual blocks are non-first.
+  The exception is the **stem**: whatever runs before the first residual block of a chain (there is
+  no predecessor) is never an entry, even when it ends with the stage's shape, so the first stage's
+  first block is its first residual block. That is ResNet-34's ``layer1.0``, which DSFB keeps
+  unshared although the stem's max-pool already outputs layer1's shape; likewise a CIFAR ResNet whose
+  stem conv outputs the first stage's shape, or a transition conv written before the first stage's
+  blocks (``tests/nets.py::LoopNet``: ``skip_first_block=True`` leaves out block 0 of its first stage,
+  but not of its second, which has an entry). A non-residual block before the network's first
+  residual block is stem by this rule (MobileNetV2's ``features.2``: ``features.3`` is first); the
+  graph cannot tell it from stem convs.
 * A block's **branch convs** are the convs on its branch in execution order, except those owned by a
   nested stage (a nested chain of two or more blocks shares among itself).
 """
@@ -69,7 +79,8 @@ class Stage:
         shape: The blocks' output shape.
         blocks: The blocks, in execution order.
         has_entry: A non-residual block with the stage's output shape precedes ``blocks[0]``, so
-            every block in ``blocks`` is a non-first block of the stage.
+            every block in ``blocks`` is a non-first block of the stage. Never true for the first
+            stage of a chain: what precedes it is the stem (see the module docstring).
     """
 
     path: str
@@ -292,6 +303,7 @@ def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[St
         pred = predecessor[ks[0]]
         has_entry = False
         fork = first.common.bit_length() - 1  # latest node both operands depend on: the block input
+        # No predecessor: the convs before the chain's first residual block are the stem, not an entry.
         if pred is not None and _shape(g.nodes[fork]) == first.shape:
             between = first.common & ~g.ancestors[adds[pred].node]
             has_entry = bool(between & g.conv_mask)

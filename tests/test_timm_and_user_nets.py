@@ -57,6 +57,22 @@ def test_loop_net_with_data_dependent_head() -> None:
     assert shared(x).shape == (2, 10)
 
 
+def test_loop_net_first_blocks_stem_versus_entry() -> None:
+    # A transition conv `downs[s]` runs before each stage's blocks, producing the stage's shape. In stage 1
+    # it follows a residual block, so it is the stage's non-residual first block (an entry, as in
+    # MobileNetV2) and all three residual blocks are non-first. In stage 0 nothing residual precedes it:
+    # stem and `downs[0]` are the stem, the first residual block is the stage's first block (as ResNet-34's
+    # layer1.0 in DSFB), and skip_first_block=True leaves it out. See sharify/residual.py.
+    model = LoopNet(widths=(16, 32), depth=3)
+    p = sharify.plan(model, example_inputs=torch.randn(2, 3, 16, 16), skip_first_block=True)
+    assert [(s.path, s.has_entry) for s in p.stages] == [("branches.0", False), ("branches.1", True)]
+    assert [g.members for g in p.groups] == [
+        ("branches.0.1.3", "branches.0.2.3"),
+        ("branches.1.0.3", "branches.1.1.3", "branches.1.2.3"),
+    ]
+    assert p.params_saved == _conv_size(model.branches[0][0][3]) + 2 * _conv_size(model.branches[1][0][3])
+
+
 def test_fancy_blocks_se_layer_scale_drop_path_groupnorm_bias() -> None:
     model = FancyNet(c=16, depth=3)
     x = torch.randn(2, 3, 16, 16)
