@@ -1,20 +1,24 @@
 """Coverage of the model zoos, on a representative subset (the full sweep is benchmarks/coverage.py).
 
 Each model is checked by :func:`benchmarks.coverage_check.check_model`: built on the meta device, planned
-and sharified (report arithmetic == plan arithmetic); shared models up to 30 M parameters are also built
-for real, sharified, and run forward/backward on a 64-px input with the output shapes compared to the
-original's and gradients required on every shared weight. The expected outcome of each model is part of
-the test: a model that stops being shared, or starts being refused for another reason, fails it.
+and sharified (report arithmetic == plan arithmetic); shared models up to 30 M parameters (except those in
+``META_ONLY``) are also built for real, sharified, and run forward/backward on a 64-px input with the output
+shapes compared to the original's and gradients required on every shared weight. The expected outcome of
+each model is part of the test: a model that stops being shared, or starts being refused for another
+reason, fails it; so does one that starts or stops needing automatic leafing or the meta-build fallback.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import shlex
 from pathlib import Path
 
 import pytest
 
-from benchmarks.coverage import list_models, run_sweep, write_results
-from benchmarks.coverage_check import check_model
+from benchmarks.coverage import list_models, main, run_sweep, write_results
+from benchmarks.coverage_check import ModelResult, check_model
 
 SHARED = "shared"
 DEPTHWISE = "depthwise only"
@@ -65,21 +69,50 @@ SUBSET = [
     ("timm", "poolformer_s12", POINTWISE),  # pooling mixer + 1x1-conv MLP
     ("timm", "levit_conv_128", POINTWISE),
     ("timm", "vit_tiny_patch16_224", NO_RESIDUAL),
+    ("timm", "bat_resnext26ts", SHARED),  # untraceable attention (data-dependent) leafed automatically
+    ("timm", "resnetv2_50x1_bit", SHARED),  # StdConv2d (weight standardised in its own forward)
+    ("torchvision", "mobilenet_v2", DEPTHWISE),
+    ("timm", "ese_vovnet39b", ONE_BLOCK_STAGES),  # one residual OSA module per stage
+    ("timm", "xception41p", DEPTHWISE),
 ]
 
 FORWARD_MAX_PARAMS = 30_000_000
 
+# Shared models analysed on the meta device only: their real check takes 10-20 s on two cores (it passes in
+# the full sweep, benchmarks/results/coverage.csv); what is particular about them is analysis. StdConv2d's
+# real-weight analysis is also tested in tests/test_analysis.py.
+META_ONLY = {"bat_resnext26ts", "resnetv2_50x1_bit"}
+
+# Models with submodules torch.fx cannot trace, leafed automatically (every other model traces whole).
+AUTO_LEAFED = {"bat_resnext26ts": [f"stages.{s}.{b}.attn.ba" for s in range(4) for b in range(2)]}
+
+# Builders that compute with tensors and cannot run under `torch.device("meta")`: their parameters and
+# buffers are moved to meta as they are registered (every other model builds under the meta device).
+MOVED_AT_REGISTRATION = {"regnet_y_400mf"}  # torchvision's RegNet widths are computed with torch ops
+
+# Hand arithmetic: per stage of the default rule, (members - 1) * weight size of the 3x3 conv2 (no bias);
+# ResNet-18's four stages have two basic blocks each, 64..512 channels.
+_R18_SAVED = sum((2 - 1) * c * c * 3 * 3 for c in (64, 128, 256, 512))
+EXACT_PARAMS = {  # (params_before, params_after)
+    "torchvision:resnet18": (11_689_512, 11_689_512 - _R18_SAVED),
+    "timm:resnet18d": (11_708_744, 11_708_744 - _R18_SAVED),  # deep stem and avg-pool shortcut: more before
+}
+
 
 @pytest.mark.parametrize(("library", "name", "expected"), SUBSET, ids=[f"{lib}:{n}" for lib, n, _ in SUBSET])
 def test_model_outcome(library: str, name: str, expected: str) -> None:
-    result = check_model(library, name, forward_max_params=FORWARD_MAX_PARAMS, input_px=64)
+    forward_max_params = 0 if name in META_ONLY else FORWARD_MAX_PARAMS
+    result = check_model(library, name, forward_max_params=forward_max_params, input_px=64)
     assert result.outcome != "error", f"{result.reason_kind}: {result.reason}"
-    assert result.build.startswith("meta")
+    assert result.build == ("meta (moved at registration)" if name in MOVED_AT_REGISTRATION else "meta")
+    assert result.traced == ("auto-leaf: " + ", ".join(AUTO_LEAFED[name]) if name in AUTO_LEAFED else "yes")
+    if f"{library}:{name}" in EXACT_PARAMS:
+        assert (result.params_before, result.params_after) == EXACT_PARAMS[f"{library}:{name}"]
     if expected == SHARED:
         assert result.outcome == "shared", result.reason
         assert result.groups >= 1 and result.members >= 2 * result.groups
         assert result.params_after < result.params_before
-        if result.params_before <= FORWARD_MAX_PARAMS:
+        if result.params_before <= forward_max_params:
             assert result.real_check == "passed"  # output shapes and shared-weight gradients checked inside
         else:
             assert result.real_check.startswith("skipped")
@@ -112,6 +145,34 @@ def test_sweep_records_timeouts_and_writes_results(tmp_path: Path) -> None:
     summary = (tmp_path / "coverage.md").read_text()
     assert "1 of 4 timm models shared, 1 error" in summary
     assert (tmp_path / "coverage.csv").read_text().count("\n") == 5
+
+
+def test_main_writes_results_with_wall_time_and_exits_nonzero_on_errors(tmp_path: Path) -> None:
+    argv = ["--filter", "timm:test_resnet", "--out", str(tmp_path), "--no-progress", "--input-px", "32"]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "coverage.json").read_text())
+    meta = data["meta"]
+    assert meta["command"].endswith("python -m benchmarks.coverage " + shlex.join(argv))
+    assert meta["wall_seconds"] > 0 and (meta["forward_max_params"], meta["input_px"]) == (60_000_000, 32)
+    assert all(meta[k] for k in ("cpus", "machine", "python", "torch", "torchvision", "timm", "date"))
+    [model] = data["models"]
+    assert list(model) == ModelResult.columns()
+    assert {k: model[k] for k in ("library", "name", "family", "outcome", "reason_kind", "build", "traced")} == {
+        "library": "timm", "name": "test_resnet", "family": "timm.resnet", "outcome": "nothing-to-share",
+        "reason_kind": "no multi-block stage", "build": "meta", "traced": "yes",
+    }  # fmt: skip
+    assert (model["input_shape"], model["blocks"], model["params_before"]) == ("1x3x160x160", 4, 469_688)
+    assert model["params_after"] == model["params_before"] and 0 < model["seconds"] <= meta["wall_seconds"]
+    with open(tmp_path / "coverage.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["name"], r["outcome"]) for r in rows] == [("test_resnet", "nothing-to-share")]
+    summary = (tmp_path / "coverage.md").read_text()
+    assert "**0 of 1 timm models shared, 0 errors.**" in summary
+    assert f"- Wall time: {meta['wall_seconds']:.0f} s" in summary
+    # Any `error` outcome (here: a timeout) makes the exit status 1.
+    assert main([*argv[:2], "--out", str(tmp_path / "timeout"), "--no-progress", "--timeout", "0.5"]) == 1
+    [timed_out] = json.loads((tmp_path / "timeout" / "coverage.json").read_text())["models"]
+    assert (timed_out["outcome"], timed_out["reason_kind"]) == ("error", "Timeout")
 
 
 @pytest.mark.slow
