@@ -14,7 +14,8 @@
 For shared models with at most ``forward_max_params`` parameters the real check builds the model on the
 CPU, sharifies it (which also confirms the meta-device analysis found the same groups), runs the original
 and the sharified model on a small input (``input_px``, respecting timm's fixed/minimum input sizes) and
-back-propagates through the sharified one.
+back-propagates through the sharified one. Refused models get no real check: sharify changes nothing in
+them, so there is no sharified model to run.
 """
 
 from __future__ import annotations

@@ -76,7 +76,9 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         f"Shared models up to {int(meta.get('forward_max_params', 0)) / 1e6:.0f} M parameters are also built for "
         "real, sharified (the same groups as on meta are required), run forward and backward on a "
         f"{meta.get('input_px')}-px batch of two (fixed-size timm models at their size) with the output shapes "
-        "compared to the original's and a gradient required on every shared weight.",
+        "compared to the original's and a gradient required on every shared weight. Refused (`nothing-to-share`) "
+        "models get no real check whatever their size: `sharify()` raises before it changes anything, so there is "
+        "no sharified model to run, and a forward of the unchanged original would test the zoo, not sharify.",
         "- Per-model results: [coverage.csv](coverage.csv), [coverage.json](coverage.json).",
         "",
         "## Outcomes",
