@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
-from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
+from .rules import (
+    ConvSignature,
+    SharingGroup,
+    basis_ranks,
+    check_rank_stages,
+    group_key,
+    is_depthwise,
+    is_spatial,
+    select,
+)
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
 
@@ -169,14 +178,22 @@ def plan(
         preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
             its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
-            ``"last"`` or an index into the branch's convs.
+            ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
+            full list of convs; a pick an earlier selector already put in a group is skipped, not
+            replaced (on a basic block ``"last"`` is the ``"last_spatial"`` conv2, so ``dsfb-shared++``
+            adds no group there). A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
+            count as one) and an index out of range for every branch raise ``ValueError``; an index
+            that fits only the longer branches picks nothing in the shorter ones.
         skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows
             and DSFB leave it out).
         depthwise: Let depthwise convs be members (default ``False``).
         method: ``"share"`` (default): members share one weight; ``"basis"``: each member becomes
             unique basis + shared basis -> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases).
-        shared_rank: ``method="basis"``: shared basis filters per 64 channels (or ``{stage: filters}``).
-        unique_rank: ``method="basis"``: unique basis filters per 64 channels (or ``{stage: filters}``).
+        shared_rank: ``method="basis"``: shared basis filters per 64 channels (a conv with ``C`` outputs
+            gets ``max(1, floor(shared_rank * C / 64 + 1/2))``, rounded half up), or ``{stage path: filters}``
+            with an entry for every stage that holds groups and no other keys.
+        unique_rank: ``method="basis"``: unique basis filters per 64 channels, rounded as ``shared_rank``
+            (or ``{stage path: filters}``).
         init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
             (members with no BatchNorm after them get per-channel gains).
         leaf_modules: Module classes or paths not to trace into.
@@ -185,8 +202,9 @@ def plan(
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
 
     Raises:
-        ValueError: Unknown preset/selector/method, bad ranks, or ``method="basis"`` on a position
-            that is not a dense 3x3 conv.
+        ValueError: Unknown preset/selector/method, a selector given twice, an index out of range for
+            every branch, bad ranks (or a rank mapping with a missing or unknown stage path), or
+            ``method="basis"`` on a position that is not a dense 3x3 conv.
 
     Example:
         >>> import torchvision, sharify
@@ -258,6 +276,7 @@ def make_plan(
     used: set[str] = set()
     taken: set[str] = set()
     saw_depthwise = saw_spatial = saw_pointwise = saw_reused = False
+    branch_lengths: list[int] = []  # eligible convs per block considered, for the index range check
     for stage in stages:
         if len(stage.blocks) < 2:
             continue
@@ -265,12 +284,18 @@ def make_plan(
         for selector in options.positions:
             by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
             for block in blocks:
-                convs = [(p, modules[p]) for p in block.convs if p not in used and eligible(p)]
+                # Every selector indexes the block's full list of eligible convs; a conv already in a group (of
+                # an earlier selector, or of an earlier stage) is skipped, never replaced by another conv.
+                convs = [(p, modules[p]) for p in block.convs if eligible(p)]
+                branch_lengths.append(len(convs))
+                free = [c for p, c in convs if p not in used]
                 saw_reused |= any(p not in used and not eligible(p) for p in block.convs)
-                saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for _, c in convs)
-                saw_spatial |= any(is_spatial(c) for _, c in convs)
-                saw_pointwise |= any(not is_spatial(c) for _, c in convs)
+                saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
+                saw_spatial |= any(is_spatial(c) for c in free)
+                saw_pointwise |= any(not is_spatial(c) for c in free)
                 for label, path in select(convs, selector, options.depthwise):
+                    if path in used:
+                        continue
                     sig = ConvSignature.of(modules[path])
                     by_position.setdefault((label, sig), []).append((block, path))
             for (label, sig), picked in by_position.items():
@@ -278,7 +303,11 @@ def make_plan(
                     continue
                 first_block, first_path = picked[0]
                 conv = modules[first_path]
-                ranks = basis_ranks(options, stage.path, sig, first_path) if options.method == "basis" else (0, 0)
+                ranks = (
+                    basis_ranks(options, stage.path, sig, first_path, stage_paths)
+                    if options.method == "basis"
+                    else (0, 0)
+                )
                 norms = tuple(following_norm(p) for _, p in picked)
                 used.update(p for _, p in picked)
                 groups.append(
@@ -298,6 +327,9 @@ def make_plan(
                     )
                 )
 
+    _check_indices(options.positions, branch_lengths, type(model).__name__)
+    if options.method == "basis" and stage_paths:
+        check_rank_stages(options, stage_paths)
     notes = []
     if shapes.failure is not None:
         lost = (
@@ -332,3 +364,22 @@ def make_plan(
         convs_without_shape=shapes.convs_without_shape,
         notes=tuple(notes),
     )
+
+
+def _check_indices(positions: Sequence[Selector], branch_lengths: list[int], model: str) -> None:
+    """Refuses an integer position that is out of range in every residual branch considered.
+
+    An index that fits only some branches (a stage of longer blocks) picks a conv in those and none in
+    the others, like ``"last_spatial"`` in a branch without spatial convs.
+    """
+    if not branch_lengths:
+        return  # no multi-block stage: the empty plan says why
+    longest, shortest = max(branch_lengths), min(branch_lengths)
+    for p in positions:
+        if isinstance(p, int) and not -longest <= p < longest:
+            have = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
+            every = f" ({-shortest}..{shortest - 1} pick a conv in every branch)" if 0 < shortest < longest else ""
+            raise ValueError(
+                f"position index {p} is out of range for every residual branch of {model}: the branches have "
+                f"{have} eligible convs, so valid indices are {-longest}..{longest - 1}{every}"
+            )
