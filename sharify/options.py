@@ -1,6 +1,8 @@
 """The sharing options, and the named presets of the published variants.
 
-A preset is just a bundle of options; options passed explicitly override it::
+A preset is just a bundle of options; options passed explicitly override it. An explicit ``method``
+other than the preset's also drops the preset's ``init`` (it belongs to the preset's method: the new
+method's default applies unless ``init`` is given too)::
 
     sharify(model, preset="dsfb-shared++")               # ResNet50-Shared++ of Kang et al.
     sharify(model, preset="dsfb-basis", shared_rank=48, unique_rank=1)
@@ -110,6 +112,9 @@ def _check_rank(name: str, rank: Rank | None) -> None:
 def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
     """Resolves a preset and explicit options (``None`` = not given) into checked :class:`SharingOptions`.
 
+    An explicit ``method`` that differs from the preset's drops the preset's ``init`` unless ``init``
+    is given as well (``preset="dsfb-basis", method="share"`` gets ``init="average"``).
+
     Raises:
         ValueError: Unknown preset, selector, method or init; a selector given twice; ranks missing or
             not positive.
@@ -120,7 +125,10 @@ def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOption
     unknown = set(given) - set(SharingOptions.__dataclass_fields__) - {"preset"}
     if unknown:
         raise TypeError(f"unknown sharing option(s): {', '.join(sorted(unknown))}")
-    merged = {**PRESETS.get(preset or "sharesnet", {}), **given}
+    bundle = dict(PRESETS.get(preset or "sharesnet", {}))
+    if given.get("method", bundle.get("method", "share")) != bundle.get("method", "share"):
+        bundle.pop("init", None)  # the preset's init belongs to its own method; the new method's default applies
+    merged = {**bundle, **given}
     method = merged.get("method", "share")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")

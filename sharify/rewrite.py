@@ -93,7 +93,8 @@ def sharify(
         model: The model; with ``inplace=False`` it is not modified.
         example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
         preset: A published variant, e.g. ``"sharesnet-wrn"``, ``"dsfb-shared++"`` (see
-            :mod:`sharify.options`); explicit options override it.
+            :mod:`sharify.options`); explicit options override it (an explicit ``method`` other than the
+            preset's also drops the preset's ``init``, which belongs to its method).
         positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
             the whole branch, skipping convs an earlier selector took; see :func:`sharify.plan`).
         skip_first_block: Leave each stage's first block unshared (default ``False``).

@@ -79,6 +79,15 @@ def test_presets_and_explicit_override() -> None:
     assert sharify.plan(r50, preset="dsfb-shared", skip_first_block=False).params_after == 20_469_800
     p = sharify.plan(r50, preset="dsfb-shared++", positions=("last_spatial",))
     assert p.params_after == 20_506_664 and p.options["preset"] == "dsfb-shared++"
+    # an explicit method drops the preset's init for the other method, unless init is given too
+    p = sharify.plan(r50, preset="dsfb-basis", method="share")
+    assert (p.options["method"], p.options["init"], p.options["positions"]) == ("share", "average", ["all_spatial"])
+    assert p.options["skip_first_block"] and {g.method for g in p.groups} == {"share"}
+    assert sharify.plan(r50, preset="dsfb-basis", method="share", init="first").options["init"] == "first"
+    with pytest.raises(ValueError, match=r"unknown init 'orthogonal' for method='share'"):
+        sharify.plan(r50, preset="dsfb-basis", method="share", init="orthogonal")
+    p = sharify.plan(r50, preset="dsfb-shared", method="basis", shared_rank=8, unique_rank=1)
+    assert p.options["init"] == "orthogonal" and {g.method for g in p.groups} == {"basis"}
     assert set(sharify.PRESETS) >= {
         "sharesnet",
         "sharesnet-wrn",
