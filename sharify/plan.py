@@ -9,13 +9,13 @@ groups of one are left alone. Nothing in the model changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
-from .options import Rank, Selector, SharingOptions, resolve_options
+from .options import _ALIASES, Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import (
     ConvSignature,
@@ -81,23 +81,40 @@ class SharingPlan:
         """Why the plan has no groups, with what to try (empty string when it has groups)."""
         if self.groups:
             return ""
-        if not self.stages:
-            why = (
-                f"no residual blocks found in {self.model} (no addition of a conv branch to a same-shaped shortcut); "
-                "sharify shares convs between the residual blocks of a stage"
-            )
-        elif all(len(s.blocks) < 2 for s in self.stages):
-            why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"
-        else:
-            why = (
-                f"residual blocks found in {self.model}, but no two convs picked by positions="
-                f"{self.options['positions']!r} with the same signature in a stage"
-            )
         hints = list(self.notes)
         if self.auto_leaves:
             hints.append(
                 "these submodules could not be traced and were not analysed: "
                 + ", ".join(f"`{p}` ({r})" for p, r in self.auto_leaves.items())
+            )
+        if not self.stages:
+            why = (
+                f"no residual blocks found in {self.model} (no addition of a conv branch to a same-shaped shortcut); "
+                "sharify shares convs between the residual blocks of a stage"
+            )
+            if self.auto_leaves:
+                hints.append(
+                    "if they hold the residual blocks, make their forward traceable by torch.fx, or pass "
+                    "leaf_modules=[...] naming only the untraceable code inside them"
+                )
+            if not any(n.startswith("the model has no Conv2d") for n in self.notes):
+                shapes = ", ".join(str(tuple(s)) for s in self.input_shapes) or "none"
+                hints.append(
+                    f"if {self.model} does add conv branches to shortcuts, pass example_inputs= it accepts (analysed "
+                    f"with {shapes}) and leaf_modules= for submodules torch.fx must not trace into; a network "
+                    "without residual additions (VGG, DenseNet, Inception) has nothing ShaResNet-style to share"
+                )
+        elif all(len(s.blocks) < 2 for s in self.stages):
+            why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"
+            hints.append(
+                f"its {len(self.blocks)} residual blocks each form a one-block stage (consecutive blocks differ in "
+                "output shape: channels or resolution), so no two can share a conv; this architecture has nothing "
+                "ShaResNet-style to share"
+            )
+        else:
+            why = (
+                f"residual blocks found in {self.model}, but no two convs picked by positions="
+                f"{self.options['positions']!r} with the same signature in a stage"
             )
         return why + ("; " + "; ".join(hints) if hints else "")
 
@@ -353,6 +370,8 @@ def make_plan(
         )
     if not groups and options.skip_first_block:
         notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
+    if not groups and not notes and branch_lengths:
+        notes.append(_other_positions(stages, options, modules, eligible))
     return SharingPlan(
         model=type(model).__name__,
         stages=tuple(stages),
@@ -364,6 +383,38 @@ def make_plan(
         convs_without_shape=shapes.convs_without_shape,
         notes=tuple(notes),
     )
+
+
+def _other_positions(
+    stages: Sequence[Stage], options: SharingOptions, modules: dict[str, nn.Module], eligible: Callable[[str], bool]
+) -> str:
+    """What to try when the selectors found nothing: the other selectors that would form a group, if any."""
+    tried = {_ALIASES.get(p, p) if isinstance(p, str) else p for p in options.positions}
+    found: dict[Selector, tuple[str, str]] = {}
+    for stage in stages:
+        if len(stage.blocks) < 2:
+            continue
+        blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
+        branches = [[(p, cast(nn.Conv2d, modules[p])) for p in b.convs if eligible(p)] for b in blocks]
+        longest = max(map(len, branches), default=0)
+        for selector in ("all_spatial", "last", *range(longest)):
+            same = _ALIASES.get(selector, selector) if isinstance(selector, str) else selector
+            if selector in found or same in tried:
+                continue
+            picked: dict[tuple[str, ConvSignature], str] = {}
+            for convs in branches:
+                for label, path in select(convs, selector, options.depthwise):
+                    other = picked.setdefault((label, ConvSignature.of(dict(convs)[path])), path)
+                    if other != path and selector not in found:
+                        found[selector] = (other, path)
+    if not found:
+        return (
+            "no two blocks of a stage hold convs of one signature at the same position of their branches "
+            "(channels, kernel, stride or groups differ), so this architecture has nothing ShaResNet-style to share"
+        )
+    tries = " or ".join(f"positions={s!r}" if isinstance(s, str) else f"positions=({s},)" for s in found)
+    a, b = next(iter(found.values()))
+    return f"{tries} would share convs of one signature (e.g. `{a}` and `{b}`)"
 
 
 def _check_indices(positions: Sequence[Selector], branch_lengths: list[int], model: str) -> None:
