@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._wrappers import unwrap
+
 __all__ = [
     "SHARED_STORE_NAME",
     "SharedConv2d",
@@ -218,7 +220,11 @@ def shared_groups(model: nn.Module) -> dict[str, tuple[SharedConvParams, list[st
     """Holders of ``model`` by key, each with the paths of the member convs that read it.
 
     Derived from the module tree, so it stays right after ``load_state_dict``, ``to()`` or pickling.
+    DDP, DataParallel and ``torch.compile`` wrappers are looked through (reading only): the paths are
+    the bare model's, so :func:`sharify.orthogonality_loss` and :func:`sharify.report` work on a wrapped
+    model as on the bare one.
     """
+    model = unwrap(model)[0]
     store = getattr(model, SHARED_STORE_NAME, None)
     holders = store.holders() if isinstance(store, SharedStore) else {}
     members: dict[int, list[str]] = {id(h): [] for h in holders.values()}

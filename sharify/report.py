@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._wrappers import unwrap
 from .folding import bn_folded_members
 from .layers import SharedConvParams, shared_groups
 from .plan import count_params
@@ -228,7 +229,8 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
 
     Args:
         original: The model before :func:`sharify.sharify`.
-        shared: The sharified model.
+        shared: The sharified model. Either may be wrapped (DDP, DataParallel, ``torch.compile``):
+            the report reads the model inside.
 
     Example:
         >>> import torchvision, sharify
@@ -240,6 +242,7 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
+    original, shared = unwrap(original)[0], unwrap(shared)[0]  # reading only: wrappers are looked through
     groups = [_group_report(original, shared, k, h, m) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)
     after_folding = None
