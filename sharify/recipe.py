@@ -243,24 +243,32 @@ def fit_problems(
 ) -> list[str]:
     """What stops the recipe and the file's tensors from fitting the unshared ``model`` (empty: fits).
 
-    Only recipes whose groups share whole convs can be checked on the unshared model; a rewrite that
-    changes the module tree (``method="basis"``) is checked after re-applying it, against the file.
+    Every member of a group must be a conv of the file's shapes: for whole-conv sharing the shared
+    weight's shape, for a filter basis (``method="basis"``, members ``<conv>.shared``) the basis filter
+    shape and the coefficients' output channels. Every other tensor is compared too. Problems come in
+    this order: missing members, whole-conv members of another shape, other tensors, basis members of
+    another geometry. Tensors the rewrite adds to members (``init="scaled"`` gains, a basis block's
+    unique basis, BatchNorm and coefficients) are checked after re-applying the recipe.
     """
-    if not all(g.whole_conv for g in recipe.groups):
-        return []
+    if not all(g.whole_conv or g.method == "basis" for g in recipe.groups):
+        return []  # a rewrite this version does not know: checked against the file after re-applying it
     modules = dict(model.named_modules())
-    problems: list[str] = []
+    problems: list[str] = []  # missing members first, then whole-conv members of other shapes
+    basis_problems: list[str] = []  # basis members whose geometry differs: after the other tensors
     member_keys: set[str] = set()
+    prefixes: list[str] = []
     for group in recipe.groups:
-        for path in group.members:
+        for member in group.members:
+            path = _conv_path(group, member)
             conv = modules.get(path)
             member_keys.update((f"{path}.weight", f"{path}.bias"))
+            prefixes.append(f"{path}.")
             if conv is None:
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is not in {here}")
             elif not isinstance(conv, nn.Conv2d):
                 kind = type(conv).__name__
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is a {kind}, not a conv")
-            else:
+            elif group.whole_conv:
                 for attr in ("weight", "bias"):
                     mine = getattr(conv, attr)
                     have = None if mine is None else tuple(mine.shape)
@@ -270,11 +278,39 @@ def fit_problems(
                             f"`{path}.{attr}` is {have or 'absent'} in {here} but the shared "
                             f"`{_HOLDER_PREFIX}{group.key}.{attr}` is {theirs or 'absent'} in {there}"
                         )
+            else:
+                basis_problems += _basis_problems(group, path, conv, file_shapes, here, there)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in member_keys}
-    # Tensors the rewrite adds to members (init="scaled" gains) are checked after re-applying the recipe.
-    members = tuple(f"{m}." for g in recipe.groups for m in g.members)
-    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *members))}
-    return problems + shape_mismatches(model_shapes, rest, strict, here, there)
+    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *prefixes))}
+    return problems + shape_mismatches(model_shapes, rest, strict, here, there) + basis_problems
+
+
+def _conv_path(group: GroupRecipe, member: str) -> str:
+    """The original conv a member stands for: itself, or the conv a filter-basis block replaces."""
+    if group.method == "basis" and member.endswith(".shared"):
+        return member.removesuffix(".shared")
+    return member
+
+
+def _basis_problems(
+    group: GroupRecipe, path: str, conv: nn.Conv2d, file_shapes: Mapping[str, tuple[int, ...]], here: str, there: str
+) -> list[str]:
+    """How the conv at ``path`` differs from the filter-basis block the file has in its place."""
+    basis_key = f"{_HOLDER_PREFIX}{group.key}.weight"
+    basis = file_shapes.get(basis_key)
+    have = tuple(conv.weight.shape)
+    if basis is None or tuple(basis[1:]) != have[1:]:
+        return [
+            f"`{path}.weight` is {have} in {here} but its filters do not fit the shared basis `{basis_key}`, "
+            f"which is {basis or 'absent'} in {there}"
+        ]
+    coeff = file_shapes.get(f"{path}.coeff.weight")
+    if coeff is None or coeff[0] != have[0]:
+        return [
+            f"`{path}` has {have[0]} output channels in {here} but its 1x1 coefficients `{path}.coeff.weight` "
+            f"are {coeff or 'absent'} in {there}"
+        ]
+    return []
 
 
 def check_fits(
@@ -327,9 +363,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     direct = all(g.whole_conv for g in recipe.groups) and options.get("init") != "scaled"
     try:
         shared = sharify(model, **options)
-        if [_key(g) for g in groups_of(shared)] == wanted:
+        got = [_key(g) for g in groups_of(shared)]
+        if got == wanted:
             return shared
-        reason = "it makes other groups"
+        reason = f"it makes other groups ({_first_difference(got, wanted)})"
     except (SharifyError, TypeError, ValueError) as exc:  # e.g. untraceable without the original leaf_modules
         reason = f"it fails ({exc})"
     if not direct:
@@ -341,10 +378,31 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
         raise_mismatch(name, [str(exc)], recipe)
     got = [_key(g) for g in groups_of(shared)]
     if got != wanted:
-        mine, theirs = {g[0]: g for g in got}, {w[0]: w for w in wanted}
-        first = next(k for k in [*theirs, *mine] if mine.get(k) != theirs.get(k))
-        raise_mismatch(name, [f"re-applying the recipe gave other groups than the file's (first: `{first}`)"], recipe)
+        raise_mismatch(
+            name,
+            [f"re-applying the recipe gave other groups than the file's ({_first_difference(got, wanted)})"],
+            recipe,
+        )
     return shared
+
+
+def _first_difference(
+    got: list[tuple[str, tuple[str, ...], str, str]], wanted: list[tuple[str, tuple[str, ...], str, str]]
+) -> str:
+    """The first group (in the file's order) that re-applying the recipe made differently, in words."""
+    mine, theirs = {g[0]: g for g in got}, {w[0]: w for w in wanted}
+    for key in [*theirs, *mine]:
+        a, b = mine.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if a is None:
+            return f"first: the file's group `{key}` is not made"
+        if b is None:
+            return f"first: group `{key}`, which the file does not have"
+        member = next((m for m in (*b[1], *a[1]) if (m in b[1]) != (m in a[1])), None)
+        at = f", at `{member}`" if member else ""
+        return f"first: group `{key}` has other members than in the file{at}"
+    return "in their order"
 
 
 def check_same_groups(model: nn.Module, recipe: Recipe, *, name: str) -> None:

@@ -164,6 +164,48 @@ def test_mismatching_model_names_first_path(tmp_path, model, match):
     assert str(path) in str(info.value)
 
 
+BASIS_OPTIONS = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank": {"blocks": 1}}
+
+
+@pytest.mark.parametrize("options", [BASIS_OPTIONS, {"init": "scaled"}], ids=["basis", "scaled"])
+def test_mismatching_model_names_first_path_when_members_are_rewritten(tmp_path, options):
+    """Filter-basis and init="scaled" recipes are checked on the unshared model like whole-conv ones."""
+    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16), **options)
+    path = sharify.save(shared, tmp_path / "tiny.safetensors")
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"does not fit the model: `blocks\.2\.conv2` \(member of shared group `blocks\.conv2`\) is not in",
+    ):
+        sharify.load(path, TinyNet(depth=2))
+    with pytest.raises(
+        sharify.RecipeMismatchError, match=r"`head\.weight` has shape \(7, 8\) in the model but \(4, 8\)"
+    ):
+        sharify.load(path, TinyNet(num_classes=7))
+
+
+def test_basis_member_of_other_geometry_is_named(tmp_path, monkeypatch):
+    x = torch.randn(1, 3, 16, 16)
+    path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x, **BASIS_OPTIONS), tmp_path / "b.safetensors")
+    other = TinyNet()
+    for block in other.blocks:
+        block.conv2 = nn.Conv2d(8, 8, 5, padding=2)
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"`blocks\.0\.conv2\.weight` is \(8, 8, 5, 5\) in the model but its filters do not fit the shared "
+        r"basis `sharify_shared\.blocks\.conv2\.weight`, which is \(4, 8, 3, 3\) in the file",
+    ):
+        sharify.load(path, other)
+    # re-applying the recipe makes other groups: the message names the first group that differs
+    real = recipe_module.sharify
+    monkeypatch.setattr(recipe_module, "sharify", lambda m, **o: real(m, **{**o, "skip_first_block": True}))
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"it makes other groups \(first: group `blocks\.conv2` has other members than in the file, "
+        r"at `blocks\.0\.conv2\.shared`\)",
+    ):
+        sharify.load(path, TinyNet())
+
+
 def test_mismatching_sharified_model(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x), tmp_path / "tiny.safetensors")
