@@ -89,10 +89,13 @@ class SharedStore(nn.Module):
     order (a root ``nn.Sequential``, timm's ``FeatureListNet``) pass through it.
     """
 
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, options: dict[str, Any] | None = None, analysis: dict[str, Any] | None = None) -> None:
         super().__init__()
         #: The sharing options the model was made with (JSON-ready; see :attr:`SharingPlan.options`).
         self.options: dict[str, Any] = dict(options or {})
+        #: What the analysis ran with, so it can be repeated (JSON-ready): ``input_shapes``,
+        #: ``input_dtypes`` and ``leaf_modules`` (see :class:`~sharify.plan.SharingPlan`).
+        self.analysis: dict[str, Any] = dict(analysis or {})
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x

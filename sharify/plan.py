@@ -30,7 +30,7 @@ from .rules import (
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
 
-__all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "make_plan", "plan"]
+__all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class SharingPlan:
         options: The options the plan was made with.
         auto_leaves: Submodules that could not be traced and were treated as opaque, with the reason.
         input_shapes: Shapes of the example inputs used for shape propagation.
+        input_dtypes: Their dtypes (``"float32"``, ...).
+        leaf_modules: Paths of the submodules ``leaf_modules=`` made opaque (classes resolved to the
+            paths of their instances; nested ones left out). With ``input_shapes`` this is what the
+            analysis needs to be repeated: :func:`sharify.save` records both in the recipe.
         notes: Remarks on the analysis: where shape propagation stopped, why candidates were left out.
         convs_without_shape: Conv calls that shape propagation could not reach (their stages were
             not analysed; ``sharify`` warns when this is not 0).
@@ -57,6 +61,8 @@ class SharingPlan:
     options: dict[str, Any]
     auto_leaves: dict[str, str] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtypes: tuple[str, ...] = ()
+    leaf_modules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     convs_without_shape: int = 0
 
@@ -128,6 +134,8 @@ class SharingPlan:
             "reduction": self.reduction,
             "options": self.options,
             "input_shapes": [list(s) for s in self.input_shapes],
+            "input_dtypes": list(self.input_dtypes),
+            "leaf_modules": list(self.leaf_modules),
             "auto_leaves": self.auto_leaves,
             "notes": list(self.notes),
             "stages": [
@@ -380,9 +388,29 @@ def make_plan(
         options=options.to_dict(),
         auto_leaves=traced.auto_leaves,
         input_shapes=tuple(tuple(x.shape) for x in shapes.inputs),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in shapes.inputs),
+        leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=shapes.convs_without_shape,
         notes=tuple(notes),
     )
+
+
+def leaf_paths(model: nn.Module, leaf_modules: LeafSpec | None) -> tuple[str, ...]:
+    """Paths of the submodules a ``leaf_modules=`` spec (classes and/or paths) makes opaque, outermost only.
+
+    Convs are leaves anyway and are left out, so the result is what a recipe must record to repeat
+    the analysis.
+    """
+    spec = list(leaf_modules or ())
+    types = tuple(x for x in spec if isinstance(x, type))
+    paths = {x for x in spec if isinstance(x, str)}
+    out: list[str] = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, nn.Conv2d) or any(path.startswith(o + ".") for o in out):
+            continue
+        if path in paths or isinstance(module, types):
+            out.append(path)
+    return tuple(out)
 
 
 def _other_positions(

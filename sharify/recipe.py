@@ -7,13 +7,14 @@ A sharified state_dict only loads into an identically sharified model, so :func:
 * the source model when known (timm name + ``num_classes``/``in_chans``, a torchvision builder
   name, or whatever :func:`sharify.zoo.build_model` was called with);
 * the options the model was sharified with (``model.sharify_shared.options``);
+* what the analysis ran with: the example input shapes (and dtypes) and the ``leaf_modules`` paths;
 * the groups: holder key -> member conv paths, with each holder's stage and position.
 
-Re-applying a recipe to an unshared model first runs :func:`sharify.sharify` with the stored options
-(so new methods and options work as long as the store records them) and keeps the result if its
-groups are the stored ones; otherwise (the model was analysed with other example inputs or leaf
-modules) it applies the stored groups directly. Either way the groups are checked, and every
-path and shape is compared with the file before anything is built.
+Re-applying a recipe to an unshared model first runs :func:`sharify.sharify` with the stored options,
+example inputs and leaf modules (so new methods and options work as long as the store records them)
+and keeps the result if its groups are the stored ones; otherwise (e.g. a file written before the
+analysis inputs were recorded) it applies the stored whole-conv groups directly. Either way the
+groups are checked, and every path and shape is compared with the file before anything is built.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "RECIPE_FORMAT",
     "GroupRecipe",
     "Recipe",
+    "analysis_kwargs",
     "apply_recipe",
     "check_fits",
     "check_same_groups",
@@ -88,6 +90,8 @@ class Recipe:
         metadata: The user's own string entries passed to :func:`sharify.save`.
         torch_version: torch version that wrote the file.
         format: Version of the recipe layout.
+        analysis: What the analysis ran with: ``input_shapes``, ``input_dtypes``, ``leaf_modules``
+            (empty for files written before they were recorded, and for unshared models).
     """
 
     version: str
@@ -99,6 +103,7 @@ class Recipe:
     metadata: dict[str, str] = field(default_factory=dict)
     torch_version: str = ""
     format: int = RECIPE_FORMAT
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The recipe as stored in the file (``metadata`` is stored as separate entries)."""
@@ -133,7 +138,40 @@ class Recipe:
             metadata=dict(metadata or {}),
             torch_version=str(data.get("torch_version", "")),
             format=data["format"],
+            analysis=_checked_analysis(data.get("analysis") or {}),
         )
+
+
+def _checked_analysis(analysis: Any) -> dict[str, Any]:
+    """The recipe's ``analysis`` entry, checked (a damaged one is a ``ValueError``)."""
+    if not isinstance(analysis, dict):
+        raise ValueError(f"the recipe's analysis entry is not a JSON object: {analysis!r}")
+    shapes, dtypes = analysis.get("input_shapes", []), analysis.get("input_dtypes", [])
+    leaves = analysis.get("leaf_modules", [])
+    ok = (
+        isinstance(shapes, list)
+        and all(isinstance(x, list) and all(isinstance(d, int) and d >= 0 for d in x) for x in shapes)
+        and isinstance(dtypes, list)
+        and len(dtypes) in (0, len(shapes))
+        and all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes)
+        and isinstance(leaves, list)
+        and all(isinstance(x, str) for x in leaves)
+    )
+    if not ok:
+        raise ValueError(f"the recipe's analysis entry is malformed: {analysis!r}")
+    return {"input_shapes": shapes, "input_dtypes": dtypes, "leaf_modules": leaves}
+
+
+def analysis_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """``example_inputs`` and ``leaf_modules`` for :func:`sharify.sharify` that repeat the recorded analysis."""
+    kwargs: dict[str, Any] = {}
+    shapes = recipe.analysis.get("input_shapes") or []
+    if shapes:
+        dtypes = recipe.analysis.get("input_dtypes") or ["float32"] * len(shapes)
+        kwargs["example_inputs"] = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes))
+    if recipe.analysis.get("leaf_modules"):
+        kwargs["leaf_modules"] = list(recipe.analysis["leaf_modules"])
+    return kwargs
 
 
 def detect_source(model: nn.Module) -> ModelSource | None:
@@ -183,6 +221,7 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
 
     store = model._modules.get(SHARED_STORE_NAME)
     options = dict(store.options) if isinstance(store, SharedStore) else None
+    analysis = dict(getattr(store, "analysis", None) or {}) if isinstance(store, SharedStore) else {}
     cls = type(model)
     return Recipe(
         version=__version__,
@@ -191,6 +230,7 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
         options=options,
         groups=groups_of(model),
         torch_version=torch.__version__.split("+")[0],
+        analysis=analysis,
     )
 
 
@@ -347,9 +387,9 @@ def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
 def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     """A copy of the unshared ``model`` sharified exactly as the recipe says (``model`` is not modified).
 
-    Runs :func:`sharify.sharify` with the recorded options and keeps the result if it has the
-    recorded groups. Otherwise, when every group shares whole convs, the recorded groups are applied
-    directly (the model was analysed with example inputs or leaf modules the recipe does not record).
+    Runs :func:`sharify.sharify` with the recorded options, example inputs and leaf modules and keeps
+    the result if it has the recorded groups. Otherwise, when every group shares whole convs, the
+    recorded groups are applied directly (e.g. a file that does not record the analysis inputs).
 
     Raises:
         RecipeMismatchError: The groups cannot be made on this model.
@@ -362,7 +402,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     # and init="scaled" (which folds gains into the BatchNorm after a member, found by the analysis).
     direct = all(g.whole_conv for g in recipe.groups) and options.get("init") != "scaled"
     try:
-        shared = sharify(model, **options)
+        shared = sharify(model, **options, **analysis_kwargs(recipe))
         got = [_key(g) for g in groups_of(shared)]
         if got == wanted:
             return shared

@@ -228,7 +228,12 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
     modules = dict(target.named_modules())
 
     # Everything new is built before the first change to the model.
-    store = SharedStore({**sharing.options, "init": init})
+    analysis = {
+        "input_shapes": [list(x) for x in sharing.input_shapes],
+        "input_dtypes": list(sharing.input_dtypes),
+        "leaf_modules": list(sharing.leaf_modules),
+    }
+    store = SharedStore({**sharing.options, "init": init}, analysis if sharing.input_shapes else None)
     attach: list[tuple[nn.Module, SharedConvParams, Tensor | None]] = []  # existing convs to attach (with gain)
     replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
     refold: list[tuple[nn.Module, dict[str, Tensor]]] = []  # BatchNorms absorbing "scaled" gains
