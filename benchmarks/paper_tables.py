@@ -5,7 +5,8 @@
 ImageNet rows use torchvision's models, CIFAR rows the user-style networks of
 ``benchmarks/cifar_models.py``; sharify knows none of these classes. Models are built on the meta device
 (the counts need no weights) and analysed with ``sharify.plan``; each row is the published value, the
-measured one and the difference. Published values: ``../shared/reference/paper-tables.md``
+measured one and the difference. Each row is also built with ``sharify.sharify`` (on the meta device) and
+its real parameter count must equal the plan's. Published values: ``../shared/reference/paper-tables.md``
 (ShaResNet, Boulch 2017, Table 1; Deeply Shared Filter Bases, Kang et al., README of Net_RL2).
 """
 
@@ -111,32 +112,44 @@ torchvision's exact counts). Tolerances: ShaResNet's ImageNet rows are rounded t
 to 0.01 M; DSFB rows must match to a few hundred parameters."""
 
 
+def _example(row: Row) -> torch.Tensor:
+    return torch.empty(1, 3, row.input_size, row.input_size)
+
+
 def measure(row: Row) -> tuple[int, int]:
+    """Parameters before and after sharing, from :func:`sharify.plan`'s arithmetic (meta-device model)."""
     with torch.device("meta"):
         model = row.build()
-    p = sharify.plan(model, example_inputs=torch.empty(1, 3, row.input_size, row.input_size), **row.options)
+    p = sharify.plan(model, example_inputs=_example(row), **row.options)
     return p.params_before, p.params_after
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paper_tables.md")
-    args = parser.parse_args(argv)
+def measure_sharified(row: Row) -> int:
+    """Parameters of the model :func:`sharify.sharify` actually builds (meta device: no weights, no compute)."""
+    with torch.device("meta"):
+        model = row.build()
+    shared = sharify.sharify(model, example_inputs=_example(row), **row.options)
+    return sum(p.numel() for p in shared.parameters())
+
+
+def table(results: list[tuple[Row, int, int, int]]) -> tuple[list[str], int]:
+    """The table rows (markdown) for ``(row, before, after, sharified)`` results, and the number of failures.
+
+    A row fails when the plan's count is outside the published tolerance or the sharified model's real
+    parameter count differs from the plan's.
+    """
     lines = [
-        "# Published parameter counts, reproduced by sharify",
-        "",
-        "Command: `python -m benchmarks.paper_tables` (architecture only: meta-device models, no weights).",
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}.",
-        "",
         "| paper | dataset | model | sharify options | published before | measured before | published after "
         "| measured after | difference | within tolerance |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     failures = 0
-    for row in ROWS:
-        before, after = measure(row)
+    for row, before, after, sharified in results:
         diff = after / 1e6 - row.published_after
         ok = abs(diff) <= row.tolerance + 1e-9
+        verdict = f"{'yes' if ok else 'NO'} (±{row.tolerance} M)"
+        if sharified != after:
+            ok, verdict = False, f"NO: the sharified model has {sharified:,} parameters, the plan {after:,}"
         failures += not ok
         opts = ", ".join(f"{k}={v!r}" for k, v in row.options.items()) or "(defaults)"
         pub_before = f"{row.published_before:.2f} M" if row.published_before else "-"
@@ -144,9 +157,26 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {row.paper} | {row.dataset} | {row.model} | `{opts}` | {pub_before} | {before / 1e6:.2f} M "
             f"| {row.published_after:.{digits}f} M | {after / 1e6:.6f} M ({after:,}) | {diff * 1e6:+,.0f} "
-            f"| {'yes' if ok else 'NO'} (±{row.tolerance} M) |"
+            f"| {verdict} |"
         )
-    lines += ["", f"{len(ROWS) - failures} of {len(ROWS)} rows within tolerance."]
+    lines += ["", f"{len(results) - failures} of {len(results)} rows within tolerance."]
+    return lines, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "paper_tables.md")
+    args = parser.parse_args(argv)
+    results = [(row, *measure(row), measure_sharified(row)) for row in ROWS]
+    rows, failures = table(results)
+    lines = [
+        "# Published parameter counts, reproduced by sharify",
+        "",
+        "Command: `python -m benchmarks.paper_tables` (architecture only: meta-device models, no weights).",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}.",
+        "",
+        *rows,
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

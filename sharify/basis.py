@@ -126,7 +126,8 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
     For each shared basis ``B`` (its filters flattened as rows), the mean over filter pairs of
     ``(B B^T - I)^2``; averaged over the model's shared bases. Differentiable; ``0`` for orthonormal
     bases and for models without bases. Add ``lambda_R * orthogonality_loss(model)`` to the loss
-    (the paper's ``lambda_R = 10``).
+    (the paper's ``lambda_R = 10``). A DDP / DataParallel / ``torch.compile`` wrapper is looked through,
+    so ``10 * orthogonality_loss(ddp_model)`` regularises the wrapped model's bases.
 
     Example:
         >>> import torchvision, sharify

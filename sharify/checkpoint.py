@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._wrappers import unwrap
 from .init import check_init, initial_tensors
 from .layers import SHARED_STORE_NAME, shared_groups
 
@@ -39,7 +40,8 @@ def load_unshared_state_dict(
     (``torch.compile``) on every key is removed first.
 
     Args:
-        shared: A model returned by :func:`sharify.sharify`.
+        shared: A model returned by :func:`sharify.sharify` (or that model wrapped in DDP, DataParallel
+            or ``torch.compile``: the state_dict is loaded into the model inside).
         state_dict: State dict of the original, unshared model.
         init: How to combine the members: ``"average"`` or ``"first"`` (``"random"`` ignores them).
         strict: As in ``nn.Module.load_state_dict``.
@@ -60,7 +62,8 @@ def load_unshared_state_dict(
     check_init(init)
     if not isinstance(shared, nn.Module):
         raise TypeError(f"load_unshared_state_dict expects a torch.nn.Module, got {type(shared).__name__}")
-    groups = shared_groups(shared)
+    bare = unwrap(shared)[0]  # a DDP / DataParallel / compiled model: load into the model inside
+    groups = shared_groups(bare)
     if not groups:
         raise ValueError(f"{type(shared).__name__} has no shared convs; use model.load_state_dict(state_dict) instead")
     remaining = _strip_prefix(state_dict)
@@ -85,4 +88,4 @@ def load_unshared_state_dict(
         folded[prefix + "weight"] = weight
         if bias is not None:
             folded[prefix + "bias"] = bias
-    return shared.load_state_dict({**remaining, **folded}, strict=strict)
+    return bare.load_state_dict({**remaining, **folded}, strict=strict)

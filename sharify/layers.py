@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._wrappers import unwrap
+
 __all__ = [
     "SHARED_STORE_NAME",
     "SharedConv2d",
@@ -87,10 +89,13 @@ class SharedStore(nn.Module):
     order (a root ``nn.Sequential``, timm's ``FeatureListNet``) pass through it.
     """
 
-    def __init__(self, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, options: dict[str, Any] | None = None, analysis: dict[str, Any] | None = None) -> None:
         super().__init__()
         #: The sharing options the model was made with (JSON-ready; see :attr:`SharingPlan.options`).
         self.options: dict[str, Any] = dict(options or {})
+        #: What the analysis ran with, so it can be repeated (JSON-ready): ``input_shapes``,
+        #: ``input_dtypes`` and ``leaf_modules`` (see :class:`~sharify.plan.SharingPlan`).
+        self.analysis: dict[str, Any] = dict(analysis or {})
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x
@@ -218,7 +223,11 @@ def shared_groups(model: nn.Module) -> dict[str, tuple[SharedConvParams, list[st
     """Holders of ``model`` by key, each with the paths of the member convs that read it.
 
     Derived from the module tree, so it stays right after ``load_state_dict``, ``to()`` or pickling.
+    DDP, DataParallel and ``torch.compile`` wrappers are looked through (reading only): the paths are
+    the bare model's, so :func:`sharify.orthogonality_loss` and :func:`sharify.report` work on a wrapped
+    model as on the bare one.
     """
+    model = unwrap(model)[0]
     store = getattr(model, SHARED_STORE_NAME, None)
     holders = store.holders() if isinstance(store, SharedStore) else {}
     members: dict[int, list[str]] = {id(h): [] for h in holders.values()}

@@ -1,6 +1,8 @@
 """The sharing options, and the named presets of the published variants.
 
-A preset is just a bundle of options; options passed explicitly override it::
+A preset is just a bundle of options; options passed explicitly override it. An explicit ``method``
+other than the preset's also drops the preset's ``init`` (it belongs to the preset's method: the new
+method's default applies unless ``init`` is given too)::
 
     sharify(model, preset="dsfb-shared++")               # ResNet50-Shared++ of Kang et al.
     sharify(model, preset="dsfb-basis", shared_rank=48, unique_rank=1)
@@ -11,7 +13,9 @@ preset                      options
 ``sharesnet`` (default)     last spatial conv of every block (Boulch: ImageNet ResNets, ResNet-164)
 ``sharesnet-wrn``           the same, each stage's first block left out (Boulch: Wide ResNets)
 ``dsfb-shared``             non-first blocks, last spatial conv (ResNet50/101-Shared)
-``dsfb-shared++``           non-first blocks, last spatial and last conv (ResNet50-Shared++)
+``dsfb-shared++``           non-first blocks, last spatial and last conv (ResNet50-Shared++); on a
+                            basic block the last conv *is* the last spatial one, so no extra group
+                            (the paper defines Shared++ for the bottleneck's last 1x1)
 ``dsfb-basis``              non-first blocks, every spatial conv replaced by a shared filter basis
                             plus a unique one (ResNet34-S48U1: ``shared_rank=48, unique_rank=1``)
 ``mobilenetv2-shared``      non-first blocks, the 1x1 expansion conv (MobileNetV2-Shared)
@@ -30,10 +34,13 @@ __all__ = ["METHODS", "PRESETS", "SELECTORS", "Rank", "Selector", "SharingOption
 #: A position selector: ``"last_spatial"``, ``"all_spatial"``, ``"first"``, ``"last"`` or a conv index.
 Selector = str | int
 SELECTORS = ("last_spatial", "all_spatial", "first", "last")
+_ALIASES: dict[str, int] = {"first": 0, "last": -1}  # selectors that are conv indices
 #: ``"share"``: members share one conv weight (ShaResNet). ``"basis"``: members share a filter basis (DSFB).
 METHODS = ("share", "basis")
-#: A basis rank: an int counts filters per 64 channels (the paper's ``m = C/64`` scaling); a mapping
-#: gives the absolute number of filters per stage path.
+#: A basis rank: an int counts filters per 64 channels (the paper's ``m = C/64`` scaling): a conv with ``C``
+#: output channels gets ``max(1, floor(rank * C / 64 + 1/2))`` filters (rounded half up, at least one; see
+#: :func:`sharify.rules.scaled_rank`). A mapping gives the absolute number of filters per stage path, one
+#: entry for every stage that holds groups; keys that are no stage path are refused.
 Rank = int | Mapping[str, int]
 
 _INITS = {"share": ("average", "first", "random", "scaled"), "basis": ("orthogonal", "svd")}
@@ -83,6 +90,13 @@ def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector
         if isinstance(p, bool) or not isinstance(p, (str, int)) or (isinstance(p, str) and p not in SELECTORS):
             valid = ", ".join(map(repr, SELECTORS))
             raise ValueError(f"unknown position selector {p!r}; valid: {valid} or an int index into the branch's convs")
+    seen: dict[Selector, Selector] = {}
+    for p in out:
+        same = _ALIASES.get(p, p) if isinstance(p, str) else p
+        if same in seen:
+            twice = f"{p!r} twice" if seen[same] == p else f"{seen[same]!r} and {p!r}, which pick the same conv"
+            raise ValueError(f"positions lists {twice}; give each selector once (positions={list(out)!r})")
+        seen[same] = p
     return out
 
 
@@ -98,8 +112,12 @@ def _check_rank(name: str, rank: Rank | None) -> None:
 def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
     """Resolves a preset and explicit options (``None`` = not given) into checked :class:`SharingOptions`.
 
+    An explicit ``method`` that differs from the preset's drops the preset's ``init`` unless ``init``
+    is given as well (``preset="dsfb-basis", method="share"`` gets ``init="average"``).
+
     Raises:
-        ValueError: Unknown preset, selector, method or init; ranks missing or not positive.
+        ValueError: Unknown preset, selector, method or init; a selector given twice; ranks missing or
+            not positive.
     """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(map(repr, PRESETS))}")
@@ -107,7 +125,10 @@ def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOption
     unknown = set(given) - set(SharingOptions.__dataclass_fields__) - {"preset"}
     if unknown:
         raise TypeError(f"unknown sharing option(s): {', '.join(sorted(unknown))}")
-    merged = {**PRESETS.get(preset or "sharesnet", {}), **given}
+    bundle = dict(PRESETS.get(preset or "sharesnet", {}))
+    if given.get("method", bundle.get("method", "share")) != bundle.get("method", "share"):
+        bundle.pop("init", None)  # the preset's init belongs to its own method; the new method's default applies
+    merged = {**bundle, **given}
     method = merged.get("method", "share")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")

@@ -9,19 +9,28 @@ groups of one are left alone. Nothing in the model changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
-from .options import Rank, Selector, SharingOptions, resolve_options
+from .options import _ALIASES, Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
-from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
+from .rules import (
+    ConvSignature,
+    SharingGroup,
+    basis_ranks,
+    check_rank_stages,
+    group_key,
+    is_depthwise,
+    is_spatial,
+    select,
+)
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
 
-__all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "make_plan", "plan"]
+__all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,10 @@ class SharingPlan:
         options: The options the plan was made with.
         auto_leaves: Submodules that could not be traced and were treated as opaque, with the reason.
         input_shapes: Shapes of the example inputs used for shape propagation.
+        input_dtypes: Their dtypes (``"float32"``, ...).
+        leaf_modules: Paths of the submodules ``leaf_modules=`` made opaque (classes resolved to the
+            paths of their instances; nested ones left out). With ``input_shapes`` this is what the
+            analysis needs to be repeated: :func:`sharify.save` records both in the recipe.
         notes: Remarks on the analysis: where shape propagation stopped, why candidates were left out.
         convs_without_shape: Conv calls that shape propagation could not reach (their stages were
             not analysed; ``sharify`` warns when this is not 0).
@@ -48,6 +61,8 @@ class SharingPlan:
     options: dict[str, Any]
     auto_leaves: dict[str, str] = field(default_factory=dict)
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_dtypes: tuple[str, ...] = ()
+    leaf_modules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     convs_without_shape: int = 0
 
@@ -72,23 +87,40 @@ class SharingPlan:
         """Why the plan has no groups, with what to try (empty string when it has groups)."""
         if self.groups:
             return ""
-        if not self.stages:
-            why = (
-                f"no residual blocks found in {self.model} (no addition of a conv branch to a same-shaped shortcut); "
-                "sharify shares convs between the residual blocks of a stage"
-            )
-        elif all(len(s.blocks) < 2 for s in self.stages):
-            why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"
-        else:
-            why = (
-                f"residual blocks found in {self.model}, but no two convs picked by positions="
-                f"{self.options['positions']!r} with the same signature in a stage"
-            )
         hints = list(self.notes)
         if self.auto_leaves:
             hints.append(
                 "these submodules could not be traced and were not analysed: "
                 + ", ".join(f"`{p}` ({r})" for p, r in self.auto_leaves.items())
+            )
+        if not self.stages:
+            why = (
+                f"no residual blocks found in {self.model} (no addition of a conv branch to a same-shaped shortcut); "
+                "sharify shares convs between the residual blocks of a stage"
+            )
+            if self.auto_leaves:
+                hints.append(
+                    "if they hold the residual blocks, make their forward traceable by torch.fx, or pass "
+                    "leaf_modules=[...] naming only the untraceable code inside them"
+                )
+            if not any(n.startswith("the model has no Conv2d") for n in self.notes):
+                shapes = ", ".join(str(tuple(s)) for s in self.input_shapes) or "none"
+                hints.append(
+                    f"if {self.model} does add conv branches to shortcuts, pass example_inputs= it accepts (analysed "
+                    f"with {shapes}) and leaf_modules= for submodules torch.fx must not trace into; a network "
+                    "without residual additions (VGG, DenseNet, Inception) has nothing ShaResNet-style to share"
+                )
+        elif all(len(s.blocks) < 2 for s in self.stages):
+            why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"
+            hints.append(
+                f"its {len(self.blocks)} residual blocks each form a one-block stage (consecutive blocks differ in "
+                "output shape: channels or resolution), so no two can share a conv; this architecture has nothing "
+                "ShaResNet-style to share"
+            )
+        else:
+            why = (
+                f"residual blocks found in {self.model}, but no two convs picked by positions="
+                f"{self.options['positions']!r} with the same signature in a stage"
             )
         return why + ("; " + "; ".join(hints) if hints else "")
 
@@ -102,6 +134,8 @@ class SharingPlan:
             "reduction": self.reduction,
             "options": self.options,
             "input_shapes": [list(s) for s in self.input_shapes],
+            "input_dtypes": list(self.input_dtypes),
+            "leaf_modules": list(self.leaf_modules),
             "auto_leaves": self.auto_leaves,
             "notes": list(self.notes),
             "stages": [
@@ -169,14 +203,22 @@ def plan(
         preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
             its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
-            ``"last"`` or an index into the branch's convs.
+            ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
+            full list of convs; a pick an earlier selector already put in a group is skipped, not
+            replaced (on a basic block ``"last"`` is the ``"last_spatial"`` conv2, so ``dsfb-shared++``
+            adds no group there). A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
+            count as one) and an index out of range for every branch raise ``ValueError``; an index
+            that fits only the longer branches picks nothing in the shorter ones.
         skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows
             and DSFB leave it out).
         depthwise: Let depthwise convs be members (default ``False``).
         method: ``"share"`` (default): members share one weight; ``"basis"``: each member becomes
             unique basis + shared basis -> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases).
-        shared_rank: ``method="basis"``: shared basis filters per 64 channels (or ``{stage: filters}``).
-        unique_rank: ``method="basis"``: unique basis filters per 64 channels (or ``{stage: filters}``).
+        shared_rank: ``method="basis"``: shared basis filters per 64 channels (a conv with ``C`` outputs
+            gets ``max(1, floor(shared_rank * C / 64 + 1/2))``, rounded half up), or ``{stage path: filters}``
+            with an entry for every stage that holds groups and no other keys.
+        unique_rank: ``method="basis"``: unique basis filters per 64 channels, rounded as ``shared_rank``
+            (or ``{stage path: filters}``).
         init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
             (members with no BatchNorm after them get per-channel gains).
         leaf_modules: Module classes or paths not to trace into.
@@ -185,8 +227,9 @@ def plan(
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
 
     Raises:
-        ValueError: Unknown preset/selector/method, bad ranks, or ``method="basis"`` on a position
-            that is not a dense 3x3 conv.
+        ValueError: Unknown preset/selector/method, a selector given twice, an index out of range for
+            every branch, bad ranks (or a rank mapping with a missing or unknown stage path), or
+            ``method="basis"`` on a position that is not a dense 3x3 conv.
 
     Example:
         >>> import torchvision, sharify
@@ -258,6 +301,7 @@ def make_plan(
     used: set[str] = set()
     taken: set[str] = set()
     saw_depthwise = saw_spatial = saw_pointwise = saw_reused = False
+    branch_lengths: list[int] = []  # eligible convs per block considered, for the index range check
     for stage in stages:
         if len(stage.blocks) < 2:
             continue
@@ -265,12 +309,18 @@ def make_plan(
         for selector in options.positions:
             by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
             for block in blocks:
-                convs = [(p, modules[p]) for p in block.convs if p not in used and eligible(p)]
+                # Every selector indexes the block's full list of eligible convs; a conv already in a group (of
+                # an earlier selector, or of an earlier stage) is skipped, never replaced by another conv.
+                convs = [(p, modules[p]) for p in block.convs if eligible(p)]
+                branch_lengths.append(len(convs))
+                free = [c for p, c in convs if p not in used]
                 saw_reused |= any(p not in used and not eligible(p) for p in block.convs)
-                saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for _, c in convs)
-                saw_spatial |= any(is_spatial(c) for _, c in convs)
-                saw_pointwise |= any(not is_spatial(c) for _, c in convs)
+                saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
+                saw_spatial |= any(is_spatial(c) for c in free)
+                saw_pointwise |= any(not is_spatial(c) for c in free)
                 for label, path in select(convs, selector, options.depthwise):
+                    if path in used:
+                        continue
                     sig = ConvSignature.of(modules[path])
                     by_position.setdefault((label, sig), []).append((block, path))
             for (label, sig), picked in by_position.items():
@@ -278,7 +328,11 @@ def make_plan(
                     continue
                 first_block, first_path = picked[0]
                 conv = modules[first_path]
-                ranks = basis_ranks(options, stage.path, sig, first_path) if options.method == "basis" else (0, 0)
+                ranks = (
+                    basis_ranks(options, stage.path, sig, first_path, stage_paths)
+                    if options.method == "basis"
+                    else (0, 0)
+                )
                 norms = tuple(following_norm(p) for _, p in picked)
                 used.update(p for _, p in picked)
                 groups.append(
@@ -298,6 +352,9 @@ def make_plan(
                     )
                 )
 
+    _check_indices(options.positions, branch_lengths, type(model).__name__)
+    if options.method == "basis" and stage_paths:
+        check_rank_stages(options, stage_paths)
     notes = []
     if shapes.failure is not None:
         lost = (
@@ -321,6 +378,8 @@ def make_plan(
         )
     if not groups and options.skip_first_block:
         notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
+    if not groups and not notes and branch_lengths:
+        notes.append(_other_positions(stages, options, modules, eligible))
     return SharingPlan(
         model=type(model).__name__,
         stages=tuple(stages),
@@ -329,6 +388,77 @@ def make_plan(
         options=options.to_dict(),
         auto_leaves=traced.auto_leaves,
         input_shapes=tuple(tuple(x.shape) for x in shapes.inputs),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in shapes.inputs),
+        leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=shapes.convs_without_shape,
         notes=tuple(notes),
     )
+
+
+def leaf_paths(model: nn.Module, leaf_modules: LeafSpec | None) -> tuple[str, ...]:
+    """Paths of the submodules a ``leaf_modules=`` spec (classes and/or paths) makes opaque, outermost only.
+
+    Convs are leaves anyway and are left out, so the result is what a recipe must record to repeat
+    the analysis.
+    """
+    spec = list(leaf_modules or ())
+    types = tuple(x for x in spec if isinstance(x, type))
+    paths = {x for x in spec if isinstance(x, str)}
+    out: list[str] = []
+    for path, module in model.named_modules():
+        if not path or isinstance(module, nn.Conv2d) or any(path.startswith(o + ".") for o in out):
+            continue
+        if path in paths or isinstance(module, types):
+            out.append(path)
+    return tuple(out)
+
+
+def _other_positions(
+    stages: Sequence[Stage], options: SharingOptions, modules: dict[str, nn.Module], eligible: Callable[[str], bool]
+) -> str:
+    """What to try when the selectors found nothing: the other selectors that would form a group, if any."""
+    tried = {_ALIASES.get(p, p) if isinstance(p, str) else p for p in options.positions}
+    found: dict[Selector, tuple[str, str]] = {}
+    for stage in stages:
+        if len(stage.blocks) < 2:
+            continue
+        blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
+        branches = [[(p, cast(nn.Conv2d, modules[p])) for p in b.convs if eligible(p)] for b in blocks]
+        longest = max(map(len, branches), default=0)
+        for selector in ("all_spatial", "last", *range(longest)):
+            same = _ALIASES.get(selector, selector) if isinstance(selector, str) else selector
+            if selector in found or same in tried:
+                continue
+            picked: dict[tuple[str, ConvSignature], str] = {}
+            for convs in branches:
+                for label, path in select(convs, selector, options.depthwise):
+                    other = picked.setdefault((label, ConvSignature.of(dict(convs)[path])), path)
+                    if other != path and selector not in found:
+                        found[selector] = (other, path)
+    if not found:
+        return (
+            "no two blocks of a stage hold convs of one signature at the same position of their branches "
+            "(channels, kernel, stride or groups differ), so this architecture has nothing ShaResNet-style to share"
+        )
+    tries = " or ".join(f"positions={s!r}" if isinstance(s, str) else f"positions=({s},)" for s in found)
+    a, b = next(iter(found.values()))
+    return f"{tries} would share convs of one signature (e.g. `{a}` and `{b}`)"
+
+
+def _check_indices(positions: Sequence[Selector], branch_lengths: list[int], model: str) -> None:
+    """Refuses an integer position that is out of range in every residual branch considered.
+
+    An index that fits only some branches (a stage of longer blocks) picks a conv in those and none in
+    the others, like ``"last_spatial"`` in a branch without spatial convs.
+    """
+    if not branch_lengths:
+        return  # no multi-block stage: the empty plan says why
+    longest, shortest = max(branch_lengths), min(branch_lengths)
+    for p in positions:
+        if isinstance(p, int) and not -longest <= p < longest:
+            have = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
+            every = f" ({-shortest}..{shortest - 1} pick a conv in every branch)" if 0 < shortest < longest else ""
+            raise ValueError(
+                f"position index {p} is out of range for every residual branch of {model}: the branches have "
+                f"{have} eligible convs, so valid indices are {-longest}..{longest - 1}{every}"
+            )

@@ -7,13 +7,14 @@ A sharified state_dict only loads into an identically sharified model, so :func:
 * the source model when known (timm name + ``num_classes``/``in_chans``, a torchvision builder
   name, or whatever :func:`sharify.zoo.build_model` was called with);
 * the options the model was sharified with (``model.sharify_shared.options``);
+* what the analysis ran with: the example input shapes (and dtypes) and the ``leaf_modules`` paths;
 * the groups: holder key -> member conv paths, with each holder's stage and position.
 
-Re-applying a recipe to an unshared model first runs :func:`sharify.sharify` with the stored options
-(so new methods and options work as long as the store records them) and keeps the result if its
-groups are the stored ones; otherwise (the model was analysed with other example inputs or leaf
-modules) it applies the stored groups directly. Either way the groups are checked, and every
-path and shape is compared with the file before anything is built.
+Re-applying a recipe to an unshared model first runs :func:`sharify.sharify` with the stored options,
+example inputs and leaf modules (so new methods and options work as long as the store records them)
+and keeps the result if its groups are the stored ones; otherwise (e.g. a file written before the
+analysis inputs were recorded) it applies the stored whole-conv groups directly. Either way the
+groups are checked, and every path and shape is compared with the file before anything is built.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "RECIPE_FORMAT",
     "GroupRecipe",
     "Recipe",
+    "analysis_kwargs",
     "apply_recipe",
     "check_fits",
     "check_same_groups",
@@ -88,6 +90,8 @@ class Recipe:
         metadata: The user's own string entries passed to :func:`sharify.save`.
         torch_version: torch version that wrote the file.
         format: Version of the recipe layout.
+        analysis: What the analysis ran with: ``input_shapes``, ``input_dtypes``, ``leaf_modules``
+            (empty for files written before they were recorded, and for unshared models).
     """
 
     version: str
@@ -99,6 +103,7 @@ class Recipe:
     metadata: dict[str, str] = field(default_factory=dict)
     torch_version: str = ""
     format: int = RECIPE_FORMAT
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The recipe as stored in the file (``metadata`` is stored as separate entries)."""
@@ -133,7 +138,40 @@ class Recipe:
             metadata=dict(metadata or {}),
             torch_version=str(data.get("torch_version", "")),
             format=data["format"],
+            analysis=_checked_analysis(data.get("analysis") or {}),
         )
+
+
+def _checked_analysis(analysis: Any) -> dict[str, Any]:
+    """The recipe's ``analysis`` entry, checked (a damaged one is a ``ValueError``)."""
+    if not isinstance(analysis, dict):
+        raise ValueError(f"the recipe's analysis entry is not a JSON object: {analysis!r}")
+    shapes, dtypes = analysis.get("input_shapes", []), analysis.get("input_dtypes", [])
+    leaves = analysis.get("leaf_modules", [])
+    ok = (
+        isinstance(shapes, list)
+        and all(isinstance(x, list) and all(isinstance(d, int) and d >= 0 for d in x) for x in shapes)
+        and isinstance(dtypes, list)
+        and len(dtypes) in (0, len(shapes))
+        and all(isinstance(getattr(torch, str(d), None), torch.dtype) for d in dtypes)
+        and isinstance(leaves, list)
+        and all(isinstance(x, str) for x in leaves)
+    )
+    if not ok:
+        raise ValueError(f"the recipe's analysis entry is malformed: {analysis!r}")
+    return {"input_shapes": shapes, "input_dtypes": dtypes, "leaf_modules": leaves}
+
+
+def analysis_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """``example_inputs`` and ``leaf_modules`` for :func:`sharify.sharify` that repeat the recorded analysis."""
+    kwargs: dict[str, Any] = {}
+    shapes = recipe.analysis.get("input_shapes") or []
+    if shapes:
+        dtypes = recipe.analysis.get("input_dtypes") or ["float32"] * len(shapes)
+        kwargs["example_inputs"] = tuple(torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(shapes, dtypes))
+    if recipe.analysis.get("leaf_modules"):
+        kwargs["leaf_modules"] = list(recipe.analysis["leaf_modules"])
+    return kwargs
 
 
 def detect_source(model: nn.Module) -> ModelSource | None:
@@ -183,6 +221,7 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
 
     store = model._modules.get(SHARED_STORE_NAME)
     options = dict(store.options) if isinstance(store, SharedStore) else None
+    analysis = dict(getattr(store, "analysis", None) or {}) if isinstance(store, SharedStore) else {}
     cls = type(model)
     return Recipe(
         version=__version__,
@@ -191,6 +230,7 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
         options=options,
         groups=groups_of(model),
         torch_version=torch.__version__.split("+")[0],
+        analysis=analysis,
     )
 
 
@@ -243,24 +283,32 @@ def fit_problems(
 ) -> list[str]:
     """What stops the recipe and the file's tensors from fitting the unshared ``model`` (empty: fits).
 
-    Only recipes whose groups share whole convs can be checked on the unshared model; a rewrite that
-    changes the module tree (``method="basis"``) is checked after re-applying it, against the file.
+    Every member of a group must be a conv of the file's shapes: for whole-conv sharing the shared
+    weight's shape, for a filter basis (``method="basis"``, members ``<conv>.shared``) the basis filter
+    shape and the coefficients' output channels. Every other tensor is compared too. Problems come in
+    this order: missing members, whole-conv members of another shape, other tensors, basis members of
+    another geometry. Tensors the rewrite adds to members (``init="scaled"`` gains, a basis block's
+    unique basis, BatchNorm and coefficients) are checked after re-applying the recipe.
     """
-    if not all(g.whole_conv for g in recipe.groups):
-        return []
+    if not all(g.whole_conv or g.method == "basis" for g in recipe.groups):
+        return []  # a rewrite this version does not know: checked against the file after re-applying it
     modules = dict(model.named_modules())
-    problems: list[str] = []
+    problems: list[str] = []  # missing members first, then whole-conv members of other shapes
+    basis_problems: list[str] = []  # basis members whose geometry differs: after the other tensors
     member_keys: set[str] = set()
+    prefixes: list[str] = []
     for group in recipe.groups:
-        for path in group.members:
+        for member in group.members:
+            path = _conv_path(group, member)
             conv = modules.get(path)
             member_keys.update((f"{path}.weight", f"{path}.bias"))
+            prefixes.append(f"{path}.")
             if conv is None:
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is not in {here}")
             elif not isinstance(conv, nn.Conv2d):
                 kind = type(conv).__name__
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is a {kind}, not a conv")
-            else:
+            elif group.whole_conv:
                 for attr in ("weight", "bias"):
                     mine = getattr(conv, attr)
                     have = None if mine is None else tuple(mine.shape)
@@ -270,11 +318,39 @@ def fit_problems(
                             f"`{path}.{attr}` is {have or 'absent'} in {here} but the shared "
                             f"`{_HOLDER_PREFIX}{group.key}.{attr}` is {theirs or 'absent'} in {there}"
                         )
+            else:
+                basis_problems += _basis_problems(group, path, conv, file_shapes, here, there)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in member_keys}
-    # Tensors the rewrite adds to members (init="scaled" gains) are checked after re-applying the recipe.
-    members = tuple(f"{m}." for g in recipe.groups for m in g.members)
-    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *members))}
-    return problems + shape_mismatches(model_shapes, rest, strict, here, there)
+    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *prefixes))}
+    return problems + shape_mismatches(model_shapes, rest, strict, here, there) + basis_problems
+
+
+def _conv_path(group: GroupRecipe, member: str) -> str:
+    """The original conv a member stands for: itself, or the conv a filter-basis block replaces."""
+    if group.method == "basis" and member.endswith(".shared"):
+        return member.removesuffix(".shared")
+    return member
+
+
+def _basis_problems(
+    group: GroupRecipe, path: str, conv: nn.Conv2d, file_shapes: Mapping[str, tuple[int, ...]], here: str, there: str
+) -> list[str]:
+    """How the conv at ``path`` differs from the filter-basis block the file has in its place."""
+    basis_key = f"{_HOLDER_PREFIX}{group.key}.weight"
+    basis = file_shapes.get(basis_key)
+    have = tuple(conv.weight.shape)
+    if basis is None or tuple(basis[1:]) != have[1:]:
+        return [
+            f"`{path}.weight` is {have} in {here} but its filters do not fit the shared basis `{basis_key}`, "
+            f"which is {basis or 'absent'} in {there}"
+        ]
+    coeff = file_shapes.get(f"{path}.coeff.weight")
+    if coeff is None or coeff[0] != have[0]:
+        return [
+            f"`{path}` has {have[0]} output channels in {here} but its 1x1 coefficients `{path}.coeff.weight` "
+            f"are {coeff or 'absent'} in {there}"
+        ]
+    return []
 
 
 def check_fits(
@@ -311,9 +387,9 @@ def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
 def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     """A copy of the unshared ``model`` sharified exactly as the recipe says (``model`` is not modified).
 
-    Runs :func:`sharify.sharify` with the recorded options and keeps the result if it has the
-    recorded groups. Otherwise, when every group shares whole convs, the recorded groups are applied
-    directly (the model was analysed with example inputs or leaf modules the recipe does not record).
+    Runs :func:`sharify.sharify` with the recorded options, example inputs and leaf modules and keeps
+    the result if it has the recorded groups. Otherwise, when every group shares whole convs, the
+    recorded groups are applied directly (e.g. a file that does not record the analysis inputs).
 
     Raises:
         RecipeMismatchError: The groups cannot be made on this model.
@@ -326,10 +402,11 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     # and init="scaled" (which folds gains into the BatchNorm after a member, found by the analysis).
     direct = all(g.whole_conv for g in recipe.groups) and options.get("init") != "scaled"
     try:
-        shared = sharify(model, **options)
-        if [_key(g) for g in groups_of(shared)] == wanted:
+        shared = sharify(model, **options, **analysis_kwargs(recipe))
+        got = [_key(g) for g in groups_of(shared)]
+        if got == wanted:
             return shared
-        reason = "it makes other groups"
+        reason = f"it makes other groups ({_first_difference(got, wanted)})"
     except (SharifyError, TypeError, ValueError) as exc:  # e.g. untraceable without the original leaf_modules
         reason = f"it fails ({exc})"
     if not direct:
@@ -341,10 +418,31 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
         raise_mismatch(name, [str(exc)], recipe)
     got = [_key(g) for g in groups_of(shared)]
     if got != wanted:
-        mine, theirs = {g[0]: g for g in got}, {w[0]: w for w in wanted}
-        first = next(k for k in [*theirs, *mine] if mine.get(k) != theirs.get(k))
-        raise_mismatch(name, [f"re-applying the recipe gave other groups than the file's (first: `{first}`)"], recipe)
+        raise_mismatch(
+            name,
+            [f"re-applying the recipe gave other groups than the file's ({_first_difference(got, wanted)})"],
+            recipe,
+        )
     return shared
+
+
+def _first_difference(
+    got: list[tuple[str, tuple[str, ...], str, str]], wanted: list[tuple[str, tuple[str, ...], str, str]]
+) -> str:
+    """The first group (in the file's order) that re-applying the recipe made differently, in words."""
+    mine, theirs = {g[0]: g for g in got}, {w[0]: w for w in wanted}
+    for key in [*theirs, *mine]:
+        a, b = mine.get(key), theirs.get(key)
+        if a == b:
+            continue
+        if a is None:
+            return f"first: the file's group `{key}` is not made"
+        if b is None:
+            return f"first: group `{key}`, which the file does not have"
+        member = next((m for m in (*b[1], *a[1]) if (m in b[1]) != (m in a[1])), None)
+        at = f", at `{member}`" if member else ""
+        return f"first: group `{key}` has other members than in the file{at}"
+    return "in their order"
 
 
 def check_same_groups(model: nn.Module, recipe: Recipe, *, name: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._wrappers import unwrap
 from .folding import bn_folded_members
 from .layers import SharedConvParams, is_shared_conv, shared_groups
 from .plan import count_params
@@ -267,7 +268,8 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
 
     Args:
         original: The model before :func:`sharify.sharify`.
-        shared: The sharified model.
+        shared: The sharified model. Either may be wrapped (DDP, DataParallel, ``torch.compile``):
+            the report reads the model inside.
 
     Raises:
         TypeError: An argument is not an ``nn.Module``.
@@ -283,6 +285,7 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     for name, m in (("original", original), ("shared", shared)):
         if not isinstance(m, nn.Module):
             raise TypeError(f"report expects torch.nn.Module arguments; {name} is a {type(m).__name__}")
+    original, shared = unwrap(original)[0], unwrap(shared)[0]  # reading only: wrappers are looked through
     # Comparing a sharified model with itself would report nothing saved and members identical to their
     # shared weight: say so instead of printing a plausible, wrong table.
     keep = "keep an unshared copy (copy.deepcopy(model) before sharify(..., inplace=True)) or use inplace=False"

@@ -93,13 +93,16 @@ def sharify(
         model: The model; with ``inplace=False`` it is not modified.
         example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
         preset: A published variant, e.g. ``"sharesnet-wrn"``, ``"dsfb-shared++"`` (see
-            :mod:`sharify.options`); explicit options override it.
-        positions: Which branch conv(s) to share (default ``("last_spatial",)``; see :func:`sharify.plan`).
+            :mod:`sharify.options`); explicit options override it (an explicit ``method`` other than the
+            preset's also drops the preset's ``init``, which belongs to its method).
+        positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
+            the whole branch, skipping convs an earlier selector took; see :func:`sharify.plan`).
         skip_first_block: Leave each stage's first block unshared (default ``False``).
         depthwise: Let depthwise convs be shared (default ``False``).
         method: ``"share"`` (default) or ``"basis"`` (shared filter bases; needs the ranks).
-        shared_rank: Shared basis filters per 64 channels, or ``{stage path: filters}``.
-        unique_rank: Unique basis filters per 64 channels, or ``{stage path: filters}``.
+        shared_rank: Shared basis filters per 64 channels (``max(1, floor(rank * C / 64 + 1/2))`` for a
+            conv with ``C`` outputs: rounded half up), or ``{stage path: filters}``.
+        unique_rank: Unique basis filters per 64 channels (rounded likewise), or ``{stage path: filters}``.
         init: Initial shared tensors. ``"share"``: ``"average"`` (default; with pretrained weights the
             paper's averaged init), ``"first"``, ``"random"``, or ``"scaled"`` (a shared tensor plus
             per-member per-channel gains, folded into the BatchNorm after each member, else kept as
@@ -115,7 +118,8 @@ def sharify(
         AlreadySharifiedError: The model already shares convs.
         UnsupportedModelError: A TorchScript module, or a DDP / DataParallel / ``torch.compile``
             wrapper: sharify the bare model, then wrap the result (see :func:`check_model`).
-        ValueError: Unknown preset, selector, method or init; bad ranks.
+        ValueError: Unknown preset, selector, method or init; a selector given twice or an index out of
+            range for every branch; bad ranks. The model is unchanged.
 
     Example:
         >>> import torchvision, sharify
@@ -224,7 +228,12 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
     modules = dict(target.named_modules())
 
     # Everything new is built before the first change to the model.
-    store = SharedStore({**sharing.options, "init": init})
+    analysis = {
+        "input_shapes": [list(x) for x in sharing.input_shapes],
+        "input_dtypes": list(sharing.input_dtypes),
+        "leaf_modules": list(sharing.leaf_modules),
+    }
+    store = SharedStore({**sharing.options, "init": init}, analysis if sharing.input_shapes else None)
     attach: list[tuple[nn.Module, SharedConvParams, Tensor | None]] = []  # existing convs to attach (with gain)
     replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
     refold: list[tuple[nn.Module, dict[str, Tensor]]] = []  # BatchNorms absorbing "scaled" gains

@@ -12,10 +12,20 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .options import Rank, Selector, SharingOptions
+from .options import _ALIASES, Rank, Selector, SharingOptions
 from .residual import Block, Stage
 
-__all__ = ["ConvSignature", "SharingGroup", "basis_ranks", "group_key", "is_depthwise", "is_spatial", "select"]
+__all__ = [
+    "ConvSignature",
+    "SharingGroup",
+    "basis_ranks",
+    "check_rank_stages",
+    "group_key",
+    "is_depthwise",
+    "is_spatial",
+    "scaled_rank",
+    "select",
+]
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,11 @@ def is_spatial(conv: nn.Conv2d) -> bool:
 
 
 def select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise: bool) -> list[tuple[str, str]]:
-    """``(position label, conv path)`` picked by ``selector`` in one block's branch convs."""
+    """``(position label, conv path)`` picked by ``selector`` in one block's branch convs.
+
+    ``"first"``, ``"last"`` and integers index ``convs`` (the block's eligible branch convs, whole list);
+    an index out of range picks nothing in this block.
+    """
 
     def ok(conv: nn.Conv2d) -> bool:
         return depthwise or not is_depthwise(conv)
@@ -141,7 +155,7 @@ def select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise
         return [("last_spatial", spatial[-1])] if spatial else []
     if selector == "all_spatial":
         return [(f"spatial{i}", p) for i, p in enumerate(p for p, c in convs if is_spatial(c) and ok(c))]
-    index = {"first": 0, "last": -1}.get(selector, selector) if isinstance(selector, str) else selector
+    index = _ALIASES.get(selector, selector) if isinstance(selector, str) else selector
     assert isinstance(index, int)
     if -len(convs) <= index < len(convs) and ok(convs[index][1]):
         return [(str(selector), convs[index][0])]
@@ -174,8 +188,27 @@ def _within(path: str, ancestor: str) -> bool:
     return not ancestor or path == ancestor or path.startswith(ancestor + ".")
 
 
-def basis_ranks(options: SharingOptions, stage: str, sig: ConvSignature, member: str) -> tuple[int, int]:
-    """Effective (shared, unique) filter counts of a basis group, checked against the layer."""
+def scaled_rank(rank: int, channels: int) -> int:
+    """Filters for ``rank`` per 64 channels in a conv with ``channels`` outputs (the paper's ``m = C/64``).
+
+    ``max(1, floor(rank * channels / 64 + 1/2))``: rounded half up (``2.5 -> 3``, never banker's
+    rounding) in exact integer arithmetic, and at least one filter.
+    """
+    return max(1, (2 * rank * channels + 64) // 128)
+
+
+def basis_ranks(
+    options: SharingOptions, stage: str, sig: ConvSignature, member: str, stages: Sequence[str] = ()
+) -> tuple[int, int]:
+    """Effective (shared, unique) filter counts of a basis group, checked against the layer.
+
+    Args:
+        options: The resolved options (``method="basis"``).
+        stage: Path of the group's stage (the key into per-stage rank mappings).
+        sig: The members' signature.
+        member: Path of the first member (for messages).
+        stages: Paths of all stages that can hold groups (for messages).
+    """
     if sig.kernel_size != (3, 3) or sig.groups != 1:
         raise ValueError(
             f"method='basis' replaces dense 3x3 convs, but position {member!r} holds a "
@@ -186,10 +219,15 @@ def basis_ranks(options: SharingOptions, stage: str, sig: ConvSignature, member:
     def effective(name: str, rank: Rank | None) -> int:
         if isinstance(rank, Mapping):
             if stage not in rank:
-                raise ValueError(f"{name} has no entry for stage {stage!r}; stages: give one int per stage path")
+                unknown = [k for k in rank if k not in stages]
+                extra = f" (its keys {', '.join(map(repr, unknown))} are no stage paths)" if unknown else ""
+                raise ValueError(
+                    f"{name} has no entry for stage {stage!r}{extra}; give one int per stage path: "
+                    f"{_stage_list(stages)}"
+                )
             return int(rank[stage])
-        assert rank is not None
-        return max(1, round(rank * sig.out_channels / 64))
+        assert rank is not None  # resolve_options requires both ranks with method="basis"
+        return scaled_rank(rank, sig.out_channels)
 
     s, u = effective("shared_rank", options.shared_rank), effective("unique_rank", options.unique_rank)
     dim = sig.in_channels * 9
@@ -199,3 +237,21 @@ def basis_ranks(options: SharingOptions, stage: str, sig: ConvSignature, member:
             f"{dim}-dimensional space (in_channels * 3 * 3); use at most {dim} filters in total"
         )
     return s, u
+
+
+def check_rank_stages(options: SharingOptions, stages: Sequence[str]) -> None:
+    """Refuses per-stage rank mappings with keys that are not the path of a stage that can hold groups."""
+    for name in ("shared_rank", "unique_rank"):
+        rank = getattr(options, name)
+        if not isinstance(rank, Mapping):
+            continue
+        unknown = [k for k in rank if k not in stages]
+        if unknown:
+            raise ValueError(
+                f"{name} has entries for {', '.join(map(repr, unknown))}, which are no stage paths of this model; "
+                f"valid stage paths: {_stage_list(stages)}"
+            )
+
+
+def _stage_list(stages: Sequence[str]) -> str:
+    return ", ".join(repr(s) for s in dict.fromkeys(stages)) or "(none: the model has no multi-block stage)"

@@ -173,8 +173,10 @@ def test_example_inputs_must_be_tensors() -> None:
 def test_no_residual_blocks() -> None:
     model = PlainNet()
     before = copy.deepcopy(model)
-    with pytest.raises(sharify.NothingToShareError, match="no residual blocks found in PlainNet"):
+    with pytest.raises(sharify.NothingToShareError, match="no residual blocks found in PlainNet") as info:
         sharify.sharify(model, inplace=True, example_inputs=torch.randn(1, 3, 8, 8))
+    assert "pass example_inputs= it accepts (analysed with (1, 3, 8, 8)) and leaf_modules=" in str(info.value)
+    assert "nothing ShaResNet-style to share" in str(info.value)
     assert state_equal(model, before)
     assert issubclass(sharify.NothingToShareError, sharify.SharifyError)
 
@@ -191,8 +193,41 @@ def test_one_block_stages() -> None:
     model = torchvision.models.resnet18()
     model.layer1, model.layer2 = model.layer1[:1], model.layer2[:1]
     model.layer3, model.layer4 = model.layer3[:1], model.layer4[:1]
-    with pytest.raises(sharify.NothingToShareError, match="no stage has two consecutive blocks"):
+    with pytest.raises(
+        sharify.NothingToShareError,
+        match=r"no stage has two consecutive blocks.*its 4 residual blocks each form a one-block stage.*"
+        r"nothing ShaResNet-style to share",
+    ):
         sharify.sharify(model)
+
+
+class _TwoConvBlock(nn.Module):
+    def __init__(self, dilation: int, first_dilation: int = 1) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(8, 8, 3, padding=first_dilation, dilation=first_dilation)
+        self.b = nn.Conv2d(8, 8, 3, padding=dilation, dilation=dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(torch.relu(self.a(x)))
+
+
+def test_nothing_with_same_signature_says_what_to_try() -> None:
+    """The last spatial convs differ (dilation) from block to block: the message names the selectors that share."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *(_TwoConvBlock(d) for d in (1, 2, 3)))
+    with pytest.raises(
+        sharify.NothingToShareError,
+        match=r"no two convs picked by positions=\['last_spatial'\] with the same signature in a stage; "
+        r"positions='all_spatial' or positions=\(0,\) would share convs of one signature \(e\.g\. `1\.a` and `2\.a`\)",
+    ):
+        sharify.sharify(model, example_inputs=X32)
+    assert len(sharify.plan(model, example_inputs=X32, positions=(0,)).groups) == 1
+    # every conv differs: nothing any selector could share
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *(_TwoConvBlock(d, d + 3) for d in (1, 2, 3)))
+    with pytest.raises(
+        sharify.NothingToShareError,
+        match=r"no two blocks of a stage hold convs of one signature at the same position.*nothing ShaResNet-style",
+    ):
+        sharify.sharify(model, example_inputs=X32)
 
 
 def test_unknown_position_selector() -> None:

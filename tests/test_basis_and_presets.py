@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet
+from benchmarks.cifar_models import PreActResNet, cifar_resnet
 from sharify.layers import SHARED_STORE_NAME
 from tests.conftest import state_equal
 
@@ -79,6 +79,15 @@ def test_presets_and_explicit_override() -> None:
     assert sharify.plan(r50, preset="dsfb-shared", skip_first_block=False).params_after == 20_469_800
     p = sharify.plan(r50, preset="dsfb-shared++", positions=("last_spatial",))
     assert p.params_after == 20_506_664 and p.options["preset"] == "dsfb-shared++"
+    # an explicit method drops the preset's init for the other method, unless init is given too
+    p = sharify.plan(r50, preset="dsfb-basis", method="share")
+    assert (p.options["method"], p.options["init"], p.options["positions"]) == ("share", "average", ["all_spatial"])
+    assert p.options["skip_first_block"] and {g.method for g in p.groups} == {"share"}
+    assert sharify.plan(r50, preset="dsfb-basis", method="share", init="first").options["init"] == "first"
+    with pytest.raises(ValueError, match=r"unknown init 'orthogonal' for method='share'"):
+        sharify.plan(r50, preset="dsfb-basis", method="share", init="orthogonal")
+    p = sharify.plan(r50, preset="dsfb-shared", method="basis", shared_rank=8, unique_rank=1)
+    assert p.options["init"] == "orthogonal" and {g.method for g in p.groups} == {"basis"}
     assert set(sharify.PRESETS) >= {
         "sharesnet",
         "sharesnet-wrn",
@@ -99,6 +108,32 @@ def test_shared_plus_plus_groups_are_the_3x3_and_the_last_1x1() -> None:
     assert p.groups[1].members == ("layer1.1.conv3", "layer1.2.conv3")
 
 
+def test_each_selector_indexes_the_whole_branch() -> None:
+    """A selector picks from the block's full conv list; what an earlier selector took is skipped, not re-targeted."""
+    with torch.device("meta"):
+        r50, r34 = torchvision.models.resnet50(), torchvision.models.resnet34()
+
+    def convs_by_position(p: sharify.SharingPlan) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for g in p.groups:
+            out.setdefault(g.position, set()).update(m.rsplit(".", 1)[1] for m in g.members)
+        return out
+
+    assert convs_by_position(sharify.plan(r50, positions=("first", 1))) == {"first": {"conv1"}, "1": {"conv2"}}
+    assert convs_by_position(sharify.plan(r50, positions=(1, "first"))) == {"first": {"conv1"}, "1": {"conv2"}}
+    # conv2 is both the last spatial conv and index 1: the second selector finds it taken and adds nothing
+    p = sharify.plan(r50, positions=("last_spatial", 1))
+    assert convs_by_position(p) == {"last_spatial": {"conv2"}} and p.params_after == sharify.plan(r50).params_after
+    assert convs_by_position(sharify.plan(r50, positions=("last_spatial", "all_spatial"))) == {
+        "last_spatial": {"conv2"}
+    }
+    # Shared++ on a basic block: "last" is conv2, already shared by "last_spatial", so no group of conv1s
+    plus, shared = sharify.plan(r34, preset="dsfb-shared++"), sharify.plan(r34, preset="dsfb-shared")
+    assert convs_by_position(plus) == {"last_spatial": {"conv2"}}
+    assert [g.members for g in plus.groups] == [g.members for g in shared.groups]
+    assert plus.params_after == shared.params_after
+
+
 def test_basis_preset_needs_ranks() -> None:
     with pytest.raises(ValueError, match=r"method='basis' needs shared_rank="):
         sharify.plan(cifar_resnet(20), example_inputs=X, preset="dsfb-basis")
@@ -111,22 +146,43 @@ def test_basis_preset_needs_ranks() -> None:
         ({"shared_rank": 4, "unique_rank": -1}, r"unique_rank must be a positive int"),
         ({"shared_rank": 1000, "unique_rank": 1}, r"exceeds what `layer1\.1\.conv1` allows.*144-dimensional"),
         ({"shared_rank": 4, "unique_rank": 1, "init": "average"}, r"unknown init 'average' for method='basis'.*'svd'"),
-        ({"shared_rank": {"layer9": 4}, "unique_rank": 1}, r"shared_rank has no entry for stage 'layer1'"),
+        (
+            {"shared_rank": {"layer9": 4}, "unique_rank": 1},
+            r"shared_rank has no entry for stage 'layer1' \(its keys 'layer9' are no stage paths\); "
+            r"give one int per stage path: 'layer1', 'layer2', 'layer3'",
+        ),
+        (
+            {"shared_rank": 4, "unique_rank": {"layer1": 1, "layer2": 1}},
+            r"unique_rank has no entry for stage 'layer3'; give one int per stage path: 'layer1', 'layer2', 'layer3'",
+        ),
+        (
+            {"shared_rank": {"layer1": 4, "layer2": 4, "layer3": 4, "layer4": 4, "fc": 1}, "unique_rank": 1},
+            r"shared_rank has entries for 'layer4', 'fc', which are no stage paths of this model; "
+            r"valid stage paths: 'layer1', 'layer2', 'layer3'",
+        ),
     ],
 )
 def test_basis_bad_input(kwargs: dict, match: str) -> None:
     model = cifar_resnet(20)
     before = copy.deepcopy(model)
-    with pytest.raises((ValueError, sharify.NothingToShareError), match=match):
+    with pytest.raises(ValueError, match=match) as info:
         sharify.sharify(model, example_inputs=X, inplace=True, **{**BASIS, **kwargs})
-    assert state_equal(model, before)
+    assert not isinstance(info.value, sharify.SharifyError)
+    assert state_equal(model, before) and not hasattr(model, SHARED_STORE_NAME)
 
 
 def test_basis_on_a_1x1_position_is_a_value_error() -> None:
     with torch.device("meta"):
         r50 = torchvision.models.resnet50()
-    with pytest.raises(ValueError, match=r"dense 3x3 convs, but position 'layer1\.1\.conv3' holds a 1x1 conv"):
-        sharify.plan(r50, method="basis", positions=("last",), skip_first_block=True, shared_rank=8, unique_rank=1)
+    match = r"dense 3x3 convs, but position 'layer1\.1\.conv3' holds a 1x1 conv"
+    options = {"method": "basis", "positions": ("last",), "skip_first_block": True, "shared_rank": 8, "unique_rank": 1}
+    with pytest.raises(ValueError, match=match):
+        sharify.plan(r50, **options)
+    model = PreActResNet(29)  # bottlenecks, 3 blocks per stage, real weights
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=match):
+        sharify.sharify(model, example_inputs=X, inplace=True, **options)
+    assert state_equal(model, before) and not hasattr(model, SHARED_STORE_NAME)
 
 
 @pytest.mark.parametrize(
@@ -136,11 +192,63 @@ def test_basis_on_a_1x1_position_is_a_value_error() -> None:
         ({"positions": ("second",)}, r"unknown position selector 'second'; valid: 'last_spatial'"),
         ({"method": "prune"}, r"unknown method 'prune'; valid: 'share', 'basis'"),
         ({"shared_rank": 4}, r"only apply to method='basis'"),
+        (
+            {"positions": ("last_spatial", "last_spatial")},
+            r"positions lists 'last_spatial' twice; give each selector once",
+        ),
+        ({"positions": ("last", -1)}, r"positions lists 'last' and -1, which pick the same conv"),
+        ({"positions": (0, "first")}, r"positions lists 0 and 'first', which pick the same conv"),
+        (
+            {"positions": (2,)},
+            r"position index 2 is out of range for every residual branch of CifarResNet: the "
+            r"branches have 2 eligible convs, so valid indices are -2\.\.1",
+        ),
+        ({"positions": ("first", -3)}, r"position index -3 is out of range.*valid indices are -2\.\.1"),
     ],
 )
 def test_bad_options(kwargs: dict, match: str) -> None:
+    model = cifar_resnet(20)
     with pytest.raises(ValueError, match=match):
-        sharify.plan(cifar_resnet(20), example_inputs=X, **kwargs)
+        sharify.plan(model, example_inputs=X, **kwargs)
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=match):
+        sharify.sharify(model, example_inputs=X, inplace=True, **kwargs)
+    assert state_equal(model, before) and not hasattr(model, SHARED_STORE_NAME)
+
+
+class _Residual(nn.Module):
+    def __init__(self, convs: int) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.Conv2d(8, 8, 3, padding=1) for _ in range(convs)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.convs(x)
+
+
+def test_an_index_that_fits_only_longer_branches_picks_there() -> None:
+    """A stage of 2-conv branches and one of 3-conv branches: index 2 picks in the second stage only."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _Residual(2), _Residual(2),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), _Residual(3), _Residual(3))  # fmt: skip
+    p = sharify.plan(model, example_inputs=X, positions=(2,))
+    assert [(g.position, g.members) for g in p.groups] == [("2", ("4.convs.2", "5.convs.2"))]
+    with pytest.raises(ValueError, match=r"branches have 2 to 3 eligible convs, so valid indices are -3\.\.2 "
+                       r"\(-2\.\.1 pick a conv in every branch\)"):  # fmt: skip
+        sharify.plan(model, example_inputs=X, positions=(3,))
+
+
+def test_rank_scaling_rounds_half_up() -> None:
+    """rank * C / 64 = 2.5 (C=16) and 5.0 (C=32): half up gives 3 (banker's rounding gave 2); at least 1."""
+    p = sharify.plan(cifar_resnet(20), example_inputs=X, shared_rank=10, unique_rank=2, **BASIS)
+    assert [(g.stage, g.shared_rank, g.unique_rank) for g in p.groups][::2] == [
+        ("layer1", 3, 1),  # 10 * 16 / 64 = 2.5 -> 3; 2 * 16 / 64 = 0.5 -> 1
+        ("layer2", 5, 1),  # 2 * 32 / 64 = 1.0
+        ("layer3", 10, 2),
+    ]
+    from sharify.rules import scaled_rank
+
+    assert [scaled_rank(r, c) for r, c in [(1, 16), (1, 31), (1, 32), (3, 32), (5, 32), (7, 32), (48, 512)]] == [
+        1, 1, 1, 2, 3, 4, 384
+    ]  # fmt: skip
 
 
 def test_per_stage_explicit_ranks() -> None:

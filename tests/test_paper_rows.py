@@ -6,13 +6,19 @@ Models are built on the meta device: the analysis needs no weights.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
 
 import sharify
 from benchmarks.cifar_models import preact_resnet164, wide_resnet
-from benchmarks.paper_tables import ROWS, Row, measure
+from benchmarks.paper_tables import ROWS, measure, measure_sharified, table
+
+COMMITTED_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "paper_tables.md"
+IDS = [f"{r.paper}-{r.model}" for r in ROWS]
 
 
 def _meta(builder, *args, **kwargs):
@@ -20,12 +26,53 @@ def _meta(builder, *args, **kwargs):
         return builder(*args, **kwargs)
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r.paper}-{r.model}" for r in ROWS])
-def test_published_row(row: Row) -> None:
-    before, after = measure(row)
+@functools.cache
+def _measured(index: int) -> tuple[int, int]:
+    """Each row's plan counts, computed once per session (the table test below reuses them)."""
+    return measure(ROWS[index])
+
+
+@functools.cache
+def _sharified(index: int) -> int:
+    return measure_sharified(ROWS[index])
+
+
+@pytest.mark.parametrize("index", range(len(ROWS)), ids=IDS)
+def test_published_row(index: int) -> None:
+    row = ROWS[index]
+    before, after = _measured(index)
     assert abs(after / 1e6 - row.published_after) <= row.tolerance + 1e-9
     if row.published_before is not None:
         assert before / 1e6 == pytest.approx(row.published_before, abs=0.05)
+
+
+@pytest.mark.parametrize("index", range(len(ROWS)), ids=IDS)
+def test_sharified_model_has_the_plans_parameter_count(index: int) -> None:
+    """Not only the arithmetic: sharify() builds the row (meta device) with exactly the planned parameters."""
+    assert _sharified(index) == _measured(index)[1]
+
+
+def test_committed_table_is_a_fresh_run() -> None:
+    """benchmarks/results/paper_tables.md equals `python -m benchmarks.paper_tables` output (version line aside)."""
+    fresh, failures = table([(row, *_measured(i), _sharified(i)) for i, row in enumerate(ROWS)])
+    committed = COMMITTED_TABLE.read_text().splitlines()
+    start = committed.index(fresh[0])
+    assert committed[start:] == fresh and failures == 0
+    version = [line for line in committed[:start] if line.startswith("torch ")]
+    assert len(version) == 1 and committed[:start] == [
+        "# Published parameter counts, reproduced by sharify",
+        "",
+        "Command: `python -m benchmarks.paper_tables` (architecture only: meta-device models, no weights).",
+        version[0],
+        "",
+    ]
+
+
+def test_table_flags_a_sharified_count_that_differs_from_the_plan() -> None:
+    row = ROWS[0]
+    before, after = _measured(0)
+    lines, failures = table([(row, before, after, after + 1)])
+    assert failures == 1 and "NO: the sharified model has" in lines[2]
 
 
 @pytest.mark.parametrize(

@@ -126,3 +126,51 @@ def test_filter_basis_members_feed_a_concatenation_not_a_batchnorm():
     r = sharify.report(original, sharify.sharify(original, method="basis", shared_rank=8, unique_rank=1))
     assert all(g.folded == 0 for g in r.groups)  # shared basis -> cat -> BatchNorm -> 1x1: nothing to re-materialise
     assert r.params_after_folding == r.params_after < r.params_before
+
+
+def test_post_training_quantization_gives_every_member_its_own_int8_weight():
+    """torch.ao's post-training quantization does not keep the sharing (the README's deployment note), even in a
+    pre-activation net where conv-BN folding keeps it: FX graph mode packs an int8 copy of the shared weight for
+    every member conv; eager mode swaps modules by exact class, so the members are not converted at all."""
+    from torch.ao.quantization import convert as convert_eager
+    from torch.ao.quantization import get_default_qconfig, get_default_qconfig_mapping, prepare
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    engine = next((e for e in ("x86", "fbgemm", "qnnpack") if e in torch.backends.quantized.supported_engines), None)
+    if engine is None:
+        pytest.skip("no quantized engine in this torch build")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    shared = sharify.sharify(PreActNet().eval(), example_inputs=x[:1]).eval()
+    ((_, members),) = sharify.shared_groups(shared).values()
+    assert len(members) == 4 and sharify.report(PreActNet(), shared).params_after_folding == sum(
+        p.numel() for p in shared.parameters()
+    )  # float: the saving survives folding here
+
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        prepared = prepare_fx(copy.deepcopy(shared), get_default_qconfig_mapping(engine), (x,))
+        prepared(x)
+        fx_model = convert_fx(prepared)
+        packed = {n.target: getattr(fx_model, n.target) for n in fx_model.graph.nodes
+                  if n.op == "get_attr" and "packed_weight" in str(n.target)}  # fmt: skip
+        per_member = [[k for k in packed if k.startswith(m.replace(".", "_") + "_")] for m in members]
+        assert all(len(keys) == 1 for keys in per_member)  # one packed int8 weight per member, not per group
+        int8 = [torch.ops.quantized.conv2d_unpack(packed[keys[0]])[0].int_repr() for keys in per_member]
+        assert all(torch.equal(int8[0], w) for w in int8[1:])  # the same values, stored once per member
+        error = (fx_model(x) - shared(x)).abs().max() / shared(x).abs().max()
+        assert error < 0.1, error  # it runs and computes the model, up to int8 rounding
+
+        eager = copy.deepcopy(shared)
+        eager.qconfig = get_default_qconfig(engine)
+        eager = prepare(eager)
+        eager(x)  # calibration runs in float
+        eager = convert_eager(eager)
+        assert type(eager.stem).__module__.startswith("torch.ao.nn.quantized")  # a plain conv is converted
+        assert all(type(eager.get_submodule(m)) is type(shared.get_submodule(m)) for m in members)  # members are not
+        quantized_activation = torch.quantize_per_tensor(torch.randn(1, 16, 8, 8), 0.1, 128, torch.quint8)
+        with pytest.raises((NotImplementedError, RuntimeError)):  # a float conv cannot take what the int8 net feeds it
+            eager.get_submodule(members[0])(quantized_activation)
+    finally:
+        torch.backends.quantized.engine = previous

@@ -164,6 +164,93 @@ def test_mismatching_model_names_first_path(tmp_path, model, match):
     assert str(path) in str(info.value)
 
 
+BASIS_OPTIONS = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank": {"blocks": 1}}
+
+
+@pytest.mark.parametrize("options", [BASIS_OPTIONS, {"init": "scaled"}], ids=["basis", "scaled"])
+def test_mismatching_model_names_first_path_when_members_are_rewritten(tmp_path, options):
+    """Filter-basis and init="scaled" recipes are checked on the unshared model like whole-conv ones."""
+    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16), **options)
+    path = sharify.save(shared, tmp_path / "tiny.safetensors")
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"does not fit the model: `blocks\.2\.conv2` \(member of shared group `blocks\.conv2`\) is not in",
+    ):
+        sharify.load(path, TinyNet(depth=2))
+    with pytest.raises(
+        sharify.RecipeMismatchError, match=r"`head\.weight` has shape \(7, 8\) in the model but \(4, 8\)"
+    ):
+        sharify.load(path, TinyNet(num_classes=7))
+
+
+def test_basis_member_of_other_geometry_is_named(tmp_path, monkeypatch):
+    x = torch.randn(1, 3, 16, 16)
+    path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x, **BASIS_OPTIONS), tmp_path / "b.safetensors")
+    other = TinyNet()
+    for block in other.blocks:
+        block.conv2 = nn.Conv2d(8, 8, 5, padding=2)
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"`blocks\.0\.conv2\.weight` is \(8, 8, 5, 5\) in the model but its filters do not fit the shared "
+        r"basis `sharify_shared\.blocks\.conv2\.weight`, which is \(4, 8, 3, 3\) in the file",
+    ):
+        sharify.load(path, other)
+    # re-applying the recipe makes other groups: the message names the first group that differs
+    real = recipe_module.sharify
+    monkeypatch.setattr(recipe_module, "sharify", lambda m, **o: real(m, **{**o, "skip_first_block": True}))
+    with pytest.raises(
+        sharify.RecipeMismatchError,
+        match=r"it makes other groups \(first: group `blocks\.conv2` has other members than in the file, "
+        r"at `blocks\.0\.conv2\.shared`\)",
+    ):
+        sharify.load(path, TinyNet())
+
+
+class PositionalNet(nn.Module):
+    """Takes only 8x8 inputs (a learned position map is added after the stem): the default 224 px analysis fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
+        self.blocks = nn.Sequential(Block(8), Block(8), Block(8))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x) + self.pos).mean((2, 3)))
+
+
+class OpaqueBlock(Block):
+    """A block the user wants left alone: passed as leaf_modules=[OpaqueBlock]."""
+
+
+def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
+    """A filter-basis model needs the analysis repeated on load (its groups cannot be applied directly):
+    the recipe records the example input shapes and the leaf module paths and passes them back."""
+    x = torch.randn(2, 3, 8, 8)
+    assert "shape propagation stopped" in sharify.plan(PositionalNet()).empty_reason()  # the default 224 px
+    shared = _perturb(sharify.sharify(PositionalNet(), example_inputs=x[:1], **BASIS_OPTIONS))
+    path = sharify.save(shared, tmp_path / "positional.safetensors")
+    recipe = sharify.read_recipe(path)
+    assert recipe.analysis == {"input_shapes": [[1, 3, 8, 8]], "input_dtypes": ["float32"], "leaf_modules": []}
+    _assert_identical(shared, sharify.load(path, PositionalNet()), x)
+
+    tiny = TinyNet()
+    tiny.blocks[1] = OpaqueBlock(8)
+    options = {"method": "basis", "shared_rank": 8, "unique_rank": 1}
+    shared = _perturb(sharify.sharify(tiny, example_inputs=X3[:1], leaf_modules=[OpaqueBlock], **options))
+    (group,) = sharify.shared_groups(shared).values()
+    assert group[1] == ["blocks.0.conv2.shared", "blocks.2.conv2.shared"]  # the opaque block is not shared
+    path = sharify.save(shared, tmp_path / "leaf.safetensors")
+    assert sharify.read_recipe(path).analysis["leaf_modules"] == ["blocks.1"]
+    fresh = TinyNet()
+    fresh.blocks[1] = OpaqueBlock(8)
+    _assert_identical(shared, sharify.load(path, fresh), X3)
+
+    with pytest.raises(ValueError, match="analysis entry is malformed"):
+        recipe_module.Recipe.from_json(json.dumps({"format": 1, "groups": [], "analysis": {"input_shapes": "big"}}))
+
+
 def test_mismatching_sharified_model(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x), tmp_path / "tiny.safetensors")

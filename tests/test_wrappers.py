@@ -126,3 +126,29 @@ def test_wrapping_a_sharified_model_trains(process_group):
     ddp(torch.randn(2, 3, 8, 8)).square().mean().backward()
     opt.step()
     assert not torch.equal(before, holder.weight) and sharify.verify(ddp) == []
+
+
+def test_reading_helpers_look_through_data_parallel() -> None:
+    """shared_groups, orthogonality_loss, report and load_unshared_state_dict see the model inside a wrapper."""
+    torch.manual_seed(0)
+    original = tiny()
+    basis = sharify.sharify(original, example_inputs=EXAMPLE, method="basis", shared_rank=8, unique_rank=2)
+    wrapped = nn.DataParallel(basis)  # on CPU: forwards to the module
+    assert (
+        {k: m for k, (_, m) in sharify.shared_groups(wrapped).items()}
+        == {k: m for k, (_, m) in sharify.shared_groups(basis).items()}
+        != {}
+    )
+    with torch.no_grad():
+        next(iter(sharify.shared_groups(basis).values()))[0].weight.mul_(1.5)
+    loss = 10 * sharify.orthogonality_loss(wrapped)
+    assert loss.item() > 0.1 and torch.equal(loss, 10 * sharify.orthogonality_loss(basis))
+    loss.backward()
+    assert all(h.weight.grad is not None for h, _ in sharify.shared_groups(basis).values())
+    r, bare = sharify.report(original, wrapped), sharify.report(original, basis)
+    assert r.to_dict() == bare.to_dict() and r.groups and r.params_after < r.params_before
+
+    shared = sharify.sharify(original, example_inputs=EXAMPLE, init="random")
+    sharify.load_unshared_state_dict(nn.DataParallel(shared), original.state_dict())
+    expected = torch.stack([b.conv2.weight for b in original.blocks]).mean(0)
+    assert torch.allclose(shared.sharify_shared.blocks.conv2.weight, expected)
