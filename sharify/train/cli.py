@@ -26,7 +26,13 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
     m.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
-    m.add_argument("--checkpoint", metavar="PATH", help="original (unshared) weights to load before sharifying")
+    m.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="original (unshared) weights to load before sharifying (a state_dict, or a "
+        "training checkpoint such as timm's .pth.tar: its state_dict)",
+    )
+    m.add_argument("--checkpoint-ema", action="store_true", help="load the checkpoint's EMA weights (state_dict_ema)")
     m.add_argument("--num-classes", type=int, help="classifier size (default: the data's classes); replaces the head")
     m.add_argument("--in-chans", type=int, help="input channels of timm models (default: the data's)")
     m.add_argument("--no-sharify", dest="share", action="store_false", help="train the model unshared (baselines)")
@@ -103,6 +109,7 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
         in_chans=args.in_chans or data.in_chans,
         pretrained=args.pretrained,
         checkpoint=args.checkpoint,
+        checkpoint_ema=args.checkpoint_ema,
         share=args.share,
         sharing=sharing,
         input_size=size,
