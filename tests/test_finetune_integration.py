@@ -35,6 +35,7 @@ from tests.conftest import state_equal
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE = torch.zeros(1, 3, 12, 12)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_timm() -> torch.nn.Module:

@@ -16,6 +16,7 @@ from sharify.cli import main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, latest_checkpoint, load_data
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
