@@ -251,3 +251,16 @@ def test_lambda_r_uses_sharify_orthogonality_loss_when_present(
     ).model.sharify_shared.layer1.conv2.weight
     assert len(calls) == 6  # once per micro-batch (24 images / 4)
     assert shrunk.norm() < 0.5 * plain.norm()  # the regulariser's gradient reached the shared tensor
+
+
+def test_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_image_folder(tmp_path / "data", classes=3, train=4, val=2)
+    bad = data / "train" / "class1" / "2.png"
+    bad.write_bytes(b"not a png")
+    for workers in (0, 1):  # read in this process, and in a DataLoader worker process
+        with pytest.raises(DataError, match=rf"^cannot read image {bad} \(.*\); delete or replace the file$"):
+            finetune(_tiny(), data, _config(tmp_path / f"run{workers}", epochs=1, workers=workers, ema_decay=None))
+    first = data / "train" / "class0" / "0.png"  # read by load_data for the image size
+    first.write_bytes(first.read_bytes()[:20])  # truncated
+    base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
+    assert f"cannot read image {first}" in _cli_error([*base, "--data", str(data)], capsys)
