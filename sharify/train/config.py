@@ -25,7 +25,8 @@ class FinetuneConfig:
         warmup_epochs: Linear warm-up length in epochs (fractions allowed); cosine decay afterwards.
         min_lr: Final learning rate of the cosine schedule.
         label_smoothing: Cross-entropy label smoothing.
-        accum_steps: Micro-batches per optimizer update (gradient accumulation).
+        accum_steps: Micro-batches per optimizer update (gradient accumulation); each update's gradient is
+            the mean over its micro-batches, also in an epoch's last, shorter update.
         clip_grad: Max gradient norm, or ``None``.
         amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
         channels_last: Train in channels-last memory format.
