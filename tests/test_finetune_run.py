@@ -211,6 +211,16 @@ def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, caps
     assert "--resume" in _cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
 
 
+def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"--sync-bn needs CUDA.*--device cpu"):
+        FinetuneConfig(sync_bn=True, device="cpu").validate()
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        finetune(_tiny(), data_dir, _config(tmp_path, sync_bn=True))  # nothing trained, nothing written
+    assert not tmp_path.joinpath("config.json").exists()
+    args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    assert "--sync-bn needs CUDA" in _cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
+
+
 def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:
     data = load_data(data_dir)
     finetune(_tiny(), data, _config(tmp_path, epochs=1))

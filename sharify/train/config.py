@@ -35,7 +35,7 @@ class FinetuneConfig:
         ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
         bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
         lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
-        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA).
+        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA devices only; refused elsewhere).
         image_size: Input size (default: native size of small images, else the model's data config).
         augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
         workers: DataLoader worker processes.
@@ -80,7 +80,7 @@ class FinetuneConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
+        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without a CUDA device)."""
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -94,3 +94,11 @@ class FinetuneConfig:
             raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
+        if self.sync_bn:
+            from .distributed import resolve_device
+
+            if resolve_device(self.device).type != "cuda":
+                raise ValueError(
+                    f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
+                    "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
+                )
