@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet
+from finetune_utils import TinyNet, make_image_folder
 from torch import nn
 
 import sharify
+from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, train=4, val=2)  # 12 + 6 images
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
+
+
+def _config(out: Path, **kw: object) -> FinetuneConfig:
+    base = {"out": out, "epochs": 1, "batch_size": 4, "workers": 0, "quiet": True, "device": "cpu", "augment": False}
+    return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def _sgd_trainer(model: nn.Module, accum_steps: int) -> Trainer:
@@ -44,3 +62,21 @@ def test_accumulation_equals_one_big_batch_also_for_a_short_last_group() -> None
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     moved = a["sharify_shared.layer1.conv2.weight"] - start.state_dict()["sharify_shared.layer1.conv2.weight"]
     assert moved.abs().max() > 1e-3
+
+
+def test_checkpoints_keep_the_newest_and_hold_the_plain_state_as_json(data_dir: Path, tmp_path: Path) -> None:
+    result = finetune(_tiny(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1))
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0002", "epoch-0003"]  # no .tmp-* leftovers either
+    newest = root / "epoch-0003"
+    assert sorted(p.name for p in newest.iterdir()) == ["model.safetensors", "state.json", "state.pt"]
+    state = json.loads((newest / "state.json").read_text())  # readable without torch
+    assert (state["format"], state["epoch"], state["num_updates"]) == (2, 3, 9)  # 3 updates per epoch
+    assert state["metrics"] == result.metrics and state["config"]["epochs"] == 3
+    assert state["scheduler"]["t_initial"] == 9 - 3 and state["scheduler"]["warmup_t"] == 3
+    tensors = torch.load(newest / "state.pt", weights_only=True)
+    assert set(tensors) == {"epoch", "optimizer", "rng"}  # nested tensors: optimizer and RNG state
+    (newest / "state.json").rename(newest / "meta.json")  # what format 1 checkpoints look like
+    assert latest_checkpoint(tmp_path) == newest
+    with pytest.raises(CheckpointError, match=r"epoch-0003 has the format of an older sharify.*another --out"):
+        finetune(_tiny(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1, resume=True))

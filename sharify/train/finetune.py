@@ -7,7 +7,9 @@ into ``config.out``:
 * ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
   ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
-* ``checkpoints/epoch-NNNN/``: the newest complete epoch (:mod:`sharify.train.checkpoint`);
+* ``checkpoints/epoch-NNNN/``: the ``keep_checkpoints`` newest complete epochs (weights as safetensors,
+  training state in ``state.json`` and, for the tensors of optimizer and RNG, ``state.pt``; see
+  :mod:`sharify.train.checkpoint`);
 * ``model.safetensors`` (and ``model_ema.safetensors``): the final weights, written by
   :func:`sharify.save` with the sharing recipe in the header, so ``sharify.load(path)`` (or
   ``sharify.load(path, model=...)`` for a model of your own) rebuilds the trained model, and
