@@ -12,7 +12,7 @@ from finetune_utils import TinyNet, make_image_folder
 from torch import nn
 
 import sharify
-from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint
+from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
 
@@ -80,3 +80,27 @@ def test_checkpoints_keep_the_newest_and_hold_the_plain_state_as_json(data_dir: 
     assert latest_checkpoint(tmp_path) == newest
     with pytest.raises(CheckpointError, match=r"epoch-0003 has the format of an older sharify.*another --out"):
         finetune(_tiny(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1, resume=True))
+
+
+def test_resume_refuses_other_settings_and_rebuilds_the_schedule_for_more_epochs(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    run, common = tmp_path / "run", {"warmup_epochs": 0.5, "min_lr": 1e-3}
+    full = finetune(_tiny(), data_dir, _config(tmp_path / "full", epochs=3, **common))
+    finetune(_tiny(), data_dir, _config(run, epochs=1, **common))
+    with pytest.raises(
+        CheckpointError, match=r"other settings \(batch_size 4 -> 3, lr 0\.05 -> 0\.1\); resume"
+    ) as info:
+        finetune(_tiny(), data_dir, _config(run, epochs=3, lr=0.1, batch_size=3, resume=True, **common))
+    assert "\n" not in str(info.value) and "epoch-0001" in str(info.value)
+    with pytest.raises(CheckpointError, match=r"settings \(train_images 12 -> 6\)"):
+        finetune(_tiny(), load_data(data_dir, subset=6), _config(run, resume=True, **common))
+    # speed/logging/retention settings may change; the remaining epochs follow a 3-epoch run's schedule
+    more = _config(run, epochs=3, resume=True, workers=1, quiet=False, keep_checkpoints=3, **common)
+    resumed = finetune(_tiny(), data_dir, more)
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
+    assert resumed.metrics[1]["lr"] == pytest.approx(full.metrics[1]["lr"], rel=1e-9) and full.metrics[1]["lr"] > 0.01
+    assert resumed.metrics[2]["lr"] == pytest.approx(full.metrics[2]["lr"], rel=1e-9)
+    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+    with pytest.raises(CheckpointError, match=r"holds epoch 3, beyond --epochs 2; pass --epochs 3 or more"):
+        finetune(_tiny(), data_dir, _config(run, epochs=2, resume=True, **common))

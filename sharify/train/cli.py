@@ -78,7 +78,8 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
-    o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    resume_help = "continue from the newest checkpoint in --out (same settings; --epochs may grow)"
+    o.add_argument("--resume", action="store_true", help=resume_help)
     o.add_argument("--keep-checkpoints", type=int, default=1)
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
 
@@ -93,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     """Runs ``sharify finetune`` for parsed ``args`` and :func:`sharify.sharify` keyword arguments."""
     from .data import load_data
-    from .finetune import finetune
+    from .finetune import FinetuneConfig, finetune
     from .model import prepare_model
 
     rank = int(os.environ.get("RANK", "0"))
@@ -114,7 +115,9 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
         sharing=sharing,
         input_size=size,
     )
-    result = finetune(model, data, config, original=original if args.share else None)
+    own = {f.name for f in fields(FinetuneConfig)} | {"func", "command", "debug"}
+    setup = {k: v for k, v in vars(args).items() if k not in own}  # model, data and sharing options
+    result = finetune(model, data, config, original=original if args.share else None, setup=setup)
     if rank == 0 and not args.quiet:
         final = result.final
         print(

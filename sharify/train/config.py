@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = ["FinetuneConfig"]
 
@@ -42,10 +43,29 @@ class FinetuneConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
         eval_before: Evaluate before the first update and log it as epoch 0.
-        resume: Continue from the newest checkpoint in ``out``.
+        resume: Continue from the newest checkpoint in ``out``; the other settings must be those of the
+            run that wrote it, except :attr:`RESUME_MAY_CHANGE` and a larger ``epochs``.
         keep_checkpoints: Checkpoints to keep (newest first).
         quiet: No progress bars.
     """
+
+    #: Settings that ``resume`` may change: they affect speed, memory, logging or which files are kept,
+    #: not what is trained. ``epochs`` may grow (the schedule is rebuilt); any other difference from
+    #: the checkpoint's settings is refused.
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "out",
+            "resume",
+            "workers",
+            "quiet",
+            "keep_checkpoints",
+            "device",
+            "compile",
+            "channels_last",
+            "grad_checkpointing",
+            "eval_batch_size",
+        }
+    )
 
     out: str | Path = "runs/finetune"
     epochs: int = 1

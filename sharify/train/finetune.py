@@ -16,7 +16,10 @@ into ``config.out``:
   ``load_state_dict`` into an identically sharified model restores it exactly.
 
 With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
-schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. Under ``torchrun`` every
+schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
+checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
+retention) and a larger ``epochs``, for which the cosine schedule is rebuilt over the new length
+from the current update on: the remaining epochs follow the schedule of a run started with it. Under ``torchrun`` every
 process calls :func:`finetune`; rank 0 logs and writes files.
 """
 
@@ -26,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from ..layers import shared_groups
 from ..report import report
 from ..serialization import save
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
@@ -71,8 +74,57 @@ class FinetuneResult:
         return self.metrics[-1] if self.metrics else {}
 
 
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
 def _jsonable(config: FinetuneConfig) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    return {k: _json_value(v) for k, v in asdict(config).items()}
+
+
+def _run_setup(bundle: DataBundle, ctx: DistContext, setup: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run trains on beyond the config: the data and processes as seen here, and the caller's ``setup``.
+
+    (A different model shows in its state_dict, which :func:`load_checkpoint` checks key by key.)
+    """
+    seen = {
+        "data": bundle.source or bundle.name,
+        "train_images": len(bundle.train),  # type: ignore[arg-type]
+        "val_images": len(bundle.val),  # type: ignore[arg-type]
+        "classes": bundle.num_classes,
+        "world_size": ctx.world_size,
+    }
+    return {**seen, **_json_value(dict(setup))}
+
+
+def _check_resumable(directory: Path, config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Refuses to resume checkpoint ``directory`` with other settings than it was trained with.
+
+    Allowed: :attr:`FinetuneConfig.RESUME_MAY_CHANGE`, and more ``epochs`` (the schedule is rebuilt).
+    """
+    saved = read_state(directory)
+    changes = []
+    for new, old, free in (
+        (config, saved.get("config", {}), FinetuneConfig.RESUME_MAY_CHANGE | {"epochs"}),
+        (setup, saved.get("setup", {}), frozenset()),
+    ):
+        changes += [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and k not in free and old[k] != new[k]]
+    if changes:
+        raise CheckpointError(
+            f"--resume: {directory} was trained with other settings ({', '.join(changes)}); resume with that run's "
+            "settings (only --epochs may grow), or start a new run with another --out"
+        )
+    if config["epochs"] < saved["epoch"]:
+        raise CheckpointError(
+            f"--resume: {directory} holds epoch {saved['epoch']}, beyond --epochs {config['epochs']}; "
+            f"pass --epochs {saved['epoch']} or more"
+        )
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
@@ -93,6 +145,7 @@ def finetune(
     *,
     original: nn.Module | None = None,
     on_update: Callable[[int, int], None] | None = None,
+    setup: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tunes ``model`` on ``data``; see the module docstring for what is written to ``config.out``.
@@ -103,13 +156,18 @@ def finetune(
         config: Run settings; ``overrides`` replace single fields (``finetune(m, d, epochs=2, out=...)``).
         original: The unshared model ``model`` was made from; enables ``report.json``/``report.md``.
         on_update: Called as ``on_update(epoch, num_updates)`` after every optimizer update.
+        setup: How the caller made the model and data (``sharify finetune`` passes its model, data and
+            sharing options); JSON-able values. Saved in ``config.json`` and the checkpoints with what
+            :func:`finetune` sees itself (data source and sizes, processes), and compared on ``resume``
+            like the settings.
 
     Returns:
         The trained model, per-epoch metrics and the output directory.
 
     Raises:
         DataError: The data does not fit the model (class count, channels).
-        CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint.
+        CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint, or with settings
+            that differ from those of the run that wrote it (see the module docstring).
         ValueError: Bad settings, or ``out`` holds a run's checkpoints and ``resume`` is off.
 
     Example:
@@ -126,7 +184,7 @@ def finetune(
     created_group = not torch.distributed.is_initialized()
     ctx = init_distributed(config.device)
     try:
-        return _run(model, bundle, config, ctx, original, on_update)
+        return _run(model, bundle, config, ctx, original, on_update, setup or {})
     finally:
         if created_group:
             cleanup(ctx)
@@ -139,6 +197,7 @@ def _run(
     ctx: DistContext,
     original: nn.Module | None,
     on_update: Callable[[int, int], None] | None,
+    setup: Mapping[str, Any],
 ) -> FinetuneResult:
     out = Path(config.out)
     amp = resolve_amp(config.amp, ctx.device)
@@ -160,9 +219,13 @@ def _run(
         )
     if config.resume and existing is None:
         raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
+    settings, run_setup = _jsonable(config), _run_setup(bundle, ctx, setup)
+    if existing is not None:
+        _check_resumable(existing, settings, run_setup)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(_jsonable(config), indent=2) + "\n"))
+        text = json.dumps({**settings, "setup": run_setup}, indent=2) + "\n"
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         if original is not None and shared_groups(module):
             _write_report(out, original, module)
 
@@ -223,7 +286,11 @@ def _run(
         assert existing is not None
         state = load_checkpoint(existing, module, ema=ema.module if ema is not None else None)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state["config"].get("epochs", config.epochs) == config.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # --epochs grew: the cosine over the new length, from this update on (as if started with it)
+            scheduler.step_update(num_updates=state["num_updates"])
+            logger.info("--epochs %d (was %s): schedule rebuilt", config.epochs, state["config"]["epochs"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, num_updates, metrics = state["epoch"] + 1, state["num_updates"], list(state["metrics"])
@@ -316,7 +383,8 @@ def _run(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
-                "config": _jsonable(config),
+                "config": settings,
+                "setup": run_setup,
             }
             last_dir = save_checkpoint(
                 out,
