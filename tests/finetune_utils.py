@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,3 +53,21 @@ class TinyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer2(self.down(self.layer1(F.relu(self.stem(x)))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def shrink_timm_resnet18(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes ``sharify finetune --model timm:resnet18`` build resnet18 with 8..64 channels (fast on CPU).
+
+    The command line only takes model names; the smallest timm/torchvision ResNets with two blocks
+    per stage are still ~11M parameters, which dominate a smoke run's time on a small CPU.
+    """
+    import sharify.train.model as model_module
+
+    build = model_module.build_model
+
+    def small(source: Any, **kwargs: Any) -> Any:
+        if source.library == "timm" and source.name == "resnet18":
+            kwargs.setdefault("channels", (8, 16, 32, 64))
+        return build(source, **kwargs)
+
+    monkeypatch.setattr(model_module, "build_model", small)

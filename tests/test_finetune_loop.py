@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet, make_image_folder
+from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnet18
 from torch import nn
 
 import sharify
-from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_data
+import sharify.train.checkpoint as checkpoint_module
+from sharify.cli import main
+from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_checkpoint, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
 
@@ -104,3 +106,46 @@ def test_resume_refuses_other_settings_and_rebuilds_the_schedule_for_more_epochs
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with pytest.raises(CheckpointError, match=r"holds epoch 3, beyond --epochs 2; pass --epochs 3 or more"):
         finetune(_tiny(), data_dir, _config(run, epochs=2, resume=True, **common))
+
+
+def test_ctrl_c_while_saving_a_checkpoint_keeps_the_previous_one(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = checkpoint_module.save_file
+    calls = []
+
+    def save_file(*args: object, **kwargs: object) -> None:
+        calls.append(args[1])
+        if len(calls) == 4:  # epoch 2's ema.safetensors: its model.safetensors is already written
+            raise KeyboardInterrupt
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_tiny(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9))
+    assert [Path(str(c)).name for c in calls] == ["model.safetensors", "ema.safetensors"] * 2
+    assert not list(tmp_path.rglob(".tmp-*"))  # the half-written epoch-0002 is gone
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "epoch-0001"
+    ema = _tiny()
+    state = load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", _tiny(), ema=ema)
+    assert state["epoch"] == 1 and state["num_updates"] == 3
+    monkeypatch.setattr(checkpoint_module, "save_file", real)
+    resumed = finetune(_tiny(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9, resume=True))
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2]
+
+
+def test_cli_ctrl_c_exits_130_with_one_line(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shrink_timm_resnet18(monkeypatch)
+
+    def save_file(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)  # Ctrl-C while saving epoch 1
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(out), "--workers", "0"]
+    assert main([*args, "--batch-size", "6", "--quiet"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "sharify: interrupted; completed checkpoints are intact (continue with --resume)"
+    assert not list(out.rglob(".tmp-*")) and latest_checkpoint(out) is None
