@@ -166,19 +166,33 @@ def test_layer_ids_place_shared_tensors_at_their_first_member() -> None:
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_grad_checkpointing_gives_the_same_gradients(reentrant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.checkpoint
     from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
+    real = torch.utils.checkpoint.checkpoint
+    calls: list[bool] = []
+
+    def counting(*args: object, use_reentrant: bool | None = None, **kwargs: object) -> object:
+        calls.append(bool(use_reentrant))
+        return real(*args, use_reentrant=use_reentrant, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # timm calls it through the module
     previous = use_reentrant_ckpt()
     set_reentrant_ckpt(reentrant)
     try:
         model = sharify.sharify(_small_timm(), example_inputs=torch.zeros(1, 3, 32, 32)).eval()
+        forwards = []
+        model.layer3[1].register_forward_pre_hook(lambda *_: forwards.append(1))
         x = torch.randn(2, 3, 32, 32)
         model(x).square().sum().backward()
         plain = model.sharify_shared.layer3.conv2.weight.grad.clone()
+        assert not calls and len(forwards) == 1
         model.zero_grad()
         model.set_grad_checkpointing(True)
         model(x).square().sum().backward()
         torch.testing.assert_close(model.sharify_shared.layer3.conv2.weight.grad, plain)
+        assert calls == [reentrant] * 8  # one checkpoint per residual block, of the requested kind
+        assert len(forwards) == 3  # the checkpointed block ran again in the backward pass
     finally:
         set_reentrant_ckpt(previous)
 
