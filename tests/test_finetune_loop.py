@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnet18
+from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 from torch import nn
 
 import sharify
@@ -137,7 +137,7 @@ def test_ctrl_c_while_saving_a_checkpoint_keeps_the_previous_one(
 def test_cli_ctrl_c_exits_130_with_one_line(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    shrink_timm_resnet18(monkeypatch)
+    shrink_timm_resnets(monkeypatch)
 
     def save_file(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -149,3 +149,19 @@ def test_cli_ctrl_c_exits_130_with_one_line(
     err = capsys.readouterr().err.strip()
     assert err == "sharify: interrupted; completed checkpoints are intact (continue with --resume)"
     assert not list(out.rglob(".tmp-*")) and latest_checkpoint(out) is None
+
+
+def test_channels_last_training_matches_contiguous_training(data_dir: Path, tmp_path: Path) -> None:
+    trained = {}
+    for channels_last in (False, True):
+        config = _config(tmp_path / str(channels_last), channels_last=channels_last)
+        trained[channels_last] = finetune(_tiny(), data_dir, config).model
+    model = trained[True]
+    assert model.sharify_shared.layer1.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert sharify.verify(model) == []  # the members still read the one shared tensor
+    a, b = trained[False].state_dict(), model.state_dict()
+    moved = a["sharify_shared.layer1.conv2.weight"] - _tiny().state_dict()["sharify_shared.layer1.conv2.weight"]
+    assert moved.abs().max() > 1e-3
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)

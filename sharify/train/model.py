@@ -10,6 +10,7 @@ init (or not, for baselines). Loading the original weights *before* sharifying i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import pickle
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import _strip_prefix
 from ..rewrite import sharify
-from ..zoo import ModelSource, build_model, resolve_model_name
+from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
 from .errors import CheckpointError
 
 __all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
@@ -243,6 +244,11 @@ def prepare_model(
         _load_original(net, state, Path(checkpoint))  # type: ignore[arg-type]
     if num_classes is not None:
         replace_head(net, num_classes)
+        recorded = getattr(net, SOURCE_ATTR, None)
+        if isinstance(recorded, ModelSource) and recorded.kwargs.get("num_classes") != num_classes:
+            # the model was built with another head (checkpoint's, pretrained): sharify.load rebuilds this one
+            kwargs = {**recorded.kwargs, "num_classes": num_classes}
+            setattr(net, SOURCE_ATTR, dataclasses.replace(recorded, kwargs=kwargs))
     if not share:
         return net, net
     kwargs = dict(sharing or {})
