@@ -18,8 +18,7 @@ into ``config.out``:
 With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
 checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
-retention) and a larger ``epochs``, for which the cosine schedule is rebuilt over the new length
-from the current update on: the remaining epochs follow the schedule of a run started with it. Under ``torchrun`` every
+retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
 process calls :func:`finetune`; rank 0 logs and writes files.
 """
 
@@ -30,7 +29,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from ..layers import shared_groups
 from ..report import report
 from ..serialization import save
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
@@ -50,6 +49,7 @@ from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
 from .model import classifier
 from .optim import create_optimizer, create_scheduler
+from .resume import check_resumable, config_settings, run_setup
 from .rng import get_rng_state, seed_everything, set_rng_state
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
@@ -72,59 +72,6 @@ class FinetuneResult:
     def final(self) -> dict[str, Any]:
         """The last epoch's metrics."""
         return self.metrics[-1] if self.metrics else {}
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (tuple, list)):
-        return [_json_value(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
-    return value
-
-
-def _jsonable(config: FinetuneConfig) -> dict[str, Any]:
-    return {k: _json_value(v) for k, v in asdict(config).items()}
-
-
-def _run_setup(bundle: DataBundle, ctx: DistContext, setup: Mapping[str, Any]) -> dict[str, Any]:
-    """What the run trains on beyond the config: the data and processes as seen here, and the caller's ``setup``.
-
-    (A different model shows in its state_dict, which :func:`load_checkpoint` checks key by key.)
-    """
-    seen = {
-        "data": bundle.source or bundle.name,
-        "train_images": len(bundle.train),  # type: ignore[arg-type]
-        "val_images": len(bundle.val),  # type: ignore[arg-type]
-        "classes": bundle.num_classes,
-        "world_size": ctx.world_size,
-    }
-    return {**seen, **_json_value(dict(setup))}
-
-
-def _check_resumable(directory: Path, config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """Refuses to resume checkpoint ``directory`` with other settings than it was trained with.
-
-    Allowed: :attr:`FinetuneConfig.RESUME_MAY_CHANGE`, and more ``epochs`` (the schedule is rebuilt).
-    """
-    saved = read_state(directory)
-    changes = []
-    for new, old, free in (
-        (config, saved.get("config", {}), FinetuneConfig.RESUME_MAY_CHANGE | {"epochs"}),
-        (setup, saved.get("setup", {}), frozenset()),
-    ):
-        changes += [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and k not in free and old[k] != new[k]]
-    if changes:
-        raise CheckpointError(
-            f"--resume: {directory} was trained with other settings ({', '.join(changes)}); resume with that run's "
-            "settings (only --epochs may grow), or start a new run with another --out"
-        )
-    if config["epochs"] < saved["epoch"]:
-        raise CheckpointError(
-            f"--resume: {directory} holds epoch {saved['epoch']}, beyond --epochs {config['epochs']}; "
-            f"pass --epochs {saved['epoch']} or more"
-        )
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
@@ -219,12 +166,12 @@ def _run(
         )
     if config.resume and existing is None:
         raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
-    settings, run_setup = _jsonable(config), _run_setup(bundle, ctx, setup)
+    settings, described = config_settings(config), run_setup(bundle, ctx, setup)
     if existing is not None:
-        _check_resumable(existing, settings, run_setup)
+        check_resumable(existing, settings, described)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({**settings, "setup": run_setup}, indent=2) + "\n"
+        text = json.dumps({**settings, "setup": described}, indent=2) + "\n"
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         if original is not None and shared_groups(module):
             _write_report(out, original, module)
@@ -286,7 +233,7 @@ def _run(
         assert existing is not None
         state = load_checkpoint(existing, module, ema=ema.module if ema is not None else None)
         optimizer.load_state_dict(state["optimizer"])
-        if state["config"].get("epochs", config.epochs) == config.epochs:
+        if state.get("config", {}).get("epochs", config.epochs) == config.epochs:
             scheduler.load_state_dict(state["scheduler"])
         else:  # --epochs grew: the cosine over the new length, from this update on (as if started with it)
             scheduler.step_update(num_updates=state["num_updates"])
@@ -384,7 +331,7 @@ def _run(
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
                 "config": settings,
-                "setup": run_setup,
+                "setup": described,
             }
             last_dir = save_checkpoint(
                 out,
