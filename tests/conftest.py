@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -9,6 +11,19 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    The fine-tuning tests run tiny tensors, for which contended threads on a small shared CPU are
+    many times slower than one.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

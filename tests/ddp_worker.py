@@ -4,8 +4,12 @@
    rank's final state_dict (``rank<r>.safetensors``).
 2. DDP + reentrant activation checkpointing of a sharified timm model: one backward with
    ``static_graph=False`` and one with ``static_graph=True``; the outcomes go to ``ckpt.json``.
-3. Runs ``examples/ddp_torchrun.py`` with reentrant checkpointing (one torchrun launch for all three:
-   starting processes is the slow part on a small CPU machine).
+3. Runs ``examples/ddp_torchrun.py`` with reentrant checkpointing.
+4. Runs the command line, ``sharify.cli.main(["finetune", ...])`` as ``torchrun -m sharify finetune``
+   does, with ``--grad-checkpointing`` (still reentrant); each rank gets its own ``--out``, so a file
+   written by rank 1 would show. Exit codes and checkpoint counts go to ``cli.json``.
+
+One torchrun launch for all four: starting processes is the slow part on a small CPU machine.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from finetune_utils import TinyNet
+import pytest
+from finetune_utils import TinyNet, shrink_timm_resnets
 
 import sharify
 from sharify.train import finetune, load_data
@@ -51,6 +56,31 @@ def grad_checkpointing(out: Path) -> None:
             results[str(static)] = {"ok": False, "error": str(exc).splitlines()[0]}
     if dist.get_rank() == 0:
         (out / "ckpt.json").write_text(json.dumps(results))
+
+
+def command_line(data_dir: Path, out: Path) -> None:
+    import torch.utils.checkpoint
+
+    from sharify.cli import main as sharify_main
+
+    real = torch.utils.checkpoint.checkpoint
+    calls = []
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    rank = dist.get_rank()
+    argv = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(out / f"cli-rank{rank}")]
+    argv += ["--epochs", "1", "--batch-size", "4", "--subset", "16", "--workers", "0", "--device", "cpu"]
+    with pytest.MonkeyPatch.context() as mp:
+        shrink_timm_resnets(mp)
+        mp.setattr(torch.utils.checkpoint, "checkpoint", counting)
+        code = sharify_main([*argv, "--grad-checkpointing", "--quiet"])
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, {"rc": code, "checkpoint_calls": len(calls)})
+    if rank == 0:
+        (out / "cli.json").write_text(json.dumps(results))
 
 
 def main() -> None:
@@ -93,6 +123,7 @@ def main() -> None:
     )
     if rank == 0:
         (out / "example.json").write_text(json.dumps(result))
+    command_line(data_dir, out)
     dist.destroy_process_group()
 
 

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 
-def make_image_folder(root: Path, *, classes: int = 3, train: int = 8, val: int = 4, size: int = 12) -> Path:
-    """Writes ``root/{train,val}/class<k>/<i>.png``: RGB noise whose brightness depends on the class."""
+def make_image_folder(
+    root: Path, *, classes: int = 3, train: int = 8, val: int = 4, size: int = 12, gray: bool = False
+) -> Path:
+    """Writes ``root/{train,val}/class<k>/<i>.png``: RGB (or grayscale) noise whose brightness depends on the class."""
     rng = np.random.default_rng(0)
+    shape = (size, size) if gray else (size, size, 3)
     for split, n in (("train", train), ("val", val)):
         for c in range(classes):
             folder = root / split / f"class{c}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                pixels = rng.random((size, size, 3)) * 60 + c * 90
+                pixels = rng.random(shape) * 60 + c * 90
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
 
@@ -51,3 +56,25 @@ class TinyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer2(self.down(self.layer1(F.relu(self.stem(x)))))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def shrink_timm_resnets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes ``sharify finetune --model timm:resnet18`` (or ``resnet34``) build it with 8..64 channels.
+
+    The command line only takes model names; the smallest timm/torchvision ResNets with two blocks
+    per stage are still ~11M parameters, which dominate a smoke run's time on a small CPU.
+    """
+    import sharify.train.model as model_module
+
+    build = model_module.build_model
+
+    def small(source: Any, **kwargs: Any) -> Any:
+        if source.library == "timm" and source.name in ("resnet18", "resnet34"):
+            kwargs.setdefault("channels", SMALL_CHANNELS)
+        return build(source, **kwargs)
+
+    monkeypatch.setattr(model_module, "build_model", small)
+
+
+#: Stage widths of the shrunk timm ResNets.
+SMALL_CHANNELS = (8, 16, 32, 64)

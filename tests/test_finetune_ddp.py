@@ -1,4 +1,5 @@
-"""Data-parallel fine-tuning: 2 gloo processes under torchrun equal one process on the same global batch."""
+"""Data-parallel fine-tuning: 2 gloo processes under torchrun equal one process on the same global batch;
+the command line under torchrun writes its outputs from rank 0 only."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from finetune_utils import TinyNet, make_image_folder
 from safetensors.torch import load_file
 
 import sharify
-from sharify.train import finetune, load_data
+from sharify.train import finetune, latest_checkpoint, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,3 +92,24 @@ def test_ddp_example_runs_with_reentrant_checkpointing(ddp_run: tuple[Path, Path
     assert result["same_on_ranks"] == 1.0 and result["loss"] > 0
     state = torch.load(ddp_run[1] / "example.pt", weights_only=True)
     assert any(k.startswith("sharify_shared.") for k in state)
+
+
+def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path, Path]) -> None:
+    out = ddp_run[1]
+    ranks = json.loads((out / "cli.json").read_text())
+    assert [r["rc"] for r in ranks] == [0, 0]
+    assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran (reentrant, static graph)
+    assert not (out / "cli-rank1").exists()  # rank 1 wrote nothing
+    run = out / "cli-rank0"
+    assert {p.name for p in run.iterdir()} == {
+        "checkpoints",
+        "config.json",
+        "metrics.jsonl",
+        "model.safetensors",
+        "report.json",
+        "report.md",
+    }
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["train_images"] == 16 and metrics[0]["val_images"] == 12  # both ranks
+    assert latest_checkpoint(run) == run / "checkpoints" / "epoch-0001"
+    assert json.loads((run / "config.json").read_text())["setup"]["world_size"] == 2

@@ -3,8 +3,10 @@ activation checkpointing, BatchNorm re-calibration, data sources, and the exampl
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +19,23 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
 import sharify
-from sharify.train import DataError, layer_ids, load_data, param_groups, prepare_model, recalibrate_batchnorm
+from sharify.cli import main
+from sharify.train import (
+    CheckpointError,
+    DataError,
+    layer_ids,
+    load_data,
+    load_weights_file,
+    param_groups,
+    prepare_model,
+    recalibrate_batchnorm,
+)
 from sharify.train.data import FASHION_MNIST_SYSTEM_DIR, read_idx
+from tests.conftest import state_equal
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE = torch.zeros(1, 3, 12, 12)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_timm() -> torch.nn.Module:
@@ -64,6 +78,56 @@ def test_prepare_model_loads_the_original_checkpoint_then_shares(tmp_path: Path)
     assert sharify.shared_groups(tiny)
 
 
+def _timm_saver_checkpoint(folder: Path, model: torch.nn.Module) -> tuple[Path, torch.nn.Module]:
+    """A checkpoint written by timm's CheckpointSaver as timm's train.py uses it (args, optimizer, EMA, metric)."""
+    from timm.utils import CheckpointSaver
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 12, 12)).sum().backward()
+    opt.step()  # optimizer state with tensors
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)  # EMA weights that differ from the model's
+    args = argparse.Namespace(model="tinynet", lr=0.1, epochs=3, batch_size=4, mean=None, input_size=(3, 12, 12))
+    saver = CheckpointSaver(model, opt, args=args, model_ema=ema, checkpoint_dir=str(folder), max_history=1)
+    saver.save_checkpoint(0, metric=12.5)
+    return folder / "checkpoint-0.pth.tar", ema.module
+
+
+def test_timm_training_checkpoint_loads_its_state_dict_or_its_ema(tmp_path: Path) -> None:
+    trained = TinyNet()
+    ckpt, ema = _timm_saver_checkpoint(tmp_path, trained)
+    with pytest.raises(Exception, match="Namespace"):
+        torch.load(ckpt, weights_only=True)  # what plain weights_only loading makes of timm's checkpoints
+    net, shared = prepare_model(TinyNet(), checkpoint=ckpt, num_classes=3, input_size=(12, 12))
+    assert state_equal(net, trained) and sharify.shared_groups(shared)  # state_dict, not the EMA weights
+    net_ema, _ = prepare_model(TinyNet(), checkpoint=ckpt, checkpoint_ema=True, num_classes=3, input_size=(12, 12))
+    assert state_equal(net_ema, ema)
+    torch.save(TinyNet().state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match=r"plain\.pth holds no EMA weights.*drop --checkpoint-ema"):
+        load_weights_file(tmp_path / "plain.pth", ema=True)
+
+
+def test_checkpoint_with_other_pickled_objects_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "other.pth.tar"
+    torch.save({"state_dict": TinyNet().state_dict(), "ratio": Fraction(1, 3)}, ckpt)
+    with pytest.raises(CheckpointError, match=r"fractions\.Fraction.*weights_only=False"):
+        load_weights_file(ckpt)  # never unpickled without the caller's consent
+    data = make_image_folder(tmp_path / "data", train=2, val=1)
+    args = ["finetune", "--model", "timm:resnet18", "--checkpoint", str(ckpt), "--data", str(data)]
+    assert main([*args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(ckpt) in err and "torch.save(torch.load(" in err
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(CheckpointError, match=r"corrupt\.pth .*corrupt or not a checkpoint") as info:
+        load_weights_file(corrupt)
+    assert "\n" not in str(info.value)
+
+
 def test_ema_moves_the_shared_weight_by_one_step() -> None:
     model = sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
     ema = ModelEmaV3(model, decay=0.9)
@@ -102,19 +166,33 @@ def test_layer_ids_place_shared_tensors_at_their_first_member() -> None:
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_grad_checkpointing_gives_the_same_gradients(reentrant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.utils.checkpoint
     from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
 
+    real = torch.utils.checkpoint.checkpoint
+    calls: list[bool] = []
+
+    def counting(*args: object, use_reentrant: bool | None = None, **kwargs: object) -> object:
+        calls.append(bool(use_reentrant))
+        return real(*args, use_reentrant=use_reentrant, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)  # timm calls it through the module
     previous = use_reentrant_ckpt()
     set_reentrant_ckpt(reentrant)
     try:
         model = sharify.sharify(_small_timm(), example_inputs=torch.zeros(1, 3, 32, 32)).eval()
+        forwards = []
+        model.layer3[1].register_forward_pre_hook(lambda *_: forwards.append(1))
         x = torch.randn(2, 3, 32, 32)
         model(x).square().sum().backward()
         plain = model.sharify_shared.layer3.conv2.weight.grad.clone()
+        assert not calls and len(forwards) == 1
         model.zero_grad()
         model.set_grad_checkpointing(True)
         model(x).square().sum().backward()
         torch.testing.assert_close(model.sharify_shared.layer3.conv2.weight.grad, plain)
+        assert calls == [reentrant] * 8  # one checkpoint per residual block, of the requested kind
+        assert len(forwards) == 3  # the checkpointed block ran again in the backward pass
     finally:
         set_reentrant_ckpt(previous)
 

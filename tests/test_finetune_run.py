@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from finetune_utils import TinyNet, make_image_folder
+import torchvision
+from finetune_utils import SMALL_CHANNELS, TinyNet, make_image_folder, shrink_timm_resnets
 from safetensors.torch import load_file
 
 import sharify
@@ -16,6 +18,7 @@ from sharify.cli import main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, latest_checkpoint, load_data
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +213,16 @@ def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, caps
     assert "--resume" in _cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
 
 
+def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"--sync-bn needs CUDA.*--device cpu"):
+        FinetuneConfig(sync_bn=True, device="cpu").validate()
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        finetune(_tiny(), data_dir, _config(tmp_path, sync_bn=True))  # nothing trained, nothing written
+    assert not tmp_path.joinpath("config.json").exists()
+    args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(tmp_path / "o")]
+    assert "--sync-bn needs CUDA" in _cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
+
+
 def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:
     data = load_data(data_dir)
     finetune(_tiny(), data, _config(tmp_path, epochs=1))
@@ -250,3 +263,92 @@ def test_lambda_r_uses_sharify_orthogonality_loss_when_present(
     ).model.sharify_shared.layer1.conv2.weight
     assert len(calls) == 6  # once per micro-batch (24 images / 4)
     assert shrunk.norm() < 0.5 * plain.norm()  # the regulariser's gradient reached the shared tensor
+
+
+def test_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_image_folder(tmp_path / "data", classes=3, train=4, val=2)
+    bad = data / "train" / "class1" / "2.png"
+    bad.write_bytes(b"not a png")
+    for workers in (0, 1):  # read in this process, and in a DataLoader worker process
+        with pytest.raises(DataError, match=rf"^cannot read image {bad} \(.*\); delete or replace the file$"):
+            finetune(_tiny(), data, _config(tmp_path / f"run{workers}", epochs=1, workers=workers, ema_decay=None))
+    first = data / "train" / "class0" / "0.png"  # read by load_data for the image size
+    first.write_bytes(first.read_bytes()[:20])  # truncated
+    base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
+    assert f"cannot read image {first}" in _cli_error([*base, "--data", str(data)], capsys)
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    common = ["--epochs", "1", "--batch-size", "6", "--subset", "12", "--workers", "0", "--quiet"]
+    return ["finetune", "--data", str(data), "--out", str(out), *common, *extra]
+
+
+def _metrics(out: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_passes_the_sharing_options_through(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shrink_timm_resnets(monkeypatch)
+    torch.manual_seed(0)
+    original = timm.create_model("resnet34", num_classes=3, channels=SMALL_CHANNELS)
+    torch.save(original.state_dict(), tmp_path / "r34.pth")
+    a = tmp_path / "a"
+    sharing = ["--preset", "sharesnet", "--skip-first-block", "--init", "first"]
+    frozen = ["--checkpoint", str(tmp_path / "r34.pth"), "--lr", "1e-9", "--weight-decay", "0"]
+    assert main(_args(data_dir, a, "--model", "timm:resnet34", *frozen, *sharing)) == 0
+    expected = sharify.plan(original, preset="sharesnet", skip_first_block=True, init="first", example_inputs=EXAMPLE)
+    report = json.loads((a / "report.json").read_text())
+    assert report["params_after"] == expected.params_after == _metrics(a)[0]["params"] < report["params_before"]
+    options = sharify.read_recipe(a / "model.safetensors").options
+    assert options is not None and options["skip_first_block"] is True and options["init"] == "first"
+    state = load_file(str(a / "model.safetensors"))
+    # init "first": a shared tensor starts as its group's first member -- block 1, as block 0 is left out
+    first_member = original.layer3[1].conv2.weight
+    torch.testing.assert_close(state["sharify_shared.layer3.conv2.weight"], first_member, atol=1e-6, rtol=0)
+
+    b = tmp_path / "b"
+    basis = ["--method", "basis", "--shared-rank", "8", "--unique-rank", "8", "--lambda-r", "1"]
+    assert main(_args(data_dir, b, "--model", "timm:resnet18", *basis)) == 0
+    state = load_file(str(b / "model.safetensors"))
+    assert {"sharify_shared.layer1.conv2.weight", "layer1.0.conv2.coeff.weight", "layer1.1.conv2.unique.weight"} <= set(
+        state
+    )
+    r18 = timm.create_model("resnet18", num_classes=3, channels=SMALL_CHANNELS)
+    expected = sharify.plan(r18, method="basis", shared_rank=8, unique_rank=8, example_inputs=EXAMPLE)
+    assert json.loads((b / "report.json").read_text())["params_after"] == expected.params_after
+    assert _metrics(b)[0]["params"] == expected.params_after
+    # --resume compares the sharing options too
+    changed = [*basis[:3], "4", *basis[4:]]
+    err = _cli_error([*_args(data_dir, b, "--model", "timm:resnet18", *changed), "--resume"], capsys)
+    assert "other settings (shared_rank 8 -> 4)" in err
+
+
+def test_cli_grayscale_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shrink_timm_resnets(monkeypatch)
+    data = make_image_folder(tmp_path / "gray", train=4, val=2, gray=True)
+    assert main(_args(data, tmp_path / "run", "--model", "timm:resnet18")) == 0
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert state["conv1.weight"].shape[1] == 1  # timm in_chans from the data
+    assert _metrics(tmp_path / "run")[0]["train_images"] == 12
+
+
+def test_cli_torchvision_classifier_head_and_a_module_prefixed_training_checkpoint(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    original = torchvision.models.mobilenet_v3_small(num_classes=5)
+    ckpt = tmp_path / "mbv3.pth.tar"
+    weights = {f"module.{k}": v for k, v in original.state_dict().items()}  # saved from a DDP-wrapped model
+    torch.save({"epoch": 3, "state_dict": weights, "args": argparse.Namespace(model="mobilenet_v3_small")}, ckpt)
+    out = tmp_path / "run"
+    model = ["--model", "tv:mobilenet_v3_small", "--checkpoint", str(ckpt), "--num-classes", "3", "--depthwise"]
+    assert main(_args(data_dir, out, *model, "--lr", "1e-9", "--weight-decay", "0")) == 0
+    state = load_file(str(out / "model.safetensors"))
+    assert state["classifier.3.weight"].shape == (3, 1024)  # the 5-class head of `classifier` replaced
+    stem = original.features[0][0].weight
+    torch.testing.assert_close(state["features.0.0.weight"], stem, atol=1e-6, rtol=0)  # the checkpoint loaded
+    assert any(k.startswith("sharify_shared.") for k in state)
+    restored = sharify.load(out / "model.safetensors")  # the recipe rebuilds the model with the new head
+    assert isinstance(restored, torchvision.models.MobileNetV3) and restored.classifier[3].out_features == 3

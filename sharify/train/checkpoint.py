@@ -4,10 +4,12 @@ A checkpoint is a directory ``<out>/checkpoints/epoch-NNNN/`` holding
 
 * ``model.safetensors``: the model's state_dict (each shared tensor once);
 * ``ema.safetensors``: the EMA model's state_dict, when EMA is on;
-* ``state.pt``: everything that is not a tensor dict -- optimizer, scheduler, grad scaler, epoch,
-  update count, RNG states of every rank, metrics so far (``torch.save``, loaded with
-  ``weights_only=True``);
-* ``meta.json``: epoch and file list, written last.
+* ``state.pt``: the training state that holds tensors -- the optimizer's state_dict (per-parameter
+  tensors nested in dicts keyed by parameter index, which safetensors' flat name -> tensor files
+  cannot hold without a home-made encoding) and every rank's RNG states (``torch.save``, loaded
+  with ``weights_only=True``: tensors and plain data only);
+* ``state.json``: the rest, readable without torch -- format, epoch, update count, file list,
+  metrics so far, the run's settings, the schedule's and grad scaler's state; written last.
 
 The directory is assembled under a temporary name and renamed into place (atomic on POSIX), so at
 any moment every ``epoch-NNNN`` directory is complete; an interrupted save leaves only a
@@ -27,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .errors import CheckpointError
 
-__all__ = ["atomic_write", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "save_weights"]
+__all__ = ["atomic_write", "latest_checkpoint", "load_checkpoint", "read_state", "save_checkpoint", "save_weights"]
 
 _DIR_RE = re.compile(r"^epoch-(\d{4,})$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_STATE_JSON, _STATE_PT = "state.json", "state.pt"
+_FORMAT1_MARKER = "meta.json"  # format 1: meta.json, and everything else pickled in state.pt
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,10 +76,19 @@ def _tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def save_weights(state_dict: Mapping[str, Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
     """Writes ``state_dict`` as safetensors, atomically (CPU, contiguous copies)."""
-    from safetensors.torch import save_file
-
     tensors = _tensors(state_dict)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
+
+
+def _plain(value: Any) -> bool:
+    """Whether JSON holds ``value`` exactly (no tensors, tuples or non-string keys)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def save_checkpoint(
@@ -88,26 +102,37 @@ def save_checkpoint(
 ) -> Path:
     """Writes checkpoint ``epoch`` under ``out_dir/checkpoints`` and keeps the ``keep`` newest.
 
+    Args:
+        out_dir: The run's output directory.
+        epoch: The epoch just completed.
+        model_state: The model's state_dict (``model.safetensors``).
+        state: Training state. Entries that JSON holds exactly (numbers, strings, lists, dicts with
+            string keys) go to ``state.json``, the others -- tensors, e.g. optimizer and RNG state --
+            to ``state.pt``.
+        ema_state: The EMA model's state_dict (``ema.safetensors``).
+        keep: Checkpoints to keep, newest first.
+
     Returns:
         The checkpoint directory.
     """
-    from safetensors.torch import save_file
-
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"epoch-{epoch:04d}"
+    plain = {k: v for k, v in state.items() if _plain(v)}
+    tensors = {k: v for k, v in state.items() if k not in plain}
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        files = ["model.safetensors", "state.pt"]
+        files = ["model.safetensors", _STATE_PT]
         save_file(_tensors(model_state), str(tmp / "model.safetensors"), metadata={"epoch": str(epoch)})
         if ema_state is not None:
             save_file(_tensors(ema_state), str(tmp / "ema.safetensors"), metadata={"epoch": str(epoch)})
             files.append("ema.safetensors")
-        torch.save(dict(state), tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"epoch": epoch, "format": FORMAT_VERSION, "files": files}))
-        for name in [*files, "meta.json"]:
+        torch.save({**tensors, "epoch": epoch}, tmp / _STATE_PT)
+        head = {"format": FORMAT_VERSION, "epoch": epoch, "files": files}
+        (tmp / _STATE_JSON).write_text(json.dumps({**plain, **head}, indent=1) + "\n")
+        for name in [*files, _STATE_JSON]:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if final.exists():  # the same epoch saved again (e.g. a re-run after a crash)
@@ -128,7 +153,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    done = [d for d in root.iterdir() if _DIR_RE.match(d.name) and (d / "meta.json").is_file()]
+    markers = (_STATE_JSON, _FORMAT1_MARKER)
+    done = [d for d in root.iterdir() if _DIR_RE.match(d.name) and any((d / m).is_file() for m in markers)]
     return max(done, key=lambda d: int(_DIR_RE.match(d.name).group(1))) if done else None  # type: ignore[union-attr]
 
 
@@ -137,8 +163,6 @@ def _fix_hint(directory: Path) -> str:
 
 
 def _load_into(module: nn.Module, path: Path, directory: Path) -> None:
-    from safetensors.torch import load_file
-
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises SafetensorError/OSError on corrupt files
@@ -162,21 +186,42 @@ def _load_into(module: nn.Module, path: Path, directory: Path) -> None:
     module.load_state_dict(tensors, strict=True)
 
 
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The plain training state of checkpoint ``directory`` (its ``state.json``), without loading tensors.
+
+    Raises:
+        CheckpointError: ``state.json`` is missing or unreadable, or the checkpoint has an older format.
+    """
+    directory = Path(directory)
+    if not (directory / _STATE_JSON).is_file() and (directory / _FORMAT1_MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} has the format of an older sharify (meta.json, everything in state.pt); "
+            "resume it with that version, or start a new run with another --out"
+        )
+    try:
+        state: dict[str, Any] = json.loads((directory / _STATE_JSON).read_text())
+        int(state["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {directory}/{_STATE_JSON} is unreadable ({reason}); {_fix_hint(directory)}"
+        ) from exc
+    return state
+
+
 def load_checkpoint(directory: str | Path, model: nn.Module, *, ema: nn.Module | None = None) -> dict[str, Any]:
-    """Loads the weights of checkpoint ``directory`` into ``model`` (and ``ema``), returns its state.
+    """Loads the weights of checkpoint ``directory`` into ``model`` (and ``ema``), returns its training state.
+
+    Returns:
+        The ``state`` given to :func:`save_checkpoint` (``state.json`` and ``state.pt`` merged), with
+        ``format``, ``epoch`` and ``files``.
 
     Raises:
         CheckpointError: A file is missing or corrupt, or the weights do not fit the model.
     """
     directory = Path(directory)
-    try:
-        meta = json.loads((directory / "meta.json").read_text())
-        int(meta["epoch"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {directory}/meta.json is unreadable ({exc}); {_fix_hint(directory)}"
-        ) from exc
-    for name in meta.get("files", []):
+    state = read_state(directory)
+    for name in state.get("files", []):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} lacks {name}; {_fix_hint(directory)}")
     _load_into(model, directory / "model.safetensors", directory)
@@ -185,13 +230,14 @@ def load_checkpoint(directory: str | Path, model: nn.Module, *, ema: nn.Module |
             raise CheckpointError(f"checkpoint {directory} has no EMA weights but --ema is on; resume without --ema")
         _load_into(ema, directory / "ema.safetensors", directory)
     try:
-        state: dict[str, Any] = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        tensors: dict[str, Any] = torch.load(directory / _STATE_PT, map_location="cpu", weights_only=True)
     except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint file {directory}/state.pt is corrupt ({exc}); {_fix_hint(directory)}"
+            f"checkpoint file {directory}/{_STATE_PT} is corrupt ({reason}); {_fix_hint(directory)}"
         ) from exc
-    if state.get("epoch") != meta["epoch"]:
+    if not isinstance(tensors, dict) or tensors.get("epoch") != state["epoch"]:
         raise CheckpointError(
-            f"checkpoint {directory}: state.pt and meta.json disagree on the epoch; {_fix_hint(directory)}"
+            f"checkpoint {directory}: {_STATE_PT} and {_STATE_JSON} disagree on the epoch; {_fix_hint(directory)}"
         )
-    return state
+    return {**tensors, **state}

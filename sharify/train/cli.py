@@ -26,7 +26,13 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
     m.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
-    m.add_argument("--checkpoint", metavar="PATH", help="original (unshared) weights to load before sharifying")
+    m.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="original (unshared) weights to load before sharifying (a state_dict, or a "
+        "training checkpoint such as timm's .pth.tar: its state_dict)",
+    )
+    m.add_argument("--checkpoint-ema", action="store_true", help="load the checkpoint's EMA weights (state_dict_ema)")
     m.add_argument("--num-classes", type=int, help="classifier size (default: the data's classes); replaces the head")
     m.add_argument("--in-chans", type=int, help="input channels of timm models (default: the data's)")
     m.add_argument("--no-sharify", dest="share", action="store_false", help="train the model unshared (baselines)")
@@ -72,7 +78,8 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
 
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
-    o.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    resume_help = "continue from the newest checkpoint in --out (same settings; --epochs may grow)"
+    o.add_argument("--resume", action="store_true", help=resume_help)
     o.add_argument("--keep-checkpoints", type=int, default=1)
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
 
@@ -87,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     """Runs ``sharify finetune`` for parsed ``args`` and :func:`sharify.sharify` keyword arguments."""
     from .data import load_data
-    from .finetune import finetune
+    from .finetune import FinetuneConfig, finetune
     from .model import prepare_model
 
     rank = int(os.environ.get("RANK", "0"))
@@ -103,11 +110,14 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
         in_chans=args.in_chans or data.in_chans,
         pretrained=args.pretrained,
         checkpoint=args.checkpoint,
+        checkpoint_ema=args.checkpoint_ema,
         share=args.share,
         sharing=sharing,
         input_size=size,
     )
-    result = finetune(model, data, config, original=original if args.share else None)
+    own = {f.name for f in fields(FinetuneConfig)} | {"func", "command", "debug"}
+    setup = {k: v for k, v in vars(args).items() if k not in own}  # model, data and sharing options
+    result = finetune(model, data, config, original=original if args.share else None, setup=setup)
     if rank == 0 and not args.quiet:
         final = result.final
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 __all__ = ["FinetuneConfig"]
 
@@ -25,7 +26,8 @@ class FinetuneConfig:
         warmup_epochs: Linear warm-up length in epochs (fractions allowed); cosine decay afterwards.
         min_lr: Final learning rate of the cosine schedule.
         label_smoothing: Cross-entropy label smoothing.
-        accum_steps: Micro-batches per optimizer update (gradient accumulation).
+        accum_steps: Micro-batches per optimizer update (gradient accumulation); each update's gradient is
+            the mean over its micro-batches, also in an epoch's last, shorter update.
         clip_grad: Max gradient norm, or ``None``.
         amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
         channels_last: Train in channels-last memory format.
@@ -34,17 +36,36 @@ class FinetuneConfig:
         ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
         bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
         lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
-        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA).
+        sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA devices only; refused elsewhere).
         image_size: Input size (default: native size of small images, else the model's data config).
         augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
         workers: DataLoader worker processes.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
         eval_before: Evaluate before the first update and log it as epoch 0.
-        resume: Continue from the newest checkpoint in ``out``.
+        resume: Continue from the newest checkpoint in ``out``; the other settings must be those of the
+            run that wrote it, except :attr:`RESUME_MAY_CHANGE` and a larger ``epochs``.
         keep_checkpoints: Checkpoints to keep (newest first).
         quiet: No progress bars.
     """
+
+    #: Settings that ``resume`` may change: they affect speed, memory, logging or which files are kept,
+    #: not what is trained. ``epochs`` may grow (the schedule is rebuilt); any other difference from
+    #: the checkpoint's settings is refused.
+    RESUME_MAY_CHANGE: ClassVar[frozenset[str]] = frozenset(
+        {
+            "out",
+            "resume",
+            "workers",
+            "quiet",
+            "keep_checkpoints",
+            "device",
+            "compile",
+            "channels_last",
+            "grad_checkpointing",
+            "eval_batch_size",
+        }
+    )
 
     out: str | Path = "runs/finetune"
     epochs: int = 1
@@ -79,7 +100,7 @@ class FinetuneConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad setting."""
+        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without a CUDA device)."""
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -93,3 +114,11 @@ class FinetuneConfig:
             raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
+        if self.sync_bn:
+            from .distributed import resolve_device
+
+            if resolve_device(self.device).type != "cuda":
+                raise ValueError(
+                    f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
+                    "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
+                )

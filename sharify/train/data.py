@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from .errors import DataError
@@ -226,19 +226,41 @@ def _image_folder(root: Path) -> DataBundle:
         raise DataError(
             f"class folders differ between {train_dir} and {val_dir} (e.g. {only}); both splits need the same classes"
         )
-    with Image.open(train.samples[0][0]) as first:
-        size, mode = first.size, first.mode
+    first = train.samples[0][0]
+    try:
+        with Image.open(first) as image:
+            size, mode = image.size, image.mode
+    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError
+        raise DataError(_unreadable(first, exc)) from exc
     in_chans = 1 if mode in ("L", "I", "I;16", "1") else 3
     # ImageFolder's loader converts to RGB; serve grayscale folders as "L" so that in_chans=1 models fit.
-    if in_chans == 1:
-        for ds in (train, val):
-            ds.loader = _gray_loader
+    for ds in (train, val):
+        ds.loader = _gray_loader if in_chans == 1 else _rgb_loader
     return DataBundle("imagefolder", train, val, tuple(train.classes), in_chans, (size[1], size[0]), source=str(root))
 
 
+def _unreadable(path: str, exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):  # its message repeats the path, or names a file object
+        reason = "not an image file that PIL can identify"
+    else:
+        reason = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    return f"cannot read image {path} ({reason}); delete or replace the file"
+
+
+def _load_image(path: str, mode: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    except OSError as exc:  # corrupt, truncated or not an image (PIL.UnidentifiedImageError)
+        raise DataError(_unreadable(path, exc)) from exc
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    return _load_image(path, "RGB")
+
+
 def _gray_loader(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("L")
+    return _load_image(path, "L")
 
 
 def _subset(dataset: Dataset[Any], n: int | None, seed: int) -> Dataset[Any]:
@@ -269,7 +291,9 @@ def load_data(
         seed: Seed of the subset draw.
 
     Raises:
-        DataError: Missing directory or files, wrong layout, or mismatched class folders.
+        DataError: Missing directory or files, wrong layout, mismatched class folders, or an unreadable
+            first image. ImageFolder images that turn out unreadable during training raise ``DataError``
+            naming the file, also from DataLoader workers (:mod:`sharify.train.loaders`).
     """
     name = str(spec).lower()
     root_path = Path(root) if root is not None else None

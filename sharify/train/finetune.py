@@ -7,14 +7,18 @@ into ``config.out``:
 * ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
   ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
-* ``checkpoints/epoch-NNNN/``: the newest complete epoch (:mod:`sharify.train.checkpoint`);
+* ``checkpoints/epoch-NNNN/``: the ``keep_checkpoints`` newest complete epochs (weights as safetensors,
+  training state in ``state.json`` and, for the tensors of optimizer and RNG, ``state.pt``; see
+  :mod:`sharify.train.checkpoint`);
 * ``model.safetensors`` (and ``model_ema.safetensors``): the final weights, written by
   :func:`sharify.save` with the sharing recipe in the header, so ``sharify.load(path)`` (or
   ``sharify.load(path, model=...)`` for a model of your own) rebuilds the trained model, and
   ``load_state_dict`` into an identically sharified model restores it exactly.
 
 With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
-schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. Under ``torchrun`` every
+schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
+checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
+retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
 process calls :func:`finetune`; rank 0 logs and writes files.
 """
 
@@ -24,8 +28,8 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
 from .model import classifier
 from .optim import create_optimizer, create_scheduler
+from .resume import check_resumable, config_settings, run_setup
 from .rng import get_rng_state, seed_everything, set_rng_state
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
@@ -69,10 +74,6 @@ class FinetuneResult:
         return self.metrics[-1] if self.metrics else {}
 
 
-def _jsonable(config: FinetuneConfig) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
-
-
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
     text = "".join(json.dumps(m) + "\n" for m in metrics)
     atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -91,6 +92,7 @@ def finetune(
     *,
     original: nn.Module | None = None,
     on_update: Callable[[int, int], None] | None = None,
+    setup: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tunes ``model`` on ``data``; see the module docstring for what is written to ``config.out``.
@@ -101,13 +103,18 @@ def finetune(
         config: Run settings; ``overrides`` replace single fields (``finetune(m, d, epochs=2, out=...)``).
         original: The unshared model ``model`` was made from; enables ``report.json``/``report.md``.
         on_update: Called as ``on_update(epoch, num_updates)`` after every optimizer update.
+        setup: How the caller made the model and data (``sharify finetune`` passes its model, data and
+            sharing options); JSON-able values. Saved in ``config.json`` and the checkpoints with what
+            :func:`finetune` sees itself (data source and sizes, processes), and compared on ``resume``
+            like the settings.
 
     Returns:
         The trained model, per-epoch metrics and the output directory.
 
     Raises:
         DataError: The data does not fit the model (class count, channels).
-        CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint.
+        CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint, or with settings
+            that differ from those of the run that wrote it (see the module docstring).
         ValueError: Bad settings, or ``out`` holds a run's checkpoints and ``resume`` is off.
 
     Example:
@@ -124,7 +131,7 @@ def finetune(
     created_group = not torch.distributed.is_initialized()
     ctx = init_distributed(config.device)
     try:
-        return _run(model, bundle, config, ctx, original, on_update)
+        return _run(model, bundle, config, ctx, original, on_update, setup or {})
     finally:
         if created_group:
             cleanup(ctx)
@@ -137,6 +144,7 @@ def _run(
     ctx: DistContext,
     original: nn.Module | None,
     on_update: Callable[[int, int], None] | None,
+    setup: Mapping[str, Any],
 ) -> FinetuneResult:
     out = Path(config.out)
     amp = resolve_amp(config.amp, ctx.device)
@@ -158,9 +166,13 @@ def _run(
         )
     if config.resume and existing is None:
         raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
+    settings, described = config_settings(config), run_setup(bundle, ctx, setup)
+    if existing is not None:
+        check_resumable(existing, settings, described)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(_jsonable(config), indent=2) + "\n"))
+        text = json.dumps({**settings, "setup": described}, indent=2) + "\n"
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         if original is not None and shared_groups(module):
             _write_report(out, original, module)
 
@@ -221,7 +233,11 @@ def _run(
         assert existing is not None
         state = load_checkpoint(existing, module, ema=ema.module if ema is not None else None)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state.get("config", {}).get("epochs", config.epochs) == config.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        else:  # --epochs grew: the cosine over the new length, from this update on (as if started with it)
+            scheduler.step_update(num_updates=state["num_updates"])
+            logger.info("--epochs %d (was %s): schedule rebuilt", config.epochs, state["config"]["epochs"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch, num_updates, metrics = state["epoch"] + 1, state["num_updates"], list(state["metrics"])
@@ -314,7 +330,8 @@ def _run(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {},
-                "config": _jsonable(config),
+                "config": settings,
+                "setup": described,
             }
             last_dir = save_checkpoint(
                 out,

@@ -118,6 +118,33 @@ def build_transforms(
     return T.Compose([*convert, train]), T.Compose([*convert, val]), (chans, size, size)
 
 
+class _DataLoader(DataLoader[Any]):
+    """A DataLoader whose workers' :class:`DataError` comes back with its own one-line message.
+
+    PyTorch re-raises an exception of a worker process with the worker's traceback folded into the
+    message ("Caught DataError in DataLoader worker process 0. Original Traceback ..."); the last
+    line of that text is the original message.
+    """
+
+    def __iter__(self) -> Any:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except DataError as exc:
+                raise DataError(_original_message(exc)) from exc
+            yield batch
+
+
+def _original_message(exc: DataError) -> str:
+    lines = str(exc).strip().splitlines()
+    prefix = f"{DataError.__module__}.{DataError.__qualname__}: "
+    original = next((line for line in reversed(lines) if line.startswith(prefix)), None)
+    return original[len(prefix) :] if original is not None else str(exc)
+
+
 @dataclass
 class Loaders:
     """Train/val loaders, the train sampler (``set_epoch`` it) and the loader's seed generator."""
@@ -162,7 +189,7 @@ def build_loaders(
     common: dict[str, Any] = {"num_workers": workers, "pin_memory": pin}
     if workers > 0:
         common["prefetch_factor"] = 4
-    train_loader = DataLoader(
+    train_loader = _DataLoader(
         train,
         batch_size=batch_size,
         sampler=sampler,
@@ -170,5 +197,5 @@ def build_loaders(
         generator=generator,
         **common,
     )
-    val_loader = DataLoader(val, batch_size=eval_batch_size or 2 * batch_size, shuffle=False, **common)
+    val_loader = _DataLoader(val, batch_size=eval_batch_size or 2 * batch_size, shuffle=False, **common)
     return Loaders(train_loader, val_loader, sampler, generator, shape)

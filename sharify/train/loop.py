@@ -2,7 +2,8 @@
 
 :class:`Trainer` bundles what a training step needs (model, optimizer, schedule, grad scaler, EMA,
 loss, regulariser). :meth:`Trainer.train_epoch` runs the micro-batches of one epoch: forward under
-autocast, loss (+ ``lambda_r`` * the regulariser) / ``accum_steps``, backward (with DDP gradient
+autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of micro-batches in its
+update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP gradient
 synchronisation only on the micro-batch that updates), optional gradient clipping, optimizer step
 through the ``GradScaler`` (fp16), schedule and EMA update. :func:`evaluate` computes loss and
 top-1/top-5 accuracy. Both reduce their sums over ranks, so the numbers are those of the whole
@@ -138,7 +139,10 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(bar):
-            update = (i + 1) % self.accum_steps == 0 or i + 1 == batches
+            # micro-batches i0 .. i0 + group - 1 make one update; the epoch's last group may be shorter
+            i0 = i - i % self.accum_steps
+            group = min(self.accum_steps, batches - i0)
+            update = i + 1 == i0 + group
             images = _images(images, device, self.channels_last)
             labels = labels.to(device, non_blocking=True)
             with self._no_sync(update):
@@ -149,7 +153,7 @@ class Trainer:
                     loss = self.criterion(logits, labels)
                 if self.lambda_r and self.regulariser is not None:
                     loss = loss + self.lambda_r * self.regulariser(self.module)
-                scaled = loss / self.accum_steps
+                scaled = loss / group  # the update's gradient: the mean over its micro-batches
                 if self.scaler is not None:
                     self.scaler.scale(scaled).backward()
                 else:

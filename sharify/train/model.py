@@ -9,7 +9,10 @@ init (or not, for baselines). Loading the original weights *before* sharifying i
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import _strip_prefix
 from ..rewrite import sharify
-from ..zoo import ModelSource, build_model, resolve_model_name
+from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
 from .errors import CheckpointError
 
 __all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
@@ -76,11 +79,51 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     model.set_submodule(path, new)
 
 
-def load_weights_file(path: str | Path) -> dict[str, Tensor]:
-    """Reads a state_dict from ``.safetensors`` or ``torch.save`` files (also ``{"state_dict"/"model": ...}``).
+#: Where training checkpoints keep the model's weights, in order of preference (timm's saver and
+#: train.py write ``state_dict``; other loops ``model`` or ``module``) ...
+WEIGHT_KEYS = ("state_dict", "model", "module")
+#: ... and their EMA weights (timm: ``state_dict_ema``; some loops ``model_ema``).
+EMA_KEYS = ("state_dict_ema", "model_ema")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` that also accepts the ``argparse.Namespace`` timm checkpoints hold."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if safe_globals is None:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    with safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    find = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)  # torch >= 2.5
+    try:
+        found = find(str(path)) if find is not None else []
+    except Exception:  # not a zip checkpoint
+        return []
+    return [g for g in found if g != "argparse.Namespace"]
+
+
+def load_weights_file(path: str | Path, *, ema: bool = False) -> dict[str, Tensor]:
+    """Reads a state_dict from a ``.safetensors`` file, a ``torch.save`` state_dict or a training checkpoint.
+
+    Training checkpoints are dicts that hold the weights under one of :data:`WEIGHT_KEYS`
+    (``state_dict`` first: timm's ``CheckpointSaver`` and ``train.py``), next to optimizer state,
+    epoch and ``args`` (an ``argparse.Namespace``, which is allowed through ``torch.load``'s
+    ``weights_only`` unpickler; nothing else is). ``ema=True`` takes the EMA weights instead
+    (:data:`EMA_KEYS`: timm's ``state_dict_ema``). A ``module.``/``_orig_mod.`` prefix is removed.
+
+    Args:
+        path: The file.
+        ema: Load the checkpoint's EMA weights rather than its ``state_dict``.
 
     Raises:
-        CheckpointError: Missing, unreadable or not a state_dict.
+        CheckpointError: Missing, unreadable or not a state_dict (one line naming the file and the fix).
     """
     path = Path(path)
     if not path.is_file():
@@ -91,14 +134,32 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
 
             obj: Any = load_file(str(path))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
+    except pickle.UnpicklingError as exc:  # weights_only refused an object type
+        unsafe = _unsafe_globals(path)
+        what = f"objects of type {', '.join(unsafe)}" if unsafe else "objects other than tensors and plain data"
+        raise CheckpointError(
+            f"checkpoint {path} holds {what}, which torch.load(weights_only=True) refuses to unpickle; if you trust "
+            f"the file, save its weights alone with torch.save(torch.load({str(path)!r}, weights_only=False)"
+            f"[{(EMA_KEYS if ema else WEIGHT_KEYS)[0]!r}], 'weights.pth') and pass that file"
+        ) from exc
     except Exception as exc:  # corrupt files raise many different types
         raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint"
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)}); the file is corrupt or not a "
+            "checkpoint: pass a .safetensors, .pth or .pth.tar file of the original model's weights"
         ) from exc
-    for key in ("state_dict", "model", "module"):
+    used = []
+    for key in (*EMA_KEYS, "module") if ema else WEIGHT_KEYS:  # also nested: {"model": {"module": {...}}}
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
+            used.append(key)
+    if ema and not set(used) & set(EMA_KEYS):
+        raise CheckpointError(
+            f"checkpoint {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); drop --checkpoint-ema to load its "
+            "state_dict"
+        )
+    if used:
+        logger.info("checkpoint %s: loading its %s", path, "/".join(used))
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(
             f"{path} does not hold a state_dict of tensors; save one with torch.save(model.state_dict())"
@@ -125,6 +186,7 @@ def prepare_model(
     in_chans: int | None = None,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    checkpoint_ema: bool = False,
     share: bool = True,
     sharing: Mapping[str, Any] | None = None,
     input_size: tuple[int, int] | None = None,
@@ -136,7 +198,9 @@ def prepare_model(
         num_classes: Classes of the data; the head is replaced when it has another size.
         in_chans: Input channels for models built by name (timm; ignored with ``checkpoint``).
         pretrained: Load the library's pretrained weights (needs internet on first use).
-        checkpoint: File with the original, unshared weights (``.safetensors``/``.pt``/``.pth``).
+        checkpoint: File with the original, unshared weights: a state_dict (``.safetensors``/``.pt``/``.pth``)
+            or a training checkpoint such as timm's ``.pth.tar`` (its ``state_dict``; see :func:`load_weights_file`).
+        checkpoint_ema: Take the checkpoint's EMA weights (timm's ``state_dict_ema``) instead.
         share: Sharify the model (``False`` trains the unshared baseline with the same loop).
         sharing: Keyword arguments for :func:`sharify.sharify` (``init``, ``positions``, ...).
         input_size: ``(H, W)`` of the training images: the analysis's example input when ``sharing``
@@ -154,7 +218,7 @@ def prepare_model(
         >>> sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in original.parameters())
         True
     """
-    state = load_weights_file(checkpoint) if checkpoint is not None else None
+    state = load_weights_file(checkpoint, ema=checkpoint_ema) if checkpoint is not None else None
     if isinstance(model, nn.Module):
         import copy
 
@@ -180,6 +244,11 @@ def prepare_model(
         _load_original(net, state, Path(checkpoint))  # type: ignore[arg-type]
     if num_classes is not None:
         replace_head(net, num_classes)
+        recorded = getattr(net, SOURCE_ATTR, None)
+        if isinstance(recorded, ModelSource) and recorded.kwargs.get("num_classes") != num_classes:
+            # the model was built with another head (checkpoint's, pretrained): sharify.load rebuilds this one
+            kwargs = {**recorded.kwargs, "num_classes": num_classes}
+            setattr(net, SOURCE_ATTR, dataclasses.replace(recorded, kwargs=kwargs))
     if not share:
         return net, net
     kwargs = dict(sharing or {})
