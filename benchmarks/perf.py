@@ -4,8 +4,9 @@
     python -m benchmarks.perf --quick               # resnet50 only, eager, fewer repeats
     python -m benchmarks.perf --device cuda --amp bf16 --channels-last --compile   # on a GPU machine
 
-Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B, B A, ...),
-median of ``--repeats`` timed rounds (the order alternating) after warm-up, on the same inputs. Memory
+Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B, B A, ...):
+the median over ``--repeats`` timed rounds (the order alternating) of each round's ratio, after warm-up,
+on the same inputs. Memory
 figures are exact byte counts (parameters, optimizer state, safetensors checkpoint) and the peak memory
 of a training step (CUDA allocator peak on GPU; on CPU the growth of the peak resident set of a fresh
 subprocess per model after its imports -- the high-water mark is reset there through
@@ -138,13 +139,16 @@ def speed(name: str, args: argparse.Namespace, device: torch.device) -> list[dic
             fns = {k: _step_fn(m, xin, train, args.amp) for k, m in models.items()}
             times = interleaved(fns, device, args.warmup, args.repeats)
             t = {k: statistics.median(v) for k, v in times.items()}
-            # per-round ratios show the noise: a ratio's interquartile range that contains 1 is no difference
-            q1, q3 = _quartiles([o / s for o, s in zip(times["original"], times["shared"], strict=True)])
+            # The two models of one round run back to back, so a round's ratio cancels the machine's slow
+            # drifts (steal time of a shared VM, thermal state); the figure is the median of those paired
+            # ratios, and their interquartile range shows the noise (one that contains 1 is no difference).
+            paired = [o / s for o, s in zip(times["original"], times["shared"], strict=True)]
+            q1, q3 = _quartiles(paired)
             rows.append({
                 "model": name, "mode": "train step" if train else "inference", "batch": list(shape),
                 "channels_last": channels_last, "compile": compiled, "amp": args.amp or "fp32",
                 "original_img_s": shape[0] / t["original"], "shared_img_s": shape[0] / t["shared"],
-                "ratio": t["original"] / t["shared"], "ratio_q1": q1, "ratio_q3": q3,
+                "ratio": statistics.median(paired), "ratio_q1": q1, "ratio_q3": q3,
                 "repeats": args.repeats, "warmup": args.warmup,
             })  # fmt: skip
             print(f"{name:16s} {rows[-1]['mode']:10s} cl={channels_last!s:5s} compile={compiled!s:5s} "
@@ -307,6 +311,24 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_times() -> dict[str, int] | None:
+    """Cumulative CPU time counters of the machine (``/proc/stat``, Linux only), for the steal share."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return dict(zip(names, map(int, fields)))
+
+
+def steal_share(start: dict[str, int] | None, end: dict[str, int] | None) -> float | None:
+    """Share of the CPU time a virtual machine's host took away (steal) between two :func:`cpu_times`."""
+    if not start or not end:
+        return None
+    total = sum(end.values()) - sum(start.values())
+    return (end["steal"] - start["steal"]) / total if total > 0 else None
+
+
 def write(results: dict[str, Any], out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_" + results["machine"]["gpu"].replace(" ", "_") if "gpu" in results["machine"] else ""
@@ -318,11 +340,14 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         f"Command: `{command}`",
         "",
         f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPU cores ({m['torch_threads']} torch threads); "
-        f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, sharify {m['sharify']}.",
+        f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, sharify {m['sharify']}."
+        + (f" CPU time stolen by the VM host during the run: {m['steal_share']:.0%}." if m.get("steal_share") else ""),
         "",
         "## Throughput (images/s; ratio = shared / original, target >= 0.98)",
         "",
-        "Medians over the timed rounds; the ratio's IQR is the interquartile range of the per-round ratios "
+        "Throughputs are medians over the timed rounds; the ratio is the median of the per-round ratios (the two "
+        "models of a round run back to back, so slow drifts of the machine cancel), its IQR their interquartile "
+        "range "
         "(the order of the two models alternates every round), i.e. the run-to-run noise of this machine.",
         "",
         "| model | mode | batch | channels_last | compile | precision | original | shared | ratio | ratio IQR |",
@@ -375,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--time-models", nargs="+", default=["resnet50", "resnet152"], help="sharify() wall time")
     parser.add_argument("--big-model", default="resnetv2_152x4_bit", help="timm model analysed on the meta device")
     parser.add_argument("--small-meta-model", default="resnet50", help="timm model compared with --big-model for "
@@ -386,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.models, args.repeats, args.compile = ["resnet50"], 3, False
     device = torch.device(args.device)
+    start = cpu_times()
     results: dict[str, Any] = {"machine": machine(), "speed": [], "memory": [], "sharify_time": [],
                                "analysis_memory": []}  # fmt: skip
     for name in args.models:
@@ -401,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         results["sharify_time"].append(sharify_time(args.big_model, meta=True, repeats=1))
         results["analysis_memory"] = [analysis_memory(n) for n in (args.small_meta_model, args.big_model)]
     print(json.dumps(results["sharify_time"], indent=1))
+    results["machine"]["steal_share"] = steal_share(start, cpu_times())
     write(results, args.out, "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 
