@@ -43,6 +43,8 @@ def add_sharing_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shared-rank", type=int, help="basis: shared filters per 64 channels")
     g.add_argument("--unique-rank", type=int, help="basis: unique filters per 64 channels")
     g.add_argument("--init", help="share: average (default), first, random, scaled; basis: orthogonal (default), svd")
+    g.add_argument("--align", action="store_true", default=None,
+                   help="align the members' hidden channels before combining their weights (needs scipy)")  # fmt: skip
     g.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                    help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
 
@@ -58,6 +60,7 @@ def sharing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "shared_rank": args.shared_rank,
         "unique_rank": args.unique_rank,
         "init": args.init,
+        "align": args.align,
     }
     if args.input_size:
         kwargs["example_inputs"] = torch.empty(1, *args.input_size)
@@ -123,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
         return int(args.func(args))
-    except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError) as exc:
+    except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError, ImportError) as exc:
         if args.debug:
             raise
         print(f"sharify: error: {exc}", file=sys.stderr)

@@ -96,6 +96,10 @@ class SharedStore(nn.Module):
         #: What the analysis ran with, so it can be repeated (JSON-ready): ``input_shapes``,
         #: ``input_dtypes`` and ``leaf_modules`` (see :class:`~sharify.plan.SharingPlan`).
         self.analysis: dict[str, Any] = dict(analysis or {})
+        #: With ``align=True``: the channel permutations applied, per conv path ``{"in"/"out": order}``
+        #: (new channel ``k`` is the original's ``order[k]``), so that the report compares like channels.
+        #: Not part of the state_dict (a loaded model does not need it).
+        self.alignment: dict[str, dict[str, list[int]]] = {}
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         return x

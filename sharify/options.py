@@ -57,6 +57,7 @@ class SharingOptions:
     shared_rank: Rank | None = None
     unique_rank: Rank | None = None
     init: str = "average"
+    align: bool = False
     preset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,4 +149,11 @@ def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOption
             _check_rank(name, merged[name])
     elif merged.get("shared_rank") is not None or merged.get("unique_rank") is not None:
         raise ValueError("shared_rank/unique_rank only apply to method='basis'")
+    if not isinstance(merged.get("align", False), bool):
+        raise TypeError(f"align must be True or False, got {merged['align']!r}")
+    if merged.get("align") and merged["init"] in ("random", "orthogonal"):
+        raise ValueError(
+            f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "
+            "does not use the members' weights: use init='average', 'scaled' or 'first' ('svd' for method='basis')"
+        )
     return SharingOptions(**merged, preset=preset)

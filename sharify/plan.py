@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from torch import Tensor, nn
 
+from .align import channel_slots
 from .options import _ALIASES, Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import (
@@ -190,6 +191,7 @@ def plan(
     shared_rank: Rank | None = None,
     unique_rank: Rank | None = None,
     init: str | None = None,
+    align: bool | None = None,
     leaf_modules: LeafSpec | None = None,
 ) -> SharingPlan:
     """Analyses ``model`` and returns what :func:`sharify.sharify` would share. Changes nothing.
@@ -221,6 +223,8 @@ def plan(
             (or ``{stage path: filters}``).
         init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
             (members with no BatchNorm after them get per-channel gains).
+        align: Find each member's free channels (``group.slots``, see :mod:`sharify.align`) for
+            :func:`sharify.sharify`'s channel alignment; the arithmetic is the same.
         leaf_modules: Module classes or paths not to trace into.
 
     Returns:
@@ -248,6 +252,7 @@ def plan(
         shared_rank=shared_rank,
         unique_rank=unique_rank,
         init=init,
+        align=align,
     )
     return make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
 
@@ -334,6 +339,7 @@ def make_plan(
                     else (0, 0)
                 )
                 norms = tuple(following_norm(p) for _, p in picked)
+                slots = tuple(channel_slots(conv_nodes[p], modules, calls) for _, p in picked) if options.align else ()
                 used.update(p for _, p in picked)
                 groups.append(
                     SharingGroup(
@@ -348,6 +354,7 @@ def make_plan(
                         shared_rank=ranks[0],
                         unique_rank=ranks[1],
                         norms=norms,
+                        slots=slots,
                         gains=sig.out_channels * norms.count(None) if options.init == "scaled" else 0,
                     )
                 )

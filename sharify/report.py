@@ -8,7 +8,8 @@ what the shared model computes in their place,
 for the user's own weights (0 = identical; ``sqrt((n-1)/n)`` for the average of n independent random
 tensors). For filter-basis groups ``W_shared`` is each block's effective conv (eval-mode BatchNorm
 folded), so the column is the relative reconstruction error of the basis; for ``init="scaled"``
-groups it is ``diag(a_i) W_shared`` with the member's per-channel gains.
+groups it is ``diag(a_i) W_shared`` with the member's per-channel gains. After ``align=True``, ``W_i``
+has its channels in the order the alignment gave them (what the member's block computes with).
 
 For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
 into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
@@ -28,7 +29,7 @@ from torch import nn
 
 from ._wrappers import unwrap
 from .folding import bn_folded_members
-from .layers import SharedConvParams, is_shared_conv, shared_groups
+from .layers import SHARED_STORE_NAME, SharedConvParams, is_shared_conv, shared_groups
 from .plan import count_params
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
@@ -202,27 +203,44 @@ class ParameterReport:
         return "\n".join([*lines, "", *folding] if folding else lines)
 
 
-def _relative_error(original: nn.Module, members: list[str], computed: list[torch.Tensor]) -> float | None:
+Alignment = dict[str, dict[str, list[int]]]
+
+
+def _original_weight(original: nn.Module, path: str, alignment: Alignment) -> torch.Tensor | None:
+    """The original member's weight, its channels in the order ``align=True`` gave them (if it did)."""
+    try:
+        w = original.get_submodule(path).weight
+    except AttributeError:
+        return None
+    if not isinstance(w, torch.Tensor) or w.is_meta:
+        return None
+    orders = alignment.get(path, {})
+    for dim, side in ((1, "in"), (0, "out")):
+        if side in orders:
+            w = w.index_select(dim, torch.as_tensor(orders[side], device=w.device))
+    return w
+
+
+def _relative_error(
+    original: nn.Module, members: list[str], computed: list[torch.Tensor], alignment: Alignment
+) -> float | None:
     """``mean_i ||W_i - computed_i|| / ||W_i||`` over the original members' weights."""
     values = []
     with torch.no_grad():
         for path, c in zip(members, computed):
-            try:
-                w = original.get_submodule(path).weight
-            except AttributeError:
-                return None
-            if not isinstance(w, torch.Tensor) or w.is_meta or c.is_meta or w.shape != c.shape:
+            w = _original_weight(original, path, alignment)
+            if w is None or c.is_meta or w.shape != c.shape:
                 return None
             norm = w.float().norm().item()
             values.append((w.float() - c.float()).norm().item() / norm if norm else math.nan)
     return sum(values) / len(values) if values else None
 
 
-def _with_best_gains(original: nn.Module, path: str, shared: torch.Tensor) -> torch.Tensor:
+def _with_best_gains(original: nn.Module, path: str, shared: torch.Tensor, alignment: Alignment) -> torch.Tensor:
     """``diag(a) W`` with the least-squares per-channel gains ``a`` of the original member (the gains
     ``init="scaled"`` applied when the model was made)."""
-    w = getattr(original.get_submodule(path), "weight", None)
-    if not isinstance(w, torch.Tensor) or w.is_meta or shared.is_meta or w.shape != shared.shape:
+    w = _original_weight(original, path, alignment)
+    if w is None or shared.is_meta or w.shape != shared.shape:
         return shared
     with torch.no_grad():
         flat, ref = w.flatten(1).float(), shared.flatten(1).float()
@@ -231,7 +249,7 @@ def _with_best_gains(original: nn.Module, path: str, shared: torch.Tensor) -> to
 
 
 def _group_report(
-    original: nn.Module, shared: nn.Module, key: str, holder: SharedConvParams, members: list[str]
+    original: nn.Module, shared: nn.Module, key: str, holder: SharedConvParams, members: list[str], alignment: Alignment
 ) -> GroupReport:
     def numel(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
@@ -241,15 +259,15 @@ def _group_report(
         bases = [shared.get_submodule(p) for p in paths]
         before = sum(numel(original.get_submodule(p)) for p in paths)
         after = numel(holder) + sum(numel(b) for b in bases)  # a basis module does not register the holder
-        error = _relative_error(original, paths, [b.effective_weight() for b in bases])  # type: ignore[operator]
+        error = _relative_error(original, paths, [b.effective_weight() for b in bases], alignment)  # type: ignore[operator]
     else:
         paths = members
         before = numel(holder) * len(members)
         after = numel(holder)
         computed: list[torch.Tensor] = [holder.weight] * len(paths)
         if holder.init == "scaled":  # members apply per-channel gains (maybe folded into their BatchNorm)
-            computed = [_with_best_gains(original, p, holder.weight) for p in paths]
-        error = _relative_error(original, paths, computed)
+            computed = [_with_best_gains(original, p, holder.weight, alignment) for p in paths]
+        error = _relative_error(original, paths, computed, alignment)
     return GroupReport(
         key=key,
         stage=holder.stage,
@@ -299,7 +317,8 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
             f"can be compared against it; pass the model as it was before sharify(): {keep}"
         )
-    groups = [_group_report(original, shared, k, h, m) for k, (h, m) in shared_groups(shared).items()]
+    alignment: Alignment = getattr(getattr(shared, SHARED_STORE_NAME, None), "alignment", {})
+    groups = [_group_report(original, shared, k, h, m, alignment) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)
     after_folding = None
     if folded is not None:

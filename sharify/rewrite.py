@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from .align import alignment
 from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
 from .init import initial_tensors, scaled_tensors
@@ -79,6 +80,7 @@ def sharify(
     shared_rank: Rank | None = None,
     unique_rank: Rank | None = None,
     init: str | None = None,
+    align: bool | None = None,
     inplace: bool = False,
     leaf_modules: LeafSpec | None = None,
 ) -> ModelT:
@@ -107,6 +109,11 @@ def sharify(
             paper's averaged init), ``"first"``, ``"random"``, or ``"scaled"`` (a shared tensor plus
             per-member per-channel gains, folded into the BatchNorm after each member, else kept as
             its ``shared_gain`` parameter). ``"basis"``: ``"orthogonal"`` (default) or ``"svd"``.
+        align: Before combining the members' weights, permute each member's hidden channels (those it
+            exchanges with another conv of its block through BatchNorm/activations only) to match the
+            other members -- a change that leaves the original model's function exactly as it was, and
+            makes ``init="average"``/``"scaled"``/``"first"``/``"svd"`` combine like channels
+            (:mod:`sharify.align`; needs scipy). Default ``False`` (the papers' init).
         inplace: Rewrite ``model`` itself instead of a deep copy.
         leaf_modules: Module classes or paths not to trace into.
 
@@ -138,6 +145,7 @@ def sharify(
         shared_rank=shared_rank,
         unique_rank=unique_rank,
         init=init,
+        align=align,
     )
     sharing = make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
     if sharing.convs_without_shape:
@@ -154,7 +162,7 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _basis_modules(
-    group: SharingGroup, convs: list[nn.Conv2d], init: str
+    group: SharingGroup, convs: list[nn.Conv2d], init: str, weights: list[Tensor], biases: list[Tensor | None]
 ) -> tuple[SharedConvParams, list[BasisConv2d]]:
     s, u = group.shared_rank, group.unique_rank
     modules = [BasisConv2d(c, s, u) for c in convs]
@@ -163,13 +171,13 @@ def _basis_modules(
     if not shared.is_meta:
         with torch.no_grad():
             if init == "svd":
-                basis, uniques, coeffs = svd_bases([c.weight for c in convs], s, u)
+                basis, uniques, coeffs = svd_bases(weights, s, u)
                 shared.copy_(basis.view_as(shared))
-                for module, conv, unique, coeff in zip(modules, convs, uniques, coeffs):
+                for module, bias, unique, coeff in zip(modules, biases, uniques, coeffs):
                     module.unique.weight.copy_(unique.view_as(module.unique.weight))
                     module.coeff.weight.copy_(coeff.view_as(module.coeff.weight))
-                    if conv.bias is not None and module.coeff.bias is not None:
-                        module.coeff.bias.copy_(conv.bias)
+                    if bias is not None and module.coeff.bias is not None:
+                        module.coeff.bias.copy_(bias)
                     module.set_identity_norm()
             else:
                 nn.init.orthogonal_(shared)
@@ -177,16 +185,35 @@ def _basis_modules(
     return holder, modules
 
 
-def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor) -> dict[str, Tensor]:
-    """New BatchNorm values such that ``norm'(y) == norm(gain * y)`` (eval mode; train mode up to eps)."""
-    assert norm.running_mean is not None and norm.running_var is not None
+def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor, current: dict[str, Tensor]) -> dict[str, Tensor]:
+    """New BatchNorm values such that ``norm'(y) == norm(gain * y)`` (eval mode; train mode up to eps).
+
+    ``current`` holds the values the rewrite has already given the BatchNorm (channel alignment), if any.
+    """
+    mean, var, weight = (current.get(k, getattr(norm, k)) for k in ("running_mean", "running_var", "weight"))
+    assert mean is not None and var is not None
     with torch.no_grad():
         a = torch.where(gain.abs() < 1e-8, torch.full_like(gain, 1e-8), gain)
         return {
-            "running_mean": norm.running_mean / a,
-            "running_var": ((norm.running_var + norm.eps) / a.square() - norm.eps).clamp_min(0),
-            "weight": norm.weight * a.sign(),
+            "running_mean": mean / a,
+            "running_var": ((var + norm.eps) / a.square() - norm.eps).clamp_min(0),
+            "weight": weight * a.sign(),
         }
+
+
+def _alignment(
+    sharing: SharingPlan, modules: dict[str, nn.Module]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, list[int]]]]:
+    """The plan's channel alignment (:func:`sharify.align.alignment`) on ``modules``' current tensors."""
+    groups = [(g.members, g.slots) for g in sharing.groups if g.slots]
+    if not groups:
+        return {}, {}
+
+    def read(path: str, name: str) -> Tensor | None:
+        value = getattr(modules[path], name, None)
+        return value.detach() if isinstance(value, Tensor) else None
+
+    return alignment(groups, read)
 
 
 def _assign(module: nn.Module, values: dict[str, Tensor]) -> None:
@@ -234,18 +261,28 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         "leaf_modules": list(sharing.leaf_modules),
     }
     store = SharedStore({**sharing.options, "init": init}, analysis if sharing.input_shapes else None)
+    # Channel alignment: permuted tensors of members and their neighbours (sharify.align), nothing assigned yet.
+    aligned, store.alignment = _alignment(sharing, modules) if init not in ("random", "orthogonal") else ({}, {})
+
+    def current(path: str, name: str) -> Tensor | None:  # a tensor as the rewrite sees it: aligned or as it is
+        return aligned.get(path, {}).get(name, getattr(modules[path], name))
+
     attach: list[tuple[nn.Module, SharedConvParams, Tensor | None]] = []  # existing convs to attach (with gain)
     replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
-    refold: list[tuple[nn.Module, dict[str, Tensor]]] = []  # BatchNorms absorbing "scaled" gains
+    members = {p for g in sharing.groups for p in g.members}
+    # tensors to assign: what alignment moved (but the members' own, which go), BatchNorms absorbing "scaled" gains
+    assign = {p: {k: v for k, v in values.items() if p not in members} for p, values in aligned.items()}
     for group in sharing.groups:
         convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
+        weights = [cast(Tensor, current(p, "weight")) for p in group.members]
+        biases = [current(p, "bias") for p in group.members]
         if group.method == "basis":
-            holder, bases = _basis_modules(group, convs, init)
+            holder, bases = _basis_modules(group, convs, init, weights, biases)
             for path, basis in zip(group.members, bases):
                 attach_to_holder(basis.shared, holder)  # a new module: no change to the model yet
                 replace.append((path, basis))
         elif init == "scaled":
-            weight, bias, gains = scaled_tensors([c.weight for c in convs], [c.bias for c in convs])
+            weight, bias, gains = scaled_tensors(weights, biases)
             holder = SharedConvParams(
                 weight, bias, key=group.key, stage=group.stage, position=group.position, init="scaled"
             )
@@ -255,9 +292,9 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
                 else:  # the BatchNorm absorbs the gain: no extra parameter
                     attach.append((conv, holder, None))
                     bn = cast(nn.modules.batchnorm._BatchNorm, modules[norm])
-                    refold.append((bn, _fold_gain(bn, gain)))
+                    assign.setdefault(norm, {}).update(_fold_gain(bn, gain, assign.get(norm, {})))
         else:
-            weight, bias = initial_tensors([c.weight for c in convs], [c.bias for c in convs], init)
+            weight, bias = initial_tensors(weights, biases, init)
             holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
             attach.extend((c, holder, None) for c in convs)
         holder.requires_grad_(any(c.weight.requires_grad for c in convs))
@@ -271,7 +308,7 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         )
     saved: list[tuple[nn.Module, type, dict[str, nn.Parameter | None]]] = []
     replaced: list[tuple[str, nn.Module]] = []
-    refolded: list[tuple[nn.Module, dict[str, Tensor]]] = []
+    assigned: list[tuple[nn.Module, dict[str, Tensor]]] = []
     try:
         target.add_module(SHARED_STORE_NAME, store)
         for conv, holder, member_gain in attach:
@@ -280,12 +317,13 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         for path, module in replace:
             replaced.append((path, modules[path]))
             _set_module(target, path, module)
-        for norm_module, values in refold:
-            refolded.append((norm_module, {k: getattr(norm_module, k).detach().clone() for k in values}))
-            _assign(norm_module, values)
+        for path, values in assign.items():
+            module = modules[path]
+            assigned.append((module, {k: getattr(module, k).detach().clone() for k in values}))
+            _assign(module, values)
     except BaseException:
-        for norm_module, values in reversed(refolded):
-            _assign(norm_module, values)
+        for module, values in reversed(assigned):
+            _assign(module, values)
         for path, original in reversed(replaced):
             _set_module(target, path, original)
         for conv, cls, params in reversed(saved):

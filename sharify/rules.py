@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .align import ChannelSlot
 from .options import _ALIASES, Rank, Selector, SharingOptions
 from .residual import Block, Stage
 
@@ -86,6 +87,8 @@ class SharingGroup:
         unique_rank: Filters of each member's own basis (``"basis"`` only).
         norms: Per member, the path of the BatchNorm that alone consumes its output (``None`` if
             there is none); ``init="scaled"`` folds the member's gains into it.
+        slots: With ``align=True``: per member, its free ``(input, output)`` channels
+            (:class:`~sharify.align.ChannelSlot` or ``None``), which the rewrite permutes to align the members.
         gains: Parameters ``init="scaled"`` adds as per-channel gains of members without such a
             BatchNorm (0 otherwise).
     """
@@ -101,6 +104,7 @@ class SharingGroup:
     shared_rank: int = 0
     unique_rank: int = 0
     norms: tuple[str | None, ...] = ()
+    slots: tuple[tuple[ChannelSlot | None, ChannelSlot | None], ...] = ()
     gains: int = 0
 
     @property
