@@ -12,8 +12,11 @@ Steps (one command, every run through ``sharify.train.finetune``):
    (epoch 0) and after each of ``--finetune-epochs`` epochs of one fine-tuning schedule (the same for all):
    ``random``, ``first``, ``average``, ``average`` + BatchNorm re-calibration, ``scaled`` (per-member channel
    gains folded into the BatchNorms) with and without re-calibration, and ``method="basis"`` with
-   ``init="svd"`` at ranks giving a similar parameter count. A control run fine-tunes the unshared baseline
-   with the same schedule, so the gain of the extra epochs alone is visible.
+   ``init="svd"`` at ranks giving a similar parameter count; then ``average``, ``scaled`` (each with and
+   without re-calibration) and the basis variant again with ``align=True``, which first permutes each
+   block's hidden channels to match the other blocks (``--no-align`` leaves those rows out). A control
+   run fine-tunes the unshared baseline with the same schedule, so the gain of the extra epochs alone is
+   visible.
 3. **Equal budget**: the sharified architecture trained from scratch with the baseline's schedule, and a
    shallower plain ResNet (``--depth - 6``) with about the sharified model's parameter count.
 
@@ -67,7 +70,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
     """(name, sharify options, BatchNorm re-calibration images) of the fine-tuned variants."""
     basis = {"method": "basis", "positions": ("last_spatial",), "init": "svd",
              "shared_rank": args.shared_rank, "unique_rank": args.unique_rank}  # fmt: skip
-    return [
+    rows = [
         ("random", {"init": "random"}, 0),
         ("first", {"init": "first"}, 0),
         ("average", {"init": "average"}, 0),
@@ -76,6 +79,15 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
         ("scaled + BN recal.", {"init": "scaled"}, args.bn_images),
         (f"basis S{args.shared_rank}U{args.unique_rank} (svd)", basis, 0),
     ]
+    if args.align:  # the same inits after aligning the members' hidden channels (sharify.align)
+        rows += [
+            ("aligned average", {"init": "average", "align": True}, 0),
+            ("aligned average + BN recal.", {"init": "average", "align": True}, args.bn_images),
+            ("aligned scaled", {"init": "scaled", "align": True}, 0),
+            ("aligned scaled + BN recal.", {"init": "scaled", "align": True}, args.bn_images),
+            (f"aligned basis S{args.shared_rank}U{args.unique_rank} (svd)", {**basis, "align": True}, 0),
+        ]
+    return rows
 
 
 def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, args: argparse.Namespace,
@@ -216,11 +228,21 @@ def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float, num_cla
                      "when the baseline itself was still improving).")  # fmt: skip
     by = {r.name: r for r in variants_}
     chance = 100.0 / num_classes
-    if "scaled" in by and "average" in by:
-        s0, a0 = by["scaled"].top1(0) or 0.0, by["average"].top1(0) or 0.0
-        near = " (both within 2x of chance, so the difference means little)" if max(s0, a0) < 2 * chance else ""
-        lines.append(f"- Before fine-tuning: scaled {s0:.2f} % vs average {a0:.2f} % "
-                     f"-> scaled {'beats' if s0 > a0 else 'does NOT beat'} average{near}.")  # fmt: skip
+    for prefix in ("", "aligned "):
+        if f"{prefix}scaled" in by and f"{prefix}average" in by:
+            s0, a0 = by[f"{prefix}scaled"].top1(0) or 0.0, by[f"{prefix}average"].top1(0) or 0.0
+            near = " (both within 2x of chance, so the difference means little)" if max(s0, a0) < 2 * chance else ""
+            verdict = "beats" if s0 > a0 else "does NOT beat"
+            lines.append(f"- Before fine-tuning: {prefix}scaled {s0:.2f} % vs {prefix}average {a0:.2f} % "
+                         f"-> {prefix}scaled {verdict} {prefix}average{near}.")  # fmt: skip
+    for name in ("average", "average + BN recal.", "scaled", "scaled + BN recal."):
+        if name in by and f"aligned {name}" in by:
+            plain, aligned = by[name], by[f"aligned {name}"]
+            lines.append(f"- Channel alignment, {name}: member error {plain.dissimilarity or 0:.3f} -> "
+                         f"{aligned.dissimilarity or 0:.3f}; top-1 before fine-tuning {plain.top1(0) or 0:.2f} -> "
+                         f"{aligned.top1(0) or 0:.2f} %, after {args.finetune_epochs} epochs "
+                         f"{plain.top1(args.finetune_epochs) or 0:.2f} -> "
+                         f"{aligned.top1(args.finetune_epochs) or 0:.2f} %.")  # fmt: skip
     at_chance = [r.name for r in variants_ if (r.top1(0) or 0.0) < 2 * chance]
     if at_chance:
         errs = [r.dissimilarity for r in variants_ if r.name in at_chance and r.dissimilarity is not None]
@@ -283,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-rank", type=int, default=24, help="basis variant: shared filters per 64 channels")
     p.add_argument("--unique-rank", type=int, default=8, help="basis variant: unique filters per 64 channels")
     p.add_argument("--lambda-r", type=float, default=10.0, help="orthogonality regulariser of the basis variant")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the inits with align=True (channel alignment of the members)")  # fmt: skip
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="train in channels-last memory format (about 1.3x faster on this CPU)")  # fmt: skip

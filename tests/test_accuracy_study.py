@@ -36,7 +36,9 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     assert accuracy_study.main(["--smoke", "--data-root", str(data), "--out", str(out), "--bn-images", "32"]) == 0
     table = (out / "accuracy_study.md").read_text()
     names = ("random", "first", "average", "average + BN recal.", "scaled", "scaled + BN recal.", "basis S24U8 (svd)",
-             "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)")  # fmt: skip
+             "shared, from scratch", "plain ResNet-8, from scratch", "baseline + same fine-tune (control)",
+             "aligned average", "aligned average + BN recal.", "aligned scaled", "aligned scaled + BN recal.",
+             "aligned basis S24U8 (svd)")  # fmt: skip
     for name in names:
         assert f"| {name} |" in table
     assert "## Findings" in table and (out / "accuracy_study.png").stat().st_size > 10_000
@@ -48,6 +50,11 @@ def test_accuracy_study_smoke(tmp_path: Path) -> None:
     # every variant records the report's member error right after sharifying; BN re-calibration does not change it
     assert all(r["dissimilarity"] >= 0 for r in runs.values() if r["kind"] == "variant")
     assert runs["scaled + BN recal."]["dissimilarity"] == runs["scaled"]["dissimilarity"]
+    assert (
+        runs["aligned average"]["options"]["align"] is True
+        and runs["aligned average"]["params"] == runs["average"]["params"]
+    )
+    assert "Channel alignment, average:" in table
     control = runs["baseline + same fine-tune (control)"]
     assert control["params"] == runs["baseline"]["params"] and [m["epoch"] for m in control["metrics"]] == [0, 1]
     # epoch 0 of the control is the trained baseline itself, untouched
