@@ -51,6 +51,8 @@ def load_unshared_state_dict(
 
     Raises:
         KeyError: With ``strict=True``, a member's weight is missing from ``state_dict``.
+        ValueError: ``shared`` has no shared convs, or was made with ``align=True`` (whose channel order
+            belongs to the weights it was made from: load the checkpoint before sharifying instead).
 
     Example:
         >>> import torchvision, sharify
@@ -66,6 +68,12 @@ def load_unshared_state_dict(
     groups = shared_groups(bare)
     if not groups:
         raise ValueError(f"{type(shared).__name__} has no shared convs; use model.load_state_dict(state_dict) instead")
+    if getattr(bare, SHARED_STORE_NAME).options.get("align"):
+        raise ValueError(
+            f"{type(bare).__name__} was sharified with align=True: its blocks' channels are in the order the weights "
+            "it was made from needed, which another checkpoint does not share; load the checkpoint into the original "
+            "model and sharify that (model.load_state_dict(state_dict); sharify.sharify(model, align=True))"
+        )
     remaining = _strip_prefix(state_dict)
     folded: dict[str, Tensor] = {}
     for key, (holder, members) in groups.items():

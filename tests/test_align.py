@@ -166,6 +166,9 @@ def test_align_bad_input() -> None:
         sharify.sharify(model, example_inputs=X32, align=True, init="random")
     with pytest.raises(TypeError, match="align must be True or False"):
         sharify.plan(model, example_inputs=X32, align="yes")  # type: ignore[arg-type]
+    aligned = sharify.sharify(model, example_inputs=X32, align=True)
+    with pytest.raises(ValueError, match=r"align=True.*load the checkpoint into the original model and sharify that"):
+        sharify.load_unshared_state_dict(aligned, model.state_dict())
 
 
 def test_align_on_the_meta_device_and_round_trip(tmp_path) -> None:
