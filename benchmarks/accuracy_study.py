@@ -106,6 +106,7 @@ def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, 
     run = Run(name, kind, sum(p.numel() for p in result.model.parameters()), result.metrics,
               time.perf_counter() - start, options or {})  # fmt: skip
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # weights are not results; metrics are
+    (run_dir / "model.safetensors").unlink(missing_ok=True)
     accs = ", ".join(f"e{m['epoch']} {m['top1']:.2f}" for m in run.metrics)
     print(
         f"[{time.strftime('%H:%M:%S')}] {name}: params {run.params:,}, top-1 {accs} ({run.seconds:.0f} s)", flush=True
@@ -265,12 +266,18 @@ def _plot(args: argparse.Namespace, runs: list[Run], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     base_acc = runs[0].top1(args.baseline_epochs)
+    colours: dict[str, Any] = {}  # an aligned variant: its plain variant's colour, dashed
     for run in runs:
         if run.kind in ("variant", "control"):
             pts = [(m["epoch"], m["top1"]) for m in run.metrics]
-            style = {"color": "k", "ls": ":"} if run.kind == "control" else {}
+            plain = run.name.removeprefix("aligned ")
+            if run.kind == "control":
+                style: dict[str, Any] = {"color": "k", "ls": ":"}
+            else:
+                colour = colours.setdefault(plain, f"C{len(colours) % 10}")
+                style = {"color": colour, "ls": "--" if plain != run.name else "-"}
             ax1.plot(*zip(*pts), marker="o", label=run.name, **style)
     if base_acc is not None:
         ax1.axhline(base_acc, color="k", ls="--", label="baseline")
@@ -291,8 +298,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--width", type=int, default=16)
-    # The default budget fits ~50 min on 2 CPU cores, which train this ResNet-20 at ~300 images/s: a fixed
-    # random 15,000 of the 60,000 training images, 5,000 of the 10,000 test images.
+    # The default budget (16 runs) took 83 min on 2 CPU cores, which train this ResNet-20 at ~280 images/s
+    # (results/accuracy_study): a fixed random 15,000 of the 60,000 training images, 5,000 of the 10,000
+    # test images. --no-align leaves out the 5 aligned variants (~22 min).
     p.add_argument("--subset", type=int, default=15_000, help="training images (0: all 60,000)")
     p.add_argument("--val-subset", type=int, default=5_000, help="test images (0: all 10,000)")
     p.add_argument("--baseline-epochs", type=int, default=10)

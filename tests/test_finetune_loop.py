@@ -165,3 +165,17 @@ def test_channels_last_training_matches_contiguous_training(data_dir: Path, tmp_
     assert moved.abs().max() > 1e-3
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_atomic_write_gives_the_permissions_of_an_ordinary_file(tmp_path: Path) -> None:
+    # tempfile.mkstemp creates 0o600 files; a renamed checkpoint must not end up readable by its owner only
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        target = tmp_path / "weights.bin"
+        checkpoint_module.atomic_write(target, lambda p: p.write_bytes(b"x"))
+        assert target.stat().st_mode & 0o777 == 0o644 and target.read_bytes() == b"x"
+        assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
+    finally:
+        os.umask(umask)

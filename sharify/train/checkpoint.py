@@ -53,8 +53,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (``mkstemp`` makes files ``0o600``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
-    """Calls ``write(tmp_path)`` then renames the temporary file to ``path`` (all or nothing)."""
+    """Calls ``write(tmp_path)`` then renames the temporary file to ``path`` (all or nothing).
+
+    The file gets the permissions of an ordinarily written file (``0o666`` less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
@@ -62,6 +72,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
