@@ -149,8 +149,9 @@ def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOption
             _check_rank(name, merged[name])
     elif merged.get("shared_rank") is not None or merged.get("unique_rank") is not None:
         raise ValueError("shared_rank/unique_rank only apply to method='basis'")
-    if not isinstance(merged.get("align", False), bool):
-        raise TypeError(f"align must be True or False, got {merged['align']!r}")
+    for flag in ("skip_first_block", "depthwise", "align"):
+        if not isinstance(merged.get(flag, False), bool):
+            raise TypeError(f"{flag} must be True or False, got {merged[flag]!r}")
     if merged.get("align") and merged["init"] in ("random", "orthogonal"):
         raise ValueError(
             f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "

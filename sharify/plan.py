@@ -9,25 +9,16 @@ groups of one are left alone. Nothing in the model changes.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from torch import Tensor, nn
 
-from .align import channel_slots
-from .options import _ALIASES, Rank, Selector, SharingOptions, resolve_options
+from .grouping import GroupFinder, check_indices, nothing_to_share_hints
+from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
-from .rules import (
-    ConvSignature,
-    SharingGroup,
-    basis_ranks,
-    check_rank_stages,
-    group_key,
-    is_depthwise,
-    is_spatial,
-    select,
-)
+from .rules import ConvSignature, SharingGroup, check_rank_stages
 from .shapes import propagate_shapes
 from .tracing import LeafSpec, trace
 
@@ -53,6 +44,9 @@ class SharingPlan:
         notes: Remarks on the analysis: where shape propagation stopped, why candidates were left out.
         convs_without_shape: Conv calls that shape propagation could not reach (their stages were
             not analysed; ``sharify`` warns when this is not 0).
+        trace_stopped: Where torch.fx stopped tracing the root's own forward (data-dependent control flow
+            after the stages, say): only what the forward computes before that point was analysed
+            (``sharify`` warns). ``None`` when the whole forward was traced.
     """
 
     model: str
@@ -66,6 +60,7 @@ class SharingPlan:
     leaf_modules: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     convs_without_shape: int = 0
+    trace_stopped: str | None = None
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -113,11 +108,13 @@ class SharingPlan:
                 )
         elif all(len(s.blocks) < 2 for s in self.stages):
             why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"
-            hints.append(
-                f"its {len(self.blocks)} residual blocks each form a one-block stage (consecutive blocks differ in "
-                "output shape: channels or resolution), so no two can share a conv; this architecture has nothing "
-                "ShaResNet-style to share"
+            each = (
+                "its only residual block forms a one-block stage"
+                if len(self.blocks) == 1
+                else f"its {len(self.blocks)} residual blocks each form a one-block stage (consecutive blocks differ "
+                "in output shape: channels or resolution)"
             )
+            hints.append(f"{each}, so no two can share a conv; this architecture has nothing ShaResNet-style to share")
         else:
             why = (
                 f"residual blocks found in {self.model}, but no two convs picked by positions="
@@ -277,92 +274,16 @@ def make_plan(
     needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
     shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
     _, stages = find_stages(traced.graph, model)
-    modules = dict(model.named_modules())
-
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    owners: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)] = owners.get(id(p), 0) + 1
-
-    def eligible(path: str) -> bool:
-        conv = modules[path]
-        return calls.get(path) == 1 and all(owners.get(id(p), 0) == 1 for p in conv.parameters(recurse=False))
-
-    conv_nodes = {str(n.target): n for n in traced.graph.nodes if n.op == "call_module"}
-
-    def following_norm(path: str) -> str | None:
-        users = list(conv_nodes[path].users)
-        if len(users) != 1 or users[0].op != "call_module":
-            return None
-        norm = modules.get(str(users[0].target))
-        is_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and norm.track_running_stats
-        return str(users[0].target) if is_bn else None
-
-    stage_paths = [s.path for s in stages if len(s.blocks) > 1]
-    groups: list[SharingGroup] = []
-    used: set[str] = set()
-    taken: set[str] = set()
-    saw_depthwise = saw_spatial = saw_pointwise = saw_reused = False
-    branch_lengths: list[int] = []  # eligible convs per block considered, for the index range check
-    for stage in stages:
-        if len(stage.blocks) < 2:
-            continue
-        blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
-        for selector in options.positions:
-            by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
-            for block in blocks:
-                # Every selector indexes the block's full list of eligible convs; a conv already in a group (of
-                # an earlier selector, or of an earlier stage) is skipped, never replaced by another conv.
-                convs = [(p, modules[p]) for p in block.convs if eligible(p)]
-                branch_lengths.append(len(convs))
-                free = [c for p, c in convs if p not in used]
-                saw_reused |= any(p not in used and not eligible(p) for p in block.convs)
-                saw_depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
-                saw_spatial |= any(is_spatial(c) for c in free)
-                saw_pointwise |= any(not is_spatial(c) for c in free)
-                for label, path in select(convs, selector, options.depthwise):
-                    if path in used:
-                        continue
-                    sig = ConvSignature.of(modules[path])
-                    by_position.setdefault((label, sig), []).append((block, path))
-            for (label, sig), picked in by_position.items():
-                if len(picked) < 2:
-                    continue
-                first_block, first_path = picked[0]
-                conv = modules[first_path]
-                ranks = (
-                    basis_ranks(options, stage.path, sig, first_path, stage_paths)
-                    if options.method == "basis"
-                    else (0, 0)
-                )
-                norms = tuple(following_norm(p) for _, p in picked)
-                slots = tuple(channel_slots(conv_nodes[p], modules, calls) for _, p in picked) if options.align else ()
-                used.update(p for _, p in picked)
-                groups.append(
-                    SharingGroup(
-                        key=group_key(stage, stage_paths.count(stage.path) == 1, first_block, first_path, label, taken),
-                        stage=stage.path,
-                        position=label,
-                        signature=sig,
-                        members=tuple(p for _, p in picked),
-                        weight_numel=conv.weight.numel(),
-                        bias_numel=0 if conv.bias is None else conv.bias.numel(),
-                        method=options.method,
-                        shared_rank=ranks[0],
-                        unique_rank=ranks[1],
-                        norms=norms,
-                        slots=slots,
-                        gains=sig.out_channels * norms.count(None) if options.init == "scaled" else 0,
-                    )
-                )
-
-    _check_indices(options.positions, branch_lengths, type(model).__name__)
-    if options.method == "basis" and stage_paths:
-        check_rank_stages(options, stage_paths)
+    finder = GroupFinder(model, traced.graph, stages)
+    groups, seen = finder.groups(options)
+    check_indices(options.positions, seen.branch_lengths, type(model).__name__)
+    if options.method == "basis" and finder.stage_paths:
+        check_rank_stages(options, finder.stage_paths)
     notes = []
+    if traced.stopped is not None:
+        if not groups:
+            raise traced.untraceable_error("the part of the forward traced before that point holds nothing to share")
+        notes.append(f"torch.fx could not trace {traced.stopped}: blocks the forward runs after that are not shared")
     if shapes.failure is not None:
         lost = (
             f"; {shapes.convs_without_shape} conv calls after it were not analysed"
@@ -370,23 +291,8 @@ def make_plan(
             else ""
         )
         notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
-    if not groups and saw_depthwise and not options.depthwise:
-        notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")
-    spatial_only = all(p in ("last_spatial", "all_spatial") for p in options.positions)
-    if not groups and saw_pointwise and not saw_spatial and spatial_only:
-        notes.append(
-            "the residual branches hold only pointwise (1x1) convs, which positions="
-            f"{list(options.positions)!r} does not pick; positions=['last'] shares the last conv of each branch"
-        )
-    if not groups and saw_reused:
-        notes.append(
-            "some branch convs are called more than once per forward or hold tied parameters (already shared), "
-            "so they are left alone"
-        )
-    if not groups and options.skip_first_block:
-        notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
-    if not groups and not notes and branch_lengths:
-        notes.append(_other_positions(stages, options, modules, eligible))
+    if not groups and seen.branch_lengths:
+        notes += nothing_to_share_hints(options, seen, finder)
     return SharingPlan(
         model=type(model).__name__,
         stages=tuple(stages),
@@ -398,6 +304,7 @@ def make_plan(
         input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in shapes.inputs),
         leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=shapes.convs_without_shape,
+        trace_stopped=traced.stopped,
         notes=tuple(notes),
     )
 
@@ -418,54 +325,3 @@ def leaf_paths(model: nn.Module, leaf_modules: LeafSpec | None) -> tuple[str, ..
         if path in paths or isinstance(module, types):
             out.append(path)
     return tuple(out)
-
-
-def _other_positions(
-    stages: Sequence[Stage], options: SharingOptions, modules: dict[str, nn.Module], eligible: Callable[[str], bool]
-) -> str:
-    """What to try when the selectors found nothing: the other selectors that would form a group, if any."""
-    tried = {_ALIASES.get(p, p) if isinstance(p, str) else p for p in options.positions}
-    found: dict[Selector, tuple[str, str]] = {}
-    for stage in stages:
-        if len(stage.blocks) < 2:
-            continue
-        blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
-        branches = [[(p, cast(nn.Conv2d, modules[p])) for p in b.convs if eligible(p)] for b in blocks]
-        longest = max(map(len, branches), default=0)
-        for selector in ("all_spatial", "last", *range(longest)):
-            same = _ALIASES.get(selector, selector) if isinstance(selector, str) else selector
-            if selector in found or same in tried:
-                continue
-            picked: dict[tuple[str, ConvSignature], str] = {}
-            for convs in branches:
-                for label, path in select(convs, selector, options.depthwise):
-                    other = picked.setdefault((label, ConvSignature.of(dict(convs)[path])), path)
-                    if other != path and selector not in found:
-                        found[selector] = (other, path)
-    if not found:
-        return (
-            "no two blocks of a stage hold convs of one signature at the same position of their branches "
-            "(channels, kernel, stride or groups differ), so this architecture has nothing ShaResNet-style to share"
-        )
-    tries = " or ".join(f"positions={s!r}" if isinstance(s, str) else f"positions=({s},)" for s in found)
-    a, b = next(iter(found.values()))
-    return f"{tries} would share convs of one signature (e.g. `{a}` and `{b}`)"
-
-
-def _check_indices(positions: Sequence[Selector], branch_lengths: list[int], model: str) -> None:
-    """Refuses an integer position that is out of range in every residual branch considered.
-
-    An index that fits only some branches (a stage of longer blocks) picks a conv in those and none in
-    the others, like ``"last_spatial"`` in a branch without spatial convs.
-    """
-    if not branch_lengths:
-        return  # no multi-block stage: the empty plan says why
-    longest, shortest = max(branch_lengths), min(branch_lengths)
-    for p in positions:
-        if isinstance(p, int) and not -longest <= p < longest:
-            have = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
-            every = f" ({-shortest}..{shortest - 1} pick a conv in every branch)" if 0 < shortest < longest else ""
-            raise ValueError(
-                f"position index {p} is out of range for every residual branch of {model}: the branches have "
-                f"{have} eligible convs, so valid indices are {-longest}..{longest - 1}{every}"
-            )

@@ -148,10 +148,16 @@ def sharify(
         align=align,
     )
     sharing = make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
-    if sharing.convs_without_shape:
+    if sharing.trace_stopped is not None:
         warnings.warn(
-            f"{sharing.notes[0]}: stages there were not analysed; pass example_inputs the whole model accepts",
+            f"torch.fx could not trace {sharing.trace_stopped}; the stages before that point are shared, blocks "
+            "the forward runs after it are not (move the untraceable code into a submodule to analyse the rest)",
             stacklevel=2,
+        )
+    if sharing.convs_without_shape:
+        stop = next(n for n in sharing.notes if n.startswith("shape propagation stopped"))
+        warnings.warn(
+            f"{stop}: stages there were not analysed; pass example_inputs the whole model accepts", stacklevel=2
         )
     return apply_plan(model, sharing, inplace=inplace)
 

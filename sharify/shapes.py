@@ -43,37 +43,46 @@ class ExampleInputsError(SharifyError, ValueError):
     """The example inputs do not fit the model (wrong rank, channels or size)."""
 
 
-def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
-    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:
+    """The first conv the traced forward calls (not the first one registered): its path, the module, and
+    whether it takes the model's input directly (then the input must have its ``in_channels``)."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = model.get_submodule(str(node.target))
+        if isinstance(module, nn.Conv2d):
+            direct = bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+            return str(node.target), module, direct
+    return None
 
 
-def default_input_shapes(model: nn.Module) -> list[tuple[int, int, int, int]]:
-    """Candidate default inputs ``(1, C, H, W)``, most likely first.
+def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, int, int, int]]:
+    """Candidate default inputs ``(1, C, H, W)`` for ``model`` traced as ``graph``, most likely first.
 
-    H and W come from timm's ``pretrained_cfg["input_size"]`` when present, else 224. C is the first
-    conv's ``in_channels`` (right for models built with ``in_chans=1``), then the cfg's channels
-    (right when a space-to-depth stem precedes the first conv), then 3.
+    H and W come from timm's ``pretrained_cfg["input_size"]`` when present, else 224. C is the
+    ``in_channels`` of the first conv the forward calls (right for models built with ``in_chans=1``),
+    then the cfg's channels (right when a space-to-depth stem precedes the first conv), then 3.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     height, width = (int(size[1]), int(size[2])) if size is not None and len(size) == 3 else (224, 224)
-    first = _first_conv(model)
+    first = _first_conv(model, graph)
     channels = [first[1].in_channels] if first is not None else []
     channels += [int(size[0])] if size is not None and len(size) == 3 else []
     return [(1, c, height, width) for c in dict.fromkeys([*channels, 3])]
 
 
-def _check_inputs(model: nn.Module, inputs: Sequence[Any]) -> None:
+def _check_inputs(model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(
                 f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)"
             )
-    first = _first_conv(model)
+    first = _first_conv(model, graph)
     x = inputs[0] if inputs else None
-    if first is None or x is None:
-        return
-    path, conv = first
+    if first is None or x is None or not first[2]:
+        return  # the input reaches the first conv through other code (space-to-depth, ...): propagation checks it
+    path, conv, _ = first
     if x.dim() not in (3, 4):
         raise ExampleInputsError(
             f"example_inputs[0] has shape {tuple(x.shape)} (rank {x.dim()}), but the first conv `{path}` takes "
@@ -244,13 +253,13 @@ def propagate_shapes(
         inputs: Sequence[Any] = (
             tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         )
-        _check_inputs(model, inputs)
+        _check_inputs(model, graph, inputs)
     device, dtype = _param_device(model)
     if _on_meta(model):
         # A model built on the meta device runs on meta tensors directly: no fake-tensor dispatch, several
         # times faster. What meta tensors cannot run (a copy to the CPU, ...) is retried with fake tensors.
         metas = [tuple(x.to("meta") for x in inputs)] if given else [
-            (torch.empty(s, device="meta", dtype=dtype),) for s in default_input_shapes(model)
+            (torch.empty(s, device="meta", dtype=dtype),) for s in default_input_shapes(model, graph)
         ]  # fmt: skip
         for meta in metas:
             result = _run(model, graph, meta, stop_after)
@@ -262,7 +271,7 @@ def propagate_shapes(
         if given:  # on the model's device (a meta-device model takes CPU example inputs)
             candidates = [tuple(mode.from_tensor(x).to(device) for x in inputs)]
         else:
-            candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model)]
+            candidates = [(torch.empty(s, device=device, dtype=dtype),) for s in default_input_shapes(model, graph)]
         results = []
         for fake in candidates:
             results.append(_run(model, graph, fake, stop_after))

@@ -7,8 +7,10 @@ honours timm's registry of functions and modules that must not be traced when ti
 
 A submodule whose forward cannot be traced (data-dependent control flow, unsupported Python) is
 retried as a leaf: sharify then sees it as one opaque call and records it in
-:attr:`TraceResult.auto_leaves` with the reason. Only if the root's own forward cannot be traced
-does tracing fail, with an :class:`~sharify.errors.UntraceableError` naming the problem.
+:attr:`TraceResult.auto_leaves` with the reason. Code in the root's own forward cannot be made a leaf:
+when it stops the trace (an inline head with data-dependent control flow, say), the graph traced up
+to that point is kept and :attr:`TraceResult.stopped` says where; :func:`sharify.plan` analyses that
+part and raises :class:`~sharify.errors.UntraceableError` only when it holds nothing to share.
 """
 
 from __future__ import annotations
@@ -41,10 +43,21 @@ class TraceResult:
     Attributes:
         graph: The traced graph; ``call_module``/``get_attr`` targets are paths into the traced model.
         auto_leaves: Paths of submodules that could not be traced, with the tracing error.
+        stopped: When the root's own forward could not be traced to its end, where and why (the graph
+            then holds what the forward computed before that point and has no output node).
     """
 
     graph: fx.Graph
     auto_leaves: dict[str, str] = field(default_factory=dict)
+    stopped: str | None = None
+
+    def untraceable_error(self, found: str) -> UntraceableError:
+        """The error for a model whose partial trace (:attr:`stopped`) holds nothing to share."""
+        return UntraceableError(
+            f"torch.fx cannot trace {self.stopped}; {found} before that point. sharify needs the data flow of the "
+            "residual stages: make that code traceable, or move it into a submodule (which sharify then treats as "
+            "an opaque call), or pass leaf_modules=[...] naming untraceable submodules."
+        )
 
 
 @functools.cache
@@ -125,14 +138,17 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult
         leaf_modules: Extra module classes or paths not to trace into.
 
     Returns:
-        The graph and the submodules that had to be treated as leaves.
+        The graph, the submodules that had to be treated as leaves, and where the root's forward stopped
+        the trace, if it did.
 
     Raises:
-        UntraceableError: The root's own forward cannot be traced.
+        UntraceableError: The root's own forward cannot be traced before it calls any module, or a
+            submodule stays untraceable even with its failing children leafed.
     """
     user_types = tuple(x for x in leaf_modules or () if isinstance(x, type))
     leaf_paths = {x for x in leaf_modules or () if isinstance(x, str)}
     auto_leaves: dict[str, str] = {}
+    stopped: str | None = None
     with eval_mode(model):
         while True:
             tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves))
@@ -142,6 +158,13 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult
             except Exception as exc:  # torch.fx raises many kinds of errors for untraceable code
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 path = tracer.failed_path
+                partial = getattr(tracer, "graph", None)
+                if not path and partial is not None and any(n.op == "call_module" for n in partial.nodes):
+                    # The root's own forward stopped after calling modules: keep what was traced up to there.
+                    stopped = f"`{type(model).__name__}.forward` ({reason})"
+                    logger.info("the trace of %s stopped: analysing the graph traced before that point", stopped)
+                    graph = partial
+                    break
                 if not path or path in auto_leaves or len(auto_leaves) >= _MAX_AUTO_LEAVES:
                     where = f"`{type(model).__name__}.forward`" if not path else f"module `{path}`"
                     raise UntraceableError(
@@ -151,7 +174,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult
                     ) from exc
                 logger.info("treating %s as a leaf: it cannot be traced (%s)", path, reason)
                 auto_leaves[path] = reason
-    return TraceResult(graph, auto_leaves)
+    return TraceResult(graph, auto_leaves, stopped)
 
 
 def module_path(node: fx.Node) -> str:

@@ -72,6 +72,85 @@ def test_untraceable_submodule_holding_the_stages_is_named_in_the_refusal() -> N
         sharify.sharify(model)
 
 
+def _block(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))  # fmt: skip
+
+
+class _InlineHeadNet(nn.Module):
+    """Stages torch.fx can trace, then data-dependent control flow written in the root's own forward (no
+    submodule to leaf): the trace stops there, and what it traced before is analysed."""
+
+    def __init__(self, late_stage: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(_block(8) for _ in range(3))
+        self.late = nn.ModuleList(_block(8) for _ in range(2)) if late_stage else nn.ModuleList()
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        if x.abs().amax() > 1:  # data-dependent control flow
+            x = x / x.abs().amax()
+        for block in self.late:
+            x = x + block(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_data_dependent_control_flow_in_the_root_forward_after_the_stages() -> None:
+    model = _InlineHeadNet()
+    plan = sharify.plan(model, example_inputs=torch.randn(1, 3, 16, 16))
+    assert [g.members for g in plan.groups] == [("blocks.0.3", "blocks.1.3", "blocks.2.3")]
+    assert plan.params_saved == 2 * 8 * 8 * 9
+    assert plan.trace_stopped is not None and plan.trace_stopped.startswith("`_InlineHeadNet.forward` (TraceError")
+    assert any(n.startswith("torch.fx could not trace `_InlineHeadNet.forward`") for n in plan.notes)
+    with pytest.warns(UserWarning, match=r"could not trace `_InlineHeadNet\.forward`.*blocks the forward runs after"):
+        shared = sharify.sharify(model)
+    assert sharify.report(model, shared).params_after == plan.params_after
+    x = torch.randn(2, 3, 16, 16)
+    assert shared(x).shape == model(x).shape == (2, 10)
+
+
+def test_blocks_after_the_untraceable_root_code_are_left_alone() -> None:
+    model = _InlineHeadNet(late_stage=True)
+    with pytest.warns(UserWarning, match="could not trace"):
+        shared = sharify.sharify(model)
+    members = {p for _, (_, paths) in sharify.shared_groups(shared).items() for p in paths}
+    assert members == {"blocks.0.3", "blocks.1.3", "blocks.2.3"}  # `late` runs after the stop: not analysed
+    assert not any(sharify.is_shared_conv(m) for m in shared.late.modules())
+
+
+def test_example_inputs_are_checked_against_the_first_conv_the_forward_calls() -> None:
+    class HeadRegisteredFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = nn.Conv2d(16, 10, 1)  # registered before the stem, called last
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.blocks = nn.ModuleList(_block(16) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            for block in self.blocks:
+                x = torch.relu(x + block(x))
+            return self.classifier(x).mean((2, 3))
+
+    model = HeadRegisteredFirst()
+    assert sharify.plan(model, example_inputs=torch.randn(1, 3, 32, 32)).params_saved == 2 * 16 * 16 * 9
+    assert sharify.plan(model).input_shapes == ((1, 3, 224, 224),)
+    with pytest.raises(sharify.ExampleInputsError, match=r"16 channels .* first conv `stem` expects 3"):
+        sharify.plan(model, example_inputs=torch.randn(1, 16, 32, 32))
+
+
+def test_example_inputs_reaching_the_first_conv_through_a_space_to_depth_stem() -> None:
+    # tresnet's stem turns (N, 3, H, W) into (N, 48, H/4, W/4) before its first conv
+    with torch.device("meta"):
+        model = timm.create_model("tresnet_m")
+    assert model.body[1].conv.in_channels == 48
+    assert sharify.plan(model, example_inputs=torch.randn(1, 3, 224, 224)).groups
+
+
 # --- no real convolution, no real activation -------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -189,6 +190,20 @@ def test_residual_blocks_but_nothing_with_same_signature() -> None:
     assert p.groups and all(g.signature.groups == g.signature.in_channels for g in p.groups)
 
 
+def test_hints_suggest_only_options_that_share() -> None:
+    """timm's pruned EfficientNets hold depthwise convs, but their channel counts differ from block to block:
+    depthwise=True would share nothing either, so the refusal must not suggest it."""
+    with torch.device("meta"):
+        model = timm.create_model("efficientnet_b1_pruned")
+    reason = sharify.plan(model).empty_reason()
+    assert "depthwise=True" not in reason and "nothing ShaResNet-style to share" in reason
+    assert not sharify.plan(model, depthwise=True).groups and not sharify.plan(model, positions="last").groups
+    # where depthwise=True does share, it is suggested (and it does share)
+    mobilenet = torchvision.models.mobilenet_v2()
+    assert "only shared with depthwise=True" in sharify.plan(mobilenet).empty_reason()
+    assert sharify.plan(mobilenet, depthwise=True).groups
+
+
 def test_one_block_stages() -> None:
     model = torchvision.models.resnet18()
     model.layer1, model.layer2 = model.layer1[:1], model.layer2[:1]
@@ -277,3 +292,12 @@ def test_failed_shape_propagation_is_reported_once_without_torch_log_noise(caplo
     text = str(p)
     assert "shape propagation stopped at `mul`" in p.empty_reason()
     assert text.count("shape propagation stopped at") == 1
+
+
+@pytest.mark.parametrize("flag", ["skip_first_block", "depthwise", "align"])
+def test_flags_must_be_booleans(flag: str) -> None:
+    model = cifar_resnet(20)
+    before = copy.deepcopy(model)
+    with pytest.raises(TypeError, match=f"{flag} must be True or False, got 'yes'"):
+        sharify.sharify(model, inplace=True, **{flag: "yes"})
+    assert state_equal(model, before)

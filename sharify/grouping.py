@@ -1,0 +1,226 @@
+"""The sharing rule applied to a model's stages: which convs form groups, and what to try when none do.
+
+:class:`GroupFinder` holds what the rule needs of one traced model (its modules, how often each is
+called, which BatchNorm follows each conv) and forms the groups for any :class:`SharingOptions`, so a
+refusal can try the other options and suggest only those that would share something.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from .align import channel_slots
+from .options import _ALIASES, Selector, SharingOptions
+from .residual import Block, Stage
+from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
+
+__all__ = ["GroupFinder", "Seen", "check_indices", "nothing_to_share_hints"]
+
+
+@dataclass
+class Seen:
+    """What the branches of the multi-block stages held, for the reasons of an empty plan.
+
+    Attributes:
+        depthwise / spatial / pointwise: Whether some free eligible branch conv is of that kind.
+        reused: Whether some branch conv is called more than once or holds tied parameters.
+        branch_lengths: Eligible convs per block considered (for the range check of index selectors).
+    """
+
+    depthwise: bool = False
+    spatial: bool = False
+    pointwise: bool = False
+    reused: bool = False
+    branch_lengths: list[int] = field(default_factory=list)
+
+
+class GroupFinder:
+    """Forms the sharing groups of one traced model's stages.
+
+    Args:
+        model: The traced model.
+        graph: Its graph (calls are counted there: a conv called twice is never a member).
+        stages: Its residual stages, in execution order.
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, stages: Sequence[Stage]) -> None:
+        self.modules = dict(model.named_modules())
+        self.stages = list(stages)
+        self.stage_paths = [s.path for s in stages if len(s.blocks) > 1]
+        self.calls: dict[str, int] = {}
+        self.conv_nodes: dict[str, fx.Node] = {}
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+                self.conv_nodes[str(node.target)] = node
+        self.owners: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            self.owners[id(p)] = self.owners.get(id(p), 0) + 1
+
+    def eligible(self, path: str) -> bool:
+        """A conv called once per forward whose parameters no other module holds."""
+        conv = self.modules[path]
+        return self.calls.get(path) == 1 and all(self.owners.get(id(p), 0) == 1 for p in conv.parameters(recurse=False))
+
+    def following_norm(self, path: str) -> str | None:
+        """The affine BatchNorm with running statistics that alone consumes the conv's output, if any."""
+        users = list(self.conv_nodes[path].users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        norm = self.modules.get(str(users[0].target))
+        is_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.affine and norm.track_running_stats
+        return str(users[0].target) if is_bn else None
+
+    def groups(self, options: SharingOptions) -> tuple[list[SharingGroup], Seen]:
+        """The groups ``options`` form, and what the branches held."""
+        seen = Seen()
+        groups: list[SharingGroup] = []
+        used: set[str] = set()
+        taken: set[str] = set()
+        for stage in self.stages:
+            if len(stage.blocks) < 2:
+                continue
+            blocks = [b for b in stage.blocks if not (options.skip_first_block and b is stage.first_block)]
+            for selector in options.positions:
+                by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
+                for block in blocks:
+                    # Every selector indexes the block's full list of eligible convs; a conv already in a group (of
+                    # an earlier selector, or of an earlier stage) is skipped, never replaced by another conv.
+                    convs = [(p, self.modules[p]) for p in block.convs if self.eligible(p)]
+                    seen.branch_lengths.append(len(convs))
+                    free = [c for p, c in convs if p not in used]
+                    seen.reused |= any(p not in used and not self.eligible(p) for p in block.convs)
+                    seen.depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
+                    seen.spatial |= any(is_spatial(c) for c in free)
+                    seen.pointwise |= any(not is_spatial(c) for c in free)
+                    for label, path in select(convs, selector, options.depthwise):
+                        if path not in used:
+                            sig = ConvSignature.of(self.modules[path])
+                            by_position.setdefault((label, sig), []).append((block, path))
+                for (label, sig), picked in by_position.items():
+                    if len(picked) > 1:
+                        used.update(p for _, p in picked)
+                        groups.append(self._group(stage, label, sig, picked, options, taken))
+        return groups, seen
+
+    def _group(
+        self,
+        stage: Stage,
+        label: str,
+        sig: ConvSignature,
+        picked: list[tuple[Block, str]],
+        options: SharingOptions,
+        taken: set[str],
+    ) -> SharingGroup:
+        first_block, first_path = picked[0]
+        conv = self.modules[first_path]
+        assert isinstance(conv, nn.Conv2d)
+        ranks = (
+            basis_ranks(options, stage.path, sig, first_path, self.stage_paths) if options.method == "basis" else (0, 0)
+        )
+        norms = tuple(self.following_norm(p) for _, p in picked)
+        slots = (
+            tuple(channel_slots(self.conv_nodes[p], self.modules, self.calls) for _, p in picked)
+            if options.align
+            else ()
+        )
+        unique_stage = self.stage_paths.count(stage.path) == 1
+        return SharingGroup(
+            key=group_key(stage, unique_stage, first_block, first_path, label, taken),
+            stage=stage.path,
+            position=label,
+            signature=sig,
+            members=tuple(p for _, p in picked),
+            weight_numel=conv.weight.numel(),
+            bias_numel=0 if conv.bias is None else conv.bias.numel(),
+            method=options.method,
+            shared_rank=ranks[0],
+            unique_rank=ranks[1],
+            norms=norms,
+            slots=slots,
+            gains=sig.out_channels * norms.count(None) if options.init == "scaled" else 0,
+        )
+
+    def would_share(self, options: SharingOptions, **changes: Any) -> list[SharingGroup]:
+        """The groups whole-conv sharing would form with ``changes`` applied to ``options``."""
+        trial = dataclasses.replace(
+            options, method="share", shared_rank=None, unique_rank=None, init="average", align=False, **changes
+        )
+        return self.groups(trial)[0]
+
+
+def nothing_to_share_hints(options: SharingOptions, seen: Seen, finder: GroupFinder) -> list[str]:
+    """Why ``options`` formed no group although some stage has several blocks, and what would share.
+
+    Every option suggested is one that :meth:`GroupFinder.would_share` confirms forms a group on this
+    model; when none does, the last hint says the architecture has nothing ShaResNet-style to share.
+    """
+    notes: list[str] = []
+    suggested = False
+    if seen.depthwise and not options.depthwise and finder.would_share(options, depthwise=True):
+        notes.append("the residual branches hold depthwise spatial convs, which are only shared with depthwise=True")
+        suggested = True
+    spatial_only = all(p in ("last_spatial", "all_spatial") for p in options.positions)
+    if seen.pointwise and not seen.spatial and spatial_only and finder.would_share(options, positions=("last",)):
+        notes.append(
+            "the residual branches hold only pointwise (1x1) convs, which positions="
+            f"{list(options.positions)!r} does not pick; positions=['last'] shares the last conv of each branch"
+        )
+        suggested = True
+    if seen.reused:
+        notes.append(
+            "some branch convs are called more than once per forward or hold tied parameters (already shared), "
+            "so they are never members"
+        )
+    if options.skip_first_block and finder.would_share(options, skip_first_block=False):
+        notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
+        suggested = True
+    if not suggested:
+        notes.append(_other_positions(options, seen, finder))
+    return notes
+
+
+def _other_positions(options: SharingOptions, seen: Seen, finder: GroupFinder) -> str:
+    """The other selectors that would form a group, if any."""
+    tried = {_ALIASES.get(p, p) if isinstance(p, str) else p for p in options.positions}
+    longest = max(seen.branch_lengths, default=0)
+    found: dict[Selector, tuple[str, ...]] = {}
+    for selector in ("all_spatial", "last", *range(longest)):
+        same = _ALIASES.get(selector, selector) if isinstance(selector, str) else selector
+        if same in tried:
+            continue
+        groups = finder.would_share(options, positions=(selector,))
+        if groups:
+            found[selector] = groups[0].members[:2]
+    if not found:
+        return (
+            "no two blocks of a stage hold convs of one signature at the same position of their branches "
+            "(channels, kernel, stride or groups differ), so this architecture has nothing ShaResNet-style to share"
+        )
+    tries = " or ".join(f"positions={s!r}" if isinstance(s, str) else f"positions=({s},)" for s in found)
+    a, b = next(iter(found.values()))
+    return f"{tries} would share convs of one signature (e.g. `{a}` and `{b}`)"
+
+
+def check_indices(positions: Sequence[Selector], branch_lengths: list[int], model: str) -> None:
+    """Refuses an integer position that is out of range in every residual branch considered.
+
+    An index that fits only some branches (a stage of longer blocks) picks a conv in those and none in
+    the others, like ``"last_spatial"`` in a branch without spatial convs.
+    """
+    if not branch_lengths:
+        return  # no multi-block stage: the empty plan says why
+    longest, shortest = max(branch_lengths), min(branch_lengths)
+    for p in positions:
+        if isinstance(p, int) and not -longest <= p < longest:
+            have = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
+            every = f" ({-shortest}..{shortest - 1} pick a conv in every branch)" if 0 < shortest < longest else ""
+            raise ValueError(
+                f"position index {p} is out of range for every residual branch of {model}: the branches have "
+                f"{have} eligible convs, so valid indices are {-longest}..{longest - 1}{every}"
+            )
