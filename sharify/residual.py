@@ -18,14 +18,16 @@ Definitions (all on the dataflow graph, never on module names):
   (MobileNetV2's non-residual entry block, ConvNeXt's downsample layer), the stage has an
   **entry**: its first block is that non-residual one, and all its residual blocks are non-first.
   The exception is the **stem**: whatever runs before the first residual block of a chain (there is
-  no predecessor) is never an entry, even when it ends with the stage's shape, so the first stage's
-  first block is its first residual block. That is ResNet-34's ``layer1.0``, which DSFB keeps
-  unshared although the stem's max-pool already outputs layer1's shape; likewise a CIFAR ResNet whose
-  stem conv outputs the first stage's shape, or a transition conv written before the first stage's
-  blocks (``tests/nets.py::LoopNet``: ``skip_first_block=True`` leaves out block 0 of its first stage,
-  but not of its second, which has an entry). A non-residual block before the network's first
-  residual block is stem by this rule (MobileNetV2's ``features.2``: ``features.3`` is first); the
-  graph cannot tell it from stem convs.
+  no predecessor) is no entry, even when it ends with the stage's shape, so the first stage's first
+  block is its first residual block. That is ResNet-34's ``layer1.0``, which DSFB keeps unshared
+  although the stem's max-pool already outputs layer1's shape; likewise a CIFAR ResNet whose stem conv
+  outputs the first stage's shape, or a transition conv written before the first stage's blocks
+  (``tests/nets.py::LoopNet``: ``skip_first_block=True`` leaves out block 0 of its first stage, but not
+  of its second, which has an entry). Code before a chain's first residual block is an entry only when
+  it is evidently a block of the same container: its last conv outputs the stage's shape and lies in a
+  module beside the residual block inside that block's (non-root) container -- MobileNetV2's
+  ``features.2``, the non-residual entry block of ``features.3``'s stage, but not ResNet's stem, which
+  lies outside ``layer1``.
 * A block's **branch convs** are the convs on its branch in execution order, except those owned by a
   nested stage (a nested chain of two or more blocks shares among itself).
 """
@@ -79,8 +81,9 @@ class Stage:
         shape: The blocks' output shape.
         blocks: The blocks, in execution order.
         has_entry: A non-residual block with the stage's output shape precedes ``blocks[0]``, so
-            every block in ``blocks`` is a non-first block of the stage. Never true for the first
-            stage of a chain: what precedes it is the stem (see the module docstring).
+            every block in ``blocks`` is a non-first block of the stage. For the first stage of a chain
+            only when that block evidently belongs to the stage's container, not to the stem (see the
+            module docstring).
     """
 
     path: str
@@ -229,6 +232,22 @@ def _block_path(g: _Graph, a: _Add, add_mask: int, sole_add_in_module: bool) -> 
     return inner
 
 
+def _entry_before_chain(g: _Graph, first: _Add, block_path: str) -> bool:
+    """Whether the code before a chain's first residual block (the add ``first`` of module ``block_path``) is
+    the stage's non-residual entry block rather than the stem: the last conv it runs outputs the stage's shape
+    and lies in a sibling of the block inside the block's container (not the root)."""
+    convs = first.common & g.conv_mask
+    container = block_path.rpartition(".")[0]
+    if not convs or not container:
+        return False
+    last = g.nodes[convs.bit_length() - 1]
+    path = str(last.target)
+    if _shape(last) != first.shape or not path.startswith(container + "."):
+        return False
+    sibling = path[len(container) + 1 :].split(".")[0]
+    return sibling != block_path[len(container) + 1 :].split(".")[0]
+
+
 def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[Stage]]:
     """Finds the residual blocks and stages of a traced graph whose nodes carry ``meta["val"]``.
 
@@ -303,11 +322,12 @@ def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[St
         pred = predecessor[ks[0]]
         has_entry = False
         fork = first.common.bit_length() - 1  # latest node both operands depend on: the block input
-        # No predecessor: the convs before the chain's first residual block are the stem, not an entry.
+        stage_blocks = tuple(blocks[k] for k in ks)
         if pred is not None and _shape(g.nodes[fork]) == first.shape:
             between = first.common & ~g.ancestors[adds[pred].node]
             has_entry = bool(between & g.conv_mask)
-        stage_blocks = tuple(blocks[k] for k in ks)
+        elif pred is None and _shape(g.nodes[fork]) == first.shape:
+            has_entry = _entry_before_chain(g, first, stage_blocks[0].path)
         stages.append(
             Stage(
                 path=common_prefix([b.path for b in stage_blocks]) if len(ks) > 1 else stage_blocks[0].path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 import sharify
@@ -71,6 +72,25 @@ def test_loop_net_first_blocks_stem_versus_entry() -> None:
         ("branches.1.0.3", "branches.1.1.3", "branches.1.2.3"),
     ]
     assert p.params_saved == _conv_size(model.branches[0][0][3]) + 2 * _conv_size(model.branches[1][0][3])
+
+
+def test_mobilenet_v2_entry_block_before_the_first_residual_block() -> None:
+    # The network's residual chain starts in a stage of two residual blocks after the non-residual 24-channel
+    # entry block: that block sits beside them in their container, so it is the stage's first block and both
+    # residual blocks are shared (the paper's rule). ResNet's stem, outside `layer1`, is no entry: layer1.0
+    # stays first (the ResNet-34 S48U1 row).
+    model = torchvision.models.mobilenet_v2(inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 3, 2], [6, 32, 3, 2]])
+    p = sharify.plan(model, preset="mobilenetv2-shared")
+    assert [(s.path, s.has_entry) for s in p.stages] == [("features", True), ("features", True)]
+    assert [g.members for g in p.groups] == [
+        ("features.3.conv.0.0", "features.4.conv.0.0"),
+        ("features.6.conv.0.0", "features.7.conv.0.0"),
+    ]
+    # timm's MobileNetV2: the chain starts in blocks.1 (entry blocks.1.0, one residual block blocks.1.1)
+    timm_plan = sharify.plan(timm.create_model("mobilenetv2_035"), preset="mobilenetv2-shared")
+    stage = timm_plan.stages[0]
+    assert (stage.path, stage.has_entry) == ("blocks.1.1", True)
+    assert not sharify.plan(torchvision.models.resnet34(), preset="dsfb-shared").stages[0].has_entry
 
 
 def test_fancy_blocks_se_layer_scale_drop_path_groupnorm_bias() -> None:
