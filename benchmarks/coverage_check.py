@@ -37,7 +37,7 @@ from sharify.layers import shared_groups
 from sharify.rules import ConvSignature, is_depthwise, is_spatial
 from sharify.zoo import ModelSource, build_model
 
-__all__ = ["ModelResult", "check_model", "family_of", "variant_of"]
+__all__ = ["ModelResult", "check_model", "family_of", "suggested_options", "variant_of"]
 
 OUTCOMES = ("shared", "nothing-to-share", "error")
 
@@ -64,6 +64,7 @@ class ModelResult:
     params_after: int = 0
     reduction: float = 0.0
     alternative: str = ""  # nothing-to-share with stages: what other options would share (see _alternative)
+    misleading_hint: bool = False  # the refusal suggests an option that shares nothing when tried
     repeated_dense_convs: int = 0  # dense spatial convs whose signature another one in the model has too
     convs_without_shape: int = 0  # conv calls shape propagation could not reach (not analysed)
     real_check: str = ""  # "passed", "skipped: ...", or "" when not applicable
@@ -185,21 +186,34 @@ def _real_check(result: ModelResult, source: ModelSource, plan: sharify.SharingP
     result.real_check = "passed"
 
 
-def _alternative(model: nn.Module, plan: sharify.SharingPlan) -> str:
-    """What other options would share: every dense spatial conv position (an audit of the default rule),
-    and the option the refusal suggests (``depthwise=True``, ``positions=['last']``)."""
-    reason = plan.empty_reason()
-    tries: list[dict[str, Any]] = [{"positions": "all_spatial"}]
-    if "depthwise=True" in reason:
-        tries.append({"depthwise": True})
-    if "positions=['last']" in reason:
-        tries.append({"positions": "last"})
-    out = []
+_SUGGESTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("depthwise=True", {"depthwise": True}),
+    ("positions=['last']", {"positions": "last"}),
+    ("positions='all_spatial'", {"positions": "all_spatial"}),
+    ("positions='last'", {"positions": "last"}),
+    ("skip_first_block=False", {"skip_first_block": False}),
+]
+
+
+def suggested_options(reason: str) -> list[dict[str, Any]]:
+    """The options a refusal's message suggests trying (``depthwise=True``, ``positions=(2,)``, ...)."""
+    out = [options for text, options in _SUGGESTIONS if text in reason]
+    out += [{"positions": (int(i),)} for i in re.findall(r"positions=\((-?\d+),\)", reason)]
+    return [o for i, o in enumerate(out) if o not in out[:i]]
+
+
+def _alternative(model: nn.Module, plan: sharify.SharingPlan) -> tuple[str, bool]:
+    """What other options would share: every dense spatial conv position (an audit of the default rule), and
+    each option the refusal suggests; and whether one of those suggestions shares nothing (a misleading hint)."""
+    suggested = suggested_options(plan.empty_reason())
+    tries = [{"positions": "all_spatial"}, *(o for o in suggested if o != {"positions": "all_spatial"})]
+    out, misleading = [], False
     for options in tries:
-        label = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        label = ", ".join(f"{k}={v!r}" for k, v in options.items()) + (" (suggested)" if options in suggested else "")
         alt = sharify.plan(model, **options)
         out.append(f"{label}: {len(alt.groups)} groups, -{alt.reduction:.1%}" if alt.groups else f"{label}: nothing")
-    return "; ".join(out)
+        misleading |= options in suggested and not alt.groups
+    return "; ".join(out), misleading
 
 
 def _repeated_dense_convs(model: nn.Module) -> int:
@@ -288,7 +302,7 @@ def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000
                 raise
             result.outcome, result.reason_kind, result.reason = "nothing-to-share", _kind_of(exc), str(exc)
             if plan.stages:
-                result.alternative = _alternative(model, plan)
+                result.alternative, result.misleading_hint = _alternative(model, plan)
             return result
         if not plan.groups:
             raise AssertionError("sharify() returned a model although the plan has no groups")

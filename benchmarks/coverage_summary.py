@@ -93,7 +93,9 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         lines.append(f"| {outcome} | {kind} | {n} | {text} |")
     real = Counter(r["real_check"].split(":")[0] for r in results if r["outcome"] == "shared")
     audited = [r for r in results if r["outcome"] == "nothing-to-share" and r["alternative"]]
-    dense = [r for r in audited if not r["alternative"].startswith("positions='all_spatial': nothing")]
+    dense = [r for r in audited if not r["alternative"].split("; ")[0].endswith(": nothing")]
+    hinted = [r for r in audited if "(suggested)" in r["alternative"]]
+    misleading = [r for r in hinted if r.get("misleading_hint")]
     lines += [
         "",
         f"Real forward/backward check of the shared models: {real.get('passed', 0)} passed, "
@@ -102,6 +104,10 @@ def summary_markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str
         f"Audit of the refusals: {len(audited)} refused models have residual stages; planned again with "
         f"`positions='all_spatial'` (any dense spatial conv of the residual branches), {len(dense)} of them would "
         "share something" + (": " + ", ".join(f"`{r['name']}` ({r['alternative']})" for r in dense) if dense else "."),
+        "",
+        f"Hints: {len(hinted)} refusals suggest options to try (`depthwise=True`, other `positions`, ...); tried, "
+        f"the suggestions of {len(misleading)} of them share nothing"
+        + (": " + ", ".join(f"`{r['name']}` ({r['alternative']})" for r in misleading) if misleading else "."),
         "",
         "## By family",
         "",

@@ -99,11 +99,27 @@ EXACT_PARAMS = {  # (params_before, params_after)
 }
 
 
+# The committed sweep (benchmarks/results/coverage.json) must be what the current code gives: a change to the
+# analysis or to a refusal's message that is not followed by a new sweep fails here, on the subset.
+_COMMITTED = {
+    f"{r['library']}:{r['name']}": r
+    for r in json.loads((Path(__file__).parents[1] / "benchmarks/results/coverage.json").read_text())["models"]
+}
+_ANALYSIS_FIELDS = ("outcome", "reason_kind", "reason", "build", "traced", "input_shape", "blocks", "stages", "groups",
+                    "members", "params_before", "params_after", "alternative", "misleading_hint")  # fmt: skip
+
+
 @pytest.mark.parametrize(("library", "name", "expected"), SUBSET, ids=[f"{lib}:{n}" for lib, n, _ in SUBSET])
 def test_model_outcome(library: str, name: str, expected: str) -> None:
     forward_max_params = 0 if name in META_ONLY else FORWARD_MAX_PARAMS
     result = check_model(library, name, forward_max_params=forward_max_params, input_px=64)
     assert result.outcome != "error", f"{result.reason_kind}: {result.reason}"
+    assert not result.misleading_hint, f"the refusal suggests options that share nothing: {result.alternative}"
+    committed = _COMMITTED[f"{library}:{name}"]
+    stale = {
+        k: (committed.get(k), v) for k, v in result.to_dict().items() if k in _ANALYSIS_FIELDS and committed.get(k) != v
+    }
+    assert not stale, f"benchmarks/results/coverage.json is stale (committed, now): {stale}; rerun benchmarks.coverage"
     assert result.build == ("meta (moved at registration)" if name in MOVED_AT_REGISTRATION else "meta")
     assert result.traced == ("auto-leaf: " + ", ".join(AUTO_LEAFED[name]) if name in AUTO_LEAFED else "yes")
     if f"{library}:{name}" in EXACT_PARAMS:
