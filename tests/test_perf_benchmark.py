@@ -31,11 +31,19 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
     assert all(r["ratio"] > 0 for r in results["speed"])
     assert all(r["ratio_q1"] <= r["ratio_q3"] for r in results["speed"])
-    peak = results["memory"][0]["peak"]
+    mem = results["memory"][0]
+    peak = mem["peak"]
     assert peak["original_peak_bytes"] > 0 and peak["shared_peak_bytes"] > 0
+    # the models materialised from the meta device for the peak are the ones measured exactly
+    assert (peak["original_param_bytes"], peak["shared_param_bytes"]) == (
+        mem["original_param_bytes"],
+        mem["shared_param_bytes"],
+    )
+    assert peak["predicted_saving_bytes"] == 3 * (mem["original_param_bytes"] - mem["shared_param_bytes"]) > 0
     assert [r["model"] for r in results["analysis_memory"]] == ["resnet18", "resnet26"]
     text = (tmp_path / "perf.md").read_text()
     assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text and "ratio IQR" in text
+    assert "### Peak memory of a training step" in text and "| wrn-16-1 | " in text.split("### Peak memory")[1]
 
 
 def test_interleaved_alternates_the_order_every_round() -> None:
