@@ -7,9 +7,10 @@ of every tensor. :func:`load` rebuilds the architecture from the recipe (or take
 own), re-applies the sharing and loads the weights strictly; the result equals the saved model bit
 for bit. Any safetensors reader can still load the weights: the recipe is only metadata.
 
-Wrapped models: ``save`` looks through DDP, DataParallel and ``torch.compile`` wrappers (reading is
-harmless, and the file then loads into the bare model); ``load`` into a wrapped model is refused,
-as :func:`sharify.sharify` refuses it: load into the bare model, then wrap the result.
+Wrapped models: ``save`` unwraps DDP, DataParallel and ``torch.compile`` wrappers and says so with a
+``UserWarning`` (reading is harmless, and the file then loads into the bare model); ``load`` into a
+wrapped model is refused, as :func:`sharify.sharify` refuses it: load into the bare model, then wrap
+the result.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def save(
 
     The weights are the model's state_dict (each shared tensor once); the header's metadata holds the
     recipe (see :class:`~sharify.recipe.Recipe`). The file is written to a temporary file next to
-    ``path`` and renamed, so ``path`` is never left half-written. DDP, DataParallel and
-    ``torch.compile`` wrappers are looked through: the file holds the bare model's keys.
+    ``path`` and renamed, so ``path`` is never left half-written. A DDP, DataParallel or
+    ``torch.compile`` wrapper is unwrapped with a ``UserWarning``: the file holds the bare model's keys.
 
     Args:
         model: The model, usually returned by :func:`sharify.sharify` or :func:`load`. An unshared
@@ -120,7 +121,13 @@ def save(
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     bare, wrappers = unwrap(model)
     if wrappers:
-        logger.info("saving the %s inside %s", type(bare).__name__, " > ".join(wrappers))
+        warnings.warn(
+            f"sharify.save got a model wrapped in {' > '.join(wrappers)}; saved the bare {type(bare).__name__} inside "
+            "(keys without the wrapper's prefix), which loads with sharify.load into an unwrapped model; "
+            "pass the bare model (e.g. ddp.module, compiled._orig_mod) to save without this warning",
+            UserWarning,
+            stacklevel=2,
+        )
     if isinstance(bare, torch.jit.ScriptModule):
         raise UnsupportedModelError("got a TorchScript module; save the eager model (before torch.jit.script)")
     problems = verify(bare)
