@@ -2,8 +2,8 @@
 
 :func:`save` writes the state_dict (each shared tensor once: the model registers it once) to a
 ``.safetensors`` file and puts the :class:`~sharify.recipe.Recipe` in the file's string metadata
-(key ``"sharify"``, JSON): library version, source model, sharing options and groups, and a CRC-32
-of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
+(key ``"sharify"``, JSON): library version, source model (:mod:`sharify.source`), sharing options
+and groups, and a CRC-32 of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
 own), re-applies the sharing and loads the weights strictly; the result equals the saved model bit
 for bit. Any safetensors reader can still load the weights: the recipe is only metadata.
 
@@ -95,9 +95,12 @@ def save(
         path: Destination file.
         source: Where to rebuild the architecture from: a name (``"resnet18"``, ``"timm:resnet26"``)
             or a :class:`~sharify.zoo.ModelSource` with builder kwargs. Default: recorded by
-            :func:`sharify.zoo.build_model`, or read from a timm model's ``pretrained_cfg``;
-            torchvision models need it (without it the file loads only with ``load(path, model=...)``).
-            It is checked by building the architecture on the meta device.
+            :func:`sharify.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a
+            torchvision classification model, the one builder that makes its structure (with its
+            ``num_classes``; see :func:`sharify.source.torchvision_matches`). A torchvision model no
+            builder (or several) makes is saved with a ``UserWarning`` and no source: such a file,
+            like one of a user-defined model, loads with ``load(path, model=...)``. Any source is
+            checked by building the architecture on the meta device.
         metadata: Extra string entries for the header (``"format"`` and ``"sharify"`` are reserved);
             read them back with :func:`read_recipe`.
 
@@ -112,7 +115,7 @@ def save(
     Example:
         >>> import tempfile, torchvision, sharify
         >>> shared = sharify.sharify(torchvision.models.resnet18())
-        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors", source="resnet18")
+        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors")  # found: torchvision's resnet18
         >>> restored = sharify.load(path)
         >>> sorted(sharify.shared_groups(restored)) == sorted(sharify.shared_groups(shared))
         True
