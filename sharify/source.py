@@ -203,10 +203,11 @@ def _module_problems(built: nn.Module, model: nn.Module, recipe: Recipe, here: s
         if cls is not type(ref):
             problems.append(f"{where} is {type(ref).__name__} in {here} but {cls.__name__} in {there}")
             continue
-        want, got = _settings(ref), _settings(have)
-        key = next((k for k in sorted(want.keys() | got.keys()) if want.get(k, ...) != got.get(k, ...)), None)
+        want, got = _settings(ref), _settings(have)  # attributes the builder does not set are the user's own
+        key = next((k for k in sorted(want) if k not in got or got[k] != want[k]), None)
         if key is not None:
-            problems.append(f"{where} has {key}={want.get(key)!r} in {here} but {got.get(key)!r} in {there}")
+            theirs = repr(got[key]) if key in got else "absent"
+            problems.append(f"{where} has {key}={want[key]!r} in {here} but {theirs} in {there}")
     return problems + [f"`{p}` ({type(m).__name__}) is in {there} but not in {here}" for p, m in mine.items()]
 
 
