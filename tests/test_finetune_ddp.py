@@ -87,6 +87,28 @@ def test_ddp_reentrant_checkpointing_needs_static_graph(ddp_run: tuple[Path, Pat
     assert results["True"] == {"ok": True, "same_grad_on_ranks": True}
 
 
+def test_accumulation_under_a_static_graph_equals_one_process_on_the_global_batch(ddp_run: tuple[Path, Path]) -> None:
+    ranks = json.loads((ddp_run[1] / "accum.json").read_text())
+    # DDP(static_graph=True) + no_sync() fails (pytorch/pytorch#143580): the Trainer reduces every micro-batch
+    assert [r["ok"] for r in ranks] == [True, True], ranks
+    assert all(r["max_diff"] < 1e-5 and r["moved"] > 1e-3 for r in ranks), ranks
+
+
+def test_ddp_static_graph_only_for_reentrant_checkpointing() -> None:
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    from sharify.train.distributed import ddp_static_graph
+
+    previous = use_reentrant_ckpt()
+    try:
+        set_reentrant_ckpt(True)
+        assert ddp_static_graph(True) and not ddp_static_graph(False)
+        set_reentrant_ckpt(False)  # timm's default: DDP needs nothing special
+        assert not ddp_static_graph(True)
+    finally:
+        set_reentrant_ckpt(previous)
+
+
 def test_ddp_example_runs_with_reentrant_checkpointing(ddp_run: tuple[Path, Path]) -> None:
     result = json.loads((ddp_run[1] / "example.json").read_text())
     assert result["same_on_ranks"] == 1.0 and result["loss"] > 0
@@ -98,7 +120,8 @@ def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path
     out = ddp_run[1]
     ranks = json.loads((out / "cli.json").read_text())
     assert [r["rc"] for r in ranks] == [0, 0]
-    assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran (reentrant, static graph)
+    assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran ...
+    assert all(r["static_graph"] == [True] for r in ranks)  # ... reentrant: static graph, with --accum-steps 2
     assert not (out / "cli-rank1").exists()  # rank 1 wrote nothing
     run = out / "cli-rank0"
     assert {p.name for p in run.iterdir()} == {

@@ -32,7 +32,9 @@ class FinetuneConfig:
         amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
         channels_last: Train in channels-last memory format.
         compile: Wrap the model in ``torch.compile``.
-        grad_checkpointing: timm ``set_grad_checkpointing`` (DDP then uses ``static_graph=True``).
+        grad_checkpointing: timm ``set_grad_checkpointing``; under DDP with re-entrant checkpointing
+            (``timm.layers.set_reentrant_ckpt(True)``) the model is wrapped with ``static_graph=True``, and
+            gradient accumulation then reduces every micro-batch (timm's default, non-reentrant, needs neither).
         ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
         bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
         lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).

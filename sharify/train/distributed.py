@@ -21,7 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup", "init_distributed"]
+__all__ = [
+    "DistContext",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "ddp_static_graph",
+    "init_distributed",
+]
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,28 @@ def init_distributed(device: str = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def ddp_static_graph(grad_checkpointing: bool) -> bool:
+    """Whether DDP needs ``static_graph=True``: only with timm's re-entrant activation checkpointing.
+
+    A shared weight is used by several blocks. Re-entrant checkpointing runs each checkpointed block's
+    backward as a separate pass, so the weight's gradient becomes ready several times per iteration, which
+    DDP refuses ("Expected to mark a variable ready only once") unless it knows the graph is static.
+    Non-reentrant checkpointing (timm's default, ``timm.layers.set_reentrant_ckpt(False)``) needs nothing
+    special. ``static_graph`` excludes ``no_sync()``, so accumulation then reduces every micro-batch
+    (:class:`~sharify.train.loop.Trainer`).
+
+    Args:
+        grad_checkpointing: Whether the model runs with ``set_grad_checkpointing(True)``.
+    """
+    if not grad_checkpointing:
+        return False
+    try:
+        from timm.layers import use_reentrant_ckpt
+    except ImportError:  # timm before set_reentrant_ckpt always checkpointed re-entrant
+        return True
+    return bool(use_reentrant_ckpt())
 
 
 def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:

@@ -43,7 +43,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
-from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from .distributed import DistContext, all_gather_objects, barrier, cleanup, ddp_static_graph, init_distributed
 from .errors import CheckpointError, DataError
 from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
@@ -277,7 +277,7 @@ def _run(
         train_model = DDP(
             module,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            static_graph=config.grad_checkpointing,
+            static_graph=ddp_static_graph(config.grad_checkpointing),
         )
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]

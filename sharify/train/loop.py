@@ -4,7 +4,8 @@
 loss, regulariser). :meth:`Trainer.train_epoch` runs the micro-batches of one epoch: forward under
 autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of micro-batches in its
 update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP gradient
-synchronisation only on the micro-batch that updates), optional gradient clipping, optimizer step
+synchronisation only on the micro-batch that updates, except under ``static_graph``, where every
+micro-batch synchronises), optional gradient clipping, optimizer step
 through the ``GradScaler`` (fp16), schedule and EMA update. :func:`evaluate` computes loss and
 top-1/top-5 accuracy. Both reduce their sums over ranks, so the numbers are those of the whole
 data set.
@@ -99,8 +100,15 @@ class Trainer:
     show_progress: bool = True
 
     def _no_sync(self, update: bool) -> AbstractContextManager[Any]:
+        # DDP(static_graph=True) does not support no_sync(): an internal assert on the first backward, and
+        # gradients that silently stop being reduced once that is avoided (pytorch/pytorch#143580). Under a
+        # static graph every micro-batch reduces: one all-reduce per micro-batch instead of per update, and
+        # the same result, as each reduction averages the accumulated gradient, whose earlier part is
+        # already identical on all ranks.
         no_sync = getattr(self.model, "no_sync", None)
-        return nullcontext() if update or no_sync is None else no_sync()
+        if update or no_sync is None or getattr(self.model, "static_graph", False):
+            return nullcontext()
+        return no_sync()
 
     def _step(self) -> None:
         if self.scaler is not None:
