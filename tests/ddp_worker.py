@@ -8,9 +8,10 @@
    :class:`~sharify.train.loop.Trainer`, compared with one process on the global batch (``accum.json``).
 4. Runs ``examples/ddp_torchrun.py`` with reentrant checkpointing.
 5. Runs the command line, ``sharify.cli.main(["finetune", ...])`` as ``torchrun -m sharify finetune``
-   does, with ``--grad-checkpointing`` (still reentrant) and ``--accum-steps 2``; each rank gets its
-   own ``--out``, so a file written by rank 1 would show. Exit codes, checkpoint counts and DDP's
-   ``static_graph`` go to ``cli.json``.
+   does, with ``--grad-checkpointing`` (still reentrant), ``--accum-steps 2`` and ``--ema`` on a
+   BatchNorm net; each rank gets its own ``--out``, so a file written by rank 1 would show. Exit
+   codes, checkpoint counts, DDP's ``static_graph`` and the state_dict keys (BN buffers, EMA) that
+   differ from rank 0's go to ``cli.json``.
 
 One torchrun launch for all five: starting processes is the slow part on a small CPU machine.
 """
@@ -18,9 +19,11 @@ One torchrun launch for all five: starting processes is the slow part on a small
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -134,14 +137,32 @@ def command_line(data_dir: Path, out: Path) -> None:
     rank = dist.get_rank()
     argv = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(out / f"cli-rank{rank}")]
     argv += ["--epochs", "1", "--batch-size", "4", "--subset", "16", "--workers", "0", "--device", "cpu"]
-    argv += ["--grad-checkpointing", "--accum-steps", "2", "--quiet"]  # per rank: 2 micro-batches, 1 update
+    argv += ["--grad-checkpointing", "--accum-steps", "2", "--ema", "0.5", "--quiet"]  # per rank: 2 micro-batches
+    finetune_module = importlib.import_module("sharify.train.finetune")
+    results_of: list[Any] = []
+
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        results_of.append(real_finetune(*args, **kwargs))
+        return results_of[-1]
+
+    real_finetune = finetune_module.finetune
     with pytest.MonkeyPatch.context() as mp:
         shrink_timm_resnets(mp)
         mp.setattr(torch.utils.checkpoint, "checkpoint", counting)
         mp.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+        mp.setattr(finetune_module, "finetune", keeping)
         code = sharify_main(argv)
+    # the trained model and its EMA copy (BatchNorm buffers included) must be rank 0's on every rank
+    states = {"model": results_of[0].model.state_dict(), "ema": results_of[0].ema_model.state_dict()}
+    ranks_states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks_states, states)
+    differ = {
+        name: [k for k, v in state.items() if not torch.equal(v, ranks_states[0][name][k])]
+        for name, state in states.items()
+    }
+    outcome = {"rc": code, "checkpoint_calls": len(calls), "static_graph": static_graphs, "differ": differ}
     results = [None] * dist.get_world_size()
-    dist.all_gather_object(results, {"rc": code, "checkpoint_calls": len(calls), "static_graph": static_graphs})
+    dist.all_gather_object(results, outcome)
     if rank == 0:
         (out / "cli.json").write_text(json.dumps(results))
 

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 import sharify
 from sharify.train import finetune, latest_checkpoint, load_data
+from sharify.train.distributed import DistContext
+from sharify.train.loaders import build_loaders
+from sharify.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,6 +125,8 @@ def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path
     assert [r["rc"] for r in ranks] == [0, 0]
     assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran ...
     assert all(r["static_graph"] == [True] for r in ranks)  # ... reentrant: static graph, with --accum-steps 2
+    # a BatchNorm net with EMA: all ranks end with rank 0's buffers and EMA; the metrics are the saved model's
+    assert [r["differ"] for r in ranks] == [{"model": [], "ema": []}] * 2, ranks
     assert not (out / "cli-rank1").exists()  # rank 1 wrote nothing
     run = out / "cli-rank0"
     assert {p.name for p in run.iterdir()} == {
@@ -129,10 +134,19 @@ def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path
         "config.json",
         "metrics.jsonl",
         "model.safetensors",
+        "model_ema.safetensors",
         "report.json",
         "report.md",
     }
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["train_images"] == 16 and metrics[0]["val_images"] == 12  # both ranks
+    # the metrics reduced over the two ranks' validation shards are those of the saved weights in one process
+    data = load_data(ddp_run[0], subset=16)
+    for weights, prefix in (("model.safetensors", ""), ("model_ema.safetensors", "ema_")):
+        model = sharify.load(run / weights)
+        val = build_loaders(data, model, DistContext(), batch_size=4, workers=0).val
+        alone = evaluate(model, val, DistContext())
+        assert alone["val_images"] == 12 and alone["top1"] == metrics[0][f"{prefix}top1"]
+        assert alone["val_loss"] == pytest.approx(metrics[0][f"{prefix}val_loss"], rel=1e-5, abs=1e-6)
     assert latest_checkpoint(run) == run / "checkpoints" / "epoch-0001"
     assert json.loads((run / "config.json").read_text())["setup"]["world_size"] == 2

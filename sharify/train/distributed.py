@@ -15,17 +15,20 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 __all__ = [
     "DistContext",
     "all_gather_objects",
     "all_reduce_sum",
     "barrier",
+    "broadcast_from_main",
     "cleanup",
     "ddp_static_graph",
     "init_distributed",
@@ -113,6 +116,24 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+@torch.no_grad()
+def broadcast_from_main(tensors: Iterable[Tensor], ctx: DistContext) -> None:
+    """Overwrites each tensor in place with rank 0's value (no-op in a single process).
+
+    Used for what DDP leaves per process: BatchNorm running statistics (updated locally by every
+    forward pass), an EMA copy (which averages them), and a model built independently on each rank.
+    """
+    if not ctx.distributed:
+        return
+    for tensor in tensors:
+        if tensor.is_contiguous():
+            dist.broadcast(tensor, src=0)
+        else:  # channels-last weights: broadcast a contiguous copy
+            flat = tensor.contiguous()
+            dist.broadcast(flat, src=0)
+            tensor.copy_(flat)
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

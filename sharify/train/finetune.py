@@ -19,7 +19,9 @@ With ``resume=True`` the run continues after the newest checkpoint with the same
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
 checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
 retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
-process calls :func:`finetune`; rank 0 logs and writes files.
+process calls :func:`finetune`; rank 0 logs and writes files. Every rank starts from rank 0's model
+and, before each evaluation, takes rank 0's BatchNorm statistics and EMA weights, so the reduced
+validation metrics are those of the model rank 0 saves.
 """
 
 from __future__ import annotations
@@ -43,7 +45,15 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
-from .distributed import DistContext, all_gather_objects, barrier, cleanup, ddp_static_graph, init_distributed
+from .distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_from_main,
+    cleanup,
+    ddp_static_graph,
+    init_distributed,
+)
 from .errors import CheckpointError, DataError
 from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
@@ -188,6 +198,9 @@ def _run(
         module.set_grad_checkpointing(True)  # type: ignore[operator]
     if config.sync_bn and ctx.distributed:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    # every rank starts from rank 0's model (a head initialised independently on each rank would differ;
+    # DDP syncs the weights only when it wraps the model, after the EMA copy and the first evaluation)
+    broadcast_from_main([*module.parameters(), *module.buffers()], ctx)
     loaders = build_loaders(
         bundle,
         module,
@@ -307,6 +320,7 @@ def _run(
         tic = time.perf_counter()
         loaders.set_epoch(epoch, config.seed)
         record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(loaders.train, epoch, config.epochs)}
+        _sync_from_main(module, ema, ctx)  # all ranks evaluate the model that rank 0 saves
         record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
         if ema is not None:
             ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw)
@@ -363,6 +377,19 @@ def _run(
             save(ema.module, out / "model_ema.safetensors", metadata=meta)
     barrier(ctx)
     return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
+
+
+def _sync_from_main(module: nn.Module, ema: Any, ctx: DistContext) -> None:
+    """Gives every rank rank 0's BatchNorm statistics and EMA weights.
+
+    DDP keeps the weights equal across ranks, but each rank's forward passes update its own running
+    statistics (DDP broadcasts rank 0's only at the start of the next forward), and the EMA copy
+    averages those. Without this the reduced validation metrics would average slightly different
+    models, none of them the one rank 0 saves.
+    """
+    broadcast_from_main(module.buffers(), ctx)
+    if ema is not None:
+        broadcast_from_main([*ema.module.parameters(), *ema.module.buffers()], ctx)
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
