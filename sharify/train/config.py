@@ -102,7 +102,7 @@ class FinetuneConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without a CUDA device)."""
+        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without CUDA, ``out`` a file)."""
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -114,6 +114,9 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.lr <= 0 or self.warmup_epochs < 0 or self.bn_recalibrate < 0 or self.workers < 0:
             raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; pass a directory for the run's outputs (created if missing)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
         if self.sync_bn:

@@ -180,7 +180,12 @@ def _run(
     if existing is not None:
         check_resumable(existing, settings, described)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, no permission, read-only file system ...
+            raise ValueError(
+                f"cannot create the output directory {out} ({exc.strerror or exc}); pass another --out"
+            ) from exc
         text = json.dumps({**settings, "setup": described}, indent=2) + "\n"
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         if original is not None and shared_groups(module):
