@@ -248,7 +248,7 @@ def test_cli_pretrained_without_internet_is_one_line(
     assert not (tmp_path / "o").exists()
 
 
-def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sync_bn_and_amp_need_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"--sync-bn needs CUDA.*--device cpu"):
         FinetuneConfig(sync_bn=True, device="cpu").validate()
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
@@ -256,6 +256,7 @@ def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert not tmp_path.joinpath("config.json").exists()
     args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(tmp_path / "o")]
     assert "--sync-bn needs CUDA" in _cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
+    assert "--amp fp16 needs a CUDA device" in _cli_error([*args, "--amp", "fp16", "--device", "cpu"], capsys)
 
 
 def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:

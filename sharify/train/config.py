@@ -29,7 +29,8 @@ class FinetuneConfig:
         accum_steps: Micro-batches per optimizer update (gradient accumulation); each update's gradient is
             the mean over its micro-batches, also in an epoch's last, shorter update.
         clip_grad: Max gradient norm, or ``None``.
-        amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        amp: ``"auto"`` (bf16 on CUDA devices that support it, else fp32), ``"none"``, ``"bf16"`` or ``"fp16"``
+            (CUDA only; fp16 with a grad scaler).
         channels_last: Train in channels-last memory format.
         compile: Wrap the model in ``torch.compile``.
         grad_checkpointing: timm ``set_grad_checkpointing``; under DDP with re-entrant checkpointing
@@ -119,11 +120,13 @@ class FinetuneConfig:
             raise ValueError(f"--out {out} is a file; pass a directory for the run's outputs (created if missing)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
-        if self.sync_bn:
-            from .distributed import resolve_device
+        from .distributed import resolve_device
+        from .loop import resolve_amp
 
-            if resolve_device(self.device).type != "cuda":
-                raise ValueError(
-                    f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
-                    "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
-                )
+        device = resolve_device(self.device)
+        resolve_amp(self.amp, device)
+        if self.sync_bn and device.type != "cuda":
+            raise ValueError(
+                f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
+                "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
+            )

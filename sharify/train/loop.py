@@ -37,7 +37,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` on CUDA devices that support it, else ``"none"``; checks explicit choices.
 
     Raises:
-        ValueError: Unknown mode, or bf16/fp16 requested on a CPU (training runs in fp32 there).
+        ValueError: Unknown mode, bf16/fp16 requested on a CPU (training runs in fp32 there), or bf16 on a
+            GPU without bfloat16 support.
     """
     if amp not in ("auto", "none", "bf16", "fp16"):
         raise ValueError(f"unknown --amp {amp!r}; use auto, none, bf16 or fp16")
@@ -45,6 +46,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if amp != "none" and device.type != "cuda":
         raise ValueError(f"--amp {amp} needs a CUDA device (--device cuda); on CPU training runs in fp32 (--amp none)")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 (with a grad scaler)")
     return amp
 
 
