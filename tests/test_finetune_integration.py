@@ -384,7 +384,15 @@ def _run_example(name: str, argv: list[str]) -> dict[str, float]:
 
 
 def test_plain_pytorch_example(tmp_path: Path) -> None:
+    from PIL import Image
+
     data = make_image_folder(tmp_path / "data", train=4, val=2)
+    # images of other sizes than the first (12 x 12), as in any real ImageFolder: they must still batch
+    resized = {path: (20, 16) for path in (data / "train" / "class1").iterdir()}
+    resized[data / "val" / "class2" / "0.png"] = (9, 14)
+    for path, size in resized.items():
+        with Image.open(path) as image:
+            image.resize(size).save(path)
     out = tmp_path / "plain.safetensors"
     result = _run_example(
         "plain_pytorch", ["--data", str(data), "--subset", "12", "--batch-size", "6", "--out", str(out)]
