@@ -6,7 +6,10 @@ into ``config.out``:
 * ``report.json`` / ``report.md``: the parameter report, when the unshared ``original`` is given;
 * ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
-  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
+  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update.
+  ``images_per_s`` counts the training images of all ranks over the epoch's training time (data
+  loading included, evaluation not); the first epoch's also includes one-time warm-up --
+  ``torch.compile`` compiling the model, cuDNN autotuning -- so compare later epochs for speed;
 * ``checkpoints/epoch-NNNN/``: the ``keep_checkpoints`` newest complete epochs (weights as safetensors,
   training state in ``state.json`` and, for the tensors of optimizer and RNG, ``state.pt``; see
   :mod:`sharify.train.checkpoint`);
@@ -243,6 +246,7 @@ def _run(
         "autocast": autocast,
         "channels_last": config.channels_last,
         "num_classes": bundle.num_classes,
+        "show_progress": show,
     }
 
     metrics: list[dict[str, Any]] = []
@@ -328,7 +332,7 @@ def _run(
         _sync_from_main(module, ema, ctx)  # all ranks evaluate the model that rank 0 saves
         record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
         if ema is not None:
-            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw)
+            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw, desc="val (EMA)")
             record.update(
                 ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"]
             )

@@ -132,7 +132,11 @@ class Trainer:
             self.ema.update(self.module, step=self.num_updates)
 
     def train_epoch(self, loader: Any, epoch: int, epochs: int) -> dict[str, float]:
-        """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``."""
+        """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``.
+
+        ``images_per_s`` is over the whole epoch, data loading included, so one-time warm-up in the
+        first epoch (``torch.compile`` compiling the model, cuDNN benchmarking) lowers that epoch's figure.
+        """
         self.model.train()
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -202,14 +206,22 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     channels_last: bool = False,
     num_classes: int | None = None,
+    show_progress: bool = False,
+    desc: str = "val",
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (in %) of ``model`` over the (rank-sharded) ``loader``."""
+    """Loss, top-1 and top-5 accuracy (in %) of ``model`` over the (rank-sharded) ``loader``.
+
+    ``show_progress`` draws a tqdm bar named ``desc`` on stderr (rank 0 of a run on a terminal).
+    """
     was_training = model.training
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss, top1, top5, count
+    bar = tqdm(
+        loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=not show_progress, file=sys.stderr
+    )
     try:
-        for i, (images, labels) in enumerate(loader):
+        for i, (images, labels) in enumerate(bar):
             images = _images(images, ctx.device, channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             with autocast():
