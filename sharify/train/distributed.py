@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "DistContext",
@@ -32,6 +32,7 @@ __all__ = [
     "cleanup",
     "ddp_static_graph",
     "init_distributed",
+    "sync_from_main",
 ]
 
 
@@ -134,6 +135,19 @@ def broadcast_from_main(tensors: Iterable[Tensor], ctx: DistContext) -> None:
             flat = tensor.contiguous()
             dist.broadcast(flat, src=0)
             tensor.copy_(flat)
+
+
+def sync_from_main(module: nn.Module, ema_module: nn.Module | None, ctx: DistContext) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm statistics) and EMA weights (no-op in a single process).
+
+    DDP keeps the weights equal across ranks, but each rank's forward passes update its own running
+    statistics (DDP broadcasts rank 0's only at the start of the next forward), and the EMA copy
+    averages those. Without this the reduced validation metrics would average slightly different
+    models, none of them the one rank 0 saves.
+    """
+    broadcast_from_main(module.buffers(), ctx)
+    if ema_module is not None:
+        broadcast_from_main([*ema_module.parameters(), *ema_module.buffers()], ctx)
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

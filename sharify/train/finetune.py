@@ -56,6 +56,7 @@ from .distributed import (
     cleanup,
     ddp_static_graph,
     init_distributed,
+    sync_from_main,
 )
 from .errors import CheckpointError, DataError
 from .loaders import build_loaders
@@ -330,7 +331,7 @@ def _run(
         tic = time.perf_counter()
         loaders.set_epoch(epoch, config.seed)
         record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(loaders.train, epoch, config.epochs)}
-        _sync_from_main(module, ema, ctx)  # all ranks evaluate the model that rank 0 saves
+        sync_from_main(module, ema.module if ema is not None else None, ctx)  # all ranks evaluate what rank 0 saves
         record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
         if ema is not None:
             ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw, desc="val (EMA)")
@@ -387,19 +388,6 @@ def _run(
             save(ema.module, out / "model_ema.safetensors", metadata=meta)
     barrier(ctx)
     return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
-
-
-def _sync_from_main(module: nn.Module, ema: Any, ctx: DistContext) -> None:
-    """Gives every rank rank 0's BatchNorm statistics and EMA weights.
-
-    DDP keeps the weights equal across ranks, but each rank's forward passes update its own running
-    statistics (DDP broadcasts rank 0's only at the start of the next forward), and the EMA copy
-    averages those. Without this the reduced validation metrics would average slightly different
-    models, none of them the one rank 0 saves.
-    """
-    broadcast_from_main(module.buffers(), ctx)
-    if ema is not None:
-        broadcast_from_main([*ema.module.parameters(), *ema.module.buffers()], ctx)
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
