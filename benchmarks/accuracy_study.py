@@ -3,6 +3,8 @@ fine-tuning buys back, per initialisation; plus the papers' equal-budget compari
 
     python -m benchmarks.accuracy_study                    # the full study (budget: see --help defaults)
     python -m benchmarks.accuracy_study --smoke            # a ~1 minute run of every step on a tiny subset
+    python -m benchmarks.accuracy_study --from-json benchmarks/results/accuracy_study/study.json
+                                                           # rewrite the table and plot from the results, no training
 
 Steps (one command, every run through ``sharify.train.finetune``):
 
@@ -22,7 +24,9 @@ Steps (one command, every run through ``sharify.train.finetune``):
 
 Writes ``--out`` (default ``benchmarks/results/accuracy_study/``): ``accuracy_study.md`` (table),
 ``accuracy_study.png`` (accuracy vs fine-tune epochs per init; accuracy vs parameters), ``study.json``
-(configuration, seeds, command, machine, all metrics) and each run's ``metrics.jsonl``/``report.md``.
+(configuration, seeds, command, git commit, machine, data, all metrics) and each run's
+``metrics.jsonl``/``report.md``/``config.json``. The filter-basis variants fine-tune with the orthogonality
+regulariser (``--lambda-r``, the paper's 10), every other run without it; the table says so.
 """
 
 from __future__ import annotations
@@ -32,11 +36,10 @@ import copy
 import json
 import os
 import platform
-import re
 import shutil
+import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +47,11 @@ import torch
 from torch import nn
 
 import sharify
+from benchmarks.accuracy_study_report import Run, lambda_r, run_dir_name, write_report
 from benchmarks.cifar_models import cifar_resnet
 from sharify.train import DataBundle, finetune, load_data
 
 RESULTS = Path(__file__).parent / "results" / "accuracy_study"
-
-
-@dataclass
-class Run:
-    name: str
-    kind: str  # "baseline" | "control" | "variant" | "scratch"
-    params: int
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-    options: dict[str, Any] = field(default_factory=dict)
-    #: Mean over groups of ``sharify.report``'s relative error of the members against what the shared
-    #: model computes in their place, right after sharifying (variants only).
-    dissimilarity: float | None = None
-
-    def top1(self, epoch: int) -> float | None:
-        return next((m["top1"] for m in self.metrics if m["epoch"] == epoch), None)
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
@@ -93,18 +81,17 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
 def _train(name: str, kind: str, model: nn.Module, data: DataBundle, out: Path, args: argparse.Namespace,
            *, epochs: int, lr: float, original: nn.Module | None = None, eval_before: bool = False,
            bn_recalibrate: int = 0, options: dict[str, Any] | None = None) -> Run:  # fmt: skip
-    run_dir = out / "runs" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    run_dir = out / "runs" / run_dir_name(name)
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     result = finetune(
         model, data, out=run_dir, epochs=epochs, lr=lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         warmup_epochs=0, seed=args.seed, eval_before=eval_before, bn_recalibrate=bn_recalibrate,
         original=original, quiet=True, workers=args.workers, keep_checkpoints=1, device="cpu",
-        channels_last=args.channels_last,
-        lambda_r=args.lambda_r if (options or {}).get("method") == "basis" else 0.0,
+        channels_last=args.channels_last, lambda_r=lambda_r(options or {}, args),
     )  # fmt: skip
     run = Run(name, kind, sum(p.numel() for p in result.model.parameters()), result.metrics,
-              time.perf_counter() - start, options or {})  # fmt: skip
+              time.perf_counter() - start, options or {}, lambda_r=lambda_r(options or {}, args))  # fmt: skip
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # weights are not results; metrics are
     (run_dir / "model.safetensors").unlink(missing_ok=True)
     accs = ", ".join(f"e{m['epoch']} {m['top1']:.2f}" for m in run.metrics)
@@ -158,140 +145,29 @@ def _machine() -> dict[str, Any]:
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_at_end": load}  # fmt: skip
 
 
-def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, command: str, seconds: float) -> None:
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the checkout this file is in, or ``"unknown"`` (no git, not a checkout)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=30, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def write_results(args: argparse.Namespace, runs: list[Run], data: DataBundle, command: str, seconds: float,
+                  commit: str) -> None:  # fmt: skip
+    """``study.json`` (everything), then the table and plot made from it (as ``--from-json`` makes them)."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    base = runs[0]
-    base_acc = base.top1(args.baseline_epochs) or 0.0
-    epochs = sorted({0, 1, 2, args.finetune_epochs} & set(range(args.finetune_epochs + 1)))
-    lines = [
-        "# Accuracy study: sharify on a trained ResNet, Fashion-MNIST, CPU",
-        "",
-        f"Command: `{command}`  ",
-        f"Total wall time: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores "
-        f"(load average at the end: {_machine()['load_avg_at_end']}).",
-        "",
-        f"Data: Fashion-MNIST ({len(data.train):,} train / {len(data.val):,} test images, {data.source}). "
-        f"Model: CIFAR ResNet-{args.depth} (width {args.width}, 1 input channel). Seed {args.seed}.",
-        f"Baseline: {args.baseline_epochs} epochs from scratch, SGD (timm, Nesterov) lr {args.lr} cosine, batch "
-        f"{args.batch_size}, weight decay {args.weight_decay}, random crop + flip. Fine-tuning: {args.finetune_epochs} "
-        f"epochs, same recipe with lr {args.finetune_lr}; accuracy is top-1 on the test set after each epoch "
-        "(epoch 0 = right after sharifying, before any update).",
-        "",
-        f"Baseline top-1: **{base_acc:.2f} %** with {base.params:,} parameters ({base.seconds / 60:.1f} min).",
-        "",
-        "| variant | params | fewer params | "
-        + " | ".join(f"top-1 after {e} ep." for e in epochs)
-        + f" | vs baseline after {args.finetune_epochs} ep. | member error | wall time |",
-        "|---|---:|---:|" + "---:|" * len(epochs) + "---:|---:|---:|",
-    ]
-    for run in runs[1:]:
-        if run.kind in ("variant", "control"):
-            accs = [run.top1(e) for e in epochs]
-            final = run.top1(args.finetune_epochs)
-        else:
-            accs = [None] * (len(epochs) - 1) + [run.top1(args.baseline_epochs)]
-            final = run.top1(args.baseline_epochs)
-        cells = " | ".join("-" if a is None else f"{a:.2f}" for a in accs)
-        delta = "-" if final is None else f"{final - base_acc:+.2f} pp"
-        error = "-" if run.dissimilarity is None else f"{run.dissimilarity:.3f}"
-        lines.append(f"| {run.name} | {run.params:,} | {1 - run.params / base.params:.1%} | {cells} | {delta} "
-                     f"| {error} | {run.seconds / 60:.1f} min |")  # fmt: skip
-    lines += ["", "Rows 'from scratch' are trained with the baseline's schedule; their accuracy is in the last column.",
-              "Member error: `sharify.report`'s relative error ||W_i - W_i'|| / ||W_i|| of each original conv "
-              "against what the sharified model computes in its place (gains and bases included), mean over groups.",
-              "Raw per-epoch metrics: `runs/*/metrics.jsonl`; everything in `study.json`."]  # fmt: skip
-    summary = _summary(args, runs, base_acc, data.num_classes)
-    lines += ["", "## Findings (computed from the table)", "", *summary]
-    (out / "accuracy_study.md").write_text("\n".join(lines) + "\n")
     payload = {
-        "command": command, "seconds": seconds, "machine": _machine(),
+        "command": command, "seconds": seconds, "git_commit": commit, "machine": _machine(),
+        "data": {"source": str(data.source), "train_images": len(data.train), "val_images": len(data.val),
+                 "classes": data.num_classes},
         "args": {k: str(v) for k, v in vars(args).items()}, "runs": [{**vars(r)} for r in runs],
     }  # fmt: skip
     (out / "study.json").write_text(json.dumps(payload, indent=2, default=str))
-    _plot(args, runs, out / "accuracy_study.png")
-
-
-def _summary(args: argparse.Namespace, runs: list[Run], base_acc: float, num_classes: int) -> list[str]:
-    variants_ = [r for r in runs if r.kind == "variant"]
-    lines = []
-    best = max(variants_, key=lambda r: r.top1(args.finetune_epochs) or 0.0)
-    gap = base_acc - (best.top1(args.finetune_epochs) or 0.0)
-    lines.append(f"- Best sharified variant after {args.finetune_epochs} fine-tune epochs: **{best.name}**, "
-                 f"{best.top1(args.finetune_epochs):.2f} % ({-gap:+.2f} pp vs baseline) with "
-                 f"{1 - best.params / runs[0].params:.1%} fewer parameters; target: within 0.5 pp "
-                 f"-> {'met' if gap <= 0.5 else 'NOT met'}.")  # fmt: skip
-    control = next((r for r in runs if r.kind == "control"), None)
-    if control is not None and control.top1(args.finetune_epochs) is not None:
-        c = control.top1(args.finetune_epochs)
-        lines.append(f"- The unshared baseline fine-tuned on the same schedule reaches {c:.2f} %; the best sharified "
-                     f"variant is {(best.top1(args.finetune_epochs) or 0.0) - c:+.2f} pp from it (the fair comparison "
-                     "when the baseline itself was still improving).")  # fmt: skip
-    by = {r.name: r for r in variants_}
-    chance = 100.0 / num_classes
-    for prefix in ("", "aligned "):
-        if f"{prefix}scaled" in by and f"{prefix}average" in by:
-            s0, a0 = by[f"{prefix}scaled"].top1(0) or 0.0, by[f"{prefix}average"].top1(0) or 0.0
-            near = " (both within 2x of chance, so the difference means little)" if max(s0, a0) < 2 * chance else ""
-            verdict = "beats" if s0 > a0 else "does NOT beat"
-            lines.append(f"- Before fine-tuning: {prefix}scaled {s0:.2f} % vs {prefix}average {a0:.2f} % "
-                         f"-> {prefix}scaled {verdict} {prefix}average{near}.")  # fmt: skip
-    for name in ("average", "average + BN recal.", "scaled", "scaled + BN recal."):
-        if name in by and f"aligned {name}" in by:
-            plain, aligned = by[name], by[f"aligned {name}"]
-            lines.append(f"- Channel alignment, {name}: member error {plain.dissimilarity or 0:.3f} -> "
-                         f"{aligned.dissimilarity or 0:.3f}; top-1 before fine-tuning {plain.top1(0) or 0:.2f} -> "
-                         f"{aligned.top1(0) or 0:.2f} %, after {args.finetune_epochs} epochs "
-                         f"{plain.top1(args.finetune_epochs) or 0:.2f} -> "
-                         f"{aligned.top1(args.finetune_epochs) or 0:.2f} %.")  # fmt: skip
-    at_chance = [r.name for r in variants_ if (r.top1(0) or 0.0) < 2 * chance]
-    if at_chance:
-        errs = [r.dissimilarity for r in variants_ if r.name in at_chance and r.dissimilarity is not None]
-        err_text = f" (member error {min(errs):.2f}-{max(errs):.2f})" if errs else ""
-        lines.append(f"- Near chance ({chance:.0f} %) before fine-tuning: {', '.join(at_chance)}{err_text}. Blocks "
-                     "trained independently do not have similar filters, so one shared tensor cannot stand in "
-                     "for them until fine-tuning (or BatchNorm re-calibration) adapts the rest of the "
-                     "network.")  # fmt: skip
-    if "random" in by:
-        r0 = by["random"].top1(0) or 0.0
-        worse = [r.name for r in variants_ if r.name != "random" and (r.top1(0) or 0.0) <= r0]
-        verdict = "every other init beats it." if not worse else f"NOT beaten by: {', '.join(worse)}."
-        lines.append(f"- Random init before fine-tuning: {r0:.2f} %; {verdict}")
-    return lines
-
-
-def _plot(args: argparse.Namespace, runs: list[Run], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    base_acc = runs[0].top1(args.baseline_epochs)
-    colours: dict[str, Any] = {}  # an aligned variant: its plain variant's colour, dashed
-    for run in runs:
-        if run.kind in ("variant", "control"):
-            pts = [(m["epoch"], m["top1"]) for m in run.metrics]
-            plain = run.name.removeprefix("aligned ")
-            if run.kind == "control":
-                style: dict[str, Any] = {"color": "k", "ls": ":"}
-            else:
-                colour = colours.setdefault(plain, f"C{len(colours) % 10}")
-                style = {"color": colour, "ls": "--" if plain != run.name else "-"}
-            ax1.plot(*zip(*pts), marker="o", label=run.name, **style)
-    if base_acc is not None:
-        ax1.axhline(base_acc, color="k", ls="--", label="baseline")
-    ax1.set(xlabel="fine-tune epochs", ylabel="test top-1 (%)", title="Accuracy after sharifying a trained model")
-    ax1.legend(fontsize=8)
-    for run in runs:
-        final = run.top1(args.finetune_epochs if run.kind in ("variant", "control") else args.baseline_epochs)
-        if final is not None:
-            ax2.scatter(run.params / 1e3, final, marker="*" if run.kind == "baseline" else "o")
-            ax2.annotate(run.name, (run.params / 1e3, final), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax2.set(xlabel="parameters (thousands)", ylabel="test top-1 (%)", title="Accuracy vs parameters (end of training)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_report(json.loads(json.dumps(payload, default=str)), out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -323,19 +199,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST idx files (default: the Debian package's)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="tiny subsets and 1 epoch each: checks every step quickly")
+    p.add_argument("--from-json", type=Path, metavar="STUDY_JSON",
+                   help="no training: rewrite accuracy_study.md and .png next to this study.json")  # fmt: skip
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.from_json:
+        write_report(json.loads(args.from_json.read_text()), args.from_json.parent)
+        print((args.from_json.parent / "accuracy_study.md").read_text())
+        return 0
     if args.smoke:
         args.depth, args.width = 14, 8
         args.subset, args.val_subset = 256, 256
         args.baseline_epochs, args.finetune_epochs, args.bn_images = 1, 1, 64
     command = "python -m benchmarks.accuracy_study " + " ".join(argv if argv is not None else sys.argv[1:])
-    start = time.perf_counter()
+    commit, start = git_commit(), time.perf_counter()  # the code that runs: the commit at the start
     study = run_study(args)
-    write_results(args, study["runs"], study["data"], command.strip(), time.perf_counter() - start)
+    write_results(args, study["runs"], study["data"], command.strip(), time.perf_counter() - start, commit)
     print((args.out / "accuracy_study.md").read_text())
     return 0
 

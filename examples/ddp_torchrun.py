@@ -11,7 +11,9 @@ Rules for sharified models under DDP:
 * with **reentrant** activation checkpointing (``set_grad_checkpointing`` + ``use_reentrant=True``)
   each checkpointed block's backward marks the shared weight ready again, and DDP fails with
   "Expected to mark a variable ready only once": pass ``static_graph=True``. Non-reentrant
-  checkpointing needs nothing special.
+  checkpointing needs nothing special;
+* a static graph does not support ``ddp.no_sync()``: to accumulate gradients under it, let every
+  micro-batch synchronise (one all-reduce each, the same gradient).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--data-root")
     p.add_argument("--subset", type=int, help="training/validation images to use")
     p.add_argument("--checkpoint", help="original (unshared) torchvision resnet18 state_dict (.pth)")
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the first image's, at most 224)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
@@ -40,16 +41,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
 
     data = load_data(args.data, root=args.data_root, subset=args.subset)
+    first = data.image_size or (224, 224)  # (H, W) of the first image
+    side = args.image_size or min(*first, 224)
     to_rgb = [T.Grayscale(3)] if data.in_chans == 1 else []  # torchvision ResNets take 3 channels
-    train_tf = T.Compose([*to_rgb, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
-    val_tf = T.Compose([*to_rgb, T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    # Photos in an ImageFolder differ in size: scale the shorter side, then crop a square, so they batch.
+    resize = [T.Resize(side), T.CenterCrop(side)]
+    tail = [T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]
+    train_tf = T.Compose([*to_rgb, *resize, T.RandomHorizontalFlip(), *tail])
+    val_tf = T.Compose([*to_rgb, *resize, *tail])
     train = DataLoader(TransformedDataset(data.train, train_tf), batch_size=args.batch_size, shuffle=True)
     val = DataLoader(TransformedDataset(data.val, val_tf), batch_size=2 * args.batch_size)
-    height, width = data.image_size or (224, 224)
 
     # (1) build as usual, then sharify before creating the optimizer.
     model = torchvision.models.resnet18(num_classes=data.num_classes)
-    shared = sharify.sharify(model, example_inputs=torch.zeros(1, 3, height, width))
+    shared = sharify.sharify(model, example_inputs=torch.zeros(1, 3, side, side))
     if args.checkpoint:  # (2) original weights fold into the shared tensors (members averaged)
         sharify.load_unshared_state_dict(shared, torch.load(args.checkpoint, map_location="cpu", weights_only=True))
     print(sharify.report(model, shared))

@@ -1,7 +1,8 @@
 """Recognising the wrappers DDP, DataParallel and ``torch.compile`` put around a model.
 
 Policy (see :func:`sharify.sharify`, :func:`sharify.save`): operations that only *read* a model
-(``save``, ``verify``) look through wrappers; operations that *rewrite* it (``sharify``, ``load``
+(``save``, ``verify``) look through wrappers (``save`` with a ``UserWarning``, as the file then
+holds the bare model); operations that *rewrite* it (``sharify``, ``load``
 into a given model, ``retie``) refuse them, because the wrapper has already captured the
 parameters (DDP's gradient buckets, dynamo's guards) and would not see the rewrite.
 """

@@ -1,6 +1,7 @@
 """Command line: ``sharify report MODEL``, ``sharify finetune ...`` (and ``python -m sharify ...``).
 
-Errors print one line naming the problem and exit with status 2 (``--debug`` shows the traceback).
+Errors print one line naming the problem and exit with status 2 (``--debug`` shows the traceback). Output
+into a pipe whose reader has gone (``sharify report resnet50 | head -1``) ends quietly with status 1.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -117,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader that has gone (`sharify report ... | head -1`) shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # The Python docs' recipe for SIGPIPE: point stdout at devnull so that the flush at interpreter exit
+        # does not fail again, and exit with Python's status for EPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -11,6 +11,7 @@ __all__ = [
     "AlreadySharifiedError",
     "CheckpointError",
     "NothingToShareError",
+    "PretrainedWeightsError",
     "RecipeMismatchError",
     "SharifyError",
     "UnsupportedModelError",
@@ -33,6 +34,10 @@ class UntraceableError(SharifyError):
 
 class UnsupportedModelError(SharifyError, TypeError):
     """The object is a kind of model sharify cannot rewrite (e.g. a TorchScript module)."""
+
+
+class PretrainedWeightsError(SharifyError, OSError):
+    """A library's pretrained weights cannot be fetched: no internet connection and no cached copy."""
 
 
 class AlreadySharifiedError(SharifyError):

@@ -2,28 +2,28 @@
 
 :func:`save` writes the state_dict (each shared tensor once: the model registers it once) to a
 ``.safetensors`` file and puts the :class:`~sharify.recipe.Recipe` in the file's string metadata
-(key ``"sharify"``, JSON): library version, source model, sharing options and groups, and a CRC-32
-of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
+(key ``"sharify"``, JSON): library version, source model (:mod:`sharify.source`), sharing options
+and groups, and a CRC-32 of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
 own), re-applies the sharing and loads the weights strictly; the result equals the saved model bit
 for bit. Any safetensors reader can still load the weights: the recipe is only metadata.
 
-Wrapped models: ``save`` looks through DDP, DataParallel and ``torch.compile`` wrappers (reading is
-harmless, and the file then loads into the bare model); ``load`` into a wrapped model is refused,
-as :func:`sharify.sharify` refuses it: load into the bare model, then wrap the result.
+Wrapped models: ``save`` unwraps DDP, DataParallel and ``torch.compile`` wrappers and says so with a
+``UserWarning`` (reading is harmless, and the file then loads into the bare model); ``load`` into a
+wrapped model is refused, as :func:`sharify.sharify` refuses it: load into the bare model, then wrap
+the result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import uuid
 import warnings
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,19 +34,11 @@ from torch import Tensor, nn
 from ._wrappers import is_wrapper, unwrap
 from .errors import CheckpointError, TieError, UnsupportedModelError
 from .layers import SHARED_STORE_NAME, shared_groups
-from .recipe import (
-    Recipe,
-    apply_recipe,
-    check_fits,
-    check_same_groups,
-    detect_source,
-    fit_problems,
-    raise_mismatch,
-    recipe_of,
-    shape_mismatches,
-)
+from .reapply import apply_recipe, check_fits, check_same_groups, raise_mismatch, shape_mismatches
+from .recipe import Recipe, recipe_of
+from .source import build_quietly, resolve_source
 from .verify import verify
-from .zoo import ModelSource, build_model, resolve_model_name
+from .zoo import ModelSource
 
 __all__ = ["RECIPE_KEY", "load", "read_recipe", "save"]
 
@@ -62,62 +54,6 @@ PathLike = str | os.PathLike[str]
 def _checksum(tensor: Tensor) -> str:
     data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
     return f"{zlib.crc32(data.data):08x}"
-
-
-def _build_quietly(source: ModelSource, device: str) -> nn.Module:
-    """Builds ``source`` without consuming the caller's random numbers."""
-    with torch.random.fork_rng(devices=[]), torch.device(device):
-        model, _ = build_model(source)
-    return model
-
-
-def _source_problem(source: ModelSource, recipe: Recipe, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why ``source`` does not rebuild the saved architecture, or ``None`` when it does."""
-    try:
-        json.dumps(asdict(source))
-    except TypeError as exc:
-        return f"its builder kwargs cannot be stored as JSON ({exc})"
-    try:
-        try:
-            built = _build_quietly(source, "meta")  # cheap: no memory, no init
-        except (RuntimeError, NotImplementedError):  # a builder that reads tensor values
-            built = _build_quietly(source, "cpu")
-    except Exception as exc:  # any builder error means: cannot rebuild from this source
-        return f"building it fails ({type(exc).__name__}: {exc})"
-    cls = f"{type(built).__module__}.{type(built).__qualname__}"
-    if cls != recipe.model_class:
-        return f"it builds a {cls}, not a {recipe.model_class}"
-    problems = fit_problems(built, recipe, shapes, here="the model it builds", there="the model to save")
-    return problems[0] if problems else None
-
-
-def _resolve_source(
-    model: nn.Module, source: ModelSource | str | None, recipe: Recipe, shapes: Mapping[str, tuple[int, ...]]
-) -> ModelSource | None:
-    explicit = source is not None
-    if isinstance(source, str):
-        source = resolve_model_name(source)
-    elif source is not None and not isinstance(source, ModelSource):
-        raise TypeError(f"source must be a model name or a sharify.zoo.ModelSource, got {type(source).__name__}")
-    source = source or detect_source(model)
-    if source is None:
-        logger.info("no source known for %s; the file loads with sharify.load(path, model=...)", type(model).__name__)
-        return None
-    problem = _source_problem(source, recipe, shapes)
-    if problem is None:
-        return source
-    text = f"{source.library}:{source.name} with {source.kwargs}"
-    if explicit:
-        raise ValueError(
-            f"source={text} does not rebuild this model ({problem}); pass the builder kwargs it was made with, "
-            "e.g. source=sharify.zoo.ModelSource('torchvision', 'resnet18', {'num_classes': 10})"
-        )
-    warnings.warn(
-        f"the model looks like {text} but that does not rebuild it ({problem}); saving without a source, "
-        "so the file loads with sharify.load(path, model=...); pass source= to record one",
-        stacklevel=3,
-    )
-    return None
 
 
 def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -150,8 +86,8 @@ def save(
 
     The weights are the model's state_dict (each shared tensor once); the header's metadata holds the
     recipe (see :class:`~sharify.recipe.Recipe`). The file is written to a temporary file next to
-    ``path`` and renamed, so ``path`` is never left half-written. DDP, DataParallel and
-    ``torch.compile`` wrappers are looked through: the file holds the bare model's keys.
+    ``path`` and renamed, so ``path`` is never left half-written. A DDP, DataParallel or
+    ``torch.compile`` wrapper is unwrapped with a ``UserWarning``: the file holds the bare model's keys.
 
     Args:
         model: The model, usually returned by :func:`sharify.sharify` or :func:`load`. An unshared
@@ -159,9 +95,12 @@ def save(
         path: Destination file.
         source: Where to rebuild the architecture from: a name (``"resnet18"``, ``"timm:resnet26"``)
             or a :class:`~sharify.zoo.ModelSource` with builder kwargs. Default: recorded by
-            :func:`sharify.zoo.build_model`, or read from a timm model's ``pretrained_cfg``;
-            torchvision models need it (without it the file loads only with ``load(path, model=...)``).
-            It is checked by building the architecture on the meta device.
+            :func:`sharify.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a
+            torchvision classification model, the one builder that makes its structure (with its
+            ``num_classes``; see :func:`sharify.source.torchvision_matches`). A torchvision model no
+            builder (or several) makes is saved with a ``UserWarning`` and no source: such a file,
+            like one of a user-defined model, loads with ``load(path, model=...)``. Any source is
+            checked by building the architecture on the meta device.
         metadata: Extra string entries for the header (``"format"`` and ``"sharify"`` are reserved);
             read them back with :func:`read_recipe`.
 
@@ -176,7 +115,7 @@ def save(
     Example:
         >>> import tempfile, torchvision, sharify
         >>> shared = sharify.sharify(torchvision.models.resnet18())
-        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors", source="resnet18")
+        >>> path = sharify.save(shared, tempfile.mkdtemp() + "/r18.safetensors")  # found: torchvision's resnet18
         >>> restored = sharify.load(path)
         >>> sorted(sharify.shared_groups(restored)) == sorted(sharify.shared_groups(shared))
         True
@@ -185,7 +124,13 @@ def save(
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     bare, wrappers = unwrap(model)
     if wrappers:
-        logger.info("saving the %s inside %s", type(bare).__name__, " > ".join(wrappers))
+        warnings.warn(
+            f"sharify.save got a model wrapped in {' > '.join(wrappers)}; saved the bare {type(bare).__name__} inside "
+            "(keys without the wrapper's prefix), which loads with sharify.load into an unwrapped model; "
+            "pass the bare model (e.g. ddp.module, compiled._orig_mod) to save without this warning",
+            UserWarning,
+            stacklevel=2,
+        )
     if isinstance(bare, torch.jit.ScriptModule):
         raise UnsupportedModelError("got a TorchScript module; save the eager model (before torch.jit.script)")
     problems = verify(bare)
@@ -212,7 +157,7 @@ def save(
     recipe = recipe_of(bare, source=None)
     recipe = replace(
         recipe,
-        source=_resolve_source(bare, source, recipe, shapes),
+        source=resolve_source(bare, source, recipe, shapes),
         checksums={k: _checksum(v) for k, v in tensors.items()},
     )
     empty = next((g.key for g in recipe.groups if not g.members), None)
@@ -350,7 +295,7 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
                 "architecture: sharify.load(path, model=MyModel(...))"
             )
         with torch.random.fork_rng(devices=[]):
-            base = _build_quietly(recipe.source, "cpu")
+            base = build_quietly(recipe.source, "cpu")
             check_fits(base, recipe, shapes, name=name, strict=strict)
             target = apply_recipe(base, recipe, name=name)
     else:

@@ -241,7 +241,12 @@ def _check_aliases(model: nn.Module, registered: dict[str, SharedConvParams], d:
 def verify(model: nn.Module) -> list[str]:
     """Checks that every shared conv reads the holder registered in the model, and nothing else aliases it.
 
-    DDP, DataParallel and ``torch.compile`` wrappers are looked through.
+    Operations that replace the tensors of the whole model keep every tie, so ``verify`` finds nothing
+    after them: ``load_state_dict(..., assign=True)``, meta-device init + ``to_empty``, ``.to()`` (also
+    with ``set_overwrite_module_params_on_conversion``), ``copy.deepcopy`` or pickling the whole model.
+    Member convs hold no tensors of their own; they read the registered holder's at call time. What
+    it finds is surgery on a part of the model (see the module docstring). DDP, DataParallel and
+    ``torch.compile`` wrappers are looked through.
 
     Args:
         model: A sharified model (an unshared one has nothing to check).
@@ -265,6 +270,11 @@ def verify(model: nn.Module) -> list[str]:
 
 def retie(model: nn.Module) -> list[str]:
     """Repairs the problems :func:`verify` finds, in place; all or nothing.
+
+    There is nothing to repair after ``load_state_dict(..., assign=True)``, meta-device init +
+    ``to_empty`` or ``.to()``: member convs read the registered holder at call time, so the ties
+    survive by construction and ``retie`` returns ``[]`` (checked in ``tests/test_verify.py``). It is
+    for surgery that copies or replaces a part of the model (see the module docstring).
 
     Members that read a copy of a holder are pointed at the registered holder of the same key (its
     values win: they are what ``state_dict()`` saves and optimizers update); holders read but

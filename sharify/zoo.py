@@ -7,10 +7,14 @@ name, else to timm's; ``"tv:resnet50"`` and ``"timm:resnet50"`` choose explicitl
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .errors import PretrainedWeightsError
 
 __all__ = ["SOURCE_ATTR", "ModelSource", "build_model", "resolve_model_name"]
 
@@ -67,6 +71,23 @@ def resolve_model_name(name: str) -> ModelSource:
     raise ValueError(f"unknown model {name!r}: not a torchvision classification model or a timm model{hint}")
 
 
+@contextmanager
+def _download_errors(source: ModelSource, pretrained: bool) -> Iterator[None]:
+    """Turns a failed download of pretrained weights (urllib, Hugging Face Hub: ``OSError``s) into one line."""
+    try:
+        yield
+    except OSError as exc:
+        if not pretrained:
+            raise
+        reason = getattr(exc, "reason", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PretrainedWeightsError(
+            f"cannot fetch the pretrained weights of {source.library}:{source.name} ({str(reason)[:160]}); "
+            "pretrained=True (--pretrained) downloads them on first use, which needs internet: run it once where "
+            "there is a connection (the file is cached for later runs), or load the original weights from a file "
+            "(--checkpoint PATH)"
+        ) from exc
+
+
 def build_model(
     name: str | ModelSource,
     *,
@@ -88,6 +109,10 @@ def build_model(
         The model and the source it was built from (with the kwargs needed to rebuild it). The source
         is also recorded on the model (attribute ``_sharify_source``, kept by ``sharify`` and deep
         copies), so :func:`sharify.save` can store it without being told.
+
+    Raises:
+        ValueError: Unknown model name, or torchvision options its builder does not take.
+        PretrainedWeightsError: ``pretrained`` weights that cannot be downloaded (no internet, no cached copy).
     """
     source = resolve_model_name(name) if isinstance(name, str) else name
     kw = dict(source.kwargs, **kwargs)
@@ -98,7 +123,8 @@ def build_model(
 
         if in_chans is not None:
             kw["in_chans"] = in_chans
-        model = timm.create_model(source.name, pretrained=pretrained, **kw)
+        with _download_errors(source, pretrained):
+            model = timm.create_model(source.name, pretrained=pretrained, **kw)
     else:
         import torchvision
 
@@ -109,7 +135,8 @@ def build_model(
         weights = "DEFAULT" if pretrained else None
         if pretrained and num_classes is not None:
             raise ValueError("torchvision pretrained weights fix num_classes; build pretrained, then replace the head")
-        model = torchvision.models.get_model(source.name, weights=weights, **kw)
+        with _download_errors(source, pretrained):
+            model = torchvision.models.get_model(source.name, weights=weights, **kw)
     built = ModelSource(source.library, source.name, kw)
     setattr(model, SOURCE_ATTR, built)
     return model, built

@@ -68,6 +68,9 @@ def test_untraceable_submodule_holding_the_stages_is_named_in_the_refusal() -> N
     model = _Wrapped()
     plan = sharify.plan(model)
     assert list(plan.auto_leaves) == ["body"] and "control flow" in plan.auto_leaves["body"]
+    text = str(plan).splitlines()
+    assert len(text) == 2 and text[1].startswith("  nothing to share: no residual blocks found in _Wrapped")
+    assert f"could not be traced and were not analysed: `body` ({plan.auto_leaves['body']})" in text[1]
     with pytest.raises(sharify.SharifyError, match=r"could not be traced and were not analysed: `body` \(TraceError"):
         sharify.sharify(model)
 

@@ -12,6 +12,7 @@ from torch import nn
 import sharify
 from benchmarks.cifar_models import PreActResNet, cifar_resnet
 from sharify.layers import SHARED_STORE_NAME
+from sharify.plan import count_params
 from tests.conftest import state_equal
 
 X = torch.randn(2, 3, 32, 32)
@@ -68,6 +69,70 @@ def test_svd_init_exact_at_full_rank_and_error_falls_with_rank() -> None:
         outputs.append((shared(X) - expected).abs().max().item())
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5
     assert outputs[2] < 1e-4 < outputs[0]
+
+
+def test_svd_error_falls_as_the_shared_rank_grows() -> None:
+    """unique_rank fixed at 1: a larger shared basis leaves less of every member out, in every group.
+
+    Each group holds 2 members (blocks 1 and 2 of a stage), so their stacked filters have rank 2C; at 128
+    filters per 64 channels the shared basis has 2C filters and spans them all: exact.
+    """
+    torch.manual_seed(0)
+    model = cifar_resnet(20).eval()
+    expected = model(X)
+    errors, outputs = [], []
+    for shared_rank in (4, 16, 64, 128):
+        shared = _basis(model, shared_rank=shared_rank, unique_rank=1, init="svd").eval()
+        errors.append([g.dissimilarity for g in sharify.report(model, shared).groups])
+        outputs.append((shared(X) - expected).abs().max().item())
+    assert all(len(e) == 6 for e in errors)  # 3 stages x (conv1, conv2)
+    for group in zip(*errors, strict=True):
+        assert group[0] > group[1] > group[2] > group[3] and group[3] < 1e-5
+    assert outputs[0] > outputs[1] > outputs[2] > 1e-3 and outputs[3] < 1e-5
+
+
+def test_per_stage_rank_mappings_build_the_planned_model() -> None:
+    """sharify() with {stage: filters} ranks: each BasisConv2d has its stage's ranks, and the real parameter
+    count equals the plan's and the hand arithmetic."""
+    model = cifar_resnet(20)
+    shared_rank, unique_rank = {"layer1": 3, "layer2": 5, "layer3": 7}, {"layer1": 1, "layer2": 2, "layer3": 3}
+    p = sharify.plan(model, example_inputs=X, shared_rank=shared_rank, unique_rank=unique_rank, **BASIS)
+    shared = _basis(model, shared_rank=shared_rank, unique_rank=unique_rank)
+    widths = {"layer1": 16, "layer2": 32, "layer3": 64}
+    bases = {name: m for name, m in shared.named_modules() if isinstance(m, sharify.BasisConv2d)}
+    assert sorted(bases) == [f"layer{i}.{b}.conv{j}" for i in (1, 2, 3) for b in (1, 2) for j in (1, 2)]
+    for name, m in bases.items():
+        stage = name.split(".")[0]
+        s, u, c = shared_rank[stage], unique_rank[stage], widths[stage]
+        assert (m.unique.out_channels, m.shared.out_channels, m.norm.num_features) == (u, s, s + u)
+        assert (m.coeff.in_channels, m.coeff.out_channels) == (s + u, c)
+
+    def saved(c: int, s: int, u: int) -> int:  # 2 members: their 3x3 convs out; unique+BN+coeff each, one shared basis
+        return 2 * c * c * 9 - (2 * (c * u * 9 + 2 * (s + u) + (s + u) * c) + c * s * 9)
+
+    by_hand = 2 * sum(saved(c, shared_rank[st], unique_rank[st]) for st, c in widths.items())  # conv1 and conv2
+    assert sum(q.numel() for q in shared.parameters()) == p.params_after == count_params(model) - by_hand == 104_418
+
+
+def test_resnet34_s48u1_basis_batchnorms_have_s_plus_u_times_m_channels() -> None:
+    """The paper's ResNet34-S48U1: m = C/64 = 1, 2, 4, 8 per stage, so each BasisConv2d's BatchNorm has
+    (48 + 1) * m = 49, 98, 196, 392 channels; double bases in every non-first block (layer1.0 included)."""
+    with torch.device("meta"):
+        r34 = torchvision.models.resnet34()
+    shared = sharify.sharify(r34, preset="dsfb-basis", shared_rank=48, unique_rank=1)
+    m = {"layer1": 1, "layer2": 2, "layer3": 4, "layer4": 8}
+    bases = {name: mod for name, mod in shared.named_modules() if isinstance(mod, sharify.BasisConv2d)}
+    blocks = {"layer1": 3, "layer2": 4, "layer3": 6, "layer4": 3}
+    assert sorted(bases) == sorted(f"{st}.{b}.conv{j}" for st, n in blocks.items() for b in range(1, n) for j in (1, 2))
+    for name, mod in bases.items():
+        k = m[name.split(".")[0]]
+        assert (mod.norm.num_features, mod.shared.out_channels, mod.unique.out_channels) == (49 * k, 48 * k, k)
+        assert mod.coeff.in_channels == 49 * k and mod.coeff.out_channels == 64 * k
+    holders = sharify.shared_groups(shared)
+    assert sorted(holders) == [f"layer{i}.conv{j}" for i in (1, 2, 3, 4) for j in (1, 2)]
+    assert all(h.weight.shape == (48 * m[key.split(".")[0]], 64 * m[key.split(".")[0]], 3, 3)
+               for key, (h, _) in holders.items())  # fmt: skip
+    assert sum(q.numel() for q in shared.parameters()) == 11_786_968
 
 
 def test_presets_and_explicit_override() -> None:

@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 import sharify
 from sharify.train import finetune, latest_checkpoint, load_data
+from sharify.train.distributed import DistContext
+from sharify.train.loaders import build_loaders
+from sharify.train.loop import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +90,28 @@ def test_ddp_reentrant_checkpointing_needs_static_graph(ddp_run: tuple[Path, Pat
     assert results["True"] == {"ok": True, "same_grad_on_ranks": True}
 
 
+def test_accumulation_under_a_static_graph_equals_one_process_on_the_global_batch(ddp_run: tuple[Path, Path]) -> None:
+    ranks = json.loads((ddp_run[1] / "accum.json").read_text())
+    # DDP(static_graph=True) + no_sync() fails (pytorch/pytorch#143580): the Trainer reduces every micro-batch
+    assert [r["ok"] for r in ranks] == [True, True], ranks
+    assert all(r["max_diff"] < 1e-5 and r["moved"] > 1e-3 for r in ranks), ranks
+
+
+def test_ddp_static_graph_only_for_reentrant_checkpointing() -> None:
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+
+    from sharify.train.distributed import ddp_static_graph
+
+    previous = use_reentrant_ckpt()
+    try:
+        set_reentrant_ckpt(True)
+        assert ddp_static_graph(True) and not ddp_static_graph(False)
+        set_reentrant_ckpt(False)  # timm's default: DDP needs nothing special
+        assert not ddp_static_graph(True)
+    finally:
+        set_reentrant_ckpt(previous)
+
+
 def test_ddp_example_runs_with_reentrant_checkpointing(ddp_run: tuple[Path, Path]) -> None:
     result = json.loads((ddp_run[1] / "example.json").read_text())
     assert result["same_on_ranks"] == 1.0 and result["loss"] > 0
@@ -98,7 +123,10 @@ def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path
     out = ddp_run[1]
     ranks = json.loads((out / "cli.json").read_text())
     assert [r["rc"] for r in ranks] == [0, 0]
-    assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran (reentrant, static graph)
+    assert all(r["checkpoint_calls"] > 0 for r in ranks)  # --grad-checkpointing ran ...
+    assert all(r["static_graph"] == [True] for r in ranks)  # ... reentrant: static graph, with --accum-steps 2
+    # a BatchNorm net with EMA: all ranks end with rank 0's buffers and EMA; the metrics are the saved model's
+    assert [r["differ"] for r in ranks] == [{"model": [], "ema": []}] * 2, ranks
     assert not (out / "cli-rank1").exists()  # rank 1 wrote nothing
     run = out / "cli-rank0"
     assert {p.name for p in run.iterdir()} == {
@@ -106,10 +134,19 @@ def test_command_line_under_torchrun_writes_only_from_rank_0(ddp_run: tuple[Path
         "config.json",
         "metrics.jsonl",
         "model.safetensors",
+        "model_ema.safetensors",
         "report.json",
         "report.md",
     }
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["train_images"] == 16 and metrics[0]["val_images"] == 12  # both ranks
+    # the metrics reduced over the two ranks' validation shards are those of the saved weights in one process
+    data = load_data(ddp_run[0], subset=16)
+    for weights, prefix in (("model.safetensors", ""), ("model_ema.safetensors", "ema_")):
+        model = sharify.load(run / weights)
+        val = build_loaders(data, model, DistContext(), batch_size=4, workers=0).val
+        alone = evaluate(model, val, DistContext())
+        assert alone["val_images"] == 12 and alone["top1"] == metrics[0][f"{prefix}top1"]
+        assert alone["val_loss"] == pytest.approx(metrics[0][f"{prefix}val_loss"], rel=1e-5, abs=1e-6)
     assert latest_checkpoint(run) == run / "checkpoints" / "epoch-0001"
     assert json.loads((run / "config.json").read_text())["setup"]["world_size"] == 2

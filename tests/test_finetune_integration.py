@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import json
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import timm
 import torch
 import torchvision
-from finetune_utils import TinyNet, make_image_folder
+from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
+from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
@@ -23,6 +25,7 @@ from sharify.cli import main
 from sharify.train import (
     CheckpointError,
     DataError,
+    finetune,
     layer_ids,
     load_data,
     load_weights_file,
@@ -236,6 +239,134 @@ def test_fashion_mnist_idx_files(tmp_path: Path) -> None:
         read_idx(broken)
 
 
+def _fake_fashion_mnist(folder: Path, train: int = 20, val: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", val)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
+    return folder
+
+
+def test_fashion_mnist_is_found_in_the_debian_package_location(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sharify.train.data as data_module
+
+    system = tmp_path / "usr-share-datasets-fashion-mnist"
+    monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", system)
+    with pytest.raises(DataError, match=f"not found in {system}; install them with `apt-get install"):
+        load_data("fashion-mnist")  # not installed: says where it looked and how to install
+    _fake_fashion_mnist(system)
+    bundle = load_data("fashion-mnist", subset=8)  # no root: the package location
+    assert bundle.source == str(system) and (bundle.in_chans, bundle.image_size, bundle.num_classes) == (
+        1,
+        (28, 28),
+        10,
+    )
+    shrink_timm_resnets(monkeypatch)
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "timm:resnet18", "--data", "fashion-mnist", "--out", str(out), "--quiet"]
+    assert main([*args, "--subset", "8", "--batch-size", "4", "--workers", "0"]) == 0, capsys.readouterr().err
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["train_images"] == 8 and metrics[0]["val_images"] == 8
+    assert load_file(str(out / "model.safetensors"))["conv1.weight"].shape[1] == 1  # grayscale stem from the data
+
+
+def _fake_cifar(root: Path) -> Path:
+    """torchvision's CIFAR-10/100 python layout, with 6 random images per file."""
+    import pickle
+
+    rng = np.random.default_rng(0)
+    layouts = (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "batches.meta", 10),
+        ("cifar-100-python", ["train", "test"], "meta", 100),
+    )
+    for folder, files, meta, classes in layouts:
+        (root / folder).mkdir(parents=True)
+        labels, names = ("labels", "label_names") if classes == 10 else ("fine_labels", "fine_label_names")
+        for name in files:
+            batch = {"data": rng.integers(0, 255, (6, 3 * 32 * 32), dtype=np.uint8), labels: [1, 2, 3, 4, 5, 6]}
+            (root / folder / name).write_bytes(pickle.dumps(batch))
+        (root / folder / meta).write_bytes(pickle.dumps({names: [f"class{i}" for i in range(classes)]}))
+    return root
+
+
+def test_cifar_with_a_local_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import torchvision.datasets.cifar
+
+    from sharify.train import build_transforms
+    from sharify.train.data import STATS
+
+    root = _fake_cifar(tmp_path / "cifar")
+    # torchvision checks the files' md5 against the real archives'; keep only its "file exists" part
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    for name, classes, train_files in (("cifar10", 10, 5), ("cifar100", 100, 1)):
+        bundle = load_data(name, root=root)
+        assert (bundle.name, bundle.num_classes, bundle.in_chans, bundle.image_size) == (name, classes, 3, (32, 32))
+        assert (len(bundle.train), len(bundle.val)) == (6 * train_files, 6) and bundle.classes[2] == "class2"
+        assert (bundle.mean, bundle.std) == STATS[name]
+        image, label = bundle.train[0]
+        assert image.size == (32, 32) and image.mode == "RGB" and label == 1
+        _, val_tf, shape = build_transforms(bundle, TinyNet(num_classes=classes))
+        x = val_tf(image)  # native 32 px, normalised with the data set's statistics
+        mean, std = torch.tensor(STATS[name][0])[:, None, None], torch.tensor(STATS[name][1])[:, None, None]
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255
+        assert shape == (3, 32, 32) and torch.allclose(x, (pixels - mean) / std, atol=1e-6)
+    result = finetune(
+        sharify.sharify(TinyNet(num_classes=10), example_inputs=torch.zeros(1, 3, 32, 32)),
+        load_data("cifar10", root=root, subset=8),
+        out=tmp_path / "run",
+        batch_size=4,
+        workers=0,
+        quiet=True,
+        device="cpu",
+    )
+    assert result.final["train_images"] == 8 and result.final["val_images"] == 6
+
+
+def test_large_images_use_the_models_timm_data_config(tmp_path: Path) -> None:
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, Resize
+
+    from sharify.train import build_transforms
+    from sharify.train.distributed import DistContext
+    from sharify.train.loaders import build_loaders
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i, (h, w) in enumerate([(72, 96), (90, 80), (96, 96)]):  # larger than 64 px, mixed sizes
+                pixels = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    bundle = load_data(tmp_path)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.4, 0.25)
+    overlay = {"input_size": (3, 80, 80), "mean": mean, "std": std, "crop_pct": 1.0, "interpolation": "bilinear"}
+    model = timm.create_model(
+        "resnet18", num_classes=2, channels=(8, 16, 32, 64), pretrained_cfg_overlay=overlay
+    )  # a model whose data config differs from every default
+    train_tf, val_tf, shape = build_transforms(bundle, model)
+    assert shape == (3, 80, 80)
+    resizes = [t for t in val_tf.transforms[-1].transforms if isinstance(t, Resize)]  # type: ignore[attr-defined]
+    assert resizes and resizes[0].interpolation == InterpolationMode.BILINEAR
+    color = (200, 100, 50)
+    x = val_tf(Image.new("RGB", (96, 72), color))
+    expected = (torch.tensor(color) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert x.shape == (3, 80, 80) and torch.allclose(x, expected[:, None, None].expand_as(x), atol=1e-5)
+    assert train_tf(bundle.train[0][0]).shape == (3, 80, 80)
+    loaders = build_loaders(bundle, model, DistContext(), batch_size=6, workers=0)  # mixed sizes batch together
+    images, _ = next(iter(loaders.train))
+    assert images.shape == (6, 3, 80, 80) and next(iter(loaders.val))[0].shape == (6, 3, 80, 80)
+    # a model without a data config (torchvision): ImageNet defaults at 224 px
+    _, val_tf, shape = build_transforms(bundle, torchvision.models.resnet18(num_classes=2))
+    x = val_tf(Image.new("RGB", (96, 72), color))
+    imagenet = (torch.tensor(color) / 255 - torch.tensor((0.485, 0.456, 0.406))) / torch.tensor((0.229, 0.224, 0.225))
+    assert shape == (3, 224, 224) and torch.allclose(x, imagenet[:, None, None].expand_as(x), atol=1e-5)
+
+
 @pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_system_package_is_found() -> None:
     bundle = load_data("fashion-mnist", subset=100)
@@ -253,14 +384,20 @@ def _run_example(name: str, argv: list[str]) -> dict[str, float]:
 
 
 def test_plain_pytorch_example(tmp_path: Path) -> None:
+    from PIL import Image
+
     data = make_image_folder(tmp_path / "data", train=4, val=2)
+    # images of other sizes than the first (12 x 12), as in any real ImageFolder: they must still batch
+    resized = {path: (20, 16) for path in (data / "train" / "class1").iterdir()}
+    resized[data / "val" / "class2" / "0.png"] = (9, 14)
+    for path, size in resized.items():
+        with Image.open(path) as image:
+            image.resize(size).save(path)
     out = tmp_path / "plain.safetensors"
     result = _run_example(
         "plain_pytorch", ["--data", str(data), "--subset", "12", "--batch-size", "6", "--out", str(out)]
     )
     shared = sharify.sharify(torchvision.models.resnet18(num_classes=3), example_inputs=EXAMPLE)
-    from safetensors.torch import load_file
-
     shared.load_state_dict(load_file(str(out)))
     assert 0 <= result["top1"] <= 100
 

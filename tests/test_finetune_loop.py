@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ import sharify.train.checkpoint as checkpoint_module
 from sharify.cli import main
 from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_checkpoint, load_data
 from sharify.train.distributed import DistContext
-from sharify.train.loop import Trainer
+from sharify.train.loop import Trainer, autocast_context, resolve_amp
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,7 +38,7 @@ def _config(out: Path, **kw: object) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def _sgd_trainer(model: nn.Module, accum_steps: int) -> Trainer:
+def _sgd_trainer(model: nn.Module, accum_steps: int, **kw: object) -> Trainer:
     return Trainer(
         model=model,
         module=model,
@@ -47,6 +48,7 @@ def _sgd_trainer(model: nn.Module, accum_steps: int) -> Trainer:
         criterion=nn.CrossEntropyLoss(),
         accum_steps=accum_steps,
         show_progress=False,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -179,3 +181,93 @@ def test_atomic_write_gives_the_permissions_of_an_ordinary_file(tmp_path: Path) 
         assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
     finally:
         os.umask(umask)
+
+
+def test_amp_modes_resolve_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # resolution only: no GPU is used
+    assert resolve_amp("auto", cpu) == resolve_amp("none", cpu) == "none"
+    for mode in ("bf16", "fp16"):
+        with pytest.raises(
+            ValueError, match=rf"^--amp {mode} needs a CUDA device \(--device cuda\); .*\(--amp none\)$"
+        ):
+            resolve_amp(mode, cpu)
+    with pytest.raises(ValueError, match="unknown --amp 'fp8'; use auto, none, bf16 or fp16"):
+        resolve_amp("fp8", cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert [resolve_amp(m, cuda) for m in ("auto", "bf16", "fp16", "none")] == ["bf16", "bf16", "fp16", "none"]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a V100
+    assert resolve_amp("auto", cuda) == "none" and resolve_amp("fp16", cuda) == "fp16"
+    with pytest.raises(ValueError, match=r"does not support bfloat16; use --amp fp16"):
+        resolve_amp("bf16", cuda)
+    # the autocast factory: a no-op for fp32, else autocast to the mode's dtype on the device's type
+    assert isinstance(autocast_context("none", cpu)(), type(contextlib.nullcontext()))
+    for mode, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        with autocast_context(mode, cpu)():
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+    # refused before any data is read or model built, as one line
+    with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
+        FinetuneConfig(amp="bf16", device="cpu").validate()
+
+
+def _global_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad-scaler"])
+def test_clip_grad_rescales_the_gradient_to_the_norm_at_the_step(scaled: bool) -> None:
+    batch = [(torch.randn(4, 3, 12, 12), torch.randint(0, 3, (4,)))]
+    start = sharify.sharify(TinyNet(norm="gn"), example_inputs=EXAMPLE)
+    reference = copy.deepcopy(start)
+    nn.functional.cross_entropy(reference(batch[0][0]), batch[0][1]).backward()
+    free = _global_grad(reference)
+    clip = float(free.norm()) / 10
+    model = copy.deepcopy(start)
+    # a grad scaler (fp16 AMP) multiplies the loss: the gradient must be unscaled before it is clipped
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
+    trainer = _sgd_trainer(model, 1, clip_grad=clip, scaler=scaler)
+    seen: list[torch.Tensor] = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(_global_grad(model)))
+    trainer.train_epoch(batch, 1, 1)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], free * (clip / free.norm()), rtol=1e-4, atol=1e-8)  # same direction, norm clip
+
+
+def test_clip_grad_and_label_smoothing_reach_the_training_loop(data_dir: Path, tmp_path: Path) -> None:
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from sharify.train import build_transforms
+
+    def gn() -> nn.Module:
+        torch.manual_seed(0)
+        return sharify.sharify(TinyNet(norm="gn"), example_inputs=EXAMPLE)  # no BatchNorm: train = eval forward
+
+    norms: list[float] = []
+
+    def record_norm(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.cat(grads).norm()))
+
+    hook = register_optimizer_step_pre_hook(record_norm)  # every optimizer's step, e.g. the one finetune makes
+    try:
+        # lr ~ 0: the weights stay put, so the training loss is that of the initial model on every batch
+        frozen = {"lr": 1e-12, "weight_decay": 0.0}
+        plain = finetune(gn(), data_dir, _config(tmp_path / "plain", **frozen))
+        free, norms[:] = list(norms), []
+        clip = min(free) / 10
+        smooth = finetune(gn(), data_dir, _config(tmp_path / "smooth", label_smoothing=0.3, clip_grad=clip, **frozen))
+    finally:
+        hook.remove()
+    assert len(norms) == len(free) == 3 and all(abs(n - clip) < 1e-5 * clip for n in norms)  # --clip-grad
+    bundle = load_data(data_dir)
+    model = gn()
+    _, val_tf, _ = build_transforms(bundle, model, augment=False)
+    images = torch.stack([val_tf(bundle.train[i][0]) for i in range(len(bundle.train))])
+    labels = torch.tensor([bundle.train[i][1] for i in range(len(bundle.train))])
+    with torch.no_grad():
+        logits = model(images)
+    ce = nn.functional.cross_entropy(logits, labels)
+    smoothed = nn.functional.cross_entropy(logits, labels, label_smoothing=0.3)
+    assert abs(float(smoothed) - float(ce)) > 1e-3  # (1 - eps) * CE + eps * mean over the classes of -log p
+    assert plain.final["train_loss"] == pytest.approx(float(ce), rel=1e-5)
+    assert smooth.final["train_loss"] == pytest.approx(float(smoothed), rel=1e-5)
+    assert smooth.final["val_loss"] == pytest.approx(plain.final["val_loss"], rel=1e-6)  # validation: plain CE

@@ -202,6 +202,14 @@ def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
     assert "does not exist" in _cli_error([*base, "--data", str(tmp_path / "nope")], capsys)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a data set")
+    err = _cli_error([*base, "--data", str(a_file)], capsys)
+    assert f"data {a_file} is a file, not a directory; pass an ImageFolder directory" in err
+    err = _cli_error([*base, "--data", str(data_dir), "--out", str(a_file)], capsys)
+    assert f"--out {a_file} is a file; pass a directory" in err
+    err = _cli_error([*base, "--data", str(data_dir), "--out", str(a_file / "run")], capsys)  # its parent is a file
+    assert f"cannot create the output directory {a_file / 'run'}" in err and "another --out" in err
     (tmp_path / "flat").mkdir()
     assert "train/<class>" in _cli_error([*base, "--data", str(tmp_path / "flat")], capsys)
     assert "--num-classes 3" in _cli_error([*base, "--data", str(data_dir), "--num-classes", "5"], capsys)
@@ -213,7 +221,34 @@ def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, caps
     assert "--resume" in _cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
 
 
-def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_pretrained_without_internet_is_one_line(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import urllib.error
+
+    import timm.models._hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    def no_hub(*args: object, **kwargs: object) -> None:
+        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached torchvision weights
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)  # what torchvision's download calls
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)  # what timm's download calls
+    base = ["finetune", "--pretrained", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--quiet"]
+    for model in ("tv:resnet18", "timm:resnet18"):
+        err = _cli_error([*base, "--model", model], capsys)
+        assert f"cannot fetch the pretrained weights of {model.replace('tv:', 'torchvision:')}" in err
+        assert "needs internet" in err and "--checkpoint PATH" in err
+    with pytest.raises(sharify.PretrainedWeightsError, match=r"torchvision:resnet18 \(\[Errno -2\] Name or service"):
+        sharify.zoo.build_model("tv:resnet18", pretrained=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_sync_bn_and_amp_need_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"--sync-bn needs CUDA.*--device cpu"):
         FinetuneConfig(sync_bn=True, device="cpu").validate()
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
@@ -221,6 +256,7 @@ def test_sync_bn_needs_cuda(data_dir: Path, tmp_path: Path, capsys: pytest.Captu
     assert not tmp_path.joinpath("config.json").exists()
     args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(tmp_path / "o")]
     assert "--sync-bn needs CUDA" in _cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
+    assert "--amp fp16 needs a CUDA device" in _cli_error([*args, "--amp", "fp16", "--device", "cpu"], capsys)
 
 
 def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:

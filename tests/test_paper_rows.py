@@ -6,7 +6,10 @@ Models are built on the meta device: the analysis needs no weights.
 
 from __future__ import annotations
 
+import ast
 import functools
+import platform
+import re
 from pathlib import Path
 
 import pytest
@@ -14,10 +17,13 @@ import torch
 import torchvision
 
 import sharify
+from benchmarks import paper_tables
 from benchmarks.cifar_models import preact_resnet164, wide_resnet
 from benchmarks.paper_tables import ROWS, measure, measure_sharified, table
 
-COMMITTED_TABLE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "paper_tables.md"
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_TABLE = ROOT / "benchmarks" / "results" / "paper_tables.md"
+README = ROOT / "README.md"
 IDS = [f"{r.paper}-{r.model}" for r in ROWS]
 
 
@@ -52,20 +58,68 @@ def test_sharified_model_has_the_plans_parameter_count(index: int) -> None:
     assert _sharified(index) == _measured(index)[1]
 
 
-def test_committed_table_is_a_fresh_run() -> None:
-    """benchmarks/results/paper_tables.md equals `python -m benchmarks.paper_tables` output (version line aside)."""
-    fresh, failures = table([(row, *_measured(i), _sharified(i)) for i, row in enumerate(ROWS)])
-    committed = COMMITTED_TABLE.read_text().splitlines()
-    start = committed.index(fresh[0])
-    assert committed[start:] == fresh and failures == 0
-    version = [line for line in committed[:start] if line.startswith("torch ")]
-    assert len(version) == 1 and committed[:start] == [
+def test_committed_table_is_a_fresh_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """benchmarks/results/paper_tables.md is what `python -m benchmarks.paper_tables --out FILE` writes.
+
+    ``main`` runs as the command does (arguments, header, printing, writing, exit status); only the row
+    counts come from this session's cache of the same ``measure``/``measure_sharified`` calls. The version
+    line is the one line allowed to differ (it names this machine's torch).
+    """
+    index = {id(row): i for i, row in enumerate(ROWS)}
+    monkeypatch.setattr(paper_tables, "measure", lambda row: _measured(index[id(row)]))
+    monkeypatch.setattr(paper_tables, "measure_sharified", lambda row: _sharified(index[id(row)]))
+    out = tmp_path / "results" / "paper_tables.md"
+    assert paper_tables.main(["--out", str(out)]) == 0
+    written = out.read_text()
+    assert capsys.readouterr().out == written + "\n"
+    fresh, committed = written.splitlines(), COMMITTED_TABLE.read_text().splitlines()
+    version = f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}."
+    assert fresh[3] == version and re.fullmatch(r"torch \S+, torchvision \S+, Python \S+\.", committed[3])
+    assert fresh[:3] + fresh[4:] == committed[:3] + committed[4:]
+    assert committed[:3] == [
         "# Published parameter counts, reproduced by sharify",
         "",
         "Command: `python -m benchmarks.paper_tables` (architecture only: meta-device models, no weights).",
-        version[0],
-        "",
     ]
+    assert committed[-1] == f"{len(ROWS)} of {len(ROWS)} rows within tolerance."
+
+
+def _readme_table() -> list[list[str]]:
+    """Cells of the README's "Published parameter counts, reproduced" table, one list per row."""
+    section = README.read_text().split("\n## Published parameter counts, reproduced\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    assert lines[:2] == ["| paper | model | options | published | sharify |", "|---|---|---|---|---|"]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def _readme_options(cell: str) -> dict[str, object]:
+    """``defaults`` or a backquoted keyword list (``preset="dsfb-basis", shared_rank=48``) as a dict."""
+    if cell == "defaults":
+        return {}
+    call = ast.parse(f"f({cell.removeprefix('`').removesuffix('`')})", mode="eval").body
+    assert isinstance(call, ast.Call) and not call.args
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+
+
+def test_readme_table_is_what_the_benchmark_measures() -> None:
+    """Each README row: the benchmark's row (same order), options, published value and measured counts."""
+    cells = _readme_table()
+    assert len(cells) == len(ROWS)
+    for i, (row, (paper, model, options, published, measured)) in enumerate(zip(ROWS, cells, strict=True)):
+        before, after = _measured(i)
+        assert paper == row.paper
+        assert model == (row.model if row.dataset == "ImageNet" else f"{row.dataset} {row.model}")
+        # "sharesnet" is the default preset, which the README writes as "defaults"
+        assert _readme_options(options) == {k: v for k, v in row.options.items() if (k, v) != ("preset", "sharesnet")}
+        if row.published_before is None:  # DSFB: exact counts
+            value, _, note = published.partition(" (")
+            assert value == f"{round(row.published_after * 1e6):,}" and measured == f"{after:,}"
+            assert note == ("torchvision's)" if row.model.startswith("MobileNetV2") else "")
+        else:  # ShaResNet: millions at the paper's rounding (0.1 M on ImageNet, 0.01 M on CIFAR)
+            digits = 2 if row.tolerance <= 0.01 else 1
+            assert published == f"{row.published_before:.{digits}f} → {row.published_after:.{digits}f} M"
+            exact = "" if row.dataset == "ImageNet" else f" ({after:,})"
+            assert measured == f"{before / 1e6:.2f} → {after / 1e6:.2f} M{exact}"
 
 
 def test_table_flags_a_sharified_count_that_differs_from_the_plan() -> None:
@@ -97,11 +151,18 @@ def _hand_arithmetic_torchvision(model: torchvision.models.ResNet) -> int:
 @pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"])
 def test_torchvision_resnets_match_hand_arithmetic(name: str) -> None:
     model = _meta(torchvision.models.get_model, name)
+    before = sum(p.numel() for p in model.parameters())
+    saved = _hand_arithmetic_torchvision(model)
     p = sharify.plan(model)
-    assert p.params_saved == _hand_arithmetic_torchvision(model)
+    assert p.params_saved == saved and p.params_before == before
     assert [g.key for g in p.groups] == ["layer1.conv2", "layer2.conv2", "layer3.conv2", "layer4.conv2"]
     for g in p.groups:
         assert all(m.endswith(".conv2") and m.startswith(g.stage + ".") for m in g.members)
+    # not only the arithmetic: the model sharify() builds (meta device) has exactly these parameters
+    shared = sharify.sharify(model)
+    assert sum(q.numel() for q in shared.parameters()) == p.params_after == before - saved
+    assert sorted(sharify.shared_groups(shared)) == [g.key for g in p.groups]
+    assert sum(q.numel() for q in model.parameters()) == before  # inplace=False: the original keeps its convs
 
 
 def test_preact_resnet164_cifar_row() -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sharify
+from sharify import reapply
 from sharify import recipe as recipe_module
 from sharify.zoo import ModelSource, build_model
 
@@ -196,8 +197,8 @@ def test_basis_member_of_other_geometry_is_named(tmp_path, monkeypatch):
     ):
         sharify.load(path, other)
     # re-applying the recipe makes other groups: the message names the first group that differs
-    real = recipe_module.sharify
-    monkeypatch.setattr(recipe_module, "sharify", lambda m, **o: real(m, **{**o, "skip_first_block": True}))
+    real = reapply.sharify
+    monkeypatch.setattr(reapply, "sharify", lambda m, **o: real(m, **{**o, "skip_first_block": True}))
     with pytest.raises(
         sharify.RecipeMismatchError,
         match=r"it makes other groups \(first: group `blocks\.conv2` has other members than in the file, "
@@ -280,18 +281,18 @@ def test_fallback_when_sharify_makes_other_groups(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 16, 16)
     shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
-    real = recipe_module.sharify
+    real = reapply.sharify
 
     def other_groups(model, **options):
         return real(model, **{**options, "skip_first_block": True, "example_inputs": x[:1]})
 
-    monkeypatch.setattr(recipe_module, "sharify", other_groups)
+    monkeypatch.setattr(reapply, "sharify", other_groups)
     _assert_identical(shared, sharify.load(path, TinyNet()), x)
 
     def untraceable(model, **options):
         raise sharify.UntraceableError("cannot trace")
 
-    monkeypatch.setattr(recipe_module, "sharify", untraceable)
+    monkeypatch.setattr(reapply, "sharify", untraceable)
     _assert_identical(shared, sharify.load(path, TinyNet()), x)
 
 
@@ -472,7 +473,7 @@ def test_round_trip_scaled_init(tmp_path, monkeypatch):
     def untraceable(model, **options):
         raise sharify.UntraceableError("cannot trace")
 
-    monkeypatch.setattr(recipe_module, "sharify", untraceable)
+    monkeypatch.setattr(reapply, "sharify", untraceable)
     with pytest.raises(
         sharify.RecipeMismatchError, match=r"does not rebuild the file's groups: it fails \(cannot trace\)"
     ):

@@ -50,7 +50,13 @@ def test_loop_net_with_data_dependent_head() -> None:
     model = LoopNet(widths=(16, 32), depth=3)
     x = torch.randn(2, 3, 16, 16)
     p = sharify.plan(model, example_inputs=x)
-    assert "head" in p.auto_leaves
+    assert list(p.auto_leaves) == ["head"]
+    reason = p.auto_leaves["head"]
+    assert reason.startswith("TraceError: ") and "control flow" in reason
+    # the printed plan names the leafed head with its reason, once, after the groups
+    lines = str(p).splitlines()
+    assert [line for line in lines if "head" in line] == [f"  not traced (treated as a leaf): head: {reason}"]
+    assert lines[-1] == f"  not traced (treated as a leaf): head: {reason}" and lines[-2] == "    branches.1.2.3"
     # hand arithmetic: in each stage the 3x3 conv of all 3 branches (with bias) share one tensor
     expected = sum(2 * _conv_size(model.branches[s][0][3]) for s in range(2))
     assert p.params_saved == expected

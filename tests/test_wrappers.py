@@ -3,7 +3,8 @@
 Policy (sharify/_wrappers.py): ``sharify``, ``load`` into a given model and ``retie`` refuse a wrapper with a
 message saying to sharify/load/retie the bare model and wrap the result, because the wrapper has already
 captured the unshared parameters (DDP's reducer and broadcast, dynamo's guards). ``save`` and ``verify``
-only read, so they unwrap: the file holds the bare model's keys and loads into a bare model.
+only read, so they unwrap (``save`` with a UserWarning): the file holds the bare model's keys and loads into a
+bare model.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ def test_save_unwraps_and_load_refuses_wrappers(tmp_path, wrap):
     with torch.no_grad():
         shared = sharify.sharify(tiny(), example_inputs=EXAMPLE)
     wrapped = wrap(shared)
-    path = sharify.save(wrapped, tmp_path / "wrapped.safetensors")
+    outer = type(wrapped).__name__  # e.g. "OptimizedModule > DistributedDataParallel" for compile(ddp)
+    with pytest.warns(UserWarning, match=rf"wrapped in {outer}\b.*; saved the bare Tiny inside") as record:
+        path = sharify.save(wrapped, tmp_path / "wrapped.safetensors")
+    assert [w.filename for w in record if "wrapped in" in str(w.message)] == [__file__]  # points at the caller
     bare = sharify.save(shared, tmp_path / "bare.safetensors")
     a, b = load_file(path), load_file(bare)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)

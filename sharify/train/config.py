@@ -29,10 +29,13 @@ class FinetuneConfig:
         accum_steps: Micro-batches per optimizer update (gradient accumulation); each update's gradient is
             the mean over its micro-batches, also in an epoch's last, shorter update.
         clip_grad: Max gradient norm, or ``None``.
-        amp: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"none"``, ``"bf16"`` or ``"fp16"`` (CUDA only).
+        amp: ``"auto"`` (bf16 on CUDA devices that support it, else fp32), ``"none"``, ``"bf16"`` or ``"fp16"``
+            (CUDA only; fp16 with a grad scaler).
         channels_last: Train in channels-last memory format.
         compile: Wrap the model in ``torch.compile``.
-        grad_checkpointing: timm ``set_grad_checkpointing`` (DDP then uses ``static_graph=True``).
+        grad_checkpointing: timm ``set_grad_checkpointing``; under DDP with re-entrant checkpointing
+            (``timm.layers.set_reentrant_ckpt(True)``) the model is wrapped with ``static_graph=True``, and
+            gradient accumulation then reduces every micro-batch (timm's default, non-reentrant, needs neither).
         ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
         bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
         lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
@@ -100,7 +103,7 @@ class FinetuneConfig:
     quiet: bool = False
 
     def validate(self) -> None:
-        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without a CUDA device)."""
+        """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without CUDA, ``out`` a file)."""
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -112,13 +115,18 @@ class FinetuneConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.lr <= 0 or self.warmup_epochs < 0 or self.bn_recalibrate < 0 or self.workers < 0:
             raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; pass a directory for the run's outputs (created if missing)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
-        if self.sync_bn:
-            from .distributed import resolve_device
+        from .distributed import resolve_device
+        from .loop import resolve_amp
 
-            if resolve_device(self.device).type != "cuda":
-                raise ValueError(
-                    f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
-                    "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
-                )
+        device = resolve_device(self.device)
+        resolve_amp(self.amp, device)
+        if self.sync_bn and device.type != "cuda":
+            raise ValueError(
+                f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
+                "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
+            )

@@ -303,6 +303,11 @@ def load_data(
         bundle = _cifar(name, root_path)
     else:
         path = Path(spec)
+        if path.exists() and not path.is_dir():
+            raise DataError(
+                f"data {path} is a file, not a directory; pass an ImageFolder directory with train/ and val/ "
+                "(or one holding the Fashion-MNIST idx files), or one of fashion-mnist, cifar10, cifar100"
+            )
         if not path.is_dir():
             raise DataError(
                 f"data directory {path} does not exist; pass an ImageFolder directory with train/ and val/, "

@@ -15,13 +15,25 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
-__all__ = ["DistContext", "all_gather_objects", "all_reduce_sum", "barrier", "cleanup", "init_distributed"]
+__all__ = [
+    "DistContext",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_from_main",
+    "cleanup",
+    "ddp_static_graph",
+    "init_distributed",
+    "sync_from_main",
+]
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,28 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def ddp_static_graph(grad_checkpointing: bool) -> bool:
+    """Whether DDP needs ``static_graph=True``: only with timm's re-entrant activation checkpointing.
+
+    A shared weight is used by several blocks. Re-entrant checkpointing runs each checkpointed block's
+    backward as a separate pass, so the weight's gradient becomes ready several times per iteration, which
+    DDP refuses ("Expected to mark a variable ready only once") unless it knows the graph is static.
+    Non-reentrant checkpointing (timm's default, ``timm.layers.set_reentrant_ckpt(False)``) needs nothing
+    special. ``static_graph`` excludes ``no_sync()``, so accumulation then reduces every micro-batch
+    (:class:`~sharify.train.loop.Trainer`).
+
+    Args:
+        grad_checkpointing: Whether the model runs with ``set_grad_checkpointing(True)``.
+    """
+    if not grad_checkpointing:
+        return False
+    try:
+        from timm.layers import use_reentrant_ckpt
+    except ImportError:  # timm before set_reentrant_ckpt always checkpointed re-entrant
+        return True
+    return bool(use_reentrant_ckpt())
+
+
 def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     """Sums a list of numbers over all ranks (identity in a single process)."""
     if not ctx.distributed:
@@ -83,6 +117,37 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+@torch.no_grad()
+def broadcast_from_main(tensors: Iterable[Tensor], ctx: DistContext) -> None:
+    """Overwrites each tensor in place with rank 0's value (no-op in a single process).
+
+    Used for what DDP leaves per process: BatchNorm running statistics (updated locally by every
+    forward pass), an EMA copy (which averages them), and a model built independently on each rank.
+    """
+    if not ctx.distributed:
+        return
+    for tensor in tensors:
+        if tensor.is_contiguous():
+            dist.broadcast(tensor, src=0)
+        else:  # channels-last weights: broadcast a contiguous copy
+            flat = tensor.contiguous()
+            dist.broadcast(flat, src=0)
+            tensor.copy_(flat)
+
+
+def sync_from_main(module: nn.Module, ema_module: nn.Module | None, ctx: DistContext) -> None:
+    """Gives every rank rank 0's buffers (BatchNorm statistics) and EMA weights (no-op in a single process).
+
+    DDP keeps the weights equal across ranks, but each rank's forward passes update its own running
+    statistics (DDP broadcasts rank 0's only at the start of the next forward), and the EMA copy
+    averages those. Without this the reduced validation metrics would average slightly different
+    models, none of them the one rank 0 saves.
+    """
+    broadcast_from_main(module.buffers(), ctx)
+    if ema_module is not None:
+        broadcast_from_main([*ema_module.parameters(), *ema_module.buffers()], ctx)
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:

@@ -6,7 +6,10 @@ into ``config.out``:
 * ``report.json`` / ``report.md``: the parameter report, when the unshared ``original`` is given;
 * ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
-  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update;
+  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update.
+  ``images_per_s`` counts the training images of all ranks over the epoch's training time (data
+  loading included, evaluation not); the first epoch's also includes one-time warm-up --
+  ``torch.compile`` compiling the model, cuDNN autotuning -- so compare later epochs for speed;
 * ``checkpoints/epoch-NNNN/``: the ``keep_checkpoints`` newest complete epochs (weights as safetensors,
   training state in ``state.json`` and, for the tensors of optimizer and RNG, ``state.pt``; see
   :mod:`sharify.train.checkpoint`);
@@ -19,7 +22,9 @@ With ``resume=True`` the run continues after the newest checkpoint with the same
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
 checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
 retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
-process calls :func:`finetune`; rank 0 logs and writes files.
+process calls :func:`finetune`; rank 0 logs and writes files. Every rank starts from rank 0's model
+and, before each evaluation, takes rank 0's BatchNorm statistics and EMA weights, so the reduced
+validation metrics are those of the model rank 0 saves.
 """
 
 from __future__ import annotations
@@ -43,7 +48,16 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
-from .distributed import DistContext, all_gather_objects, barrier, cleanup, init_distributed
+from .distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_from_main,
+    cleanup,
+    ddp_static_graph,
+    init_distributed,
+    sync_from_main,
+)
 from .errors import CheckpointError, DataError
 from .loaders import build_loaders
 from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
@@ -123,7 +137,8 @@ def finetune(
         >>> data = load_data("fashion-mnist", subset=256)  # doctest: +SKIP
         >>> original, shared = prepare_model("resnet18", num_classes=10, in_chans=1)  # doctest: +SKIP
         >>> result = finetune(shared, data, out="runs/demo", epochs=1, original=original)  # doctest: +SKIP
-        >>> result.final["top1"]  # doctest: +SKIP
+        >>> 0.0 <= result.final["top1"] <= 100.0  # doctest: +SKIP
+        True
     """
     config = replace(config or FinetuneConfig(), **overrides)
     config.validate()
@@ -170,7 +185,12 @@ def _run(
     if existing is not None:
         check_resumable(existing, settings, described)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent is a file, no permission, read-only file system ...
+            raise ValueError(
+                f"cannot create the output directory {out} ({exc.strerror or exc}); pass another --out"
+            ) from exc
         text = json.dumps({**settings, "setup": described}, indent=2) + "\n"
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
         if original is not None and shared_groups(module):
@@ -188,6 +208,9 @@ def _run(
         module.set_grad_checkpointing(True)  # type: ignore[operator]
     if config.sync_bn and ctx.distributed:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    # every rank starts from rank 0's model (a head initialised independently on each rank would differ;
+    # DDP syncs the weights only when it wraps the model, after the EMA copy and the first evaluation)
+    broadcast_from_main([*module.parameters(), *module.buffers()], ctx)
     loaders = build_loaders(
         bundle,
         module,
@@ -225,6 +248,7 @@ def _run(
         "autocast": autocast,
         "channels_last": config.channels_last,
         "num_classes": bundle.num_classes,
+        "show_progress": show,
     }
 
     metrics: list[dict[str, Any]] = []
@@ -277,7 +301,7 @@ def _run(
         train_model = DDP(
             module,
             device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-            static_graph=config.grad_checkpointing,
+            static_graph=ddp_static_graph(config.grad_checkpointing),
         )
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
@@ -307,9 +331,10 @@ def _run(
         tic = time.perf_counter()
         loaders.set_epoch(epoch, config.seed)
         record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(loaders.train, epoch, config.epochs)}
+        sync_from_main(module, ema.module if ema is not None else None, ctx)  # all ranks evaluate what rank 0 saves
         record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
         if ema is not None:
-            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw)
+            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw, desc="val (EMA)")
             record.update(
                 ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"]
             )

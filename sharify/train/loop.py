@@ -4,7 +4,8 @@
 loss, regulariser). :meth:`Trainer.train_epoch` runs the micro-batches of one epoch: forward under
 autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of micro-batches in its
 update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP gradient
-synchronisation only on the micro-batch that updates), optional gradient clipping, optimizer step
+synchronisation only on the micro-batch that updates, except under ``static_graph``, where every
+micro-batch synchronises), optional gradient clipping, optimizer step
 through the ``GradScaler`` (fp16), schedule and EMA update. :func:`evaluate` computes loss and
 top-1/top-5 accuracy. Both reduce their sums over ranks, so the numbers are those of the whole
 data set.
@@ -36,7 +37,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """``"auto"`` -> ``"bf16"`` on CUDA devices that support it, else ``"none"``; checks explicit choices.
 
     Raises:
-        ValueError: Unknown mode, or bf16/fp16 requested on a CPU (training runs in fp32 there).
+        ValueError: Unknown mode, bf16/fp16 requested on a CPU (training runs in fp32 there), or bf16 on a
+            GPU without bfloat16 support.
     """
     if amp not in ("auto", "none", "bf16", "fp16"):
         raise ValueError(f"unknown --amp {amp!r}; use auto, none, bf16 or fp16")
@@ -44,6 +46,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     if amp != "none" and device.type != "cuda":
         raise ValueError(f"--amp {amp} needs a CUDA device (--device cuda); on CPU training runs in fp32 (--amp none)")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 (with a grad scaler)")
     return amp
 
 
@@ -99,8 +103,15 @@ class Trainer:
     show_progress: bool = True
 
     def _no_sync(self, update: bool) -> AbstractContextManager[Any]:
+        # DDP(static_graph=True) does not support no_sync(): an internal assert on the first backward, and
+        # gradients that silently stop being reduced once that is avoided (pytorch/pytorch#143580). Under a
+        # static graph every micro-batch reduces: one all-reduce per micro-batch instead of per update, and
+        # the same result, as each reduction averages the accumulated gradient, whose earlier part is
+        # already identical on all ranks.
         no_sync = getattr(self.model, "no_sync", None)
-        return nullcontext() if update or no_sync is None else no_sync()
+        if update or no_sync is None or getattr(self.model, "static_graph", False):
+            return nullcontext()
+        return no_sync()
 
     def _step(self) -> None:
         if self.scaler is not None:
@@ -121,7 +132,11 @@ class Trainer:
             self.ema.update(self.module, step=self.num_updates)
 
     def train_epoch(self, loader: Any, epoch: int, epochs: int) -> dict[str, float]:
-        """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``."""
+        """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``.
+
+        ``images_per_s`` is over the whole epoch, data loading included, so one-time warm-up in the
+        first epoch (``torch.compile`` compiling the model, cuDNN benchmarking) lowers that epoch's figure.
+        """
         self.model.train()
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -191,14 +206,22 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
     channels_last: bool = False,
     num_classes: int | None = None,
+    show_progress: bool = False,
+    desc: str = "val",
 ) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (in %) of ``model`` over the (rank-sharded) ``loader``."""
+    """Loss, top-1 and top-5 accuracy (in %) of ``model`` over the (rank-sharded) ``loader``.
+
+    ``show_progress`` draws a tqdm bar named ``desc`` on stderr (rank 0 of a run on a terminal).
+    """
     was_training = model.training
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss, top1, top5, count
+    bar = tqdm(
+        loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=not show_progress, file=sys.stderr
+    )
     try:
-        for i, (images, labels) in enumerate(loader):
+        for i, (images, labels) in enumerate(bar):
             images = _images(images, ctx.device, channels_last)
             labels = labels.to(ctx.device, non_blocking=True)
             with autocast():
