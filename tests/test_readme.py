@@ -106,3 +106,52 @@ def test_cli_errors_are_one_line_with_exit_code(argv: list[str], message: str, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(message, err) and err.count("\n") == 0 and "Traceback" not in err
+
+
+def _table_after(heading: str, first_column: str) -> list[list[str]]:
+    """Rows (cells) of the first markdown table under ``heading`` whose header starts with ``first_column``."""
+    section = README.read_text().split(heading, 1)[1]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_readme_coverage_figures_are_the_committed_sweep() -> None:
+    import json
+    from collections import Counter
+
+    from benchmarks.coverage_summary import headline
+
+    data = json.loads((README.parent / "benchmarks/results/coverage.json").read_text())
+    rows = data["models"]
+    text = README.read_text()
+    parts = headline(rows).split(", ")  # "28 of 80 torchvision models shared", "415 of 1371 timm ...", "0 errors"
+    tv, timm_ = (p.removesuffix(" models shared") for p in parts[:2])
+    assert f"**{tv} models and {timm_} models are shared, {parts[2]}**" in text
+    assert f"({data['meta']['wall_seconds'] / 60:.0f} min on 2 cores)" in text
+    refused = Counter(r["reason_kind"] for r in rows if r["outcome"] == "nothing-to-share")
+    kinds = {  # README wording -> the sweep's reason kind
+        "no residual blocks": "no residual blocks",
+        "only depthwise spatial convs in the branches": "depthwise only",
+        "no two consecutive blocks of one shape": "no multi-block stage",
+        "only pointwise convs in the branches": "pointwise only",
+        "no conv layers": "no conv layers",
+        "no two convs of one signature in a stage": "no same-signature convs",
+        "convs reused across blocks": "convs reused across blocks",
+    }
+    table = {r[0]: int(r[1]) for r in _table_after("## Which models it works on", "refusal")}
+    assert table == {wording: refused[kind] for wording, kind in kinds.items()}
+    hinted = [r for r in rows if "(suggested)" in r["alternative"]]
+    assert not any(r["misleading_hint"] for r in hinted)
+    assert f"{len(hinted)} refusals suggest something, and every\nsuggestion shares" in text
+    for family, n, mean, best in _table_after("## Which models it works on", "family"):
+        library, module = family.split()[:2]
+        shared = [r for r in rows if r["family"] == f"{library}.{module.strip('`')}" and r["outcome"] == "shared"]
+        assert int(n) == len(shared), family
+        assert mean == f"{100 * sum(r['reduction'] for r in shared) / len(shared):.1f} %", family
+        assert best == f"{100 * max(r['reduction'] for r in shared):.1f} %", family
