@@ -136,7 +136,7 @@ def test_model_outcome(library: str, name: str, expected: str) -> None:
         assert (result.outcome, result.reason_kind) == ("nothing-to-share", expected), result.reason
         assert result.params_after == result.params_before and result.reason
         # The refusal's suggestion works: the option it names shares something.
-        hint = {DEPTHWISE: "depthwise=True: ", POINTWISE: "positions='last': "}.get(expected)
+        hint = {DEPTHWISE: "depthwise=True (suggested): ", POINTWISE: "positions='last' (suggested): "}.get(expected)
         if hint is not None:
             assert hint in result.alternative and f"{hint}nothing" not in result.alternative, result.alternative
 
