@@ -31,6 +31,9 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
     assert all(r["ratio"] > 0 for r in results["speed"])
     assert all(r["ratio_q1"] <= r["ratio_q3"] for r in results["speed"])
+    assert all(r["verdict"] == perf.verdict(r["ratio"], tuple(r["ratio_ci95"])) for r in results["speed"])
+    overhead = results["overhead"][0]
+    assert overhead["model"] == "wrn-16-1" and overhead["members"] == 3 * 2  # conv2 of both blocks of 3 stages
     mem = results["memory"][0]
     peak = mem["peak"]
     assert peak["original_peak_bytes"] > 0 and peak["shared_peak_bytes"] > 0
@@ -52,3 +55,12 @@ def test_interleaved_alternates_the_order_every_round() -> None:
     times = perf.interleaved(fns, torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B / B A / A B
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_median_confidence_interval_and_verdict() -> None:
+    # n = 15: the 95 % interval of the median spans the 4th to the 12th smallest value (binomial tables)
+    assert perf.median_ci([float(i) for i in range(15)]) == (3.0, 11.0)
+    assert perf.median_ci([float(i) for i in range(5)]) == (0.0, 4.0)  # too few values: the whole range
+    assert perf.verdict(0.99, (0.95, 1.02)) == "met"
+    assert perf.verdict(0.97, (0.95, 1.01)) == "noise"
+    assert perf.verdict(0.95, (0.93, 0.97)) == "below"
