@@ -271,6 +271,8 @@ def test_fashion_mnist_is_found_in_the_debian_package_location(
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["train_images"] == 8 and metrics[0]["val_images"] == 8
     assert load_file(str(out / "model.safetensors"))["conv1.weight"].shape[1] == 1  # grayscale stem from the data
+    setup = json.loads((out / "config.json").read_text())["setup"]
+    assert (setup["data"], setup["data_source"]) == ("fashion-mnist", str(system))  # what was asked, where it was
 
 
 def _fake_cifar(root: Path) -> Path:

@@ -50,7 +50,7 @@ def config_settings(config: FinetuneConfig) -> dict[str, Any]:
 def run_setup(bundle: DataBundle, ctx: DistContext, setup: Mapping[str, Any]) -> dict[str, Any]:
     """What the run trains on beyond the config: the data and processes as seen here, and the caller's ``setup``."""
     seen = {
-        "data": bundle.source or bundle.name,
+        "data_source": bundle.source or bundle.name,  # where the data came from (the caller's "data" is its own)
         "train_images": len(bundle.train),  # type: ignore[arg-type]
         "val_images": len(bundle.val),  # type: ignore[arg-type]
         "classes": bundle.num_classes,
