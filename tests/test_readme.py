@@ -155,3 +155,46 @@ def test_readme_coverage_figures_are_the_committed_sweep() -> None:
         assert int(n) == len(shared), family
         assert mean == f"{100 * sum(r['reduction'] for r in shared) / len(shared):.1f} %", family
         assert best == f"{100 * max(r['reduction'] for r in shared):.1f} %", family
+
+
+def test_readme_performance_figures_are_the_committed_benchmark() -> None:
+    import json
+    import statistics
+
+    results = README.parent / "benchmarks/results"
+    perf = json.loads((results / "perf.json").read_text())
+    recheck = json.loads((results / "perf_recheck_wrn-28-10/perf.json").read_text())
+    text = " ".join(README.read_text().split("## Performance", 1)[1].split("## How it works")[0].split())
+    speed = perf["speed"]
+    ratios = [r["ratio"] for r in speed]
+    verdicts = [r["verdict"] for r in speed]
+    assert f"Over {len(speed)} configurations" in text
+    assert f"is {statistics.median(ratios):.3f} ({min(ratios):.3f} to {max(ratios):.3f})" in text
+    assert f"{verdicts.count('met')} meet the 0.98 target and {verdicts.count('noise')} fall short" in text
+    assert "below" not in verdicts
+    worst = min(speed, key=lambda r: r["ratio"])
+    assert (worst["model"], worst["mode"]) == ("wrn-28-10", "inference") and f"at {worst['ratio']:.3f}" in text
+    again = next(r for r in recheck["speed"] if r["mode"] == "inference")
+    ci = again["ratio_ci95"]
+    assert again["repeats"] == 61 and f"gives {again['ratio']:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" in text
+    overhead = perf["overhead"]
+    member = statistics.mean(r["member_read_s"] for r in overhead) * 1e6
+    plain = statistics.mean(r["plain_read_s"] for r in overhead) * 1e6
+    assert f"about {member:.2f} against {plain:.2f} µs per call" in text
+    memory = {r["model"]: r for r in perf["memory"]}
+    for r in memory.values():
+        exact = (r["param_bytes_ratio"], r["sgd_state_bytes_ratio"], r["adamw_state_bytes_ratio"])
+        assert exact == (r["param_fraction"],) * 3
+        assert abs(r["checkpoint_bytes_ratio"] - r["param_fraction"]) < 0.002
+    for name, label in (("resnet50", "resnet50"), ("resnet152", "resnet152"), ("wrn-28-10", "WRN-28-10")):
+        assert f"{label} {memory[name]['param_fraction']:.3f}" in text
+    shares = [r["peak"]["saving_bytes"] / r["peak"]["predicted_saving_bytes"] for r in memory.values()]
+    assert f"by {100 * min(shares):.0f}-{100 * max(shares):.0f} % of the saved" in text
+    peak = memory["resnet152"]["peak"]
+    assert f"{peak['original_peak_bytes'] / 2**20:.0f} → {peak['shared_peak_bytes'] / 2**20:.0f} MiB" in text
+    times = {r["model"]: r for r in perf["sharify_time"]}
+    big = times["resnetv2_152x4_bit"]
+    assert f"takes {times['resnet50']['seconds']:.2f} s on resnet50, {times['resnet152']['seconds']:.2f} s" in text
+    assert f"{big['seconds']:.1f} s on a {big['params'] / 1e6:.0f} M-parameter" in text
+    growth = next(r for r in perf["analysis_memory"] if r["model"] == "resnetv2_152x4_bit")["peak_rss_growth_bytes"]
+    assert f"grows the process by {growth / 2**20:.0f} MiB" in text
