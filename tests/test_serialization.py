@@ -17,6 +17,7 @@ import sharify
 from sharify import reapply
 from sharify import recipe as recipe_module
 from sharify.zoo import ModelSource, build_model
+from tests.conftest import perturb
 
 
 class Block(nn.Module):
@@ -46,22 +47,6 @@ class TinyNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def _perturb(model: nn.Module) -> nn.Module:
-    """Non-default values everywhere, BatchNorm statistics included, so a round trip has something to lose."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(
-                    torch.rand(t.shape, generator=gen) + 0.5
-                    if "running_var" in name
-                    else torch.randn(t.shape, generator=gen)
-                )
-            else:
-                t.fill_(7)
-    return model
-
-
 def _assert_identical(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
@@ -82,7 +67,7 @@ X3 = torch.randn(2, 3, 32, 32)
 
 
 def test_round_trip_timm_rebuilds_from_recipe(tmp_path):
-    shared = _perturb(sharify.sharify(timm.create_model("resnet18.tv_in1k", num_classes=5, in_chans=1)))
+    shared = perturb(sharify.sharify(timm.create_model("resnet18.tv_in1k", num_classes=5, in_chans=1)))
     with pytest.raises(ValueError, match=r"builds a torchvision\.models\.resnet\.ResNet, not a timm\.models"):
         sharify.save(shared, tmp_path / "r18.safetensors", source="resnet18")  # torchvision's name comes first
     path = sharify.save(shared, tmp_path / "r18.safetensors")
@@ -103,7 +88,7 @@ def test_round_trip_timm_rebuilds_from_recipe(tmp_path):
 
 
 def test_round_trip_torchvision_with_explicit_source(tmp_path):
-    shared = _perturb(sharify.sharify(torchvision.models.resnet18(num_classes=10)))
+    shared = perturb(sharify.sharify(torchvision.models.resnet18(num_classes=10)))
     with pytest.raises(ValueError, match=r"fc\.weight.*num_classes"):
         sharify.save(shared, tmp_path / "bad.safetensors", source="resnet18")  # 1000 classes: does not rebuild
     assert not (tmp_path / "bad.safetensors").exists()
@@ -115,7 +100,7 @@ def test_round_trip_torchvision_with_explicit_source(tmp_path):
 
 def test_build_model_records_the_source(tmp_path):
     model, source = build_model("tv:resnet18", num_classes=3)
-    shared = _perturb(sharify.sharify(model))
+    shared = perturb(sharify.sharify(model))
     path = sharify.save(shared, tmp_path / "m.safetensors")
     assert sharify.read_recipe(path).source == source
     _assert_identical(shared, sharify.load(path), X3)
@@ -123,7 +108,7 @@ def test_build_model_records_the_source(tmp_path):
 
 def test_round_trip_user_model_given(tmp_path):
     x = torch.randn(2, 3, 16, 16)
-    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors", metadata={"epoch": "12"})
     recipe = sharify.read_recipe(path)
     assert recipe.source is None and recipe.model_class.endswith("TinyNet") and recipe.metadata == {"epoch": "12"}
@@ -230,7 +215,7 @@ def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
     the recipe records the example input shapes and the leaf module paths and passes them back."""
     x = torch.randn(2, 3, 8, 8)
     assert "shape propagation stopped" in sharify.plan(PositionalNet()).empty_reason()  # the default 224 px
-    shared = _perturb(sharify.sharify(PositionalNet(), example_inputs=x[:1], **BASIS_OPTIONS))
+    shared = perturb(sharify.sharify(PositionalNet(), example_inputs=x[:1], **BASIS_OPTIONS))
     path = sharify.save(shared, tmp_path / "positional.safetensors")
     recipe = sharify.read_recipe(path)
     assert recipe.analysis == {"input_shapes": [[1, 3, 8, 8]], "input_dtypes": ["float32"], "leaf_modules": []}
@@ -239,7 +224,7 @@ def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
     tiny = TinyNet()
     tiny.blocks[1] = OpaqueBlock(8)
     options = {"method": "basis", "shared_rank": 8, "unique_rank": 1}
-    shared = _perturb(sharify.sharify(tiny, example_inputs=X3[:1], leaf_modules=[OpaqueBlock], **options))
+    shared = perturb(sharify.sharify(tiny, example_inputs=X3[:1], leaf_modules=[OpaqueBlock], **options))
     (group,) = sharify.shared_groups(shared).values()
     assert group[1] == ["blocks.0.conv2.shared", "blocks.2.conv2.shared"]  # the opaque block is not shared
     path = sharify.save(shared, tmp_path / "leaf.safetensors")
@@ -264,7 +249,7 @@ def test_mismatching_sharified_model(tmp_path):
 
 def test_strict_false_skips_keys_only_one_side_has(tmp_path):
     x = torch.randn(2, 3, 16, 16)
-    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
     bigger = TinyNet()
     bigger.extra = nn.Linear(2, 2)
@@ -279,7 +264,7 @@ def test_fallback_when_sharify_makes_other_groups(tmp_path, monkeypatch):
     """Re-applying the recipe stays exact when re-running sharify fails or shares differently
     (e.g. the model was analysed with example inputs or leaf modules the recipe does not record)."""
     x = torch.randn(2, 3, 16, 16)
-    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
     real = reapply.sharify
 
@@ -297,14 +282,14 @@ def test_fallback_when_sharify_makes_other_groups(tmp_path, monkeypatch):
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):
-    shared = _perturb(sharify.sharify(timm.create_model("resnet18", num_classes=3))).to(torch.bfloat16)
+    shared = perturb(sharify.sharify(timm.create_model("resnet18", num_classes=3))).to(torch.bfloat16)
     restored = sharify.load(sharify.save(shared, tmp_path / "bf16.safetensors"))
     assert restored.sharify_shared.layer1.conv2.weight.dtype == torch.bfloat16
     _assert_identical(shared, restored, X3.to(torch.bfloat16))
 
 
 def test_unshared_model_round_trip(tmp_path):
-    model = _perturb(timm.create_model("resnet18", num_classes=3))
+    model = perturb(timm.create_model("resnet18", num_classes=3))
     recipe = sharify.read_recipe(sharify.save(model, tmp_path / "plain.safetensors"))
     assert recipe.options is None and recipe.groups == ()
     restored = sharify.load(tmp_path / "plain.safetensors")
@@ -445,7 +430,7 @@ def test_round_trip_filter_basis(tmp_path):
     recorded options (init="svd" included) and checks the result against the file."""
     x = torch.randn(2, 3, 16, 16)
     options = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank": {"blocks": 1}, "init": "svd"}
-    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], **options))
+    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], **options))
     path = sharify.save(shared, tmp_path / "basis.safetensors")
     (group,) = sharify.read_recipe(path).groups
     assert group.method == "basis" and group.members[0] == "blocks.0.conv2.shared" and not group.whole_conv
@@ -455,7 +440,7 @@ def test_round_trip_filter_basis(tmp_path):
     ):
         sharify.load(path, TinyNet(width=16))
 
-    timm_shared = _perturb(
+    timm_shared = perturb(
         sharify.sharify(timm.create_model("resnet18", num_classes=3), method="basis", shared_rank=8, unique_rank=1)
     )
     _assert_identical(timm_shared, sharify.load(sharify.save(timm_shared, tmp_path / "r18.safetensors")), X3)
@@ -464,7 +449,7 @@ def test_round_trip_filter_basis(tmp_path):
 def test_round_trip_scaled_init(tmp_path, monkeypatch):
     """init="scaled" adds per-member gains (here: no BatchNorm after conv2 absorbs them); the file holds them."""
     x = torch.randn(2, 3, 16, 16)
-    shared = _perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], init="scaled"))
+    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], init="scaled"))
     path = sharify.save(shared, tmp_path / "scaled.safetensors")
     assert "blocks.0.conv2.shared_gain" in load_file(path)
     _assert_identical(shared, sharify.load(path, TinyNet()), x)

@@ -18,23 +18,9 @@ from torch import nn
 import sharify
 from sharify.recipe import detect_source
 from sharify.source import build_structure
-from tests.conftest import state_equal
+from tests.conftest import perturb, state_equal
 
 X = torch.randn(2, 3, 32, 32)
-
-
-def _perturb(model: nn.Module) -> nn.Module:
-    """Values unlike any fresh build (BatchNorm statistics included): a rebuilt model must load them all."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(
-                    torch.rand(t.shape, generator=gen) + 0.5
-                    if "running_var" in name
-                    else torch.randn(t.shape, generator=gen)
-                )
-    return model.eval()
 
 
 @pytest.mark.parametrize(
@@ -47,7 +33,7 @@ def _perturb(model: nn.Module) -> nn.Module:
     ids=["resnet18", "resnet18-7-classes-aligned"],
 )
 def test_torchvision_model_saved_without_source_is_rebuilt_by_load(tmp_path, builder, kwargs, options, recorded):
-    shared = _perturb(sharify.sharify(getattr(torchvision.models, builder)(**kwargs), **options))
+    shared = perturb(sharify.sharify(getattr(torchvision.models, builder)(**kwargs), **options)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # identified: nothing to warn about
         path = sharify.save(shared, tmp_path / "m.safetensors")
@@ -95,7 +81,7 @@ def _other_eps() -> nn.Module:
 )
 def test_unidentified_torchvision_model_is_saved_with_a_warning(tmp_path, make, match):
     model = make()
-    shared = _perturb(sharify.sharify(model))
+    shared = perturb(sharify.sharify(model)).eval()
     with pytest.warns(UserWarning, match=match) as record:
         path = sharify.save(shared, tmp_path / "m.safetensors")
     assert [w.filename for w in record] == [__file__]  # points at the caller's line
