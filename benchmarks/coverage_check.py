@@ -20,12 +20,10 @@ them, so there is no sharified model to run.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,6 +33,7 @@ from torch import Tensor, nn
 import sharify
 from sharify.layers import shared_groups
 from sharify.rules import ConvSignature, is_depthwise, is_spatial
+from sharify.source import registered_on_meta
 from sharify.zoo import ModelSource, build_model
 
 __all__ = ["ModelResult", "check_model", "family_of", "suggested_options", "variant_of"]
@@ -227,37 +226,13 @@ def _repeated_dense_convs(model: nn.Module) -> int:
     return sum(n for n in signatures.values() if n > 1)
 
 
-@contextlib.contextmanager
-def _registered_on_meta() -> Iterator[None]:
-    """Every parameter and buffer a module registers is moved to the meta device right away, while the
-    builder's other tensors stay on the CPU (for builders that compute with tensors, e.g. torchvision's
-    RegNet widths, which fail under ``torch.device("meta")``)."""
-
-    def parameter(module: nn.Module, name: str, p: nn.Parameter | None) -> nn.Parameter | None:
-        return None if p is None else nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
-
-    def buffer(module: nn.Module, name: str, b: Tensor | None) -> Tensor | None:
-        return None if b is None else b.to("meta")
-
-    # Documented as "may return a modified value"; the stubs say the hooks return None.
-    handles = [
-        nn.modules.module.register_module_parameter_registration_hook(parameter),  # type: ignore[arg-type]
-        nn.modules.module.register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _build_meta(source: ModelSource) -> tuple[nn.Module, str]:
     """The model with every parameter and buffer on the meta device, and how it was built there."""
     try:
         with torch.device("meta"):
             return build_model(source)[0], "meta"
     except Exception:  # a builder that computes with tensors cannot run under the meta device
-        with _registered_on_meta():
+        with registered_on_meta():
             return build_model(source)[0], "meta (moved at registration)"
 
 

@@ -32,6 +32,7 @@ from .zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
 __all__ = [
     "build_quietly",
     "build_structure",
+    "registered_on_meta",
     "detect_source",
     "resolve_source",
     "source_problem",
@@ -87,30 +88,30 @@ def build_quietly(source: ModelSource, device: str) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _registered_on_meta() -> Iterator[None]:
-    """Moves each parameter and buffer to the meta device as a module registers it.
+def registered_on_meta() -> Iterator[None]:
+    """Moves each parameter and buffer to the meta device as a module registers it, while the builder's other
+    tensors stay on the CPU: for builders that compute with tensor values (torchvision's RegNet turns its widths
+    into lists), which ``torch.device("meta")`` cannot run. Uses torch's module registration hooks (global while
+    the block runs, removed afterwards)."""
 
-    For builders that compute with tensors (torchvision's RegNet turns its widths into lists), which
-    ``torch.device("meta")`` cannot run; as accelerate's ``init_empty_weights``, it patches
-    ``nn.Module.register_parameter``/``register_buffer`` while the block runs (in every thread).
-    """
-    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+    def parameter(module: nn.Module, name: str, p: nn.Parameter | None) -> nn.Parameter | None:
+        if p is None or type(p) is not nn.Parameter:
+            return p
+        return nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
 
-    def on_meta_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register_parameter(module, name, param)
-        if param is not None and type(param) is nn.Parameter:
-            module._parameters[name] = nn.Parameter(param.detach().to("meta"), param.requires_grad)
+    def buffer(module: nn.Module, name: str, b: Tensor | None) -> Tensor | None:
+        return None if b is None else b.to("meta")
 
-    def on_meta_buffer(module: nn.Module, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
-        register_buffer(module, name, None if tensor is None else tensor.to("meta"), persistent)
-
-    setattr(nn.Module, "register_parameter", on_meta_parameter)  # noqa: B010 (mypy: no method assignment)
-    setattr(nn.Module, "register_buffer", on_meta_buffer)  # noqa: B010
+    # Documented as "may return a modified value"; the stubs say the hooks return None.
+    handles = [
+        nn.modules.module.register_module_parameter_registration_hook(parameter),  # type: ignore[arg-type]
+        nn.modules.module.register_module_buffer_registration_hook(buffer),  # type: ignore[arg-type]
+    ]
     try:
         yield
     finally:
-        setattr(nn.Module, "register_parameter", register_parameter)  # noqa: B010
-        setattr(nn.Module, "register_buffer", register_buffer)  # noqa: B010
+        for handle in handles:
+            handle.remove()
 
 
 def build_structure(source: ModelSource) -> nn.Module:
@@ -127,7 +128,7 @@ def build_structure(source: ModelSource) -> nn.Module:
             with torch.device("meta"):
                 return build_model(source)[0]
         except (RuntimeError, NotImplementedError):  # a builder that computes with tensor values
-            with _registered_on_meta():
+            with registered_on_meta():
                 return build_model(source)[0]
 
 
