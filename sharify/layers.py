@@ -237,7 +237,7 @@ def _check_module(model: object, caller: str) -> nn.Module:
 
 def scoped_key(scope: str, key: str) -> str:
     """A holder's key as seen from the enclosing model: ``key`` prefixed by the path of its store's module."""
-    return f"{scope}.{key}" if scope else key
+    return f"{scope}.{key}" if scope and key else scope or key
 
 
 def shared_stores(model: nn.Module) -> dict[str, SharedStore]:
