@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from ._wrappers import unwrap
+from .errors import TieError
 from .folding import bn_folded_members
 from .layers import SharedConvParams, is_shared_conv, scoped_key, shared_groups, shared_stores
 from .plan import count_params
+from .verify import verify
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
 
@@ -292,6 +294,8 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     Raises:
         TypeError: An argument is not an ``nn.Module``.
         ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``).
+        TieError: The sharing of ``shared`` is broken (see :func:`sharify.verify`), so its counts would be
+            wrong: call :func:`sharify.retie` first.
 
     Example:
         >>> import torchvision, sharify
@@ -316,6 +320,12 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
         raise ValueError(
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
             f"can be compared against it; pass the model as it was before sharify(): {keep}"
+        )
+    problems = verify(shared)
+    if problems:
+        raise TieError(
+            f"cannot report on {type(shared).__name__}: its sharing is broken ({problems[0]}); "
+            "call sharify.retie(shared) first"
         )
     alignment: Alignment = {  # conv paths of each store's module, seen from the model
         scoped_key(scope, path): orders

@@ -122,6 +122,11 @@ class _Holder:
     holder: SharedConvParams
 
     @property
+    def key(self) -> str:
+        """The group's key as seen from the model (see :func:`sharify.shared_groups`)."""
+        return scoped_key(self.scope, self.path)
+
+    @property
     def where(self) -> str:
         """The holder's module path in the model, e.g. ``backbone.body.sharify_shared.layer1.conv2``."""
         return _where(self.scope, self.path)
@@ -223,17 +228,17 @@ def _check_members(model: nn.Module, registered: dict[str, _Holder], d: _Diagnos
         target = _registered_for(paths, holder.key, registered, scopes)
         if target is not None:
             d.problems.append(
-                f"{names} read a copy of shared group `{holder.key}`, not the holder registered in the model "
+                f"{names} read a copy of shared group `{target.key}`, not the holder registered in the model "
                 f"(`{target.where}`): forward uses the copy while state_dict(), parameters() and optimizers "
                 "use the registered one (typical after `model.block = copy.deepcopy(model.block)` or replacing "
                 f"`model.{_STORE}`)"
             )
             if any(not _compatible(target.holder, m) for _, m in members):
-                d.unfixable.append(f"the registered `{target.where}` does not fit {names}")
+                d.unfixable.append(f"the registered `{target.key}` does not fit {names}")
                 continue
             same = _same_values(holder, target.holder)
             differ = "" if same else " (the copy's values differed; kept the registered ones)"
-            message = f"re-pointed {names} to the registered holder `{target.where}`{differ}"
+            message = f"re-pointed {names} to the registered holder `{target.key}`{differ}"
             d.fixes.append((_repoint(members, target.holder), message))
             continue
         home = _home(paths, holder, scopes)
@@ -293,9 +298,9 @@ def _check_aliases(model: nn.Module, registered: dict[str, _Holder], d: _Diagnos
             )
             tied = _same_tensor(conv.weight, holder.weight) and _same_tensor(conv.bias, holder.bias)
             if tied and _compatible(holder, conv):
-                d.fixes.append((_attach(conv, holder), f"made `{mod_path}` a member of `{entry.where}` again"))
+                d.fixes.append((_attach(conv, holder), f"made `{mod_path}` a member of `{entry.key}` again"))
             else:
-                d.unfixable.append(f"`{mod_path}`'s weight and bias are not exactly those of holder `{entry.where}`")
+                d.unfixable.append(f"`{mod_path}`'s weight and bias are not exactly those of holder `{entry.key}`")
             continue
         msg = (
             f"`{sd_key}` shares memory with the shared tensor `{owner_key}`; give one of them its own copy "
