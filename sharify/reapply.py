@@ -33,6 +33,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def _key(group: GroupRecipe) -> tuple[str, tuple[str, ...], str, str]:
     return group.key, group.members, group.holder, group.method
 
@@ -93,7 +94,9 @@ def fit_problems(
         return []  # a rewrite this version does not know: checked against the file after re-applying it
     modules = dict(model.named_modules())
     problems: list[str] = [  # missing members first, then whole-conv members of other shapes
-        f"`{store}` (sharified on its own in the file) is not in {here}" for store in recipe.stores if store not in modules
+        f"`{store}` (sharified on its own in the file) is not in {here}"
+        for store in recipe.stores
+        if store not in modules
     ]
     basis_problems: list[str] = []  # basis members whose geometry differs: after the other tensors
     member_keys: set[str] = set()

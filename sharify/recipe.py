@@ -202,7 +202,9 @@ def _checked_stores(stores: Any) -> dict[str, dict[str, Any]]:
         for k, v in stores.items()
     ):
         raise ValueError(f"the recipe's stores entry is malformed: {stores!r}")
-    return {k: {"options": v["options"], "analysis": _checked_analysis(v.get("analysis") or {})} for k, v in stores.items()}
+    return {
+        k: {"options": v["options"], "analysis": _checked_analysis(v.get("analysis") or {})} for k, v in stores.items()
+    }
 
 
 def _checked_aliases(aliases: Any) -> dict[str, str]:

@@ -166,9 +166,7 @@ def _diagnose(model: nn.Module) -> _Diagnosis:
     return d
 
 
-def _registered_for(
-    paths: list[str], key: str, registered: dict[str, _Holder], scopes: list[str]
-) -> _Holder | None:
+def _registered_for(paths: list[str], key: str, registered: dict[str, _Holder], scopes: list[str]) -> _Holder | None:
     """The registered holder of ``key`` in the deepest store whose module contains every one of ``paths``."""
     for scope in scopes:
         entry = registered.get(scoped_key(scope, key))
@@ -179,12 +177,15 @@ def _registered_for(
 
 def _home(paths: list[str], holder: SharedConvParams, scopes: list[str]) -> str:
     """Where an unregistered holder belongs: the module its members' stage is in, else the deepest store above them."""
-    if holder.stage:
-        homes = {p.partition(f".{holder.stage}.")[0] if f".{holder.stage}." in p else None for p in paths}
-        if all(p.startswith(holder.stage + ".") for p in paths):
-            homes = {""}
-        if len(homes) == 1 and None not in homes:
-            return homes.pop() or ""
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    stage = holder.stage.split(".") if holder.stage else []
+    if len(paths) > 1 and common[len(common) - len(stage) :] == stage:
+        return ".".join(common[: len(common) - len(stage)])
     return next((s for s in scopes if all(_under(p, s) for p in paths)), "")
 
 
