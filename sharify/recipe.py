@@ -179,7 +179,7 @@ class Recipe:
                 "upgrade sharify"
             )
         src = data.get("source")
-        return cls(
+        recipe = cls(
             version=str(data.get("version", "")),
             model_class=str(data.get("model_class", "")),
             source=None if src is None else ModelSource(src["library"], src["name"], dict(src.get("kwargs", {}))),
@@ -193,6 +193,10 @@ class Recipe:
             stores=_checked_stores(data.get("stores") or {}),
             aliases=_checked_aliases(data.get("aliases") or {}),
         )
+        for g in recipe.groups:
+            if g.store and (g.store not in recipe.stores or not g.key.startswith(g.store + ".")):
+                raise ValueError(f"group `{g.key}` does not fit its store `{g.store}` (not in `stores`/not under it)")
+        return recipe
 
 
 def _checked_stores(stores: Any) -> dict[str, dict[str, Any]]:

@@ -347,3 +347,23 @@ def test_meta_device_model_is_checked_reported_and_unshared():
     assert sharify.report(model, shared).params_after < sharify.report(model, shared).params_before
     plain = sharify.unshare(shared)
     assert all(p.is_meta for p in plain.parameters()) and not shared_stores(plain)
+
+
+def test_a_foreign_module_under_the_store_name_is_named(two_stream):
+    net = two_stream
+    net.rgb.sharify_shared = nn.Identity()
+    assert sharify.verify(net) == ["`rgb.sharify_shared` is not sharify's store of shared tensors (it is Identity)"]
+    with pytest.raises(sharify.TieError, match=r"`rgb\.sharify_shared` is not sharify's store"):
+        sharify.retie(net)
+    assert isinstance(net.rgb.sharify_shared, nn.Identity)  # nothing modified
+
+
+def test_damaged_store_entry_is_a_checkpoint_error(two_stream, tmp_path):
+    path = sharify.save(two_stream, tmp_path / "two.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    data = json.loads(meta["sharify"])
+    del data["stores"]["flow"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "sharify": json.dumps(data)})
+    with pytest.raises(sharify.CheckpointError, match=r"damaged sharify recipe.*group `flow\.conv2` does not fit"):
+        sharify.read_recipe(path)
