@@ -2,9 +2,11 @@
 
 How the ties are held (:mod:`sharify.layers`): each member conv keeps a plain reference to its
 holder (``conv._sharify_holder``, not a registered submodule) and reads ``holder.weight`` at call
-time; the holder itself is registered once, under ``model.sharify_shared``. Hence operations that
-replace the *tensors* inside the holders keep every tie, because the members never held the
-tensors. Checked in ``tests/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
+time; the holder itself is registered once, under ``model.sharify_shared`` (or, for a submodule
+sharified in place, under it: ``det.backbone.body.sharify_shared``; every store at any depth is
+checked, and a holder is looked up in the store of the deepest sharified module above its members).
+Hence operations that replace the *tensors* inside the holders keep every tie, because the members
+never held the tensors. Checked in ``tests/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
 init + ``to_empty``, ``.to()`` under ``torch.__future__.set_overwrite_module_params_on_conversion(True)``
 or ``set_swap_module_params_on_conversion(True)``, ``copy.deepcopy`` and pickling of the whole
 model. What breaks ties is copying or replacing a part of the model without the rest:
@@ -12,12 +14,15 @@ model. What breaks ties is copying or replacing a part of the model without the 
 * ``model.layer1 = copy.deepcopy(model.layer1)`` (or a pickled block put back): the copied members
   read a private copy of the holder, which is not in ``state_dict()`` or ``parameters()``;
 * ``model.sharify_shared = copy.deepcopy(...)`` or another store: the members keep reading the old holders;
-* ``del model.sharify_shared``, or a member conv used in another model: the holder is registered nowhere;
+* ``del model.sharify_shared``, or a member conv used in another model: the holder is registered nowhere
+  (:func:`retie` registers it in the module its members' stage is in, e.g. ``det.backbone.body``);
 * ``conv.weight = holder.weight``: a conv tied by hand owns the shared tensor a second time.
 
 :func:`verify` lists such problems in words; :func:`retie` repairs them (the registered holder wins:
 it is what ``state_dict()`` saves and optimizers update) and raises :class:`~sharify.errors.TieError`
-for what it cannot decide.
+for what it cannot decide. Tensors the model ties itself (one conv module used by several blocks,
+``b.conv.weight = a.conv.weight``) are not sharing groups and are not problems: :func:`sharify.save`
+stores them once and :func:`sharify.load` ties them again (:mod:`sharify._aliases`).
 """
 
 from __future__ import annotations
