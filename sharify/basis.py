@@ -134,7 +134,12 @@ def orthogonality_loss(model: nn.Module) -> Tensor:
         >>> m = sharify.sharify(torchvision.models.resnet34(), preset="dsfb-basis", shared_rank=48, unique_rank=1)
         >>> sharify.orthogonality_loss(m).item() < 1e-10
         True
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"orthogonality_loss expects a torch.nn.Module (the model), got {type(model).__name__}")
     terms = []
     for holder, _ in shared_groups(model).values():
         if getattr(holder, "method", "share") != "basis":

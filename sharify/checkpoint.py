@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._wrappers import unwrap
 from .init import check_init, initial_tensors
-from .layers import SHARED_STORE_NAME, shared_groups
+from .layers import holder_paths, shared_groups, shared_stores
 
 __all__ = ["load_unshared_state_dict"]
 
@@ -65,10 +65,10 @@ def load_unshared_state_dict(
     if not isinstance(shared, nn.Module):
         raise TypeError(f"load_unshared_state_dict expects a torch.nn.Module, got {type(shared).__name__}")
     bare = unwrap(shared)[0]  # a DDP / DataParallel / compiled model: load into the model inside
-    groups = shared_groups(bare)
+    groups, holders = shared_groups(bare), holder_paths(bare)
     if not groups:
         raise ValueError(f"{type(shared).__name__} has no shared convs; use model.load_state_dict(state_dict) instead")
-    if getattr(bare, SHARED_STORE_NAME).options.get("align"):
+    if any(store.options.get("align") for store in shared_stores(bare).values()):
         raise ValueError(
             f"{type(bare).__name__} was sharified with align=True: its blocks' channels are in the order the weights "
             "it was made from needed, which another checkpoint does not share; load the checkpoint into the original "
@@ -92,7 +92,7 @@ def load_unshared_state_dict(
         weights = [remaining.pop(f"{m}.weight") for m in members]
         biases = [remaining.pop(f"{m}.bias") if holder.bias is not None else None for m in members]
         weight, bias = initial_tensors(weights, biases, init)
-        prefix = f"{SHARED_STORE_NAME}.{key}."
+        prefix = f"{holders[key]}."
         folded[prefix + "weight"] = weight
         if bias is not None:
             folded[prefix + "bias"] = bias

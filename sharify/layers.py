@@ -1,8 +1,12 @@
 """The modules a sharified model is made of: shared-tensor holders and the convs that read them.
 
 A sharing group's weight (and bias) is *owned once* by a :class:`SharedConvParams` holder. All holders
-live in one :class:`SharedStore` registered on the model's root as ``model.sharify_shared``; holders
+live in one :class:`SharedStore` registered on the sharified module as ``module.sharify_shared``; holders
 are nested by key, so the state_dict key of a group is e.g. ``sharify_shared.layer1.conv2.weight``.
+A module sharified inside a bigger model (``sharify(det.backbone.body, inplace=True)``) keeps its
+store there: the enclosing model's state_dict key is ``backbone.body.sharify_shared.layer1.conv2.weight``
+and, seen from the enclosing model, the group's key is prefixed by the store's place
+(``backbone.body.layer1.conv2``; see :func:`shared_stores` and :func:`shared_groups`).
 
 The member convs keep their place in the tree and their class hierarchy: each member's class is
 swapped to ``Shared<Class>``, a subclass of its original class (``SharedConv2d`` for
@@ -34,8 +38,10 @@ __all__ = [
     "SharedConvParams",
     "SharedStore",
     "is_shared_conv",
+    "holder_paths",
     "shared_class",
     "shared_groups",
+    "shared_stores",
 ]
 
 #: Attribute under which the store of shared tensors is registered on the model's root.
@@ -223,17 +229,62 @@ def detach_from_holder(conv: nn.Module) -> None:
         conv.register_parameter(name, param)
 
 
+def _check_module(model: object, caller: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} expects a torch.nn.Module, got {type(model).__name__}")
+    return unwrap(model)[0]
+
+
+def scoped_key(scope: str, key: str) -> str:
+    """A holder's key as seen from the enclosing model: ``key`` prefixed by the path of its store's module."""
+    return f"{scope}.{key}" if scope and key else scope or key
+
+
+def shared_stores(model: nn.Module) -> dict[str, SharedStore]:
+    """Every store of shared tensors in ``model``, by the path of the module it is registered on.
+
+    ``""`` is the root's own store (``sharify(model)``); ``"backbone.body"`` the store of a submodule
+    sharified in place (``sharify(det.backbone.body, inplace=True)``). Wrappers are looked through.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    model = _check_module(model, "shared_stores")
+    return {path.rpartition(".")[0]: m for path, m in model.named_modules() if isinstance(m, SharedStore)}
+
+
+def holder_paths(model: nn.Module) -> dict[str, str]:
+    """The module path of every registered holder (its state_dict prefix), by group key (see :func:`shared_groups`)."""
+    model = _check_module(model, "holder_paths")
+    out: dict[str, str] = {}
+    for path, store in model.named_modules():
+        if isinstance(store, SharedStore):
+            scope = path.rpartition(".")[0]
+            for sub, holder in store.named_modules(prefix=path):
+                if isinstance(holder, SharedConvParams):
+                    out.setdefault(scoped_key(scope, holder.key), sub)
+    return out
+
+
 def shared_groups(model: nn.Module) -> dict[str, tuple[SharedConvParams, list[str]]]:
     """Holders of ``model`` by key, each with the paths of the member convs that read it.
 
-    Derived from the module tree, so it stays right after ``load_state_dict``, ``to()`` or pickling.
-    DDP, DataParallel and ``torch.compile`` wrappers are looked through (reading only): the paths are
-    the bare model's, so :func:`sharify.orthogonality_loss` and :func:`sharify.report` work on a wrapped
-    model as on the bare one.
+    Stores registered at any depth are found: a group of a submodule sharified in place has the
+    submodule's path as a prefix of its key (``backbone.body.layer1.conv2``), so keys stay unique
+    when several submodules are sharified independently. A holder that no conv reads is listed with
+    no members. Derived from the module tree, so it stays right after ``load_state_dict``, ``to()`` or
+    pickling. DDP, DataParallel and ``torch.compile`` wrappers are looked through (reading only): the
+    paths are the bare model's, so :func:`sharify.orthogonality_loss` and :func:`sharify.report` work
+    on a wrapped model as on the bare one.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
-    model = unwrap(model)[0]
-    store = getattr(model, SHARED_STORE_NAME, None)
-    holders = store.holders() if isinstance(store, SharedStore) else {}
+    model = _check_module(model, "shared_groups")
+    holders: dict[str, SharedConvParams] = {}
+    for scope, store in shared_stores(model).items():
+        for key, holder in store.holders().items():
+            holders.setdefault(scoped_key(scope, key), holder)
     members: dict[int, list[str]] = {id(h): [] for h in holders.values()}
     for path, module in model.named_modules():
         if isinstance(module, SharedConvMixin):

@@ -17,9 +17,8 @@ from collections.abc import Mapping
 from torch import nn
 
 from .errors import RecipeMismatchError, SharifyError
-from .layers import SHARED_STORE_NAME
 from .plan import ConvSignature, SharingGroup, SharingPlan, count_params
-from .recipe import GroupRecipe, Recipe, analysis_kwargs, groups_of
+from .recipe import GroupRecipe, Recipe, analysis_kwargs, groups_of, store_prefix
 from .rewrite import apply_plan, sharify
 
 __all__ = [
@@ -33,8 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_HOLDER_PREFIX = SHARED_STORE_NAME + "."
 
 
 def _key(group: GroupRecipe) -> tuple[str, tuple[str, ...], str, str]:
@@ -96,7 +93,11 @@ def fit_problems(
     if not all(g.whole_conv or g.method == "basis" for g in recipe.groups):
         return []  # a rewrite this version does not know: checked against the file after re-applying it
     modules = dict(model.named_modules())
-    problems: list[str] = []  # missing members first, then whole-conv members of other shapes
+    problems: list[str] = [  # missing members first, then whole-conv members of other shapes
+        f"`{store}` (sharified on its own in the file) is not in {here}"
+        for store in recipe.stores
+        if store not in modules
+    ]
     basis_problems: list[str] = []  # basis members whose geometry differs: after the other tensors
     member_keys: set[str] = set()
     prefixes: list[str] = []
@@ -115,16 +116,17 @@ def fit_problems(
                 for attr in ("weight", "bias"):
                     mine = getattr(conv, attr)
                     have = None if mine is None else tuple(mine.shape)
-                    theirs = file_shapes.get(f"{_HOLDER_PREFIX}{group.key}.{attr}")
+                    theirs = file_shapes.get(f"{group.holder_prefix}{attr}")
                     if have != (None if theirs is None else tuple(theirs)):
                         problems.append(
                             f"`{path}.{attr}` is {have or 'absent'} in {here} but the shared "
-                            f"`{_HOLDER_PREFIX}{group.key}.{attr}` is {theirs or 'absent'} in {there}"
+                            f"`{group.holder_prefix}{attr}` is {theirs or 'absent'} in {there}"
                         )
             else:
                 basis_problems += _basis_problems(group, path, conv, file_shapes, here, there)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in member_keys}
-    rest = {k: v for k, v in file_shapes.items() if not k.startswith((_HOLDER_PREFIX, *prefixes))}
+    stores = tuple(store_prefix(s) for s in {"", *recipe.stores, *(g.store for g in recipe.groups)})
+    rest = {k: v for k, v in file_shapes.items() if not k.startswith((*stores, *prefixes))}
     return problems + shape_mismatches(model_shapes, rest, strict, here, there) + basis_problems
 
 
@@ -139,7 +141,7 @@ def _basis_problems(
     group: GroupRecipe, path: str, conv: nn.Conv2d, file_shapes: Mapping[str, tuple[int, ...]], here: str, there: str
 ) -> list[str]:
     """How the conv at ``path`` differs from the filter-basis block the file has in its place."""
-    basis_key = f"{_HOLDER_PREFIX}{group.key}.weight"
+    basis_key = f"{group.holder_prefix}weight"
     basis = file_shapes.get(basis_key)
     have = tuple(conv.weight.shape)
     if basis is None or tuple(basis[1:]) != have[1:]:
@@ -194,9 +196,23 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     the result if it has the recorded groups. Otherwise, when every group shares whole convs, the
     recorded groups are applied directly (e.g. a file that does not record the analysis inputs).
 
+    A recipe with submodules sharified on their own (:attr:`~sharify.recipe.Recipe.stores`) is applied
+    store by store: the root's own groups first, then each such submodule, with its own options and
+    analysis, in the copy.
+
     Raises:
         RecipeMismatchError: The groups cannot be made on this model.
     """
+    if recipe.stores:
+        target = apply_recipe(model, recipe.scoped(""), name=name)
+        for store in sorted(recipe.stores):
+            sub = apply_recipe(target.get_submodule(store), recipe.scoped(store), name=f"{name} (at `{store}`)")
+            target.set_submodule(store, sub)
+        got, wanted = [_key(g) for g in groups_of(target)], [_key(g) for g in recipe.groups]
+        if sorted(got) != sorted(wanted):
+            diff = _first_difference(got, wanted)
+            raise_mismatch(name, [f"re-applying the recipe gave other groups than the file's ({diff})"], recipe)
+        return target
     if recipe.options is None:
         return copy.deepcopy(model)
     options = dict(recipe.options)

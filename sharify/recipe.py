@@ -8,7 +8,14 @@ A sharified state_dict only loads into an identically sharified model, so :func:
   name, or whatever :func:`sharify.zoo.build_model` was called with; see :mod:`sharify.source`);
 * the options the model was sharified with (``model.sharify_shared.options``);
 * what the analysis ran with: the example input shapes (and dtypes) and the ``leaf_modules`` paths;
-* the groups: holder key -> member conv paths, with each holder's stage and position.
+* the groups: holder key -> member conv paths, with each holder's stage and position;
+* submodules sharified on their own (``sharify(det.backbone.body, inplace=True)``): where each store
+  lives and its own options and analysis (``stores``); such a group's key is prefixed by that path;
+* state_dict entries the model itself ties (one conv module used twice, ``b.weight = a.weight``):
+  stored once, the other keys listed as ``aliases`` of it.
+
+A recipe with neither stores nor aliases is written in format 1, as before they existed, so older
+sharify versions still read it; format 2 adds them.
 
 Fitting a recipe to a model and re-applying it is :mod:`sharify.reapply`; the names that lived here
 before (``apply_recipe``, ``check_fits``, ``detect_source``, ...) are still importable from this module.
@@ -19,13 +26,13 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .layers import SHARED_STORE_NAME, SharedStore, shared_groups
+from .layers import SHARED_STORE_NAME, SharedStore, scoped_key, shared_groups, shared_stores
 from .zoo import ModelSource
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "analysis_kwargs",
     "groups_of",
     "recipe_of",
+    "store_prefix",
 ]
 
 #: Names that moved to :mod:`sharify.reapply` and :mod:`sharify.source`, importable from here as before.
@@ -55,13 +63,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-#: Version of the recipe's JSON layout; files with a newer one are refused.
-RECIPE_FORMAT = 1
+#: Version of the recipe's JSON layout; files with a newer one are refused. Format 2 adds ``stores``,
+#: ``aliases`` and the groups' ``store``; a recipe without them is written as format 1.
+RECIPE_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class GroupRecipe:
-    """One sharing group of a recipe: the holder key and the member conv paths (execution order)."""
+    """One sharing group of a recipe: the holder key and the member conv paths (execution order).
+
+    ``store`` is the path of the submodule whose store holds the group (``""``: the model's own);
+    ``key`` is then prefixed by it, as in :func:`sharify.shared_groups`, and ``members`` are paths in
+    the whole model.
+    """
 
     key: str
     members: tuple[str, ...]
@@ -69,6 +83,17 @@ class GroupRecipe:
     position: str = ""
     holder: str = "SharedConvParams"
     method: str = "share"
+    store: str = ""
+
+    @property
+    def local_key(self) -> str:
+        """The key inside its store (``key`` without the store's path)."""
+        return self.key[len(self.store) + 1 :] if self.store else self.key
+
+    @property
+    def holder_prefix(self) -> str:
+        """The state_dict prefix of the group's tensors, e.g. ``backbone.body.sharify_shared.layer1.conv2.``."""
+        return f"{store_prefix(self.store)}{self.local_key}."
 
     @property
     def whole_conv(self) -> bool:
@@ -92,6 +117,10 @@ class Recipe:
         format: Version of the recipe layout.
         analysis: What the analysis ran with: ``input_shapes``, ``input_dtypes``, ``leaf_modules``
             (empty for files written before they were recorded, and for unshared models).
+        stores: Submodules sharified on their own, by path: ``{"options": ..., "analysis": ...}`` of
+            each (``options`` and ``analysis`` above are the root's own store's).
+        aliases: State_dict keys the model ties to another entry (not stored in the file), each mapped
+            to the key that is stored.
     """
 
     version: str
@@ -104,13 +133,35 @@ class Recipe:
     torch_version: str = ""
     format: int = RECIPE_FORMAT
     analysis: dict[str, Any] = field(default_factory=dict)
+    stores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The recipe as stored in the file (``metadata`` is stored as separate entries)."""
         data = asdict(self)
         data.pop("metadata")
         data["source"] = None if self.source is None else asdict(self.source)
+        for g in data["groups"]:
+            if not g["store"]:
+                del g["store"]
+        for name in ("stores", "aliases"):
+            if not data[name]:
+                del data[name]
         return json.dumps(data, sort_keys=True)
+
+    def scoped(self, store: str) -> Recipe:
+        """The part of this recipe for the store at ``store``, with paths relative to that submodule."""
+        if not store:
+            options, analysis = self.options, self.analysis
+        else:
+            options, analysis = self.stores[store]["options"], self.stores[store]["analysis"]
+        cut = len(store) + 1 if store else 0
+        groups = tuple(
+            replace(g, key=g.local_key, members=tuple(m[cut:] for m in g.members), store="")
+            for g in self.groups
+            if g.store == store
+        )
+        return replace(self, options=options, analysis=analysis, groups=groups, stores={}, aliases={})
 
     @classmethod
     def from_json(cls, text: str, metadata: Mapping[str, str] | None = None) -> Recipe:
@@ -128,7 +179,7 @@ class Recipe:
                 "upgrade sharify"
             )
         src = data.get("source")
-        return cls(
+        recipe = cls(
             version=str(data.get("version", "")),
             model_class=str(data.get("model_class", "")),
             source=None if src is None else ModelSource(src["library"], src["name"], dict(src.get("kwargs", {}))),
@@ -139,7 +190,37 @@ class Recipe:
             torch_version=str(data.get("torch_version", "")),
             format=data["format"],
             analysis=_checked_analysis(data.get("analysis") or {}),
+            stores=_checked_stores(data.get("stores") or {}),
+            aliases=_checked_aliases(data.get("aliases") or {}),
         )
+        for g in recipe.groups:
+            if g.store and (g.store not in recipe.stores or not g.key.startswith(g.store + ".")):
+                raise ValueError(f"group `{g.key}` does not fit its store `{g.store}` (not in `stores`/not under it)")
+        return recipe
+
+
+def _checked_stores(stores: Any) -> dict[str, dict[str, Any]]:
+    """The recipe's ``stores`` entry, checked (a damaged one is a ``ValueError``)."""
+    if not isinstance(stores, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, dict) and isinstance(v.get("options"), dict)
+        for k, v in stores.items()
+    ):
+        raise ValueError(f"the recipe's stores entry is malformed: {stores!r}")
+    return {
+        k: {"options": v["options"], "analysis": _checked_analysis(v.get("analysis") or {})} for k, v in stores.items()
+    }
+
+
+def _checked_aliases(aliases: Any) -> dict[str, str]:
+    """The recipe's ``aliases`` entry, checked (a damaged one is a ``ValueError``)."""
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise ValueError(f"the recipe's aliases entry is malformed: {aliases!r}")
+    return dict(aliases)
+
+
+def store_prefix(store: str) -> str:
+    """The state_dict prefix of the store registered on the submodule at ``store`` (``""``: the root)."""
+    return f"{store}.{SHARED_STORE_NAME}." if store else f"{SHARED_STORE_NAME}."
 
 
 def _checked_analysis(analysis: Any) -> dict[str, Any]:
@@ -175,34 +256,53 @@ def analysis_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def groups_of(model: nn.Module) -> tuple[GroupRecipe, ...]:
-    """The sharing groups of a sharified model as recipe entries."""
-    return tuple(
-        GroupRecipe(
-            key=key,
-            members=tuple(members),
-            stage=holder.stage,
-            position=holder.position,
-            holder=type(holder).__name__,
-            method=getattr(holder, "method", "share"),  # "basis": the members are a BasisConv2d's shared convs
-        )
-        for key, (holder, members) in shared_groups(model).items()
-    )
+    """The sharing groups of a sharified model as recipe entries (those of every store, at any depth)."""
+    groups = shared_groups(model)
+    out = []
+    for scope, store in shared_stores(model).items():
+        for local, holder in store.holders().items():
+            key = scoped_key(scope, local)
+            out.append(
+                GroupRecipe(
+                    key=key,
+                    members=tuple(groups[key][1]),
+                    stage=holder.stage,
+                    position=holder.position,
+                    holder=type(holder).__name__,
+                    method=getattr(holder, "method", "share"),  # "basis": the members are a BasisConv2d's shared convs
+                    store=scope,
+                )
+            )
+    return tuple(out)
 
 
-def recipe_of(model: nn.Module, *, source: ModelSource | None) -> Recipe:
-    """The recipe of a (bare, unwrapped) model; ``checksums`` and ``metadata`` are left empty."""
+def _store_entry(store: SharedStore) -> dict[str, Any]:
+    return {"options": dict(store.options), "analysis": dict(store.analysis or {})}
+
+
+def recipe_of(model: nn.Module, *, source: ModelSource | None, aliases: Mapping[str, str] | None = None) -> Recipe:
+    """The recipe of a (bare, unwrapped) model; ``checksums`` and ``metadata`` are left empty.
+
+    Args:
+        model: The model.
+        source: Where to rebuild it from.
+        aliases: State_dict keys the model ties to another key (see :attr:`Recipe.aliases`).
+    """
     from . import __version__
 
-    store = model._modules.get(SHARED_STORE_NAME)
-    options = dict(store.options) if isinstance(store, SharedStore) else None
-    analysis = dict(getattr(store, "analysis", None) or {}) if isinstance(store, SharedStore) else {}
+    stores = shared_stores(model)
+    root = stores.pop("", None)
+    nested = {path: _store_entry(s) for path, s in stores.items() if s.holders()}
     cls = type(model)
     return Recipe(
         version=__version__,
         model_class=f"{cls.__module__}.{cls.__qualname__}",
         source=source,
-        options=options,
+        options=None if root is None else dict(root.options),
         groups=groups_of(model),
         torch_version=torch.__version__.split("+")[0],
-        analysis=analysis,
+        analysis={} if root is None else dict(root.analysis or {}),
+        stores=nested,
+        aliases=dict(aliases or {}),
+        format=RECIPE_FORMAT if nested or aliases else 1,
     )

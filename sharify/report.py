@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from ._wrappers import unwrap
+from .errors import TieError
 from .folding import bn_folded_members
-from .layers import SHARED_STORE_NAME, SharedConvParams, is_shared_conv, shared_groups
+from .layers import SharedConvParams, is_shared_conv, scoped_key, shared_groups, shared_stores
 from .plan import count_params
+from .verify import verify
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
 
@@ -292,6 +294,8 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     Raises:
         TypeError: An argument is not an ``nn.Module``.
         ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``).
+        TieError: The sharing of ``shared`` is broken (see :func:`sharify.verify`), so its counts would be
+            wrong: call :func:`sharify.retie` first.
 
     Example:
         >>> import torchvision, sharify
@@ -317,8 +321,20 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
             f"can be compared against it; pass the model as it was before sharify(): {keep}"
         )
-    alignment: Alignment = getattr(getattr(shared, SHARED_STORE_NAME, None), "alignment", {})
+    problems = verify(shared)
+    if problems:
+        raise TieError(
+            f"cannot report on {type(shared).__name__}: its sharing is broken ({problems[0]}); "
+            "call sharify.retie(shared) first"
+        )
+    alignment: Alignment = {  # conv paths of each store's module, seen from the model
+        scoped_key(scope, path): orders
+        for scope, store in shared_stores(shared).items()
+        for path, orders in store.alignment.items()
+    }
+    scopes = {scoped_key(scope, k): scope for scope, store in shared_stores(shared).items() for k in store.holders()}
     groups = [_group_report(original, shared, k, h, m, alignment) for k, (h, m) in shared_groups(shared).items()]
+    groups = [replace(g, stage=scoped_key(scopes.get(g.key, ""), g.stage)) for g in groups]  # stage path in `shared`
     folded = bn_folded_members(shared)
     after_folding = None
     if folded is not None:

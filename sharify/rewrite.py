@@ -16,6 +16,7 @@ from typing import TypeVar, cast
 import torch
 from torch import Tensor, nn
 
+from ._wrappers import is_wrapper
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
@@ -61,10 +62,14 @@ def check_model(model: object) -> None:
             "registered the unshared parameters"
         )
     shared = next((p for p, m in model.named_modules() if is_shared_conv(m)), None)
-    if shared is not None or hasattr(model, SHARED_STORE_NAME):
+    store = next((p for p, m in model.named_modules() if isinstance(m, SharedStore)), None)
+    if shared is not None or store is not None or hasattr(model, SHARED_STORE_NAME):
+        scope = (store or "").rpartition(".")[0]
+        where = f": its submodule `{scope}` was sharified" if scope else ""
         raise AlreadySharifiedError(
-            f"{type(model).__name__} is already sharified (e.g. `{shared or SHARED_STORE_NAME}`); "
-            "pass the original model, or call sharify.unshare(model) first"
+            f"{type(model).__name__} is already sharified{where} (e.g. `{shared or store or SHARED_STORE_NAME}`); "
+            "pass the original model, or call sharify.unshare(model) first (to shrink another part of it, "
+            "sharify that submodule in place: sharify.sharify(model.<submodule>, inplace=True))"
         )
 
 
@@ -345,14 +350,33 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
 def unshare(model: ModelT, *, inplace: bool = False) -> ModelT:
     """Materialises independent convs again: each member gets its own copy of its group's tensors.
 
-    Use it before exporters that need plain convs (TorchScript). A model without shared convs is
-    returned unchanged (copied unless ``inplace``).
+    Use it before exporters that need plain convs (TorchScript). Every store is removed, also those of
+    submodules sharified on their own (``sharify(det.backbone.body, inplace=True)``), so the result
+    has the original's state_dict keys. A model without shared convs is returned unchanged (copied
+    unless ``inplace``).
+
+    Args:
+        model: The sharified model (not a DDP / DataParallel / ``torch.compile`` wrapper).
+        inplace: Rewrite ``model`` itself instead of a deep copy.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``inplace`` is not a bool.
+        UnsupportedModelError: ``model`` is a wrapper: unshare the bare model, then wrap the result.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"unshare expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if is_wrapper(model):
+        raise UnsupportedModelError(
+            f"got a {type(model).__name__} wrapper; unshare the bare model and wrap the result "
+            "(plain = sharify.unshare(wrapped.module)), because the wrapper has already captured the shared parameters"
+        )
     target = model if inplace else copy.deepcopy(model)
     for _, module in list(target.named_modules()):
         if is_shared_conv(module):
             detach_from_holder(module)
-    target._modules.pop(SHARED_STORE_NAME, None)
+    for _, module in list(target.named_modules()):
+        if isinstance(module._modules.get(SHARED_STORE_NAME), SharedStore):
+            del module._modules[SHARED_STORE_NAME]
     return target

@@ -31,9 +31,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._aliases import expand, find_aliases, retie_aliases, untied_problems
 from ._wrappers import is_wrapper, unwrap
 from .errors import CheckpointError, TieError, UnsupportedModelError
-from .layers import SHARED_STORE_NAME, shared_groups
+from .layers import shared_groups, shared_stores
 from .reapply import apply_recipe, check_fits, check_same_groups, raise_mismatch, shape_mismatches
 from .recipe import Recipe, recipe_of
 from .source import build_quietly, resolve_source
@@ -143,8 +144,10 @@ def save(
         if k in _RESERVED:
             raise ValueError(f"metadata key {k!r} is reserved by sharify; use another name")
 
+    state = bare.state_dict()
+    aliases, overlapping = find_aliases(state)  # the model's own ties: stored once, re-tied by load
     tensors: dict[str, Tensor] = {}
-    for key, value in bare.state_dict().items():
+    for key, value in state.items():
         if not isinstance(value, Tensor):
             raise ValueError(f"state_dict entry `{key}` is a {type(value).__name__}; safetensors stores tensors only")
         if value.is_meta:
@@ -154,17 +157,21 @@ def save(
             )
         tensors[key] = value.detach().to("cpu").contiguous()
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    recipe = recipe_of(bare, source=None)
+    for key in aliases:
+        del tensors[key]
+    for key in overlapping:  # views of one buffer: stored as copies (loading copies into the model's own views)
+        tensors[key] = tensors[key].clone()
+    recipe = recipe_of(bare, source=None, aliases=aliases)
     recipe = replace(
         recipe,
         source=resolve_source(bare, source, recipe, shapes),
         checksums={k: _checksum(v) for k, v in tensors.items()},
     )
-    empty = next((g.key for g in recipe.groups if not g.members), None)
+    empty = next((g for g in recipe.groups if not g.members), None)
     if empty is not None:
         raise ValueError(
-            f"shared group `{empty}` has no member convs left (all were un-shared, e.g. by conv-BN fusion), so "
-            f"load could not rebuild it; delete `model.{SHARED_STORE_NAME}.{empty}` or save before un-sharing"
+            f"shared group `{empty.key}` has no member convs left (all were un-shared, e.g. by conv-BN fusion), so "
+            f"load could not rebuild it; delete `model.{empty.holder_prefix[:-1]}` or save before un-sharing"
         )
     try:
         text = recipe.to_json()
@@ -287,6 +294,10 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
     path = Path(path)
     name = str(path)
     recipe, shapes = _read_header(path)
+    try:
+        shapes = expand(shapes, recipe.aliases, "the file")
+    except KeyError as exc:
+        raise CheckpointError(f"{path} has a damaged sharify recipe: {exc.args[0]}") from exc
     _warn_version(recipe, path)
     if model is None:
         if recipe.source is None:
@@ -306,16 +317,18 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
                 f"got a {type(model).__name__} wrapper; load into the bare model and wrap the result "
                 "(shared = sharify.load(path, model); DDP(shared) / torch.compile(shared))"
             )
-        if shared_groups(model) or SHARED_STORE_NAME in model._modules:
+        if shared_groups(model) or shared_stores(model):
             check_same_groups(model, recipe, name=name)
             target = copy.deepcopy(model)
         else:
             check_fits(model, recipe, shapes, name=name, strict=strict)
             with torch.random.fork_rng(devices=[]):  # init="random" in the recipe draws numbers
                 target = apply_recipe(model, recipe, name=name)
+    retie_aliases(target, recipe.aliases, name=name)
     built = {k: tuple(v.shape) for k, v in target.state_dict().items()}
     raise_mismatch(name, shape_mismatches(built, shapes, strict), recipe)
-    tensors = _load_tensors(path, recipe)
+    raise_mismatch(name, untied_problems(target, recipe.aliases, set(shapes), "the file"), recipe)
+    tensors = expand(_load_tensors(path, recipe), recipe.aliases, "the file")
     if model is None:
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if len(dtypes) == 1:

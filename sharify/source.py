@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import SHARED_STORE_NAME
+from .layers import SHARED_STORE_NAME, SharedStore
 from .reapply import conv_path, fit_problems
 from .recipe import Recipe, recipe_of
 from .zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
@@ -167,13 +167,19 @@ def _under(path: str, prefixes: set[str]) -> bool:
     return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
+def _stores(model: nn.Module) -> set[str]:
+    """Paths of the model's stores of shared tensors, at any depth (a submodule may be sharified on its own)."""
+    return {SHARED_STORE_NAME} | {p for p, m in model.named_modules() if isinstance(m, SharedStore)}
+
+
 def _num_outputs(model: nn.Module) -> int | None:
-    """Outputs of the last ``Linear``/``Conv2d`` outside the shared store: a classification model's ``num_classes``."""
+    """Outputs of the last ``Linear``/``Conv2d`` outside the shared stores: a classification model's ``num_classes``."""
     last = None
+    stores = _stores(model)
     for path, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not _under(path, {SHARED_STORE_NAME}):
+        if isinstance(m, nn.Linear) and not _under(path, stores):
             last = m.out_features
-        elif isinstance(m, nn.Conv2d) and not _under(path, {SHARED_STORE_NAME}):
+        elif isinstance(m, nn.Conv2d) and not _under(path, stores):
             last = m.out_channels
     return last
 
@@ -190,7 +196,7 @@ def _settings(module: nn.Module) -> dict[str, Any]:
 def _module_problems(built: nn.Module, model: nn.Module, recipe: Recipe, here: str, there: str) -> list[str]:
     """How the module trees differ: paths, classes and hyperparameters (sharify's own changes allowed for)."""
     replaced = {conv_path(g, m) for g in recipe.groups if g.method == "basis" for m in g.members}  # BasisConv2d
-    mine = {p: m for p, m in model.named_modules() if not _under(p, {SHARED_STORE_NAME} | replaced)}
+    mine = {p: m for p, m in model.named_modules() if not _under(p, _stores(model) | replaced)}
     problems = []
     for path, ref in built.named_modules():
         if _under(path, replaced):  # a filter-basis block in its place: fit_problems checks its geometry

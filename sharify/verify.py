@@ -2,9 +2,11 @@
 
 How the ties are held (:mod:`sharify.layers`): each member conv keeps a plain reference to its
 holder (``conv._sharify_holder``, not a registered submodule) and reads ``holder.weight`` at call
-time; the holder itself is registered once, under ``model.sharify_shared``. Hence operations that
-replace the *tensors* inside the holders keep every tie, because the members never held the
-tensors. Checked in ``tests/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
+time; the holder itself is registered once, under ``model.sharify_shared`` (or, for a submodule
+sharified in place, under it: ``det.backbone.body.sharify_shared``; every store at any depth is
+checked, and a holder is looked up in the store of the deepest sharified module above its members).
+Hence operations that replace the *tensors* inside the holders keep every tie, because the members
+never held the tensors. Checked in ``tests/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
 init + ``to_empty``, ``.to()`` under ``torch.__future__.set_overwrite_module_params_on_conversion(True)``
 or ``set_swap_module_params_on_conversion(True)``, ``copy.deepcopy`` and pickling of the whole
 model. What breaks ties is copying or replacing a part of the model without the rest:
@@ -12,12 +14,15 @@ model. What breaks ties is copying or replacing a part of the model without the 
 * ``model.layer1 = copy.deepcopy(model.layer1)`` (or a pickled block put back): the copied members
   read a private copy of the holder, which is not in ``state_dict()`` or ``parameters()``;
 * ``model.sharify_shared = copy.deepcopy(...)`` or another store: the members keep reading the old holders;
-* ``del model.sharify_shared``, or a member conv used in another model: the holder is registered nowhere;
+* ``del model.sharify_shared``, or a member conv used in another model: the holder is registered nowhere
+  (:func:`retie` registers it in the module its members' stage is in, e.g. ``det.backbone.body``);
 * ``conv.weight = holder.weight``: a conv tied by hand owns the shared tensor a second time.
 
 :func:`verify` lists such problems in words; :func:`retie` repairs them (the registered holder wins:
 it is what ``state_dict()`` saves and optimizers update) and raises :class:`~sharify.errors.TieError`
-for what it cannot decide.
+for what it cannot decide. Tensors the model ties itself (one conv module used by several blocks,
+``b.conv.weight = a.conv.weight``) are not sharing groups and are not problems: :func:`sharify.save`
+stores them once and :func:`sharify.load` ties them again (:mod:`sharify._aliases`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from torch import Tensor, nn
 
 from ._wrappers import is_wrapper, unwrap
 from .errors import TieError, UnsupportedModelError
-from .layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, attach_to_holder, is_shared_conv
+from .layers import (
+    SHARED_STORE_NAME,
+    SharedConvParams,
+    SharedStore,
+    attach_to_holder,
+    is_shared_conv,
+    scoped_key,
+    shared_stores,
+)
 
 __all__ = ["retie", "verify"]
 
@@ -107,32 +120,98 @@ def _storage(t: Tensor) -> int | None:
     return t.untyped_storage().data_ptr()
 
 
+@dataclass(frozen=True)
+class _Holder:
+    scope: str  # path of the module the store is registered on ("" for the root)
+    path: str  # the holder's path inside the store
+    holder: SharedConvParams
+
+    @property
+    def key(self) -> str:
+        """The group's key as seen from the model (see :func:`sharify.shared_groups`)."""
+        return scoped_key(self.scope, self.path)
+
+    @property
+    def where(self) -> str:
+        """The holder's module path in the model, e.g. ``backbone.body.sharify_shared.layer1.conv2``."""
+        return _where(self.scope, self.path)
+
+
+def _where(scope: str, path: str) -> str:
+    return f"{scope + '.' if scope else ''}{_STORE}.{path}"
+
+
+def _under(path: str, scope: str) -> bool:
+    return not scope or path.startswith(scope + ".")
+
+
 def _diagnose(model: nn.Module) -> _Diagnosis:
     d = _Diagnosis()
-    store = model._modules.get(_STORE)
-    if store is not None and not isinstance(store, SharedStore):
-        msg = f"`{_STORE}` is not sharify's store of shared tensors (it is {type(store).__name__})"
-        d.problems.append(msg)
-        d.unfixable.append(msg)
+    for path, module in model.named_modules():
+        store = module._modules.get(_STORE)
+        if store is not None and not isinstance(store, SharedStore):
+            name = f"{path}.{_STORE}" if path else _STORE
+            msg = f"`{name}` is not sharify's store of shared tensors (it is {type(store).__name__})"
+            d.problems.append(msg)
+            d.unfixable.append(msg)
+    if d.problems:
         return d
 
-    registered: dict[str, SharedConvParams] = {}
-    for path, module in store.named_modules() if store is not None else ():
-        if isinstance(module, SharedConvParams):
-            registered[path] = module
-            if module.key != path:
-                d.problems.append(f"the holder registered at `{_STORE}.{path}` says its key is `{module.key}`")
-                d.fixes.append((_rename(module, path), f"set the key of `{_STORE}.{path}` to `{path}`"))
-    _check_members(model, store, registered, d)
+    registered: dict[str, _Holder] = {}  # by key as seen from the model (scope-prefixed)
+    for scope, store in shared_stores(model).items():
+        for path, module in store.named_modules():
+            if isinstance(module, SharedConvParams):
+                entry = _Holder(scope, path, module)
+                registered.setdefault(scoped_key(scope, path), entry)
+                if module.key != path:
+                    d.problems.append(f"the holder registered at `{entry.where}` says its key is `{module.key}`")
+                    d.fixes.append((_rename(module, path), f"set the key of `{entry.where}` to `{path}`"))
+    _check_members(model, registered, d)
     _check_aliases(model, registered, d)
     return d
 
 
-def _check_members(
-    model: nn.Module, store: SharedStore | None, registered: dict[str, SharedConvParams], d: _Diagnosis
-) -> None:
+def _registered_for(paths: list[str], key: str, registered: dict[str, _Holder], scopes: list[str]) -> _Holder | None:
+    """The registered holder of ``key`` in the deepest store whose module contains every one of ``paths``."""
+    for scope in scopes:
+        entry = registered.get(scoped_key(scope, key))
+        if entry is not None and entry.scope == scope and all(_under(p, scope) for p in paths):
+            return entry
+    return None
+
+
+def _home(paths: list[str], holder: SharedConvParams, scopes: list[str]) -> str:
+    """Where an unregistered holder belongs: the module its members' stage is in, else the deepest store above them."""
+    parts = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    stage = holder.stage.split(".") if holder.stage else []
+    if len(paths) > 1 and common[len(common) - len(stage) :] == stage:
+        return ".".join(common[: len(common) - len(stage)])
+    return next((s for s in scopes if all(_under(p, s) for p in paths)), "")
+
+
+def _register(model: nn.Module, scope: str, holder: SharedConvParams) -> Callable[[], None]:
+    def fix() -> None:
+        owner = model.get_submodule(scope)
+        current = owner._modules.get(_STORE)
+        if current is None:
+            current = SharedStore()
+            owner.add_module(_STORE, current)
+        assert isinstance(current, SharedStore)  # _diagnose refuses any other module under that name
+        current.add_holder(holder)
+
+    return fix
+
+
+def _check_members(model: nn.Module, registered: dict[str, _Holder], d: _Diagnosis) -> None:
     """Every member conv must read the holder registered under its key."""
-    registered_ids = {id(h) for h in registered.values()}
+    registered_ids = {id(e.holder) for e in registered.values()}
+    stores = shared_stores(model)
+    scopes = sorted(stores, key=lambda s: (-s.count(".") - bool(s), s))  # deepest first, the root last
     # Members grouped by the holder object they read.
     readers: dict[int, tuple[SharedConvParams, list[tuple[str, nn.Module]]]] = {}
     for path, module in model.named_modules():
@@ -140,9 +219,10 @@ def _check_members(
             holder = module._sharify_holder
             readers.setdefault(id(holder), (holder, []))[1].append((path, module))
 
-    orphans: dict[str, SharedConvParams] = {}  # key -> the orphan that will be registered
+    orphans: dict[str, SharedConvParams] = {}  # scoped key -> the orphan that will be registered
     for holder, members in readers.values():
         names = ", ".join(f"`{p}`" for p, _ in members)
+        paths = [p for p, _ in members]
         bad_shape = [p for p, m in members if not _compatible(holder, m)]
         if bad_shape:
             want, have = _expected_shape(members[0][1]), tuple(holder.weight.shape)
@@ -151,69 +231,67 @@ def _check_members(
             d.unfixable.append(msg)
         if id(holder) in registered_ids:
             continue
-        target = registered.get(holder.key)
+        target = _registered_for(paths, holder.key, registered, scopes)
         if target is not None:
             d.problems.append(
-                f"{names} read a copy of shared group `{holder.key}`, not the holder registered in the model "
-                f"(`{_STORE}.{holder.key}`): forward uses the copy while state_dict(), parameters() and optimizers "
+                f"{names} read a copy of shared group `{target.key}`, not the holder registered in the model "
+                f"(`{target.where}`): forward uses the copy while state_dict(), parameters() and optimizers "
                 "use the registered one (typical after `model.block = copy.deepcopy(model.block)` or replacing "
                 f"`model.{_STORE}`)"
             )
-            if any(not _compatible(target, m) for _, m in members):
-                d.unfixable.append(f"the registered `{holder.key}` does not fit {names}")
+            if any(not _compatible(target.holder, m) for _, m in members):
+                d.unfixable.append(f"the registered `{target.key}` does not fit {names}")
                 continue
-            differ = "" if _same_values(holder, target) else " (the copy's values differed; kept the registered ones)"
-            message = f"re-pointed {names} to the registered holder `{holder.key}`{differ}"
-            d.fixes.append((_repoint(members, target), message))
+            same = _same_values(holder, target.holder)
+            differ = "" if same else " (the copy's values differed; kept the registered ones)"
+            message = f"re-pointed {names} to the registered holder `{target.key}`{differ}"
+            d.fixes.append((_repoint(members, target.holder), message))
             continue
+        home = _home(paths, holder, scopes)
+        where = _where(home, holder.key)
         d.problems.append(
             f"{names} read shared group `{holder.key}`, whose holder is not registered in the model (no "
-            f"`{_STORE}.{holder.key}`): its tensors are missing from state_dict() and parameters() (typical for a "
+            f"`{where}`): its tensors are missing from state_dict() and parameters() (typical for a "
             f"copied block used on its own, a conv moved into another model, or after deleting `model.{_STORE}`)"
         )
-        first = orphans.get(holder.key)
+        first = orphans.get(scoped_key(home, holder.key))
         if first is not None:
             if not _same_values(first, holder):
                 d.unfixable.append(f"two different copies of holder `{holder.key}` are read by the model's convs")
                 continue
             d.fixes.append((_repoint(members, first), f"re-pointed {names} to the same holder `{holder.key}`"))
             continue
-        clash = next((k for k in registered if k.startswith(holder.key + ".") or holder.key.startswith(k + ".")), None)
+        mine = [e.path for e in registered.values() if e.scope == home]
+        clash = next((k for k in mine if k.startswith(holder.key + ".") or holder.key.startswith(k + ".")), None)
         if clash is not None:
-            d.unfixable.append(f"holder `{holder.key}` cannot be registered next to `{_STORE}.{clash}`")
+            d.unfixable.append(f"holder `{holder.key}` cannot be registered next to `{_where(home, clash)}`")
             continue
-        orphans[holder.key] = holder
-
-        def register(h: SharedConvParams = holder) -> None:
-            current = model._modules.get(_STORE)
-            if current is None:
-                current = SharedStore()
-                model.add_module(_STORE, current)
-            assert isinstance(current, SharedStore)
-            current.add_holder(h)
-
-        created = " (created the store; the sharing options it recorded are unknown)" if store is None else ""
-        d.fixes.append((register, f"registered holder `{holder.key}` as `{_STORE}.{holder.key}`{created}"))
+        orphans[scoped_key(home, holder.key)] = holder
+        created = " (created the store; the sharing options it recorded are unknown)" if home not in stores else ""
+        d.fixes.append((_register(model, home, holder), f"registered holder `{holder.key}` as `{where}`{created}"))
 
 
-def _check_aliases(model: nn.Module, registered: dict[str, SharedConvParams], d: _Diagnosis) -> None:
+def _check_aliases(model: nn.Module, registered: dict[str, _Holder], d: _Diagnosis) -> None:
     """No other state_dict entry may share memory with a holder's tensors."""
-    owners: dict[int, str] = {}
-    for key, holder in registered.items():
+    owners: dict[int, tuple[_Holder, str]] = {}
+    for entry in registered.values():
         for attr in ("weight", "bias"):
-            t = getattr(holder, attr)
+            t = getattr(entry.holder, attr)
             if isinstance(t, Tensor) and _storage(t) is not None:
-                owners[_storage(t)] = f"{key}.{attr}"  # type: ignore[index]
+                owners[_storage(t)] = (entry, attr)  # type: ignore[index]
     if not owners:
         return
     modules = dict(model.named_modules())
     seen: set[str] = set()
     for sd_key, value in model.state_dict(keep_vars=True).items():
         ptr = _storage(value) if isinstance(value, Tensor) else None
-        if ptr is None or ptr not in owners or sd_key == f"{_STORE}.{owners[ptr]}":
+        if ptr is None or ptr not in owners:
             continue
-        holder_key, attr = owners[ptr].rsplit(".", 1)
-        holder = registered[holder_key]
+        entry, attr = owners[ptr]
+        owner_key = f"{entry.where}.{attr}"
+        if sd_key == owner_key:
+            continue
+        holder = entry.holder
         mod_path, _, name = sd_key.rpartition(".")
         conv = modules.get(mod_path)
         if isinstance(conv, nn.Conv2d) and not is_shared_conv(conv) and name == attr:
@@ -221,17 +299,17 @@ def _check_aliases(model: nn.Module, registered: dict[str, SharedConvParams], d:
                 continue
             seen.add(mod_path)
             d.problems.append(
-                f"`{mod_path}` has its own {name} that is the shared tensor `{_STORE}.{holder_key}.{attr}` (tied by "
+                f"`{mod_path}` has its own {name} that is the shared tensor `{owner_key}` (tied by "
                 "assignment): state_dict() holds it twice and safetensors refuses to save it"
             )
             tied = _same_tensor(conv.weight, holder.weight) and _same_tensor(conv.bias, holder.bias)
             if tied and _compatible(holder, conv):
-                d.fixes.append((_attach(conv, holder), f"made `{mod_path}` a member of `{holder_key}` again"))
+                d.fixes.append((_attach(conv, holder), f"made `{mod_path}` a member of `{entry.key}` again"))
             else:
-                d.unfixable.append(f"`{mod_path}`'s weight and bias are not exactly those of holder `{holder_key}`")
+                d.unfixable.append(f"`{mod_path}`'s weight and bias are not exactly those of holder `{entry.key}`")
             continue
         msg = (
-            f"`{sd_key}` shares memory with the shared tensor `{_STORE}.{owners[ptr]}`; give one of them its own copy "
+            f"`{sd_key}` shares memory with the shared tensor `{owner_key}`; give one of them its own copy "
             "(e.g. model.<path> = nn.Parameter(tensor.clone()))"
         )
         d.problems.append(msg)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import SHARED_STORE_NAME, is_shared_conv, shared_groups
+from ..layers import SHARED_STORE_NAME, holder_paths, is_shared_conv, shared_groups
 
 __all__ = ["create_optimizer", "create_scheduler", "layer_ids", "param_groups"]
 
@@ -35,11 +35,12 @@ __all__ = ["create_optimizer", "create_scheduler", "layer_ids", "param_groups"]
 def _shared_aliases(model: nn.Module) -> dict[str, str]:
     """Shared parameter name -> the first member's equivalent name."""
     aliases = {}
+    paths = holder_paths(model)  # a store of a submodule sharified in place: under that submodule
     for key, (holder, members) in shared_groups(model).items():
         if not members:
             continue
         for pname, _ in holder.named_parameters(recurse=False):
-            aliases[f"{SHARED_STORE_NAME}.{key}.{pname}"] = f"{members[0]}.{pname}"
+            aliases[f"{paths[key]}.{pname}"] = f"{members[0]}.{pname}"
     return aliases
 
 
@@ -51,7 +52,7 @@ def _execution_order(model: nn.Module, aliases: dict[str, str]) -> list[str]:
     seen = set(aliases)
     order = []
     for path, module in model.named_modules():
-        if path == SHARED_STORE_NAME or path.startswith(SHARED_STORE_NAME + "."):
+        if any(part == SHARED_STORE_NAME for part in path.split(".")):
             continue
         if is_shared_conv(module):
             order.extend(by_member.get(path, []))
