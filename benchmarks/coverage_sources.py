@@ -12,6 +12,7 @@ Every model is built with random init; nothing is downloaded.
 from __future__ import annotations
 
 import importlib.util
+import re
 from typing import Any
 
 import torch
@@ -140,7 +141,7 @@ def build(source: str, name: str) -> nn.Module:
             config.architectures = []  # classes (deit, levit, perceiver); [] gives the first, the default
         return AutoModelForImageClassification.from_config(config)
     except ImportError as exc:  # transformers' requires_backends: "... requires the X library ..."
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.split(r"(?<=\.)\s", str(exc).strip() or type(exc).__name__)[0]  # "X requires the Y library ..."
         raise MissingPackageError(f"needs a package that is not installed: {first}") from exc
 
 

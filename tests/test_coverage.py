@@ -16,11 +16,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmarks.coverage_check
 from benchmarks.coverage import list_models, main, merge_results, parse_sources, run_sweep, write_results
-from benchmarks.coverage_check import ModelResult, check_model
-from benchmarks.coverage_sources import MissingPackageError, family_of
+from benchmarks.coverage_check import ModelResult, _real_inputs, check_model
+from benchmarks.coverage_sources import MissingPackageError, build, family_of
 from benchmarks.coverage_summary import summary_markdown
 
 SHARED = "shared"
@@ -300,6 +301,18 @@ def test_model_needing_a_missing_package_is_skipped(monkeypatch: pytest.MonkeyPa
     assert (
         "- `transformers:resnet`: needs a package that is not installed: FooModel requires the foo library" in summary
     )
+
+
+def test_detector_real_check_input_trains_the_detector() -> None:
+    # What the real check feeds a shared detector (none is shared before issue 14's descent into backbones):
+    # two images with a target box each; in training mode the detector returns its losses, all differentiable.
+    torch.manual_seed(0)
+    model = build("torchvision-detection", "fasterrcnn_mobilenet_v3_large_320_fpn").train()
+    [(images, targets)] = _real_inputs("torchvision-detection", model, None, 64)  # type: ignore[arg-type]
+    assert [tuple(x.shape) for x in images] == [(3, 64, 64)] * 2 and [len(t["boxes"]) for t in targets] == [1, 1]
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    assert all(v.shape == () and torch.isfinite(v) and v.requires_grad for v in losses.values())
 
 
 @pytest.mark.slow
