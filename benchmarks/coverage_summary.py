@@ -13,18 +13,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.coverage_sources import SOURCES
+
 __all__ = ["headline", "summary_markdown", "write_summary"]
 
 _VARIANT_TABLE_MIN_MODELS = 10
-_SOURCES = (
-    "torchvision",
-    "timm",
-    "torchvision-detection",
-    "torchvision-segmentation",
-    "torchvision-video",
-    "torchvision-optical-flow",
-    "transformers",
-)  # fmt: skip  (benchmarks.coverage_sources.SOURCES)
 
 
 def _source(row: dict[str, Any]) -> str:
@@ -49,7 +42,7 @@ def headline(results: list[dict[str, Any]]) -> str:
 
 
 def _source_order(source: str) -> tuple[int, str]:
-    return (_SOURCES.index(source) if source in _SOURCES else len(_SOURCES), source)
+    return (SOURCES.index(source) if source in SOURCES else len(SOURCES), source)
 
 
 def _row(label: str, rows: list[dict[str, Any]]) -> str:
