@@ -317,7 +317,7 @@ def test_detector_real_check_input_trains_the_detector() -> None:
 
 @pytest.mark.slow
 def test_full_sweep_has_no_errors(tmp_path: Path) -> None:
-    # The whole zoo (~1450 models, about half an hour with two workers): every model is shared or refused
+    # Every source (~1520 models, about 35 minutes with two workers): every model is shared or refused
     # with a library reason. benchmarks/results/coverage.md is this sweep's committed output.
     results = run_sweep(list_models(), jobs=2, timeout=600, progress=False)
     write_results(results, tmp_path, {"command": "pytest -m slow", "wall_seconds": 0.0})
