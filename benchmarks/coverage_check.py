@@ -1,21 +1,25 @@
 """One model of the coverage sweep, end to end: build, plan, sharify, check arithmetic, real forward/backward.
 
-:func:`check_model` builds a torchvision or timm classification model (random init, no download) on the
-**meta device**, so even giant models need no memory, and runs :func:`sharify.plan` and
-:func:`sharify.sharify` on it (the analysis runs on fake tensors). The outcome is
+:func:`check_model` builds a model of one of the sweep's sources (:mod:`benchmarks.coverage_sources`:
+torchvision and timm classification, torchvision detection/segmentation/video/optical flow, ``transformers``
+image classification; random init, no download) on the **meta device**, so even giant models need no memory,
+and runs :func:`sharify.plan` and :func:`sharify.sharify` on it with no extra arguments, as a user would
+(the analysis runs on fake tensors). The outcome is
 
 * ``shared``: the plan has groups, and ``sharify.report(model, shared).params_after == plan.params_after``;
 * ``nothing-to-share``: the library refused the model with a :class:`sharify.SharifyError` (an empty plan
   makes :func:`sharify.sharify` raise :class:`sharify.NothingToShareError`); its message is the reason;
+* ``skipped``: the model needs a package that is not installed (the reason names it); nothing was analysed;
 * ``error``: anything else (an unexpected exception, arithmetic that does not add up, a sharified model
   whose forward fails or changes the output shape, shared weights without gradients, meta and real
   analyses that disagree): a bug to fix.
 
 For shared models with at most ``forward_max_params`` parameters the real check builds the model on the
 CPU, sharifies it (which also confirms the meta-device analysis found the same groups), runs the original
-and the sharified model on a small input (``input_px``, respecting timm's fixed/minimum input sizes) and
-back-propagates through the sharified one. Refused models get no real check: sharify changes nothing in
-them, so there is no sharified model to run.
+and the sharified model on a small input (``input_px``, respecting timm's fixed/minimum input sizes; the
+plan's own input shapes when the small one does not fit; detectors get two images and one target box each
+and are run in training mode, which returns their losses) and back-propagates through the sharified one.
+Refused models get no real check: sharify changes nothing in them, so there is no sharified model to run.
 """
 
 from __future__ import annotations
@@ -31,26 +35,27 @@ import torch
 from torch import Tensor, nn
 
 import sharify
+from benchmarks.coverage_sources import MissingPackageError, build, detection_targets, family_of, library_of
 from sharify.layers import shared_groups
 from sharify.rules import ConvSignature, is_depthwise, is_spatial
 from sharify.source import registered_on_meta
-from sharify.zoo import ModelSource, build_model
 
-__all__ = ["ModelResult", "check_model", "family_of", "suggested_options", "variant_of"]
+__all__ = ["ModelResult", "check_model", "family_of", "new_result", "suggested_options", "variant_of"]
 
-OUTCOMES = ("shared", "nothing-to-share", "error")
+OUTCOMES = ("shared", "nothing-to-share", "skipped", "error")
 
 
 @dataclass
 class ModelResult:
     """What the sweep records for one model (one CSV row)."""
 
+    source: str  # see benchmarks.coverage_sources.SOURCES
     library: str
     name: str
     family: str
     variant: str
     outcome: str = "error"
-    reason_kind: str = ""  # nothing-to-share: kind of refusal; error: exception type
+    reason_kind: str = ""  # nothing-to-share: kind of refusal; skipped: "missing package"; error: exception type
     reason: str = ""
     build: str = ""  # how the analysed model got onto the meta device (see _build_meta)
     traced: str = ""  # "yes", "auto-leaf: <paths>", or "no"
@@ -79,17 +84,6 @@ class ModelResult:
         return [f.name for f in fields(cls)]
 
 
-def family_of(library: str, name: str) -> str:
-    """Model family: the module that defines the builder (``timm.resnet``, ``torchvision.regnet``)."""
-    if library == "timm":
-        from timm.models import model_entrypoint
-
-        return "timm." + model_entrypoint(name).__module__.removeprefix("timm.models.")
-    import torchvision
-
-    return "torchvision." + torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
-
-
 def variant_of(name: str) -> str:
     """Architecture variant within a family, from the name without sizes: ``resnet50d`` -> ``resnetd``,
     ``seresnext26d_32x4d`` -> ``seresnextd``, ``mobilenetv3_large_100`` -> ``mobilenetv3_large``."""
@@ -97,6 +91,11 @@ def variant_of(name: str) -> str:
     head = re.match(r"^(.*?\d[a-z]*)(?:_|$)", base)  # up to the end of the first token holding a digit
     stem = head.group(1) if head else base
     return re.sub(r"(?<!v)\d+", "", stem).rstrip("_") or base
+
+
+def new_result(source: str, name: str) -> ModelResult:
+    """An empty (``error``) result for model ``name`` of ``source``."""
+    return ModelResult(source, library_of(source), name, family_of(source, name), variant_of(name))
 
 
 def _kind_of(exc: BaseException) -> str:
@@ -136,14 +135,42 @@ def _timm_input_size(model: nn.Module, target: int) -> tuple[int, int, int] | No
     return size  # type: ignore[return-value]
 
 
-def _shapes(out: Any) -> list[tuple[int, ...]]:
+def _leaves(out: Any) -> list[Tensor]:
+    if hasattr(out, "to_tuple"):  # transformers' ModelOutput
+        out = out.to_tuple()
     leaves, _ = torch.utils._pytree.tree_flatten(out)
-    return [tuple(x.shape) for x in leaves if isinstance(x, Tensor)]
+    return [x for x in leaves if isinstance(x, Tensor)]
 
 
-def _real_check(result: ModelResult, source: ModelSource, plan: sharify.SharingPlan, input_px: int) -> None:
+def _shapes(out: Any) -> list[tuple[int, ...]]:
+    return [tuple(x.shape) for x in _leaves(out)]
+
+
+def _describe(args: tuple[Any, ...]) -> str:
+    if len(args) == 2 and isinstance(args[0], list):  # a detector's (images, targets)
+        return f"{len(args[0])} images {'x'.join(map(str, args[0][0].shape))} + targets"
+    return ", ".join("x".join(map(str, x.shape)) for x in args)
+
+
+def _real_inputs(source: str, model: nn.Module, plan: sharify.SharingPlan, input_px: int) -> list[tuple[Any, ...]]:
+    """Forward arguments to try, in order: small ones (``input_px``), then the plan's own input shapes."""
+    if source == "torchvision-detection":
+        images = [torch.rand(3, input_px, input_px) for _ in range(2)]
+        return [(images, detection_targets(images, model))]
+
+    def batch(shape: tuple[int, ...], px: int | None) -> Tensor:
+        dims = tuple(shape[1:]) if px is None or len(shape) < 4 else (*shape[1:-2], px, px)
+        return torch.randn(2, *dims)
+
+    fixed = _timm_input_size(model, input_px) if source == "timm" else None
+    small = (torch.randn(2, *fixed),) if fixed else tuple(batch(s, input_px) for s in plan.input_shapes)
+    candidates = [small, tuple(batch(s, None) for s in plan.input_shapes)]
+    return list({_describe(c): c for c in candidates}.values())
+
+
+def _real_check(result: ModelResult, plan: sharify.SharingPlan, input_px: int) -> None:
     torch.manual_seed(0)
-    model, _ = build_model(source)
+    model = build(result.source, result.name)
     shared = sharify.sharify(model)
     got = {key: tuple(members) for key, (_, members) in shared_groups(shared).items()}
     want = {g.key: g.members for g in plan.groups}
@@ -153,31 +180,32 @@ def _real_check(result: ModelResult, source: ModelSource, plan: sharify.SharingP
     if params_after != plan.params_after:
         raise AssertionError(f"real model: report params_after {params_after} != plan params_after {plan.params_after}")
 
-    channels, height, width = plan.input_shapes[0][1:]
-    sizes = [_timm_input_size(model, input_px) or (channels, input_px, input_px), (channels, height, width)]
+    candidates = _real_inputs(result.source, model, plan, input_px)
     model.train()
     shared.train()
     reference: list[tuple[int, ...]] | None = None
     first_error: Exception | None = None
-    for size in dict.fromkeys(sizes):
-        x = torch.randn(2, *size)
+    for args in candidates:
         try:
             with torch.no_grad():
-                reference = _shapes(model(x))
+                reference = _shapes(model(*args))
             break
-        except Exception as exc:  # the input does not suit the original model: try the next size
+        except Exception as exc:  # the input does not suit the original model: try the next one
             first_error = first_error or exc
     if reference is None:
         assert first_error is not None
-        raise RuntimeError(f"the original model's forward fails on {sizes}: {first_error}") from first_error
-    result.real_input = "x".join(map(str, x.shape))
-    out = shared(x)
+        tried = "; ".join(_describe(c) for c in candidates)
+        raise RuntimeError(f"the original model's forward fails on {tried}: {first_error}") from first_error
+    result.real_input = _describe(args)
+    out = shared(*args)
     shapes = _shapes(out)
     result.output_shape = "; ".join("x".join(map(str, s)) for s in shapes)
     if shapes != reference:
         raise AssertionError(f"sharified output shapes {shapes} != original {reference}")
-    leaves, _ = torch.utils._pytree.tree_flatten(out)
-    torch.stack([y.float().sum() for y in leaves if isinstance(y, Tensor) and y.is_floating_point()]).sum().backward()
+    floats = [y.float().sum() for y in _leaves(out) if y.is_floating_point() and y.requires_grad]
+    if not floats:
+        raise AssertionError("the sharified model's output has no floating-point tensor with a gradient")
+    torch.stack(floats).sum().backward()
     for key, (holder, _) in shared_groups(shared).items():
         grad = holder.weight.grad
         if grad is None or not torch.isfinite(grad).all():
@@ -226,31 +254,37 @@ def _repeated_dense_convs(model: nn.Module) -> int:
     return sum(n for n in signatures.values() if n > 1)
 
 
-def _build_meta(source: ModelSource) -> tuple[nn.Module, str]:
+def _build_meta(source: str, name: str) -> tuple[nn.Module, str]:
     """The model with every parameter and buffer on the meta device, and how it was built there."""
     try:
         with torch.device("meta"):
-            return build_model(source)[0], "meta"
+            return build(source, name), "meta"
+    except MissingPackageError:
+        raise
     except Exception:  # a builder that computes with tensors cannot run under the meta device
         with registered_on_meta():
-            return build_model(source)[0], "meta (moved at registration)"
+            return build(source, name), "meta (moved at registration)"
 
 
-def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000, input_px: int = 128) -> ModelResult:
+def check_model(source: str, name: str, *, forward_max_params: int = 60_000_000, input_px: int = 128) -> ModelResult:
     """Runs the coverage check for one model; never raises (failures become ``outcome="error"``).
 
     Args:
-        library: ``"torchvision"`` or ``"timm"``.
-        name: Builder name in that library.
+        source: One of :data:`benchmarks.coverage_sources.SOURCES` (``"torchvision"``, ``"timm"``,
+            ``"torchvision-detection"``, ``"transformers"``, ...).
+        name: Builder name (``transformers``: model type) in that source.
         forward_max_params: Run the real forward/backward check for shared models up to this size.
         input_px: Side of the real check's input (timm models with a fixed input size keep theirs).
     """
     start = time.perf_counter()
-    result = ModelResult(library, name, family_of(library, name), variant_of(name))
-    source = ModelSource(library, name)
+    result = new_result(source, name)
     stage = "build"
     try:
-        model, result.build = _build_meta(source)
+        try:
+            model, result.build = _build_meta(source, name)
+        except MissingPackageError as exc:
+            result.outcome, result.reason_kind, result.reason = "skipped", "missing package", str(exc)
+            return result
         result.repeated_dense_convs = _repeated_dense_convs(model)
         stage = "plan"
         try:
@@ -288,7 +322,7 @@ def check_model(library: str, name: str, *, forward_max_params: int = 60_000_000
         del shared, model
         stage = "real check"
         if plan.params_before <= forward_max_params:
-            _real_check(result, source, plan, input_px)
+            _real_check(result, plan, input_px)
         else:
             result.real_check = f"skipped: {plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
         result.outcome = "shared"
