@@ -232,7 +232,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except OSError as exc:  # a full disk, an unwritable file, ...: the system's failure, not the input's
         if args.debug:
             raise
-        print(f"sharify: error: {_one_line(exc)}", file=sys.stderr)
+        what = exc.strerror or str(exc)
+        print(f"sharify: error: {what}: {exc.filename}" if exc.filename else f"sharify: error: {what}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.debug:

@@ -25,6 +25,8 @@ are written to a temporary file and renamed with :func:`atomic_write`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +90,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     The file gets the permissions of an ordinarily written file (``0o666`` less the umask).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            write(tmp)
+            os.chmod(tmp, _default_mode())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Re-raises an ``OSError`` of writing ``path`` (a full disk, no permission) as one naming ``path``."""
     try:
-        write(tmp)
-        os.chmod(tmp, _default_mode())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise OSError(
+            exc.errno, f"cannot write {path} ({reason}); check free space and permissions, or pass another --out"
+        ) from exc
 
 
 def _tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -149,13 +164,31 @@ def save_checkpoint(
         The checkpoint directory.
     """
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    with writing(root):
+        root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"epoch-{epoch:04d}"
+    with writing(final):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+        _write_checkpoint(tmp, final, epoch, model_state, state, ema_state)
+    done = sorted((d for d in root.iterdir() if _DIR_RE.match(d.name)), key=lambda d: d.name)
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(
+    tmp: Path,
+    final: Path,
+    epoch: int,
+    model_state: Mapping[str, Tensor],
+    state: Mapping[str, Any],
+    ema_state: Mapping[str, Tensor] | None,
+) -> None:
+    """Writes the checkpoint into ``tmp`` and renames it to ``final`` (``tmp`` is removed on failure)."""
     plain = {k: v for k, v in state.items() if _plain(v)}
     tensors = {k: v for k, v in state.items() if k not in plain}
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         files = ["model.safetensors", _STATE_PT]
         _save_checked(model_state, tmp / "model.safetensors", epoch)
@@ -172,20 +205,21 @@ def save_checkpoint(
         if final.exists():  # the same epoch saved again (e.g. a re-run after a crash)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    done = sorted((d for d in root.iterdir() if _DIR_RE.match(d.name)), key=lambda d: d.name)
-    for old in done[: max(0, len(done) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _save_checked(state_dict: Mapping[str, Tensor], path: Path, epoch: int) -> None:
     tensors = _tensors(state_dict)
     checksums = json.dumps({k: _checksum(v) for k, v in tensors.items()})
-    save_file(tensors, str(path), metadata={"epoch": str(epoch), _CHECKSUMS: checksums})
+    try:
+        save_file(tensors, str(path), metadata={"epoch": str(epoch), _CHECKSUMS: checksums})
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors reports a failed write (a full disk) as SafetensorError
+        raise OSError(errno.EIO, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
 
 
 def _file_crc(path: Path) -> str:

@@ -47,7 +47,14 @@ from ..layers import shared_groups
 from ..report import report
 from ..serialization import save
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import atomic_write, intact_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    intact_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    writing,
+)
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import (
@@ -393,9 +400,11 @@ def _run(
     if ctx.is_main:
         # sharify.save: atomic, and the recipe in the header lets sharify.load(path) rebuild the model
         meta = {"sharify-finetune-epochs": str(config.epochs)}
-        save(module, out / "model.safetensors", metadata=meta)
+        with writing(out / "model.safetensors"):
+            save(module, out / "model.safetensors", metadata=meta)
         if ema is not None:
-            save(ema.module, out / "model_ema.safetensors", metadata=meta)
+            with writing(out / "model_ema.safetensors"):
+                save(ema.module, out / "model_ema.safetensors", metadata=meta)
     barrier(ctx)
     return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
 
@@ -403,7 +412,7 @@ def _run(
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     import os
 
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
