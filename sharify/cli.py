@@ -248,7 +248,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = cli_message(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc))
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if not type(exc).__module__.startswith("sharify.train"):  # fine-tuning's own errors name the CLI's options
+        text = cli_message(text)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(exc).__name__
 
