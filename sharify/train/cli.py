@@ -60,7 +60,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--eval-batch-size", type=positive_int)
     t.add_argument("--opt", default="sgd", help="timm optimizer: sgd (default), adamw, ...")
     t.add_argument("--lr", type=finite_float, default=0.05)
-    t.add_argument("--momentum", type=finite_float, default=0.9)
+    t.add_argument("--momentum", type=finite_float, help="optimizers with momentum: sgd, rmsprop, ... (default 0.9)")
     t.add_argument("--weight-decay", type=finite_float, default=5e-4)
     t.add_argument("--layer-decay", type=finite_float, help="layer-wise lr decay in (0, 1]")
     t.add_argument("--warmup-epochs", type=finite_float, default=0.0)
@@ -102,7 +102,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~sharify.train.FinetuneConfig` of parsed ``sharify finetune`` arguments."""
     from .finetune import FinetuneConfig
 
-    return FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)})
+    given = {f.name: getattr(args, f.name, None) for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in given.items() if v is not None})  # unset: the config's default
 
 
 def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
@@ -190,6 +191,8 @@ def check_combinations(args: argparse.Namespace) -> None:
             raise ValueError(f"{', '.join(unused)} configure sharing, which --no-sharify turns off; drop them")
     if args.checkpoint_ema and not args.checkpoint:
         raise ValueError("--checkpoint-ema selects the EMA weights of a --checkpoint file; pass --checkpoint PATH")
+    if args.momentum is not None and not _has_momentum(args.opt):
+        raise ValueError(f"--momentum has no effect with --opt {args.opt}, which has no momentum; drop --momentum")
     if args.pretrained and args.checkpoint:
         raise ValueError("--pretrained and --checkpoint both give the original weights; pass one of them")
     if args.in_chans and resolve_model_name(args.model).library != "timm":
@@ -208,3 +211,12 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def _named_data(spec: str) -> bool:
     return spec.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist", "cifar10", "cifar100")
+
+
+def _has_momentum(opt: str) -> bool:
+    from timm.optim import get_optimizer_info
+
+    try:
+        return bool(get_optimizer_info(opt.lower()).has_momentum)
+    except (ValueError, KeyError):  # an unknown name: create_optimizer names it
+        return True
