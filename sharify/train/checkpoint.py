@@ -237,7 +237,11 @@ def _checkpoints(out_dir: str | Path) -> list[Path]:
         return []
     markers = (_STATE_JSON, _FORMAT1_MARKER)
     done = [d for d in root.iterdir() if _DIR_RE.match(d.name) and any((d / m).is_file() for m in markers)]
-    return sorted(done, key=lambda d: int(_DIR_RE.match(d.name).group(1)), reverse=True)  # type: ignore[union-attr]
+    return sorted(done, key=_epoch, reverse=True)
+
+
+def _epoch(directory: Path) -> int:
+    return int(_DIR_RE.match(directory.name).group(1))  # type: ignore[union-attr]
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -275,10 +279,11 @@ def intact_checkpoint(out_dir: str | Path, *, fallback: bool = False) -> Path | 
 
 
 def _fix_hint(directory: Path) -> str:
-    return (
-        f"pass --resume-fallback to resume from the newest intact checkpoint before it (or delete {directory}), "
-        "or start a new run without --resume"
-    )
+    number = _DIR_RE.match(directory.name)
+    older = [d for d in _checkpoints(directory.parent.parent) if number and _epoch(d) < int(number.group(1))]
+    if older:
+        return f"pass --resume-fallback to resume from {older[0].name} instead, or start a new run with another --out"
+    return f"no earlier checkpoint is left: start a new run (delete {directory.parent.parent} or pass another --out)"
 
 
 def _read_weights(path: Path, directory: Path) -> dict[str, Tensor]:
