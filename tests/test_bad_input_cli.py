@@ -231,6 +231,7 @@ def test_lambda_r_on_a_model_without_bases_is_refused(data_dir: Path, tmp_path: 
         (["--ema", "1"], "--ema must be a decay in (0, 1)"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--keep-checkpoints", "0"], "--keep-checkpoints must be >= 1"),
+        (["--seed", str(10**23)], "--seed must be in [0, 2**32)"),
         (["--checkpoint", "/"], "checkpoint / is a directory; pass the weights file"),
         (["--opt", "bogus"], "--opt bogus: "),
     ],
@@ -316,3 +317,11 @@ def test_out_on_a_full_disk_is_one_line_and_leaves_no_partial_file(
     err = _cli_error(_base(data_dir, out, "--subset", "6"), capsys, status=1)
     assert f"cannot write {out / 'config.json'} (No space left on device)" in err
     assert [p.name for p in out.iterdir()] == []  # the temporary file is gone, no half-written config.json
+
+
+def test_bn_recalibrate_beyond_the_data_says_so(
+    data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sharify.train"):
+        finetune(_tiny(), data_dir, _config(tmp_path, epochs=1, bn_recalibrate=1000))
+    assert "--bn-recalibrate 1000: the data has 12 training images" in caplog.text

@@ -46,7 +46,9 @@ class FinetuneConfig:
         augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
         workers: DataLoader worker processes.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
+        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``); in [0, 2**32).
+            ``sharify finetune`` also seeds the model's construction with it, so the same command gives the
+            same weights.
         eval_before: Evaluate before the first update and log it as epoch 0.
         resume: Continue from the newest checkpoint in ``out``; the other settings must be those of the
             run that wrote it, except :attr:`RESUME_MAY_CHANGE` and a larger ``epochs``.
@@ -119,6 +121,7 @@ class FinetuneConfig:
         _check("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
         _check("layer_decay", self.layer_decay, lambda v: 0 < v <= 1, "in (0, 1]")
         _check("ema", self.ema_decay, lambda v: 0 < v < 1, "a decay in (0, 1)")
+        _check("seed", self.seed, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
         if self.warmup_epochs > self.epochs:
             raise ValueError(
                 f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}: the learning rate would never "

@@ -293,6 +293,12 @@ def _run(
         if ctx.is_main:
             _write_metrics(out / "metrics.jsonl", [])
         if config.bn_recalibrate:
+            if config.bn_recalibrate > len(bundle.train):  # type: ignore[arg-type]
+                logger.warning(
+                    "--bn-recalibrate %d: the data has %d training images; all of them are used",
+                    config.bn_recalibrate,
+                    len(bundle.train),  # type: ignore[arg-type]
+                )
             loaders.set_epoch(0, config.seed)
             recalibrate_batchnorm(
                 module,
