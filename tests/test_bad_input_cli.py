@@ -325,3 +325,16 @@ def test_bn_recalibrate_beyond_the_data_says_so(
     with caplog.at_level(logging.WARNING, logger="sharify.train"):
         finetune(_tiny(), data_dir, _config(tmp_path, epochs=1, bn_recalibrate=1000))
     assert "--bn-recalibrate 1000: the data has 12 training images" in caplog.text
+
+
+def test_checkpoint_on_a_full_disk_names_it_and_leaves_nothing_half_written(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def save_file(*args: object, **kwargs: object) -> None:  # what safetensors raises when the disk is full
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    epoch_dir = tmp_path / "checkpoints" / "epoch-0001"
+    with pytest.raises(OSError, match=re.escape(f"cannot write {epoch_dir} (Error while serializing")):
+        finetune(_tiny(), data_dir, _config(tmp_path, epochs=1))
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # no epoch-0001, no .tmp-* directory
