@@ -218,8 +218,14 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.debug:
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    with warnings.catch_warnings():  # the filters and the one-line format last as long as the command
+        if not args.debug:
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except (OutputError, BrokenPipeError):
@@ -245,6 +251,11 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"sharify: error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings as one line in the command line's terms (``--debug`` keeps Python's format)."""
+    print(f"sharify: warning: {cli_message(' '.join(str(message).split()))}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

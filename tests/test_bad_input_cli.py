@@ -338,3 +338,28 @@ def test_checkpoint_on_a_full_disk_names_it_and_leaves_nothing_half_written(
     with pytest.raises(OSError, match=re.escape(f"cannot write {epoch_dir} (Error while serializing")):
         finetune(_tiny(), data_dir, _config(tmp_path, epochs=1))
     assert list((tmp_path / "checkpoints").iterdir()) == []  # no epoch-0001, no .tmp-* directory
+
+
+def test_library_warnings_are_one_line_in_cli_terms(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import warnings
+
+    import sharify.cli as cli_module
+    from sharify.zoo import ModelSource
+
+    def share(model: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        warnings.warn("shape propagation stopped at `x`: stages there were not analysed; pass example_inputs the\n"
+                      "whole model accepts", UserWarning, stacklevel=2)  # fmt: skip
+        return sharify.sharify(model, example_inputs=EXAMPLE)
+
+    monkeypatch.setattr(cli_module, "build_model", lambda *a, **k: (TinyNet(), ModelSource("torchvision", "tiny")))
+    monkeypatch.setattr(cli_module, "sharify", share)
+    shown = warnings.showwarning
+    assert main(["report", "tiny", "--json"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "sharify: warning: shape propagation stopped at `x`: stages there were not analysed; pass --input-size C H W "
+        "the whole model accepts"
+    )
+    assert warnings.showwarning is shown  # restored after the command
