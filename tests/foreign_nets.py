@@ -8,6 +8,10 @@ analysis is tested against the habits of real model code, not only against tidy 
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 __all__: list[str] = []
 
 
