@@ -1,7 +1,9 @@
 """Command line: ``sharify report MODEL``, ``sharify finetune ...`` (and ``python -m sharify ...``).
 
-Errors print one line naming the problem and exit with status 2 (``--debug`` shows the traceback). Output
-into a pipe whose reader has gone (``sharify report resnet50 | head -1``) ends quietly with status 1.
+Bad options and inputs print one line naming the problem and exit with status 2 (``--debug`` shows the
+traceback); failures of the system (a full disk, an unwritable file) and unexpected errors print one line and
+exit with status 1. Output into a pipe whose reader has gone (``sharify report resnet50 | head -1``) ends
+quietly with status 1.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,6 +28,66 @@ from .rewrite import sharify
 from .zoo import build_model
 
 __all__ = ["main"]
+
+
+class OutputError(OSError):
+    """Writing the command's output to stdout failed (a full disk, a device error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (``sharify finetune: error: ...; see --help``), exit status 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite float (``nan`` and ``inf`` are refused)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <name> value"
+finite_float.__name__ = "number"
+
+#: Python-API wording in library messages -> the command line's flags (the CLI's users never write Python).
+_CLI_WORDING: tuple[tuple[str, str], ...] = (
+    (r"(?:example_inputs=)?torch\.randn\(\d+, (\d+), (\d+), (\d+)\)", r"--input-size \1 \2 \3"),
+    (r"example_inputs=torch\.randn\(\.\.\.\)", "--input-size C H W"),
+    (r"example_inputs\[0\]", "the example input (--input-size)"),
+    (r"\bexample_inputs=?", "--input-size C H W"),
+    (r"\bleaf_modules=?", "--leaf-modules PATH"),
+    (r"\bmethod='(\w+)'", r"--method \1"),
+    (r"\b(shared|unique)_rank\b", r"--\1-rank"),
+    (r"\bskip_first_block\b", "--skip-first-block"),
+)
+
+
+def cli_message(text: str) -> str:
+    """A library error message in the command line's terms: its flags instead of Python arguments."""
+    for pattern, replacement in _CLI_WORDING:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def write_stdout(text: str) -> None:
+    """Prints ``text``; a failing stdout (``> /dev/full``) raises :class:`OutputError` (a reader gone: EPIPE)."""
+    try:
+        print(text)
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(exc.errno, f"cannot write the output to stdout ({exc.strerror or exc})") from exc
 
 
 def _selector(text: str) -> Selector:
@@ -42,13 +106,15 @@ def add_sharing_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-first-block", action="store_true", default=None, help="leave stages' first blocks out")
     g.add_argument("--depthwise", action="store_true", default=None, help="let depthwise convs be shared")
     g.add_argument("--method", choices=["share", "basis"], help="share whole convs (default) or filter bases")
-    g.add_argument("--shared-rank", type=int, help="basis: shared filters per 64 channels")
-    g.add_argument("--unique-rank", type=int, help="basis: unique filters per 64 channels")
+    g.add_argument("--shared-rank", type=positive_int, help="basis: shared filters per 64 channels")
+    g.add_argument("--unique-rank", type=positive_int, help="basis: unique filters per 64 channels")
     g.add_argument("--init", help="share: average (default), first, random, scaled; basis: orthogonal (default), svd")
     g.add_argument("--align", action="store_true", default=None,
                    help="align the members' hidden channels before combining their weights (needs scipy)")  # fmt: skip
-    g.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+    g.add_argument("--input-size", nargs=3, type=positive_int, metavar=("C", "H", "W"),
                    help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
+    g.add_argument("--leaf-modules", nargs="+", metavar="PATH",
+                   help="submodules (dotted paths) torch.fx must not trace into")  # fmt: skip
 
 
 def sharing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +130,8 @@ def sharing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "init": args.init,
         "align": args.align,
     }
+    if args.leaf_modules:
+        kwargs["leaf_modules"] = tuple(args.leaf_modules)
     if args.input_size:
         kwargs["example_inputs"] = torch.empty(1, *args.input_size)
     return kwargs
@@ -74,12 +142,12 @@ def _report(args: argparse.Namespace) -> int:
     shared = sharify(model, **sharing_kwargs(args))
     result = report(model, shared)
     if args.json:
-        print(json.dumps({"source": {"library": source.library, "name": source.name}, **result.to_dict()}, indent=2))
+        text = json.dumps({"source": {"library": source.library, "name": source.name}, **result.to_dict()}, indent=2)
     elif args.markdown:
-        print(result.to_markdown())
+        text = result.to_markdown()
     else:
-        print(f"{source.library}:{source.name}")
-        print(result)
+        text = f"{source.library}:{source.name}\n{result}"
+    write_stdout(text)
     return 0
 
 
@@ -90,13 +158,13 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sharify", description="Share conv weights between residual blocks.")
+    parser = _Parser(prog="sharify", description="Share conv weights between residual blocks.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("report", help="sharify a torchvision/timm model and print the parameter report")
     p.add_argument("model", help="model name: resnet50, timm:resnet50d, tv:resnet34, ...")
     p.add_argument("--pretrained", action="store_true", help="load pretrained weights (needs internet)")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=positive_int, default=None, help="classifier size (default: the model's)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--markdown", action="store_true", help="print a Markdown table")
@@ -118,16 +186,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Points stdout at devnull, so that the flush at interpreter exit does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         status = _main(argv)
-        sys.stdout.flush()  # a reader that has gone (`sharify report ... | head -1`) shows here, not at exit
+        try:
+            sys.stdout.flush()  # a reader that has gone (`sharify report ... | head -1`) shows here, not at exit
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # `> /dev/full`: the buffered output fails here
+            raise OutputError(exc.errno, f"cannot write the output to stdout ({exc.strerror or exc})") from exc
         return status
     except BrokenPipeError:
-        # The Python docs' recipe for SIGPIPE: point stdout at devnull so that the flush at interpreter exit
-        # does not fail again, and exit with Python's status for EPIPE.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        # The Python docs' recipe for SIGPIPE, with Python's exit status for EPIPE.
+        _silence_stdout()
+        return 1
+    except OutputError as exc:
+        _silence_stdout()
+        print(f"sharify: error: {exc.strerror}", file=sys.stderr)
         return 1
 
 
@@ -137,20 +218,64 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if not args.debug:
-        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    with warnings.catch_warnings():  # the filters and the one-line format last as long as the command
+        if not args.debug:
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
+    except (OutputError, BrokenPipeError):
+        raise
     except (SharifyError, ValueError, TypeError, KeyError, FileNotFoundError, FloatingPointError, ImportError) as exc:
         if args.debug:
             raise
-        print(f"sharify: error: {exc}", file=sys.stderr)
+        print(f"sharify: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, an unwritable file, ...: the system's failure, not the input's
+        if args.debug:
+            raise
+        what = exc.strerror or str(exc)
+        print(f"sharify: error: {what}: {exc.filename}" if exc.filename else f"sharify: error: {what}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("sharify: interrupted; completed checkpoints are intact (continue with --resume)", file=sys.stderr)
+        print(f"sharify: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"sharify: error: {type(exc).__name__}: {_one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Warnings as one line in the command line's terms (``--debug`` keeps Python's format)."""
+    print(f"sharify: warning: {cli_message(' '.join(str(message).split()))}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    if not type(exc).__module__.startswith("sharify.train"):  # fine-tuning's own errors name the CLI's options
+        text = cli_message(text)
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C: ``--resume`` only when ``--out`` holds a complete checkpoint."""
+    if args.command != "finetune":
+        return ""
+    from .train.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(args.out)
+    if found is None:
+        return f" before the first checkpoint; nothing to resume in {args.out}: rerun the command (without --resume)"
+    return f"; completed checkpoints are intact (newest: {found}); continue with the same command and --resume"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,7 +149,8 @@ def test_cli_ctrl_c_exits_130_with_one_line(
     args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(out), "--workers", "0"]
     assert main([*args, "--batch-size", "6", "--quiet"]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == "sharify: interrupted; completed checkpoints are intact (continue with --resume)"
+    nothing = f"nothing to resume in {out}: rerun the command (without --resume)"
+    assert err == f"sharify: interrupted before the first checkpoint; {nothing}"
     assert not list(out.rglob(".tmp-*")) and latest_checkpoint(out) is None
 
 

@@ -291,11 +291,15 @@ def test_lambda_r_uses_sharify_orthogonality_loss_when_present(
         calls.append(model)
         return model.sharify_shared.layer1.conv2.weight.square().sum()
 
+    def basis() -> torch.nn.Module:  # --lambda-r is refused on a model without filter bases
+        torch.manual_seed(0)
+        return sharify.sharify(TinyNet(), example_inputs=EXAMPLE, method="basis", shared_rank=32, unique_rank=16)
+
     monkeypatch.setattr(sharify, "orthogonality_loss", fake_loss, raising=False)
     cfg = _config(tmp_path / "b", epochs=1, ema_decay=None, augment=False, lambda_r=10.0, weight_decay=0.0)
-    shrunk = finetune(_tiny(), data_dir, cfg).model.sharify_shared.layer1.conv2.weight
+    shrunk = finetune(basis(), data_dir, cfg).model.sharify_shared.layer1.conv2.weight
     plain = finetune(
-        _tiny(), data_dir, _config(tmp_path / "c", epochs=1, ema_decay=None, augment=False, weight_decay=0.0)
+        basis(), data_dir, _config(tmp_path / "c", epochs=1, ema_decay=None, augment=False, weight_decay=0.0)
     ).model.sharify_shared.layer1.conv2.weight
     assert len(calls) == 6  # once per micro-batch (24 images / 4)
     assert shrunk.norm() < 0.5 * plain.norm()  # the regulariser's gradient reached the shared tensor

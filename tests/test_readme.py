@@ -97,7 +97,7 @@ def test_cli_report_resnet50_json_and_resnet18_markdown(capsys: pytest.CaptureFi
     [
         (["report", "resnet5O"], "unknown model 'resnet5O'.*did you mean"),
         (["report", "vgg11"], "no residual blocks found in VGG"),
-        (["report", "resnet18", "--preset", "dsfb-basis"], "method='basis' needs shared_rank"),
+        (["report", "resnet18", "--preset", "dsfb-basis"], "--method basis needs --shared-rank"),
     ],
 )
 def test_cli_errors_are_one_line_with_exit_code(argv: list[str], message: str, capsys) -> None:

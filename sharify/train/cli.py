@@ -22,7 +22,13 @@ GPU_EXAMPLE = (
 
 
 def add_finetune_options(p: argparse.ArgumentParser) -> None:
-    """Adds the model, data, training and output options of ``sharify finetune`` to ``p``."""
+    """Adds the model, data, training and output options of ``sharify finetune`` to ``p``.
+
+    Argument types check the form of each value (integers >= 1 where zero makes no sense, finite numbers);
+    :meth:`~sharify.train.FinetuneConfig.validate` and :func:`check_combinations` check ranges and combinations.
+    """
+    from ..cli import finite_float, positive_int
+
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
     m.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
@@ -32,37 +38,39 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
         help="original (unshared) weights to load before sharifying (a state_dict, or a "
         "training checkpoint such as timm's .pth.tar: its state_dict)",
     )
-    m.add_argument("--checkpoint-ema", action="store_true", help="load the checkpoint's EMA weights (state_dict_ema)")
-    m.add_argument("--num-classes", type=int, help="classifier size (default: the data's classes); replaces the head")
-    m.add_argument("--in-chans", type=int, help="input channels of timm models (default: the data's)")
+    m.add_argument("--checkpoint-ema", action="store_true", help="load the --checkpoint's EMA weights (state_dict_ema)")
+    m.add_argument("--num-classes", type=positive_int, help="classifier size (default: the data's classes)")
+    m.add_argument(
+        "--in-chans", type=positive_int, help="input channels of timm models built by name (default: the data's)"
+    )
     m.add_argument("--no-sharify", dest="share", action="store_false", help="train the model unshared (baselines)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="ImageFolder dir (train/, val/), fashion-mnist, cifar10 or cifar100")
     d.add_argument("--data-root", metavar="DIR", help="directory of fashion-mnist/cifar files")
-    d.add_argument("--subset", type=int, metavar="N", help="use N training (and validation) images, for smoke runs")
-    d.add_argument("--val-subset", type=int, metavar="N", help="validation images (default: --subset)")
-    d.add_argument("--image-size", type=int, metavar="PX", help="input size (default: from the data / model)")
+    d.add_argument("--subset", type=positive_int, metavar="N", help="use N training (and val) images: smoke runs")
+    d.add_argument("--val-subset", type=positive_int, metavar="N", help="validation images (default: --subset)")
+    d.add_argument("--image-size", type=positive_int, metavar="PX", help="input size (default: from the data / model)")
     d.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop/flip")
     d.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=128, help="per process (default 128)")
-    t.add_argument("--eval-batch-size", type=int)
+    t.add_argument("--eval-batch-size", type=positive_int)
     t.add_argument("--opt", default="sgd", help="timm optimizer: sgd (default), adamw, ...")
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--layer-decay", type=float, help="layer-wise lr decay (shared tensors: first member's layer)")
-    t.add_argument("--warmup-epochs", type=float, default=0.0)
-    t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--lr", type=finite_float, default=0.05)
+    t.add_argument("--momentum", type=finite_float, help="optimizers with momentum: sgd, rmsprop, ... (default 0.9)")
+    t.add_argument("--weight-decay", type=finite_float, default=5e-4)
+    t.add_argument("--layer-decay", type=finite_float, help="layer-wise lr decay in (0, 1]")
+    t.add_argument("--warmup-epochs", type=finite_float, default=0.0)
+    t.add_argument("--min-lr", type=finite_float, default=0.0)
+    t.add_argument("--label-smoothing", type=finite_float, default=0.0)
     t.add_argument("--accum-steps", type=int, default=1, help="micro-batches per update")
-    t.add_argument("--clip-grad", type=float, metavar="NORM")
-    t.add_argument("--ema", dest="ema_decay", type=float, metavar="DECAY", help="keep a timm ModelEmaV3")
+    t.add_argument("--clip-grad", type=finite_float, metavar="NORM")
+    t.add_argument("--ema", dest="ema_decay", type=finite_float, metavar="DECAY", help="keep a timm ModelEmaV3")
     t.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help="re-estimate BN stats on N images first")
-    t.add_argument("--lambda-r", type=float, default=0.0, help="orthogonality regulariser weight (basis models)")
+    t.add_argument("--lambda-r", type=finite_float, default=0.0, help="orthogonality regulariser weight (basis models)")
     t.add_argument("--eval-before", action="store_true", help="evaluate before training (metrics epoch 0)")
     t.add_argument("--seed", type=int, default=0)
 
@@ -80,6 +88,12 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     o.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
     resume_help = "continue from the newest checkpoint in --out (same settings; --epochs may grow)"
     o.add_argument("--resume", action="store_true", help=resume_help)
+    o.add_argument(
+        "--resume-fallback",
+        action="store_true",
+        help="with --resume: if the newest checkpoint fails its checksums, resume from the newest intact one "
+        "(kept with --keep-checkpoints 2 or more); without it a corrupt checkpoint is refused",
+    )
     o.add_argument("--keep-checkpoints", type=int, default=1)
     o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
 
@@ -88,20 +102,33 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~sharify.train.FinetuneConfig` of parsed ``sharify finetune`` arguments."""
     from .finetune import FinetuneConfig
 
-    return FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)})
+    given = {f.name: getattr(args, f.name, None) for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in given.items() if v is not None})  # unset: the config's default
 
 
 def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     """Runs ``sharify finetune`` for parsed ``args`` and :func:`sharify.sharify` keyword arguments."""
+    from .checkpoint import latest_checkpoint
     from .data import load_data
+    from .errors import CheckpointError
     from .finetune import FinetuneConfig, finetune
+    from .loaders import model_in_chans
     from .model import prepare_model
+    from .rng import seed_everything
 
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 and not args.quiet:
         logging.getLogger("sharify.train").setLevel(logging.INFO)
     config = config_from_args(args)
     config.validate()
+    check_combinations(args)
+    if args.resume and latest_checkpoint(args.out) is None:
+        raise CheckpointError(
+            f"--resume: {args.out} holds no complete checkpoint (none is written before the first epoch ends); "
+            "start the run without --resume"
+        )
+    # the model's random init (head, random/basis sharing init) follows --seed: the same command, the same weights
+    seed_everything(args.seed)
     data = load_data(args.data, root=args.data_root, subset=args.subset, val_subset=args.val_subset, seed=args.seed)
     size = (args.image_size,) * 2 if args.image_size else data.image_size
     original, model = prepare_model(
@@ -115,13 +142,81 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
         sharing=sharing,
         input_size=size,
     )
+    if args.in_chans and args.checkpoint and model_in_chans(original) != args.in_chans:
+        raise ValueError(
+            f"--in-chans {args.in_chans} has no effect with --checkpoint: the model takes the checkpoint's "
+            f"{model_in_chans(original)} input channels; drop --in-chans (the data is converted to fit)"
+        )
     own = {f.name for f in fields(FinetuneConfig)} | {"func", "command", "debug"}
     setup = {k: v for k, v in vars(args).items() if k not in own}  # model, data and sharing options
     result = finetune(model, data, config, original=original if args.share else None, setup=setup)
     if rank == 0 and not args.quiet:
         final = result.final
-        print(
+        from ..cli import write_stdout
+
+        write_stdout(
             f"{result.out}: top1 {final.get('top1', float('nan')):.2f}% after {config.epochs} epoch(s); "
             f"weights in {result.out / 'model.safetensors'}"
         )
     return 0
+
+
+#: Sharing options (``sharify finetune --help``, group "sharing") by their argparse destination.
+_SHARING_FLAGS = {
+    "preset": "--preset",
+    "positions": "--positions",
+    "skip_first_block": "--skip-first-block",
+    "depthwise": "--depthwise",
+    "method": "--method",
+    "shared_rank": "--shared-rank",
+    "unique_rank": "--unique-rank",
+    "init": "--init",
+    "align": "--align",
+    "input_size": "--input-size",
+    "leaf_modules": "--leaf-modules",
+}
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Refuses options that would do nothing in the given combination (instead of ignoring them silently).
+
+    Raises:
+        ValueError: Naming the option without effect and what it needs.
+    """
+    from ..zoo import resolve_model_name
+
+    if not args.share:
+        unused = [flag for dest, flag in _SHARING_FLAGS.items() if getattr(args, dest, None) not in (None, False)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} configure sharing, which --no-sharify turns off; drop them")
+    if args.checkpoint_ema and not args.checkpoint:
+        raise ValueError("--checkpoint-ema selects the EMA weights of a --checkpoint file; pass --checkpoint PATH")
+    if args.momentum is not None and not _has_momentum(args.opt):
+        raise ValueError(f"--momentum has no effect with --opt {args.opt}, which has no momentum; drop --momentum")
+    if args.pretrained and args.checkpoint:
+        raise ValueError("--pretrained and --checkpoint both give the original weights; pass one of them")
+    if args.in_chans and resolve_model_name(args.model).library != "timm":
+        raise ValueError(
+            f"--in-chans applies to timm models; torchvision's {args.model} takes 3 channels and the data is "
+            "converted to fit; drop --in-chans"
+        )
+    if args.data_root and not _named_data(args.data):
+        raise ValueError(
+            f"--data-root is the directory of fashion-mnist/cifar files; with --data {args.data} (a directory) it "
+            "is not used; drop it"
+        )
+    if args.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError("--sync-bn synchronises BatchNorm between torchrun processes; with one process drop it")
+
+
+def _named_data(spec: str) -> bool:
+    return spec.lower() in ("fashion-mnist", "fashion_mnist", "fashionmnist", "cifar10", "cifar100")
+
+
+def _has_momentum(opt: str) -> bool:
+    from timm.optim import get_optimizer_info
+
+    try:
+        return bool(get_optimizer_info(opt.lower()).has_momentum)
+    except (ValueError, KeyError):  # an unknown name: create_optimizer names it
+        return True

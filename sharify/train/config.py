@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -44,10 +46,14 @@ class FinetuneConfig:
         augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
         workers: DataLoader worker processes.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``).
+        seed: Seed of shuffling, augmentation and model randomness (per rank: ``seed + rank``); in [0, 2**32).
+            ``sharify finetune`` also seeds the model's construction with it, so the same command gives the
+            same weights.
         eval_before: Evaluate before the first update and log it as epoch 0.
         resume: Continue from the newest checkpoint in ``out``; the other settings must be those of the
             run that wrote it, except :attr:`RESUME_MAY_CHANGE` and a larger ``epochs``.
+        resume_fallback: With ``resume``, when the newest checkpoint fails its checksums, resume from the
+            newest intact one (a warning names the corrupt one); off: a corrupt checkpoint is refused.
         keep_checkpoints: Checkpoints to keep (newest first).
         quiet: No progress bars.
     """
@@ -59,6 +65,7 @@ class FinetuneConfig:
         {
             "out",
             "resume",
+            "resume_fallback",
             "workers",
             "quiet",
             "keep_checkpoints",
@@ -99,27 +106,34 @@ class FinetuneConfig:
     seed: int = 0
     eval_before: bool = False
     resume: bool = False
+    resume_fallback: bool = False
     keep_checkpoints: int = 1
     quiet: bool = False
 
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first bad setting (e.g. ``sync_bn`` without CUDA, ``out`` a file)."""
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "accum_steps": self.accum_steps,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.bn_recalibrate < 0 or self.workers < 0:
-            raise ValueError("--lr must be > 0 and --warmup-epochs, --bn-recalibrate, --workers >= 0")
+        for name in ("epochs", "batch_size", "accum_steps", "keep_checkpoints", "eval_batch_size", "image_size"):
+            _check(name, getattr(self, name), lambda v: v >= 1, ">= 1")
+        for name in ("lr", "clip_grad"):
+            _check(name, getattr(self, name), lambda v: v > 0, "> 0")
+        for name in ("warmup_epochs", "bn_recalibrate", "workers", "weight_decay", "min_lr", "lambda_r", "momentum"):
+            _check(name, getattr(self, name), lambda v: v >= 0, ">= 0")
+        _check("label_smoothing", self.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
+        _check("layer_decay", self.layer_decay, lambda v: 0 < v <= 1, "in (0, 1]")
+        _check("ema", self.ema_decay, lambda v: 0 < v < 1, "a decay in (0, 1)")
+        _check("seed", self.seed, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(
+                f"--warmup-epochs {self.warmup_epochs} exceeds --epochs {self.epochs}: the learning rate would never "
+                "reach --lr; shorten the warm-up"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}; the schedule decays from --lr to it")
+        if self.resume_fallback and not self.resume:
+            raise ValueError("--resume-fallback chooses the checkpoint --resume continues from; pass --resume too")
         out = Path(self.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; pass a directory for the run's outputs (created if missing)")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"--ema decay must be in (0, 1), got {self.ema_decay}")
         from .distributed import resolve_device
         from .loop import resolve_amp
 
@@ -130,3 +144,9 @@ class FinetuneConfig:
                 f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
                 "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
             )
+
+
+def _check(name: str, value: float | None, ok: Callable[[float], bool], wanted: str) -> None:
+    """Refuses ``value`` of setting ``name`` (unless ``None``) when it is not finite or not ``ok``."""
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")

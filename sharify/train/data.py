@@ -221,6 +221,11 @@ def _image_folder(root: Path) -> DataBundle:
         val = torchvision.datasets.ImageFolder(str(val_dir))
     except FileNotFoundError as exc:
         raise DataError(f"{exc}; each class needs its own sub-directory with images") from exc
+    if len(train.classes) < 2:
+        raise DataError(
+            f"{train_dir} holds {len(train.classes)} class folder ({', '.join(train.classes)}): a classifier needs "
+            "at least 2 classes (with one, every prediction is right); add a sub-directory per class"
+        )
     if train.classes != val.classes:
         only = sorted(set(train.classes) ^ set(val.classes))[:5]
         raise DataError(

@@ -18,7 +18,8 @@ into ``config.out``:
   ``sharify.load(path, model=...)`` for a model of your own) rebuilds the trained model, and
   ``load_state_dict`` into an identically sharified model restores it exactly.
 
-With ``resume=True`` the run continues after the newest checkpoint with the same optimizer,
+With ``resume=True`` the run continues after the newest checkpoint (whose checksums must verify; with
+``resume_fallback=True`` a corrupt one is skipped for the newest intact one) with the same optimizer,
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
 checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
 retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
@@ -41,11 +42,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..basis import BasisConv2d
 from ..layers import shared_groups
 from ..report import report
 from ..serialization import save
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import atomic_write, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    intact_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    writing,
+)
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import (
@@ -174,13 +183,21 @@ def _run(
         )
     if config.lambda_r and orthogonality_regulariser() is None:
         raise ValueError("--lambda-r needs sharify.orthogonality_loss (filter-basis sharing), which this version lacks")
-    existing = latest_checkpoint(out)
+    if config.lambda_r and not any(isinstance(m, BasisConv2d) for m in module.modules()):
+        raise ValueError(
+            f"--lambda-r {config.lambda_r} weighs the orthogonality of filter bases, but the model has none "
+            "(it would add nothing); drop --lambda-r, or share with --method basis"
+        )
+    existing = intact_checkpoint(out, fallback=config.resume_fallback) if config.resume else latest_checkpoint(out)
     if existing is not None and not config.resume:
         raise ValueError(
             f"{out} already holds checkpoints ({existing.name}); pass --resume to continue, or another --out"
         )
     if config.resume and existing is None:
-        raise CheckpointError(f"--resume: no checkpoint in {out}/checkpoints; run without --resume to start training")
+        raise CheckpointError(
+            f"--resume: {out} holds no complete checkpoint (none is written before the first epoch ends); "
+            "start the run without --resume"
+        )
     settings, described = config_settings(config), run_setup(bundle, ctx, setup)
     if existing is not None:
         check_resumable(existing, settings, described)
@@ -276,6 +293,12 @@ def _run(
         if ctx.is_main:
             _write_metrics(out / "metrics.jsonl", [])
         if config.bn_recalibrate:
+            if config.bn_recalibrate > len(bundle.train):  # type: ignore[arg-type]
+                logger.warning(
+                    "--bn-recalibrate %d: the data has %d training images; all of them are used",
+                    config.bn_recalibrate,
+                    len(bundle.train),  # type: ignore[arg-type]
+                )
             loaders.set_epoch(0, config.seed)
             recalibrate_batchnorm(
                 module,
@@ -383,9 +406,11 @@ def _run(
     if ctx.is_main:
         # sharify.save: atomic, and the recipe in the header lets sharify.load(path) rebuild the model
         meta = {"sharify-finetune-epochs": str(config.epochs)}
-        save(module, out / "model.safetensors", metadata=meta)
+        with writing(out / "model.safetensors"):
+            save(module, out / "model.safetensors", metadata=meta)
         if ema is not None:
-            save(ema.module, out / "model_ema.safetensors", metadata=meta)
+            with writing(out / "model_ema.safetensors"):
+                save(ema.module, out / "model_ema.safetensors", metadata=meta)
     barrier(ctx)
     return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
 
@@ -393,7 +418,7 @@ def _run(
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     import os
 
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())

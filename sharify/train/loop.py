@@ -240,6 +240,11 @@ def evaluate(
         model.train(was_training)
     loss, top1, top5, count = all_reduce_sum(sums.tolist(), ctx)
     count = max(count, 1.0)
+    if not math.isfinite(loss):  # accuracy of NaN logits would be a made-up number
+        raise FloatingPointError(
+            f"validation loss is {loss}: the model's outputs are not finite; check that --image-size suits the "
+            "model, and lower --lr if training diverged"
+        )
     return {
         "val_loss": loss / count,
         "top1": 100.0 * top1 / count,

@@ -126,6 +126,8 @@ def load_weights_file(path: str | Path, *, ema: bool = False) -> dict[str, Tenso
         CheckpointError: Missing, unreadable or not a state_dict (one line naming the file and the fix).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the weights file (.safetensors, .pth, .pth.tar)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
     try:

@@ -158,7 +158,10 @@ def create_optimizer(
     from timm.optim import create_optimizer_v2
 
     groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
-    return create_optimizer_v2(groups, opt=opt, lr=lr, momentum=momentum)
+    try:
+        return create_optimizer_v2(groups, opt=opt, lr=lr, momentum=momentum)
+    except ValueError as exc:  # timm: "Optimizer x not found in registry"
+        raise ValueError(f"--opt {opt}: {exc}; see timm.optim.list_optimizers() for the names") from exc
 
 
 def create_scheduler(
