@@ -281,6 +281,39 @@ def _group_report(
     )
 
 
+def _outside_groups(
+    model: nn.Module, groups: dict[str, tuple[SharedConvParams, list[str]]]
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters that sharing does not touch: not in a store, a member or its basis module."""
+    scopes = {m for h, members in groups.values() for m in members}
+    scopes |= {m.rpartition(".")[0] for h, members in groups.values() if h.method == "basis" for m in members}
+    return {
+        name: tuple(p.shape)
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if SHARED_STORE_NAME not in name.split(".") and not any(name.startswith(f"{s}.") for s in scopes)
+    }
+
+
+def _check_related(
+    original: nn.Module, shared: nn.Module, groups: dict[str, tuple[SharedConvParams, list[str]]]
+) -> None:
+    """Refuses two models whose parameters differ outside the shared groups: not an original and its sharified copy."""
+    before, after = _outside_groups(original, groups), _outside_groups(shared, groups)
+    if before == after:
+        return
+    name = next((n for n in before if after.get(n) != before[n]), None) or next(n for n in after if n not in before)
+    what = (
+        f"`{name}` has shape {before[name]} in the original but {after[name]} in the shared model"
+        if name in before and name in after
+        else f"`{name}` is in the {'original' if name in before else 'shared'} model only"
+    )
+    raise ValueError(
+        f"report(original, shared) got a {type(original).__name__} and a {type(shared).__name__} that differ outside "
+        f"the shared groups ({what}), so the shared model was not made from this original; pass the model "
+        "sharify.sharify(...) was called on (or one built the same way)"
+    )
+
+
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     """Compares a sharified model with the original it was made from.
 
@@ -291,7 +324,9 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
 
     Raises:
         TypeError: An argument is not an ``nn.Module``.
-        ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``).
+        ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``);
+            ``shared`` holds no shared convs (e.g. the arguments are swapped); the two models' parameters
+            differ outside the shared groups (paths or shapes: ``shared`` was not made from ``original``).
 
     Example:
         >>> import torchvision, sharify
@@ -312,11 +347,16 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
             f"report(original, shared) got the same {type(shared).__name__} twice: the original is the shared "
             f"model (sharify(..., inplace=True) rewrites it); {keep}"
         )
+    if not shared_groups(shared):
+        swapped = " (are the arguments swapped? report(original, shared))" if shared_groups(original) else ""
+        raise ValueError(f"the shared {type(shared).__name__} holds no shared convs{swapped}; pass the model "
+                         "sharify.sharify returned as `shared`")  # fmt: skip
     if any(is_shared_conv(m) for m in original.modules()):
         raise ValueError(
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
             f"can be compared against it; pass the model as it was before sharify(): {keep}"
         )
+    _check_related(original, shared, shared_groups(shared))
     alignment: Alignment = getattr(getattr(shared, SHARED_STORE_NAME, None), "alignment", {})
     groups = [_group_report(original, shared, k, h, m, alignment) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)

@@ -72,7 +72,9 @@ def _check_destination(path: Path) -> None:
         )
     if path.exists() and not path.is_file():
         raise FileExistsError(
-            errno.EEXIST, "exists and is not a regular file (save replaces the file at path); pass another path", str(path)
+            errno.EEXIST,
+            "exists and is not a regular file (save replaces the file at path); pass another path",
+            str(path),
         )
     parent = path.absolute().parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
@@ -89,7 +91,9 @@ def _check_source_file(path: Path) -> None:
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.safetensors"))[:3]
         hint = f" (it holds {', '.join(found)})" if found else ""
-        raise IsADirectoryError(errno.EISDIR, f"is a directory, not a file; pass the .safetensors file{hint}", str(path))
+        raise IsADirectoryError(
+            errno.EISDIR, f"is a directory, not a file; pass the .safetensors file{hint}", str(path)
+        )
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
 
@@ -324,7 +328,8 @@ def _load_weights(target: nn.Module, tensors: dict[str, Tensor], strict: bool, p
     if not any(t.is_meta for t in own.values()):
         target.load_state_dict(tensors, strict=strict)
         return
-    tensors = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in tensors.items()}
+    dtypes = {k: own[k].dtype if k in own and v.is_floating_point() else v.dtype for k, v in tensors.items()}
+    tensors = {k: v.to(dtypes[k], copy=True) for k, v in tensors.items()}  # fresh, aligned memory of the model's own
     target.load_state_dict(tensors, strict=strict, assign=True)
     empty = next((n for n, t in [*target.named_parameters(), *target.named_buffers()] if t.is_meta), None)
     if empty is not None:
