@@ -22,7 +22,7 @@ from ._wrappers import unwrap
 from .init import check_init, initial_tensors
 from .layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, shared_groups
 
-__all__ = ["EMA_KEYS", "WEIGHT_KEYS", "checkpoint_weights", "load_unshared_state_dict"]
+__all__ = ["EMA_KEYS", "WEIGHT_KEYS", "checkpoint_weights", "load_state", "load_unshared_state_dict", "meta_gap"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,34 @@ def checkpoint_weights(obj: Any, *, ema: bool = False) -> tuple[Any, list[str]]:
             obj = obj[key]
             used.append(key)
     return obj, used
+
+
+def meta_gap(model: nn.Module, tensors: Mapping[str, Tensor]) -> str | None:
+    """The first parameter or buffer of ``model`` on the meta device that ``tensors`` does not fill, if any."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return next((n for n, t in named if t.is_meta and n not in tensors), None)
+
+
+def load_state(model: nn.Module, tensors: Mapping[str, Tensor], *, strict: bool) -> Any:
+    """``model.load_state_dict``; a model (partly) on the meta device is materialised instead of left without data.
+
+    Its tensors are replaced (``assign=True``) by copies of ``tensors`` in the model's dtypes, on the CPU
+    where the model's tensor is on the meta device, else on that tensor's device: no torch warning per
+    tensor about copying into a meta tensor being a no-op.
+    """
+    own = model.state_dict()
+    if not any(t.is_meta for t in own.values()):
+        return model.load_state_dict(tensors, strict=strict)
+    like = {k: own.get(k, v) for k, v in tensors.items()}
+    copies = {
+        k: v.to(
+            device="cpu" if like[k].is_meta else like[k].device,
+            dtype=like[k].dtype if v.is_floating_point() else v.dtype,
+            copy=True,  # fresh memory of the model's own, not a view into the file's buffer
+        )
+        for k, v in tensors.items()
+    }
+    return model.load_state_dict(copies, strict=strict, assign=True)
 
 
 def _weights(state_dict: Any) -> dict[str, Tensor]:
@@ -216,4 +244,8 @@ def load_unshared_state_dict(
     folded = _fold_groups(bare, remaining, init, strict)
     weights = {**remaining, **folded}
     _check_fits(bare, weights, strict)
-    return bare.load_state_dict(weights, strict=strict)
+    empty = meta_gap(bare, weights)
+    if empty is not None:
+        raise ValueError(f"{type(bare).__name__} is on the meta device and the checkpoint has no data for `{empty}`; "
+                         "nothing was loaded: build the model on the CPU")  # fmt: skip
+    return load_state(bare, weights, strict=strict)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._wrappers import is_wrapper, unwrap
+from .checkpoint import load_state, meta_gap
 from .errors import CheckpointError, TieError, UnsupportedModelError
 from .layers import SHARED_STORE_NAME, shared_groups
 from .reapply import apply_recipe, check_fits, check_same_groups, raise_mismatch, shape_mismatches
@@ -214,6 +215,8 @@ def save(
     problems = verify(bare)
     if problems:
         raise TieError(f"cannot save {type(bare).__name__}: {problems[0]}; call sharify.retie(model) first")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
     extra = dict(metadata or {})
     for k, v in extra.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -322,21 +325,14 @@ def _load_tensors(path: Path, recipe: Recipe) -> dict[str, Tensor]:
 
 
 def _load_weights(target: nn.Module, tensors: dict[str, Tensor], strict: bool, path: Path) -> None:
-    """``load_state_dict``; a model built on the meta device is materialised on the CPU with the file's tensors
-    (``assign=True``, in the model's dtypes) instead of being left without data."""
-    own = target.state_dict()
-    if not any(t.is_meta for t in own.values()):
-        target.load_state_dict(tensors, strict=strict)
-        return
-    dtypes = {k: own[k].dtype if k in own and v.is_floating_point() else v.dtype for k, v in tensors.items()}
-    tensors = {k: v.to(dtypes[k], copy=True) for k, v in tensors.items()}  # fresh, aligned memory of the model's own
-    target.load_state_dict(tensors, strict=strict, assign=True)
-    empty = next((n for n, t in [*target.named_parameters(), *target.named_buffers()] if t.is_meta), None)
+    """``load_state_dict``; a model built on the meta device is materialised with the file's tensors."""
+    empty = meta_gap(target, tensors)
     if empty is not None:
         raise CheckpointError(
-            f"the model was built on the meta device and {path} has no data for `{empty}`, which stays without data; "
-            "build the model on the CPU (or pass strict=True to see every key the file lacks)"
+            f"the model was built on the meta device and {path} has no data for `{empty}`, which would stay without "
+            "data; build the model on the CPU"
         )
+    load_state(target, tensors, strict=strict)
 
 
 def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True) -> nn.Module:
@@ -393,7 +389,8 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
             target = apply_recipe(base, recipe, name=name)
     else:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"load expects model=None or a torch.nn.Module, got {type(model).__name__}")
+            hint = f" (a class: pass an instance, model={model.__name__}(...))" if isinstance(model, type) else ""
+            raise TypeError(f"load expects model=None or a torch.nn.Module, got {type(model).__name__}{hint}")
         if is_wrapper(model):
             raise UnsupportedModelError(
                 f"got a {type(model).__name__} wrapper; load into the bare model and wrap the result "

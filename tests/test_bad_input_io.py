@@ -180,6 +180,26 @@ def test_models_whose_shared_tensors_are_not_an_init_are_refused(options: dict[s
     assert _unchanged(shared, before)
 
 
+def test_a_meta_device_model_is_materialised_quietly_or_refused_untouched() -> None:
+    original = perturb(Net())
+    expected = _shared()
+    sharify.load_unshared_state_dict(expected, original.state_dict())
+    with torch.device("meta"):
+        shared = _shared()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "copying ... to a meta parameter ... is a no-op" per tensor
+        assert not sharify.load_unshared_state_dict(shared, original.state_dict()).missing_keys
+    assert all(t.device.type == "cpu" for t in [*shared.parameters(), *shared.buffers()])
+    assert state_equal(shared, expected) and sharify.verify(shared) == []
+    with torch.device("meta"):
+        skeleton = _shared()
+    sd = original.state_dict()
+    del sd["fc.bias"]
+    with pytest.raises(ValueError, match=r"meta device.*no data for `fc\.bias`; nothing was loaded"):
+        sharify.load_unshared_state_dict(skeleton, sd, strict=False)
+    assert all(t.is_meta for t in skeleton.parameters())
+
+
 def test_finetune_checkpoint_reader_uses_the_same_unwrapping(tmp_path: Path) -> None:
     from sharify.train.model import load_weights_file
 
@@ -351,9 +371,18 @@ def test_load_into_a_meta_model_keeps_the_models_dtype(saved: tuple[nn.Module, P
     torch.testing.assert_close(loaded.fc.weight, saved[0].fc.weight.double())
 
 
-def test_load_wants_a_boolean_strict(saved: tuple[nn.Module, Path]) -> None:
+def test_load_and_save_check_their_other_arguments(saved: tuple[nn.Module, Path]) -> None:
     with pytest.raises(TypeError, match="strict must be True or False"):
         sharify.load(saved[1], model=Net(), strict="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got type \(a class: pass an instance, model=Net\(\.\.\.\)\)"):
+        sharify.load(saved[1], model=Net)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="metadata must be a mapping of str to str, got str"):
+        sharify.save(saved[0], saved[1], metadata="epoch=3")  # type: ignore[arg-type]
+    with torch.device("meta"):
+        skeleton = _shared()
+    with pytest.raises(ValueError, match="on the meta device"):
+        sharify.save(skeleton, saved[1].with_name("meta.safetensors"))
+    assert sorted(p.name for p in saved[1].parent.iterdir()) == ["m.safetensors"]
 
 
 # --- report -----------------------------------------------------------------------------------------------
