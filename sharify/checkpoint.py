@@ -37,10 +37,11 @@ def _strip_prefix(
     state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
 ) -> dict[str, Any]:
     out = dict(state_dict)
-    for prefix in prefixes:
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix) :]: v for k, v in out.items()}
-    return out
+    while True:  # in any nesting: "module._orig_mod." as well as "_orig_mod.module."
+        prefix = next((p for p in prefixes if out and all(k.startswith(p) for k in out)), None)
+        if prefix is None:
+            return out
+        out = {k[len(prefix) :]: v for k, v in out.items()}
 
 
 def checkpoint_weights(obj: Any, *, ema: bool = False) -> tuple[Any, list[str]]:

@@ -284,13 +284,14 @@ def _group_report(
 def _outside_groups(
     model: nn.Module, groups: dict[str, tuple[SharedConvParams, list[str]]]
 ) -> dict[str, tuple[int, ...]]:
-    """Shapes of the parameters that sharing does not touch: not in a store, a member or its basis module."""
-    scopes = {m for h, members in groups.values() for m in members}
+    """Shapes of the parameters that sharing does not touch: not in a holder, a member or its basis module."""
+    scopes = {p for p, m in model.named_modules() if isinstance(m, SharedConvParams)}
+    scopes |= {m for h, members in groups.values() for m in members}
     scopes |= {m.rpartition(".")[0] for h, members in groups.values() if h.method == "basis" for m in members}
     return {
         name: tuple(p.shape)
         for name, p in model.named_parameters(remove_duplicate=False)
-        if SHARED_STORE_NAME not in name.split(".") and not any(name.startswith(f"{s}.") for s in scopes)
+        if not any(name.startswith(f"{s}.") for s in scopes)
     }
 
 
@@ -351,12 +352,12 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
         swapped = " (are the arguments swapped? report(original, shared))" if shared_groups(original) else ""
         raise ValueError(f"the shared {type(shared).__name__} holds no shared convs{swapped}; pass the model "
                          "sharify.sharify returned as `shared`")  # fmt: skip
+    _check_related(original, shared, shared_groups(shared))
     if any(is_shared_conv(m) for m in original.modules()):
         raise ValueError(
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
             f"can be compared against it; pass the model as it was before sharify(): {keep}"
         )
-    _check_related(original, shared, shared_groups(shared))
     alignment: Alignment = getattr(getattr(shared, SHARED_STORE_NAME, None), "alignment", {})
     groups = [_group_report(original, shared, k, h, m, alignment) for k, (h, m) in shared_groups(shared).items()]
     folded = bn_folded_members(shared)

@@ -101,11 +101,14 @@ def _wrapped(sd: dict[str, torch.Tensor], how: str) -> object:
         "model": {"model": sd, "optimizer": {"state": {}}},
         "ddp prefix": {f"module.{k}": v for k, v in sd.items()},
         "compile prefix": {f"_orig_mod.{k}": v for k, v in sd.items()},
+        "compiled ddp": {f"_orig_mod.module.{k}": v for k, v in sd.items()},
         "wrapped ddp": {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "state_dict_ema": sd},
     }[how]
 
 
-@pytest.mark.parametrize("how", ["plain", "timm state_dict", "model", "ddp prefix", "compile prefix", "wrapped ddp"])
+@pytest.mark.parametrize(
+    "how", ["plain", "timm state_dict", "model", "ddp prefix", "compile prefix", "compiled ddp", "wrapped ddp"]
+)
 def test_training_checkpoint_wrappers_and_prefixes_are_recognised(how: str) -> None:
     original = perturb(Net())
     expected = _shared()
