@@ -185,6 +185,11 @@ def save(
         The path written.
 
     Raises:
+        TypeError: ``model`` is not a module, ``path`` not a str/``os.PathLike``, ``metadata`` not a mapping.
+        OSError: ``path`` cannot be written, checked before anything is built: a directory
+            (``IsADirectoryError``), a missing directory (``FileNotFoundError``), a file where a directory
+            should be (``NotADirectoryError``), an existing special file (``FileExistsError``), or a failed
+            write (e.g. ``PermissionError``); the error's ``filename`` is ``path``, never the temporary file.
         TieError: The model's sharing is broken (see :func:`sharify.verify`); call :func:`sharify.retie`.
         ValueError: An explicit ``source`` does not rebuild the model; a tensor is on the meta device;
             a shared group has no member left.
@@ -282,8 +287,10 @@ def read_recipe(path: PathLike) -> Recipe:
     """Reads the recipe (and the user's metadata) of a file written by :func:`save`, without the weights.
 
     Raises:
-        FileNotFoundError: No such file.
-        CheckpointError: Not a readable safetensors file, or not one written by :func:`save`.
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        FileNotFoundError: No such file (``IsADirectoryError``: ``path`` is a directory).
+        CheckpointError: Not a readable safetensors file (empty, truncated, a ``torch.save`` pickle: the
+            message says which and what to do), or not one written by :func:`save`.
 
     Example:
         >>> import tempfile, torchvision, sharify
@@ -348,7 +355,9 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
 
     Args:
         path: A file written by :func:`save`.
-        model: The architecture to load into; not modified (a sharified copy is returned).
+        model: The architecture to load into; not modified (a sharified copy is returned). A model
+            built on the meta device is materialised on the CPU with the file's tensors (in the model's
+            dtypes).
         strict: As in ``nn.Module.load_state_dict``: with ``False``, keys outside the sharing groups
             that only one side has are skipped. The sharing groups must always match.
 
@@ -356,9 +365,11 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
         The sharified model with the saved weights, in training mode as built (call ``.eval()``).
 
     Raises:
-        FileNotFoundError: No such file.
-        CheckpointError: The file is truncated, corrupted, or not written by :func:`save`; or
-            ``model=None`` and the recipe records no source.
+        TypeError: ``path`` is not a str/``os.PathLike``, ``model`` not a module, ``strict`` not a bool.
+        FileNotFoundError: No such file (``IsADirectoryError``: ``path`` is a directory).
+        CheckpointError: The file is empty, truncated, corrupted, a ``torch.save`` pickle or not written
+            by :func:`save`; or ``model=None`` and the recipe records no source; or ``model`` is on the
+            meta device and the file lacks one of its tensors.
         RecipeMismatchError: The file does not fit ``model``; the message names the first path.
         UnsupportedModelError: ``model`` is wrapped (DDP, DataParallel, ``torch.compile``): load
             into the bare model, then wrap the result.
