@@ -281,13 +281,20 @@ def _group_report(
     )
 
 
-def _outside_groups(
-    model: nn.Module, groups: dict[str, tuple[SharedConvParams, list[str]]]
-) -> dict[str, tuple[int, ...]]:
-    """Shapes of the parameters that sharing does not touch: not in a holder, a member or its basis module."""
-    scopes = {p for p, m in model.named_modules() if isinstance(m, SharedConvParams)}
-    scopes |= {m for h, members in groups.values() for m in members}
-    scopes |= {m.rpartition(".")[0] for h, members in groups.values() if h.method == "basis" for m in members}
+def _sharing_scopes(shared: nn.Module) -> set[str]:
+    """Paths of the modules whose parameters sharing changed in ``shared``: its shared convs and basis modules."""
+    scopes = set()
+    for path, module in shared.named_modules():
+        if is_shared_conv(module):
+            scopes.add(path)
+            if getattr(getattr(module, "_sharify_holder", None), "method", "") == "basis":
+                scopes.add(path.rpartition(".")[0])  # the BasisConv2d around its `.shared` conv
+    return scopes
+
+
+def _outside_groups(model: nn.Module, scopes: set[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters that sharing does not touch: not in a holder, nor in one of ``scopes``."""
+    scopes = scopes | {p for p, m in model.named_modules() if isinstance(m, SharedConvParams)}
     return {
         name: tuple(p.shape)
         for name, p in model.named_parameters(remove_duplicate=False)
@@ -295,11 +302,10 @@ def _outside_groups(
     }
 
 
-def _check_related(
-    original: nn.Module, shared: nn.Module, groups: dict[str, tuple[SharedConvParams, list[str]]]
-) -> None:
+def _check_related(original: nn.Module, shared: nn.Module) -> None:
     """Refuses two models whose parameters differ outside the shared groups: not an original and its sharified copy."""
-    before, after = _outside_groups(original, groups), _outside_groups(shared, groups)
+    scopes = _sharing_scopes(shared)
+    before, after = _outside_groups(original, scopes), _outside_groups(shared, scopes)
     if before == after:
         return
     name = next((n for n in before if after.get(n) != before[n]), None) or next(n for n in after if n not in before)
@@ -348,11 +354,11 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
             f"report(original, shared) got the same {type(shared).__name__} twice: the original is the shared "
             f"model (sharify(..., inplace=True) rewrites it); {keep}"
         )
-    if not shared_groups(shared):
+    if not shared_groups(shared) and not any(is_shared_conv(m) for m in shared.modules()):
         swapped = " (are the arguments swapped? report(original, shared))" if shared_groups(original) else ""
         raise ValueError(f"the shared {type(shared).__name__} holds no shared convs{swapped}; pass the model "
                          "sharify.sharify returned as `shared`")  # fmt: skip
-    _check_related(original, shared, shared_groups(shared))
+    _check_related(original, shared)
     if any(is_shared_conv(m) for m in original.modules()):
         raise ValueError(
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "
