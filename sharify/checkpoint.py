@@ -64,12 +64,30 @@ def meta_gap(model: nn.Module, tensors: Mapping[str, Tensor]) -> str | None:
     return next((n for n, t in named if t.is_meta and n not in tensors), None)
 
 
+def _tied_names(model: nn.Module) -> list[list[str]]:
+    """Names of the parameters and buffers registered more than once (the model's own ties), per tensor."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[str]]) -> None:
+    for first, *others in groups:
+        owner, _, attr = first.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attr)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, tensor)
+
+
 def load_state(model: nn.Module, tensors: Mapping[str, Tensor], *, strict: bool) -> Any:
     """``model.load_state_dict``; a model (partly) on the meta device is materialised instead of left without data.
 
     Its tensors are replaced (``assign=True``) by copies of ``tensors`` in the model's dtypes, on the CPU
     where the model's tensor is on the meta device, else on that tensor's device: no torch warning per
-    tensor about copying into a meta tensor being a no-op.
+    tensor about copying into a meta tensor being a no-op. Tensors the model registers under several
+    names (``b.weight = a.weight``) stay one tensor.
     """
     own = model.state_dict()
     if not any(t.is_meta for t in own.values()):
@@ -83,7 +101,10 @@ def load_state(model: nn.Module, tensors: Mapping[str, Tensor], *, strict: bool)
         )
         for k, v in tensors.items()
     }
-    return model.load_state_dict(copies, strict=strict, assign=True)
+    tied = _tied_names(model)
+    result = model.load_state_dict(copies, strict=strict, assign=True)
+    _retie(model, tied)  # assign=True gave each name its own tensor
+    return result
 
 
 def _weights(state_dict: Any) -> dict[str, Tensor]:

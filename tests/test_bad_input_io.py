@@ -203,6 +203,21 @@ def test_a_meta_device_model_is_materialised_quietly_or_refused_untouched() -> N
     assert all(t.is_meta for t in skeleton.parameters())
 
 
+def test_a_meta_device_model_keeps_its_own_ties() -> None:
+    def tied() -> nn.Module:
+        net = Net()
+        net.blocks[2].conv1.weight = net.blocks[1].conv1.weight  # tied by hand, as model code does
+        return net
+
+    original = perturb(tied())
+    with torch.device("meta"):
+        shared = sharify.sharify(tied(), example_inputs=torch.zeros(1, 3, 16, 16, device="meta"))
+    sharify.load_unshared_state_dict(shared, original.state_dict())
+    assert shared.blocks[2].conv1.weight is shared.blocks[1].conv1.weight
+    assert not shared.blocks[1].conv1.weight.is_meta
+    assert torch.equal(shared.blocks[1].conv1.weight, original.blocks[1].conv1.weight)
+
+
 def test_finetune_checkpoint_reader_uses_the_same_unwrapping(tmp_path: Path) -> None:
     from sharify.train.model import load_weights_file
 
