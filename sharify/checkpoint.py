@@ -90,15 +90,17 @@ def load_state(model: nn.Module, tensors: Mapping[str, Tensor], *, strict: bool)
     names (``b.weight = a.weight``) stay one tensor.
     """
     own = model.state_dict()
-    if not any(t.is_meta for t in own.values()):
+    if not any(isinstance(t, Tensor) and t.is_meta for t in own.values()):
         return model.load_state_dict(tensors, strict=strict)
-    like = {k: own.get(k, v) for k, v in tensors.items()}
+    like = {k: own[k] if isinstance(own.get(k), Tensor) else v for k, v in tensors.items()}
     copies = {
         k: v.to(
             device="cpu" if like[k].is_meta else like[k].device,
             dtype=like[k].dtype if v.is_floating_point() else v.dtype,
             copy=True,  # fresh memory of the model's own, not a view into the file's buffer
         )
+        if isinstance(v, Tensor)
+        else v  # a module's get_extra_state() value
         for k, v in tensors.items()
     }
     tied = _tied_names(model)
@@ -115,7 +117,7 @@ def _weights(state_dict: Any) -> dict[str, Tensor]:
     obj, used = checkpoint_weights(state_dict)
     if used:
         logger.info("load_unshared_state_dict: loading the checkpoint's %s", "/".join(used))
-    bad = next((k for k, v in obj.items() if not isinstance(v, Tensor)), None)
+    bad = next((k for k, v in obj.items() if not isinstance(v, Tensor) and not k.endswith("_extra_state")), None)
     if bad is not None:
         ema = [k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)]
         hint = f"; for its EMA weights pass state_dict[{ema[0]!r}]" if ema else ""
@@ -184,7 +186,7 @@ def _check_fits(bare: nn.Module, weights: Mapping[str, Tensor], strict: bool) ->
     """What ``load_state_dict`` would refuse, checked before anything is copied."""
     own = bare.state_dict()
     for key, value in weights.items():
-        if key in own and tuple(own[key].shape) != tuple(value.shape):
+        if isinstance(value, Tensor) and isinstance(own.get(key), Tensor) and own[key].shape != value.shape:
             raise ValueError(
                 f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model's has {tuple(own[key].shape)}; "
                 "nothing was loaded: pass a checkpoint of this architecture"

@@ -101,8 +101,11 @@ def _check_source_file(path: Path) -> None:
 
 def _format_hint(path: Path) -> str:
     """What a file that safetensors cannot read is, and how to read it."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b"?"
     if not head:
         return "it is empty (0 bytes): it was not written completely; save the model again with sharify.save"
     if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle

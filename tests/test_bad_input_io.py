@@ -218,6 +218,36 @@ def test_a_meta_device_model_keeps_its_own_ties() -> None:
     assert torch.equal(shared.blocks[1].conv1.weight, original.blocks[1].conv1.weight)
 
 
+class Calibration(nn.Module):
+    """A module with non-tensor state (``get_extra_state``), as quantization and export helpers have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.scale = state["scale"]
+
+
+def test_non_tensor_extra_state_loads_as_load_state_dict_does() -> None:
+    def net() -> nn.Module:
+        model = Net()
+        model.calibration = Calibration()
+        return model
+
+    original = net()
+    original.calibration.scale = 3.0
+    shared = sharify.sharify(net(), example_inputs=X)
+    assert not sharify.load_unshared_state_dict(shared, original.state_dict()).missing_keys
+    assert shared.calibration.scale == 3.0
+
+
 def test_finetune_checkpoint_reader_uses_the_same_unwrapping(tmp_path: Path) -> None:
     from sharify.train.model import load_weights_file
 
