@@ -168,9 +168,15 @@ class Recipe:
         """Parses :meth:`to_json`'s output.
 
         Raises:
-            ValueError: Not a recipe, or a newer recipe format.
+            TypeError: ``text`` is not a string.
+            ValueError: Not a recipe (or not JSON), or a newer recipe format.
         """
-        data = json.loads(text)
+        if not isinstance(text, (str, bytes)):
+            raise TypeError(f"Recipe.from_json expects the recipe's JSON text, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the recipe entry is not JSON ({exc})") from exc
         if not isinstance(data, dict) or "format" not in data or "groups" not in data:
             raise ValueError("the recipe entry is not a JSON object with 'format' and 'groups'")
         if not isinstance(data["format"], int) or data["format"] > RECIPE_FORMAT:

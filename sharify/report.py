@@ -283,6 +283,46 @@ def _group_report(
     )
 
 
+def _sharing_scopes(shared: nn.Module) -> set[str]:
+    """Paths of the modules whose parameters sharing changed in ``shared``: its shared convs and basis modules."""
+    scopes = set()
+    for path, module in shared.named_modules():
+        if is_shared_conv(module):
+            scopes.add(path)
+            if getattr(getattr(module, "_sharify_holder", None), "method", "") == "basis":
+                scopes.add(path.rpartition(".")[0])  # the BasisConv2d around its `.shared` conv
+    return scopes
+
+
+def _outside_groups(model: nn.Module, scopes: set[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the parameters that sharing does not touch: not in a holder, nor in one of ``scopes``."""
+    scopes = scopes | {p for p, m in model.named_modules() if isinstance(m, SharedConvParams)}
+    return {
+        name: tuple(p.shape)
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not any(name.startswith(f"{s}.") for s in scopes)
+    }
+
+
+def _check_related(original: nn.Module, shared: nn.Module) -> None:
+    """Refuses two models whose parameters differ outside the shared groups: not an original and its sharified copy."""
+    scopes = _sharing_scopes(shared)
+    before, after = _outside_groups(original, scopes), _outside_groups(shared, scopes)
+    if before == after:
+        return
+    name = next((n for n in before if after.get(n) != before[n]), None) or next(n for n in after if n not in before)
+    what = (
+        f"`{name}` has shape {before[name]} in the original but {after[name]} in the shared model"
+        if name in before and name in after
+        else f"`{name}` is in the {'original' if name in before else 'shared'} model only"
+    )
+    raise ValueError(
+        f"report(original, shared) got a {type(original).__name__} and a {type(shared).__name__} that differ outside "
+        f"the shared groups ({what}), so the shared model was not made from this original; pass the model "
+        "sharify.sharify(...) was called on (or one built the same way)"
+    )
+
+
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     """Compares a sharified model with the original it was made from.
 
@@ -293,7 +333,9 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
 
     Raises:
         TypeError: An argument is not an ``nn.Module``.
-        ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``).
+        ValueError: ``original`` is ``shared`` itself or already sharified (e.g. after ``inplace=True``);
+            ``shared`` holds no shared convs (e.g. the arguments are swapped); the two models' parameters
+            differ outside the shared groups (paths or shapes: ``shared`` was not made from ``original``).
         TieError: The sharing of ``shared`` is broken (see :func:`sharify.verify`), so its counts would be
             wrong: call :func:`sharify.retie` first.
 
@@ -316,6 +358,11 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
             f"report(original, shared) got the same {type(shared).__name__} twice: the original is the shared "
             f"model (sharify(..., inplace=True) rewrites it); {keep}"
         )
+    if not shared_groups(shared) and not any(is_shared_conv(m) for m in shared.modules()):
+        swapped = " (are the arguments swapped? report(original, shared))" if shared_groups(original) else ""
+        raise ValueError(f"the shared {type(shared).__name__} holds no shared convs{swapped}; pass the model "
+                         "sharify.sharify returned as `shared`")  # fmt: skip
+    _check_related(original, shared)
     if any(is_shared_conv(m) for m in original.modules()):
         raise ValueError(
             f"the original {type(original).__name__} is already sharified (it holds shared convs), so nothing "

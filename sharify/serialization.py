@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import logging
 import os
+import re
 import uuid
 import warnings
 import zlib
@@ -27,12 +29,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._aliases import expand, find_aliases, retie_aliases, untied_problems
 from ._wrappers import is_wrapper, unwrap
+from .checkpoint import load_state, meta_gap
 from .errors import CheckpointError, TieError, UnsupportedModelError
 from .layers import shared_groups, shared_stores
 from .reapply import apply_recipe, check_fits, check_same_groups, raise_mismatch, shape_mismatches
@@ -57,13 +60,90 @@ def _checksum(tensor: Tensor) -> str:
     return f"{zlib.crc32(data.data):08x}"
 
 
+def _as_path(path: object, function: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{function} expects a file path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
+
+
+def _check_destination(path: Path) -> None:
+    """Refuses, before anything is written, a ``save`` destination that cannot become a file."""
+    if path.is_dir():
+        raise IsADirectoryError(
+            errno.EISDIR, f"is a directory; pass a file path such as {path / 'model.safetensors'}", str(path)
+        )
+    if path.exists() and not path.is_file():
+        raise FileExistsError(
+            errno.EEXIST,
+            "exists and is not a regular file (save replaces the file at path); pass another path",
+            str(path),
+        )
+    parent = path.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is a file, not a directory; pass another path", str(path))
+    if existing != parent:
+        raise FileNotFoundError(
+            errno.ENOENT, f"the directory {parent} does not exist; create it first (os.makedirs)", str(path)
+        )
+
+
+def _check_source_file(path: Path) -> None:
+    """Refuses a ``load`` / ``read_recipe`` path that is not a file, saying what it is."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise IsADirectoryError(
+            errno.EISDIR, f"is a directory, not a file; pass the .safetensors file{hint}", str(path)
+        )
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+
+
+def _format_hint(path: Path) -> str:
+    """What a file that safetensors cannot read is, and how to read it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b"?"
+    if not head:
+        return "it is empty (0 bytes): it was not written completely; save the model again with sharify.save"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
+        return (
+            "it is a torch.save file (a pickle), not a safetensors file: load an original (unshared) checkpoint with "
+            "sharify.load_unshared_state_dict(shared, torch.load(path, weights_only=True)), a sharified model's "
+            "state_dict with model.load_state_dict(torch.load(path, weights_only=True))"
+        )
+    return "it is truncated, corrupted or of another format: save the model again with sharify.save"
+
+
+def _write_error(exc: Exception, path: Path) -> OSError | None:
+    """An ``OSError`` (of the errno's subclass) naming the user's ``path`` for a failed write, else ``None``."""
+    if isinstance(exc, OSError):
+        code: int | None = exc.errno
+    else:  # safetensors reports I/O errors as "I/O error: ... (os error 13) at path <temporary file>"
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found[1]) if found else (errno.EIO if "I/O error" in str(exc) else None)
+        if code is None:
+            return None
+    detail = os.strerror(code) if code else str(exc)
+    return OSError(code, f"cannot write the file ({detail})", str(path))
+
+
 def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as exc:
+            error = _write_error(exc, path)
+            if error is None:
+                raise
+            raise error from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -109,6 +189,11 @@ def save(
         The path written.
 
     Raises:
+        TypeError: ``model`` is not a module, ``path`` not a str/``os.PathLike``, ``metadata`` not a mapping.
+        OSError: ``path`` cannot be written, checked before anything is built: a directory
+            (``IsADirectoryError``), a missing directory (``FileNotFoundError``), a file where a directory
+            should be (``NotADirectoryError``), an existing special file (``FileExistsError``), or a failed
+            write (e.g. ``PermissionError``); the error's ``filename`` is ``path``, never the temporary file.
         TieError: The model's sharing is broken (see :func:`sharify.verify`); call :func:`sharify.retie`.
         ValueError: An explicit ``source`` does not rebuild the model; a tensor is on the meta device;
             a shared group has no member left.
@@ -123,6 +208,8 @@ def save(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    path = _as_path(path, "save")
+    _check_destination(path)
     bare, wrappers = unwrap(model)
     if wrappers:
         warnings.warn(
@@ -137,6 +224,8 @@ def save(
     problems = verify(bare)
     if problems:
         raise TieError(f"cannot save {type(bare).__name__}: {problems[0]}; call sharify.retie(model) first")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
     extra = dict(metadata or {})
     for k, v in extra.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -177,24 +266,19 @@ def save(
         text = recipe.to_json()
     except TypeError as exc:
         raise ValueError(f"the sharing options {recipe.options} cannot be stored as JSON ({exc})") from exc
-    path = Path(path)
     _atomic_save_file(tensors, path, {"format": "pt", RECIPE_KEY: text, **extra})
     logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
     return path
 
 
 def _read_header(path: Path) -> tuple[Recipe, dict[str, tuple[int, ...]]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    _check_source_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as exc:  # safetensors raises its own SafetensorError for every malformed file
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({exc}); it is truncated, corrupted or of another "
-            "format: save the model again with sharify.save"
-        ) from exc
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); {_format_hint(path)}") from exc
     if RECIPE_KEY not in meta:
         raise CheckpointError(
             f"{path} is a safetensors file without a sharify recipe, so it was not written by sharify.save. "
@@ -213,8 +297,10 @@ def read_recipe(path: PathLike) -> Recipe:
     """Reads the recipe (and the user's metadata) of a file written by :func:`save`, without the weights.
 
     Raises:
-        FileNotFoundError: No such file.
-        CheckpointError: Not a readable safetensors file, or not one written by :func:`save`.
+        TypeError: ``path`` is not a str or ``os.PathLike``.
+        FileNotFoundError: No such file (``IsADirectoryError``: ``path`` is a directory).
+        CheckpointError: Not a readable safetensors file (empty, truncated, a ``torch.save`` pickle: the
+            message says which and what to do), or not one written by :func:`save`.
 
     Example:
         >>> import tempfile, torchvision, sharify
@@ -224,7 +310,7 @@ def read_recipe(path: PathLike) -> Recipe:
         >>> recipe.source.name, [g.key for g in recipe.groups][:2], recipe.metadata
         ('resnet18', ['layer1.conv2', 'layer2.conv2'], {'epoch': '3'})
     """
-    return _read_header(Path(path))[0]
+    return _read_header(_as_path(path, "read_recipe"))[0]
 
 
 def _warn_version(recipe: Recipe, path: Path) -> None:
@@ -255,6 +341,17 @@ def _load_tensors(path: Path, recipe: Recipe) -> dict[str, Tensor]:
     return tensors
 
 
+def _load_weights(target: nn.Module, tensors: dict[str, Tensor], strict: bool, path: Path) -> None:
+    """``load_state_dict``; a model built on the meta device is materialised with the file's tensors."""
+    empty = meta_gap(target, tensors)
+    if empty is not None:
+        raise CheckpointError(
+            f"the model was built on the meta device and {path} has no data for `{empty}`, which would stay without "
+            "data; build the model on the CPU"
+        )
+    load_state(target, tensors, strict=strict)
+
+
 def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True) -> nn.Module:
     """Restores a model saved by :func:`save`: architecture, sharing and weights.
 
@@ -268,7 +365,9 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
 
     Args:
         path: A file written by :func:`save`.
-        model: The architecture to load into; not modified (a sharified copy is returned).
+        model: The architecture to load into; not modified (a sharified copy is returned). A model
+            built on the meta device is materialised on the CPU with the file's tensors (in the model's
+            dtypes).
         strict: As in ``nn.Module.load_state_dict``: with ``False``, keys outside the sharing groups
             that only one side has are skipped. The sharing groups must always match.
 
@@ -276,9 +375,11 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
         The sharified model with the saved weights, in training mode as built (call ``.eval()``).
 
     Raises:
-        FileNotFoundError: No such file.
-        CheckpointError: The file is truncated, corrupted, or not written by :func:`save`; or
-            ``model=None`` and the recipe records no source.
+        TypeError: ``path`` is not a str/``os.PathLike``, ``model`` not a module, ``strict`` not a bool.
+        FileNotFoundError: No such file (``IsADirectoryError``: ``path`` is a directory).
+        CheckpointError: The file is empty, truncated, corrupted, a ``torch.save`` pickle or not written
+            by :func:`save`; or ``model=None`` and the recipe records no source; or ``model`` is on the
+            meta device and the file lacks one of its tensors.
         RecipeMismatchError: The file does not fit ``model``; the message names the first path.
         UnsupportedModelError: ``model`` is wrapped (DDP, DataParallel, ``torch.compile``): load
             into the bare model, then wrap the result.
@@ -291,7 +392,9 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
         >>> all(torch.equal(a, b) for a, b in zip(shared.state_dict().values(), restored.state_dict().values()))
         True
     """
-    path = Path(path)
+    path = _as_path(path, "load")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, got {strict!r}")
     name = str(path)
     recipe, shapes = _read_header(path)
     try:
@@ -311,7 +414,8 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
             target = apply_recipe(base, recipe, name=name)
     else:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"load expects model=None or a torch.nn.Module, got {type(model).__name__}")
+            hint = f" (a class: pass an instance, model={model.__name__}(...))" if isinstance(model, type) else ""
+            raise TypeError(f"load expects model=None or a torch.nn.Module, got {type(model).__name__}{hint}")
         if is_wrapper(model):
             raise UnsupportedModelError(
                 f"got a {type(model).__name__} wrapper; load into the bare model and wrap the result "
@@ -333,7 +437,7 @@ def load(path: PathLike, model: nn.Module | None = None, *, strict: bool = True)
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if len(dtypes) == 1:
             target.to(dtypes.pop())  # keep the file's precision when the saved model was e.g. bf16
-    target.load_state_dict(tensors, strict=strict)
+    _load_weights(target, tensors, strict, path)
     problems = verify(target)
     if problems:  # pragma: no cover - apply_recipe builds consistent ties
         raise TieError(f"loading {path} produced broken sharing: {problems[0]}")

@@ -30,6 +30,13 @@ class ModelSource:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for attr in ("library", "name"):
+            if not isinstance(getattr(self, attr), str) or not getattr(self, attr):
+                raise TypeError(f"ModelSource.{attr} must be a non-empty str, got {getattr(self, attr)!r}")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise TypeError(f"ModelSource.kwargs must be a dict of builder keyword arguments, got {self.kwargs!r}")
+
 
 def _torchvision_names() -> list[str]:
     import torchvision

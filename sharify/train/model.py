@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import _strip_prefix
+from ..checkpoint import EMA_KEYS, WEIGHT_KEYS, _strip_prefix, checkpoint_weights
 from ..rewrite import sharify
 from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
 from .errors import CheckpointError
@@ -77,13 +77,6 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
     )
     model.set_submodule(path, new)
-
-
-#: Where training checkpoints keep the model's weights, in order of preference (timm's saver and
-#: train.py write ``state_dict``; other loops ``model`` or ``module``) ...
-WEIGHT_KEYS = ("state_dict", "model", "module")
-#: ... and their EMA weights (timm: ``state_dict_ema``; some loops ``model_ema``).
-EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -150,11 +143,7 @@ def load_weights_file(path: str | Path, *, ema: bool = False) -> dict[str, Tenso
             f"cannot read checkpoint {path} ({type(exc).__name__}: {_first_line(exc)}); the file is corrupt or not a "
             "checkpoint: pass a .safetensors, .pth or .pth.tar file of the original model's weights"
         ) from exc
-    used = []
-    for key in (*EMA_KEYS, "module") if ema else WEIGHT_KEYS:  # also nested: {"model": {"module": {...}}}
-        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-            obj = obj[key]
-            used.append(key)
+    obj, used = checkpoint_weights(obj, ema=ema)  # also nested: {"model": {"module": {...}}}
     if ema and not set(used) & set(EMA_KEYS):
         raise CheckpointError(
             f"checkpoint {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); drop --checkpoint-ema to load its "
