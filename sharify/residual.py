@@ -3,11 +3,14 @@
 Definitions (all on the dataflow graph, never on module names):
 
 * A **residual add** is an addition ``a + b`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``) of two
-  same-shaped tensors that both depend on the model input and share ancestors, where at least one
+  same-shaped feature maps (at least 3-D: ``(N, C, H, W)``, ...) that both depend on the model input and share
+  ancestors, where at least one
   operand's *exclusive* ancestors (those the other operand does not have) include a conv. The side
   with more convs (then: more spatial convs) is the **branch**, the other the **shortcut**
   (identity, projection, pooling, ...). Scales, layer scale, drop path or SE products on the branch
-  are simply part of it.
+  are simply part of it. Additions of vectors (``(N, C)``: an attention or recurrent context carried
+  across blocks, an LSTM-style gate ``fc(x) + h``) are no blocks, and do not break the chain of the
+  blocks around them.
 * Each residual add is a **block**. Its **predecessor** is the latest residual add that both
   operands depend on, provided it lies inside the same enclosing block (blocks nest: EDSR-style
   global skips, Res2Net's hierarchical adds, RepVGG's parallel branches). Following predecessors
@@ -202,6 +205,8 @@ def _residual_add(g: _Graph, i: int) -> _Add | None:
     shape = _shape(node)
     if shape is None or _shape(node.args[0]) != shape or _shape(node.args[1]) != shape:
         return None  # broadcasting adds (biases, embeddings) are not residual
+    if len(shape) < 3:
+        return None  # vectors (a context or gate carried across blocks), not feature maps
     return _Add(i, *masks, shape)
 
 
