@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import fx, nn
 from torch.nn.utils import parametrize
@@ -276,7 +276,8 @@ def computed_tensor_reason(conv: nn.Module) -> str | None:
         if isinstance(value, nn.Parameter) or (name in conv._parameters and value is None):
             continue
         if parametrize.is_parametrized(conv, name):
-            kinds = ", ".join(type(p).__name__.lstrip("_") for p in conv.parametrizations[name])  # type: ignore[union-attr, arg-type]
+            chain = cast(nn.ModuleDict, conv.parametrizations)[name]
+            kinds = ", ".join(type(p).__name__.lstrip("_") for p in cast(nn.ModuleList, chain))
             how = f"is parametrized ({kinds}, torch.nn.utils.parametrize)"
             fix = f"torch.nn.utils.parametrize.remove_parametrizations(conv, {name!r})"
         else:

@@ -245,7 +245,7 @@ def plan(
         >>> sharify.plan(torchvision.models.resnet50(), preset="dsfb-shared++").params_after
         18262056
     """
-    from .rewrite import check_model  # noqa: PLC0415  (rewrite imports this module)
+    from .rewrite import check_model  # here, not at the top: rewrite imports this module
 
     check_model(model)  # as sharify() does: a wrapped or already sharified model is refused the same way
     options = resolve_options(

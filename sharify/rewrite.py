@@ -48,7 +48,9 @@ def check_model(model: object) -> None:
     a model (:func:`sharify.save`, :func:`sharify.verify`) look through wrappers instead.
     """
     if isinstance(model, type) and issubclass(model, nn.Module):
-        raise TypeError(f"sharify expects a torch.nn.Module instance, got the class {model.__name__}; build the model first")
+        raise TypeError(
+            f"sharify expects a torch.nn.Module instance, got the class {model.__name__}; build the model first"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -372,7 +374,7 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         target.add_module(SHARED_STORE_NAME, store)
         for conv, holder, member_gain in attach:
             saved.append((conv, type(conv), dict(conv._parameters)))
-            trainable = conv.weight.requires_grad
+            trainable = cast(Tensor, conv.weight).requires_grad
             attach_to_holder(conv, holder, member_gain)
             if member_gain is not None:
                 conv.get_parameter("shared_gain").requires_grad_(trainable)

@@ -45,12 +45,18 @@ def test_vector_additions_across_blocks_neither_form_blocks_nor_split_stages(con
 # --- 2. convs whose weight is not a plain Parameter ---------------------------------------------------------------
 
 KINDS = {
-    "weight_norm": (nn.utils.parametrizations.weight_norm, r"parametrized \(WeightNorm, torch\.nn\.utils\.parametrize\)"),
+    "weight_norm": (
+        nn.utils.parametrizations.weight_norm,
+        r"parametrized \(WeightNorm, torch\.nn\.utils\.parametrize\)",
+    ),
     "spectral_norm": (
         nn.utils.parametrizations.spectral_norm,
         r"parametrized \(SpectralNorm, torch\.nn\.utils\.parametrize\)",
     ),
-    "legacy_weight_norm": (nn.utils.weight_norm, r"forward pre-hook \(torch\.nn\.utils\.weight_norm\).*remove_weight_norm"),
+    "legacy_weight_norm": (
+        nn.utils.weight_norm,
+        r"forward pre-hook \(torch\.nn\.utils\.weight_norm\).*remove_weight_norm",
+    ),
 }
 
 
@@ -140,9 +146,9 @@ def test_a_conv_module_used_by_two_blocks_is_left_out_with_a_note_and_counted_on
 # --- 4. bad input ----------------------------------------------------------------------------------------------
 
 RANKS = {"shared_rank": 2, "unique_rank": 1}
-METHODS = [
-    {"method": "share", "init": init} for init in ("average", "first", "random", "scaled")
-] + [{"method": "basis", "init": init, **RANKS} for init in ("orthogonal", "svd")]
+METHODS = [{"method": "share", "init": init} for init in ("average", "first", "random", "scaled")] + [
+    {"method": "basis", "init": init, **RANKS} for init in ("orthogonal", "svd")
+]
 
 
 @pytest.mark.parametrize("options", METHODS, ids=lambda o: f"{o['method']}-{o['init']}")
@@ -192,7 +198,10 @@ def test_every_boolean_option_is_type_checked(flag: str, value: object) -> None:
         ({"preset": 5}, r"preset must be a str, got 5 \(int\)"),
         ({"method": "basis", "shared_rank": (8, 1), "unique_rank": 1}, r"shared_rank must be an int or a mapping"),
         ({"method": "basis", "shared_rank": 8, "unique_rank": 1.0}, r"unique_rank must be an int or a mapping"),
-        ({"method": "basis", "shared_rank": {"layers.0": 2.5}, "unique_rank": 1}, r"shared_rank must be a positive int"),
+        (
+            {"method": "basis", "shared_rank": {"layers.0": 2.5}, "unique_rank": 1},
+            r"shared_rank must be a positive int",
+        ),
         ({"method": "basis", "shared_rank": {0: 2}, "unique_rank": 1}, r"the keys of shared_rank must be stage paths"),
     ],
 )
@@ -279,7 +288,8 @@ def test_freezing_some_members_warns_naming_them() -> None:
     model = _frozen(["layers.0.0.conv2", "layers.0.2.conv2"])
     match = (
         r"`layers\.0\.0\.conv2`, `layers\.0\.2\.conv2` had a frozen weight \(requires_grad=False\), but other members "
-        r"of group `layers\.0\.conv2` did not: the shared weight `sharify_shared\.layers\.0\.conv2\.weight` is trainable"
+        r"of group `layers\.0\.conv2` did not: the shared weight `sharify_shared\.layers\.0\.conv2\.weight` is "
+        r"trainable"
     )
     with pytest.warns(UserWarning, match=match) as record:
         shared = sharify.sharify(model, example_inputs=X)
