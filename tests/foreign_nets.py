@@ -82,6 +82,7 @@ class CifarResNet(nn.Module):
         context: ``None``: plain blocks. ``"gate"``: :class:`ContextGatedBlock` everywhere, its context
             starting from a learned ``h0``. ``"sum"``: plain blocks, and a context vector accumulated over
             all blocks (``ctx = ctx + fc_i(pool(x))``) that the classifier reads with the features.
+            ``"pooled"``: the same context kept as ``(N, C, 1, 1)`` maps and computed by 1x1 convs (GCNet style).
     """
 
     def __init__(self, num_blocks: tuple[int, ...] = (3, 3), num_classes: int = 10, context: str | None = None) -> None:
@@ -97,6 +98,8 @@ class CifarResNet(nn.Module):
             self.h0 = nn.Parameter(torch.zeros(1, 6))
         if context == "sum":
             self.readouts = nn.ModuleList(nn.Linear(b.conv2.out_channels, width) for layer in layers for b in layer)
+        if context == "pooled":
+            self.readouts = nn.ModuleList(nn.Conv2d(b.conv2.out_channels, width, 1) for layer in layers for b in layer)
         self.linear = nn.Linear(width, num_classes)
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
@@ -113,15 +116,16 @@ class CifarResNet(nn.Module):
             h = self.h0.expand(x.shape[0], -1)
             for layer in self.layers:
                 out, h = layer((out, h))
-        elif self.context == "sum":
-            ctx = torch.zeros_like(out[:, 0, 0, 0])[:, None]
-            i = 0
-            for layer in self.layers:
-                for block in layer:
-                    out = block(out)
-                    ctx = ctx + self.readouts[i](out.mean((2, 3)))
-                    i += 1
-            return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1) + ctx)
+        elif self.context in ("sum", "pooled"):
+            ctx = torch.zeros_like(out[:, :1, 0, 0] if self.context == "sum" else out[:, :1, :1, :1])
+            blocks = [block for layer in self.layers for block in layer]
+            for block, readout in zip(blocks, self.readouts):
+                out = block(out)
+                if self.context == "sum":
+                    ctx = ctx + readout(out.mean((2, 3)))
+                else:
+                    ctx = ctx + readout(F.adaptive_avg_pool2d(out, 1))
+            return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1) + ctx.flatten(1))
         else:
             for layer in self.layers:
                 out = layer(out)

@@ -9,7 +9,9 @@ import re
 import warnings
 
 import pytest
+import timm
 import torch
+import torchvision
 from torch import nn
 
 import sharify
@@ -31,15 +33,25 @@ def n_params(model: nn.Module) -> int:
 # --- 1. additions that are not residual blocks ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("context", [None, "gate", "sum"])
+@pytest.mark.parametrize("context", [None, "gate", "sum", "pooled"])
 def test_vector_additions_across_blocks_neither_form_blocks_nor_split_stages(context: str | None) -> None:
-    model = CifarResNet(context=context)
+    model = CifarResNet(context=context).eval()
+    assert model(X).shape == (2, 10)
     plan = sharify.plan(model, example_inputs=X)
     assert [(s.path, len(s.blocks)) for s in plan.stages] == [("layers.0", 3), ("layers.1", 3)]
     assert [g.members for g in plan.groups] == EXPECTED_MEMBERS
     assert plan.params_saved == EXPECTED_SAVED
     shared = sharify.sharify(model, example_inputs=X)
     assert n_params(shared) == n_params(model) - EXPECTED_SAVED == plan.params_after
+
+
+def test_blocks_at_one_position_are_still_blocks() -> None:
+    # resnet18 on 32x32: layer4 runs at 1x1 (its shortcut a strided conv, then identities); resnet18d's shortcut
+    # pools 2x2 to 1x1, but its branch reduces with a conv, so only one side is pooled.
+    for model in (torchvision.models.resnet18(), timm.create_model("resnet18d")):
+        plan = sharify.plan(model, example_inputs=X[:1])
+        assert plan.stages[-1].shape == (1, 512, 1, 1)
+        assert [g.stage for g in plan.groups] == ["layer1", "layer2", "layer3", "layer4"]
 
 
 # --- 2. convs whose weight is not a plain Parameter ---------------------------------------------------------------
