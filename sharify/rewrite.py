@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
+from .grouping import computed_tensor_reason
 from .init import initial_tensors, scaled_tensors
 from .layers import (
     SHARED_STORE_NAME,
@@ -310,6 +311,12 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
                 raise SharifyError(
                     f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
                     "make the plan from this model (sharify.plan(model))"
+                )
+            reason = computed_tensor_reason(conv)
+            if reason is not None:  # parametrized after the plan was made
+                raise SharifyError(
+                    f"the plan does not match the model: `{path}` cannot be a member: {reason}; make the plan from "
+                    "this model (sharify.plan(model) leaves such convs out)"
                 )
     target = model if inplace else _deepcopy(model)
     modules = dict(target.named_modules())

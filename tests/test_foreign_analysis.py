@@ -338,3 +338,20 @@ def test_a_model_built_on_the_meta_device_is_sharified_on_meta_and_materialised(
     assert all(p.is_meta for p in shared_meta.parameters())
     shared_meta.to_empty(device="cpu").load_state_dict(shared_real.state_dict())
     assert torch.equal(shared_meta.eval()(X), shared_real.eval()(X))
+
+
+def test_apply_plan_refuses_a_member_parametrized_after_the_plan_was_made() -> None:
+    model = CifarResNet()
+    plan = sharify.plan(model, example_inputs=X)
+    with pytest.warns(FutureWarning):
+        model.layers[1][2].conv2 = nn.utils.weight_norm(model.layers[1][2].conv2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(sharify.SharifyError, match=r"`layers\.1\.2\.conv2` cannot be a member: the weight is computed"):
+        sharify.apply_plan(model, plan, inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not any(sharify.is_shared_conv(m) for m in model.modules())
+
+
+def test_a_shape_passed_as_example_inputs_is_refused_with_the_tensor_to_pass() -> None:
+    with pytest.raises(TypeError, match=r"example_inputs is a shape \(1, 3, 32, 32\), not a tensor; pass torch\.randn"):
+        sharify.plan(CifarResNet(), example_inputs=(1, 3, 32, 32))  # type: ignore[arg-type]
