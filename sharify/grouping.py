@@ -96,11 +96,9 @@ class GroupFinder:
         computed = computed_tensor_reason(conv)
         if computed is not None:
             return computed
-        aliases = [p for p in self.module_paths.get(id(conv), []) if p != path]
-        if aliases:
-            return f"the same module is also registered as `{aliases[0]}` (already shared)"
-        for name, p in conv.named_parameters(recurse=False):
-            tied = [n for n in self.param_names.get(id(p), []) if n != f"{path}.{name}"]
+        own = {f"{alias}.{name}" for alias in self.module_paths.get(id(conv), [path]) for name in conv._parameters}
+        for name, p in conv.named_parameters(recurse=False):  # an alias of the module itself (called once) is fine
+            tied = [n for n in self.param_names.get(id(p), []) if n not in own]
             if tied:
                 return f"its {name} is the same Parameter as `{tied[0]}` (tied by the model: already shared)"
         return None

@@ -205,7 +205,9 @@ def plan(
             ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
             full list of convs; a pick an earlier selector already put in a group is skipped, not
             replaced (on a basic block ``"last"`` is the ``"last_spatial"`` conv2, so ``dsfb-shared++``
-            adds no group there). A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
+            adds no group there), and so is a pick that cannot be a member (a conv called more than once,
+            tied to another module's Parameter, or with a parametrized / ``weight_norm`` weight), which
+            ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
             count as one) and an index out of range for every branch raise ``ValueError``; an index
             that fits only the longer branches picks nothing in the shorter ones.
         skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows

@@ -103,7 +103,8 @@ def sharify(
             :mod:`sharify.options`); explicit options override it (an explicit ``method`` other than the
             preset's also drops the preset's ``init``, which belongs to its method).
         positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
-            the whole branch, skipping convs an earlier selector took; see :func:`sharify.plan`).
+            the whole branch, skipping convs an earlier selector took and convs that cannot be members --
+            called twice, tied, parametrized -- which the plan's notes name; see :func:`sharify.plan`).
         skip_first_block: Leave each stage's first block unshared (default ``False``).
         depthwise: Let depthwise convs be shared (default ``False``).
         method: ``"share"`` (default) or ``"basis"`` (shared filter bases; needs the ranks).

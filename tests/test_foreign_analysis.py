@@ -155,6 +155,17 @@ def test_a_conv_module_used_by_two_blocks_is_left_out_with_a_note_and_counted_on
     assert shared.layers[0][1].conv2 is shared.layers[0][0].conv2
 
 
+def test_a_module_registered_twice_but_called_once_is_an_alias_and_shared() -> None:
+    model = CifarResNet()
+    model.last_block = model.layers[1][2]  # an alias attribute, as feature-extraction code adds
+    plan = sharify.plan(model, example_inputs=X)
+    assert [g.members for g in plan.groups] == EXPECTED_MEMBERS and not plan.notes
+    shared = sharify.sharify(model, example_inputs=X)
+    assert n_params(shared) == plan.params_after == n_params(model) - EXPECTED_SAVED
+    assert shared.last_block.conv2 is shared.layers[1][2].conv2 and sharify.is_shared_conv(shared.last_block.conv2)
+    assert sharify.verify(shared) == []
+
+
 # --- 4. bad input ----------------------------------------------------------------------------------------------
 
 RANKS = {"shared_rank": 2, "unique_rank": 1}
