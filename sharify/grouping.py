@@ -82,6 +82,7 @@ class GroupFinder:
         self.module_paths: dict[int, list[str]] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.module_paths.setdefault(id(m), []).append(name)
+        self._reasons: dict[str, str | None] = {}
 
     def eligible(self, path: str) -> bool:
         """A conv called once per forward whose own plain parameters no other module holds."""
@@ -89,6 +90,11 @@ class GroupFinder:
 
     def ineligible_reason(self, path: str) -> str | None:
         """Why the conv at ``path`` cannot be a member (``None`` if it can)."""
+        if path not in self._reasons:
+            self._reasons[path] = self._ineligible_reason(path)
+        return self._reasons[path]
+
+    def _ineligible_reason(self, path: str) -> str | None:
         conv = self.modules[path]
         calls = self.calls.get(path, 0)
         if calls > 1:

@@ -220,7 +220,7 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
     """Checks a ``leaf_modules=`` spec against ``model`` and returns it as a tuple.
 
     A bare string is one module path and a bare class one class (never iterated); every path must name a
-    submodule of ``model``.
+    submodule of ``model`` (an alias path becomes the module's first path, the one torch.fx traces it under).
 
     Raises:
         TypeError: An entry that is neither an ``nn.Module`` class nor a path (a module instance, a class that
@@ -233,6 +233,8 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
     if not isinstance(spec, (list, tuple, set, frozenset)):
         raise TypeError(f"leaf_modules must be a module path, a module class or a list of them, got {_got(spec)}")
     paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
+    canonical = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    out: list[type[nn.Module] | str] = []
     for x in spec:
         if isinstance(x, str):
             if x not in paths:
@@ -247,4 +249,6 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
             )
         elif not (isinstance(x, type) and issubclass(x, nn.Module)):
             raise TypeError(f"leaf_modules takes nn.Module classes or module paths (str), got {_got(x)}")
-    return tuple(spec)
+        # A module registered under several paths is traced under its first one.
+        out.append(canonical[id(model.get_submodule(x))] if isinstance(x, str) else x)
+    return tuple(out)

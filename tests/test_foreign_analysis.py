@@ -254,6 +254,8 @@ def test_leaf_modules_takes_a_bare_path_and_refuses_unknown_paths_and_other_type
     assert one.leaf_modules == ("layers.1",)
     assert one.to_dict() == sharify.plan(model, example_inputs=X, leaf_modules=["layers.1"]).to_dict()
     assert [g.stage for g in one.groups] == ["layers.0"]
+    model.stage2 = model.layers[1]  # an alias path names the module under the path torch.fx traces
+    assert sharify.plan(model, example_inputs=X, leaf_modules="stage2").leaf_modules == ("layers.1",)
     with pytest.raises(ValueError, match=r"leaf_modules names 'layer1', which is no submodule of CifarResNet; did you "
                        r"mean 'layers\.1'"):  # fmt: skip
         sharify.sharify(model, example_inputs=X, leaf_modules="layer1")
