@@ -26,7 +26,7 @@ preset                      options
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -229,9 +229,13 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
     """
     if leaf_modules is None:
         return ()
-    spec = (leaf_modules,) if isinstance(leaf_modules, (str, type)) else leaf_modules
-    if not isinstance(spec, (list, tuple, set, frozenset)):
-        raise TypeError(f"leaf_modules must be a module path, a module class or a list of them, got {_got(spec)}")
+    if isinstance(leaf_modules, (str, type, nn.Module)):
+        leaf_modules = (leaf_modules,)  # one path or class (a module instance gets its own error below)
+    if isinstance(leaf_modules, (Mapping, bytes)) or not isinstance(leaf_modules, Iterable):
+        raise TypeError(
+            f"leaf_modules must be a module path, a module class or a list of them, got {_got(leaf_modules)}"
+        )
+    spec = tuple(leaf_modules)
     paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
     canonical = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
     out: list[type[nn.Module] | str] = []

@@ -271,6 +271,9 @@ def test_leaf_modules_takes_a_bare_path_and_refuses_unknown_paths_and_other_type
         sharify.plan(model, example_inputs=X, leaf_modules=[3])
     with pytest.raises(TypeError, match=r"leaf_modules must be a module path, a module class or a list of them"):
         sharify.plan(model, example_inputs=X, leaf_modules=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got a Sequential instance; pass its path"):
+        sharify.plan(model, example_inputs=X, leaf_modules=model.layers[1])  # type: ignore[arg-type]
+    assert sharify.plan(model, example_inputs=X, leaf_modules=(p for p in ["layers.1"])).leaf_modules == ("layers.1",)
 
 
 def test_plan_refuses_what_sharify_refuses() -> None:
