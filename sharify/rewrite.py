@@ -9,6 +9,8 @@ half-modified, even with ``inplace=True``.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import TypeVar, cast
@@ -239,8 +241,17 @@ def _set_trainable(holder: SharedConvParams, group: SharingGroup, convs: list[nn
                 f"of group `{group.key}` did not: the shared {name} `{SHARED_STORE_NAME}.{group.key}.{name}` is "
                 "trainable, so training changes it in the frozen members too; freeze all members, or the shared "
                 f"{name} after sharify (its .requires_grad_(False))",
-                stacklevel=4,
+                stacklevel=_outside_sharify(),
             )
+
+
+def _outside_sharify() -> int:
+    """The ``stacklevel`` of the first caller outside this package, for warnings raised deep inside it."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor, current: dict[str, Tensor]) -> dict[str, Tensor]:

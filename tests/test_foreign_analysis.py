@@ -324,6 +324,9 @@ def test_freezing_some_members_warns_naming_them() -> None:
     assert record[0].filename == __file__, "the warning points at the caller"
     holder, _ = sharify.shared_groups(shared)["layers.0.conv2"]
     assert holder.weight.requires_grad
+    with pytest.warns(UserWarning, match=match) as record:
+        sharify.apply_plan(model, sharify.plan(model, example_inputs=X))
+    assert record[0].filename == __file__
 
 
 def test_frozen_members_of_a_basis_keep_their_own_tensors_frozen() -> None:
