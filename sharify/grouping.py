@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .align import channel_slots
 from .options import _ALIASES, Selector, SharingOptions
 from .residual import Block, Stage
 from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
 
-__all__ = ["GroupFinder", "Seen", "check_indices", "nothing_to_share_hints"]
+__all__ = ["GroupFinder", "Seen", "check_indices", "computed_tensor_reason", "nothing_to_share_hints"]
 
 
 @dataclass
@@ -28,8 +29,9 @@ class Seen:
 
     Attributes:
         depthwise / spatial / pointwise: Whether some free eligible branch conv is of that kind.
-        reused: Whether some branch conv is called more than once or holds tied parameters.
-        branch_lengths: Eligible convs per block considered (for the range check of index selectors).
+        reused: Whether some branch conv is called more than once, holds tied parameters or computes its weight.
+        branch_lengths: Convs per branch considered (for the range check of index selectors).
+        skipped: Convs a selector picked that cannot be members, by path: why, and the selector's label.
     """
 
     depthwise: bool = False
@@ -37,6 +39,22 @@ class Seen:
     pointwise: bool = False
     reused: bool = False
     branch_lengths: list[int] = field(default_factory=list)
+    skipped: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def notes(self) -> list[str]:
+        """The convs selectors picked and left out, named with the reason (one note per reason and selector)."""
+        by_reason: dict[tuple[str, str], list[str]] = {}
+        for path, why in self.skipped.items():
+            by_reason.setdefault(why, []).append(path)
+        notes = []
+        for (reason, label), paths in by_reason.items():
+            names = ", ".join(f"`{p}`" for p in paths)
+            one = len(paths) == 1
+            notes.append(
+                f"{names} (picked by {label!r}) {'is' if one else 'are'} not shared: {reason}; nothing is shared in "
+                f"{'its' if one else 'their'} place"
+            )
+        return notes
 
 
 class GroupFinder:
@@ -58,14 +76,38 @@ class GroupFinder:
             if node.op == "call_module":
                 self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
                 self.conv_nodes[str(node.target)] = node
-        self.owners: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            self.owners[id(p)] = self.owners.get(id(p), 0) + 1
+        self.param_names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), []).append(name)
+        self.module_paths: dict[int, list[str]] = {}
+        for name, m in model.named_modules(remove_duplicate=False):
+            self.module_paths.setdefault(id(m), []).append(name)
+        self._reasons: dict[str, str | None] = {}
 
     def eligible(self, path: str) -> bool:
-        """A conv called once per forward whose parameters no other module holds."""
+        """A conv called once per forward whose own plain parameters no other module holds."""
+        return self.ineligible_reason(path) is None
+
+    def ineligible_reason(self, path: str) -> str | None:
+        """Why the conv at ``path`` cannot be a member (``None`` if it can)."""
+        if path not in self._reasons:
+            self._reasons[path] = self._ineligible_reason(path)
+        return self._reasons[path]
+
+    def _ineligible_reason(self, path: str) -> str | None:
         conv = self.modules[path]
-        return self.calls.get(path) == 1 and all(self.owners.get(id(p), 0) == 1 for p in conv.parameters(recurse=False))
+        calls = self.calls.get(path, 0)
+        if calls > 1:
+            return f"it is called {calls} times per forward (one module used by several blocks: already shared)"
+        computed = computed_tensor_reason(conv)
+        if computed is not None:
+            return computed
+        own = {f"{alias}.{name}" for alias in self.module_paths.get(id(conv), [path]) for name in conv._parameters}
+        for name, p in conv.named_parameters(recurse=False):  # an alias of the module itself (called once) is fine
+            tied = [n for n in self.param_names.get(id(p), []) if n not in own]
+            if tied:
+                return f"its {name} is the same Parameter as `{tied[0]}` (tied by the model: already shared)"
+        return None
 
     def following_norm(self, path: str) -> str | None:
         """The affine BatchNorm with running statistics that alone consumes the conv's output, if any."""
@@ -89,17 +131,21 @@ class GroupFinder:
             for selector in options.positions:
                 by_position: dict[tuple[str, ConvSignature], list[tuple[Block, str]]] = {}
                 for block in blocks:
-                    # Every selector indexes the block's full list of eligible convs; a conv already in a group (of
-                    # an earlier selector, or of an earlier stage) is skipped, never replaced by another conv.
-                    convs = [(p, self.modules[p]) for p in block.convs if self.eligible(p)]
+                    # Every selector indexes the block's full list of branch convs; a conv already in a group (of an
+                    # earlier selector, or of an earlier stage) or one that cannot be a member (called twice, tied,
+                    # parametrized) is skipped, never replaced by another conv.
+                    convs = [(p, self.modules[p]) for p in block.convs]
                     seen.branch_lengths.append(len(convs))
-                    free = [c for p, c in convs if p not in used]
+                    free = [c for p, c in convs if p not in used and self.eligible(p)]
                     seen.reused |= any(p not in used and not self.eligible(p) for p in block.convs)
                     seen.depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
                     seen.spatial |= any(is_spatial(c) for c in free)
                     seen.pointwise |= any(not is_spatial(c) for c in free)
                     for label, path in select(convs, selector, options.depthwise):
-                        if path not in used:
+                        reason = self.ineligible_reason(path)
+                        if reason is not None:
+                            seen.skipped.setdefault(path, (reason, label))
+                        elif path not in used:
                             sig = ConvSignature.of(self.modules[path])
                             by_position.setdefault((label, sig), []).append((block, path))
                 for (label, sig), picked in by_position.items():
@@ -174,8 +220,8 @@ def nothing_to_share_hints(options: SharingOptions, seen: Seen, finder: GroupFin
         suggested = True
     if seen.reused:
         notes.append(
-            "some branch convs are called more than once per forward or hold tied parameters (already shared), "
-            "so they are never members"
+            "some branch convs are called more than once per forward, hold tied parameters (already shared) or "
+            "compute their weight (parametrizations), so they are never members"
         )
     if options.skip_first_block and finder.would_share(options, skip_first_block=False):
         notes.append("skip_first_block=True left each stage's first block out; try skip_first_block=False")
@@ -222,5 +268,33 @@ def check_indices(positions: Sequence[Selector], branch_lengths: list[int], mode
             every = f" ({-shortest}..{shortest - 1} pick a conv in every branch)" if 0 < shortest < longest else ""
             raise ValueError(
                 f"position index {p} is out of range for every residual branch of {model}: the branches have "
-                f"{have} eligible convs, so valid indices are {-longest}..{longest - 1}{every}"
+                f"{have} convs, so valid indices are {-longest}..{longest - 1}{every}"
             )
+
+
+def computed_tensor_reason(conv: nn.Module) -> str | None:
+    """Why ``conv``'s weight or bias is not a plain Parameter of its own (a parametrization, ``weight_norm``'s
+    hook, pruning), if it is not: sharing it would tie the tensors it is computed from, not the weight."""
+    for name in ("weight", "bias"):
+        value = conv._parameters.get(name)
+        if isinstance(value, nn.Parameter) or (name in conv._parameters and value is None):
+            continue
+        if parametrize.is_parametrized(conv, name):
+            chain = cast(nn.ModuleDict, conv.parametrizations)[name]
+            kinds = ", ".join(type(p).__name__.lstrip("_") for p in cast(nn.ModuleList, chain))
+            how = f"is parametrized ({kinds}, torch.nn.utils.parametrize)"
+            fix = f"torch.nn.utils.parametrize.remove_parametrizations(conv, {name!r})"
+        else:
+            hooks = [h for h in conv._forward_pre_hooks.values() if getattr(h, "name", None) == name]
+            origin = type(hooks[0]).__module__ if hooks else ""
+            how = f"is computed in a forward pre-hook ({origin or 'not a Parameter'})"
+            fix = _REMOVE_HOOK.get(origin, f"make conv.{name} an nn.Parameter")
+        return f"the {name} {how}: sharing would tie the tensors it is computed from, not the {name}; {fix} shares it"
+    return None
+
+
+_REMOVE_HOOK = {
+    "torch.nn.utils.weight_norm": "torch.nn.utils.remove_weight_norm(conv)",
+    "torch.nn.utils.spectral_norm": "torch.nn.utils.remove_spectral_norm(conv)",
+    "torch.nn.utils.prune": "torch.nn.utils.prune.remove(conv, 'weight')",
+}

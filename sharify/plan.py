@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
-from .options import Rank, Selector, SharingOptions, resolve_options
+from .options import Rank, Selector, SharingOptions, resolve_leaf_modules, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, check_rank_stages
 from .shapes import propagate_shapes
@@ -205,7 +205,9 @@ def plan(
             ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
             full list of convs; a pick an earlier selector already put in a group is skipped, not
             replaced (on a basic block ``"last"`` is the ``"last_spatial"`` conv2, so ``dsfb-shared++``
-            adds no group there). A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
+            adds no group there), and so is a pick that cannot be a member (a conv called more than once,
+            tied to another module's Parameter, or with a parametrized / ``weight_norm`` weight), which
+            ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
             count as one) and an index out of range for every branch raise ``ValueError``; an index
             that fits only the longer branches picks nothing in the shorter ones.
         skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows
@@ -230,7 +232,12 @@ def plan(
     Raises:
         ValueError: Unknown preset/selector/method, a selector given twice, an index out of range for
             every branch, bad ranks (or a rank mapping with a missing or unknown stage path), or
-            ``method="basis"`` on a position that is not a dense 3x3 conv.
+            ``method="basis"`` on a position that is not a dense 3x3 conv; a ``leaf_modules`` path that names
+            no submodule.
+        TypeError: An option or ``leaf_modules`` entry of the wrong type, or ``model`` is no ``nn.Module``.
+        AlreadySharifiedError: ``model`` already shares convs (as :func:`sharify.sharify` refuses it).
+        UnsupportedModelError: A TorchScript module or a DDP / DataParallel / ``torch.compile`` wrapper: plan
+            the bare model.
 
     Example:
         >>> import torchvision, sharify
@@ -240,6 +247,9 @@ def plan(
         >>> sharify.plan(torchvision.models.resnet50(), preset="dsfb-shared++").params_after
         18262056
     """
+    from .rewrite import check_model  # here, not at the top: rewrite imports this module
+
+    check_model(model)  # as sharify() does: a wrapped or already sharified model is refused the same way
     options = resolve_options(
         preset,
         positions=positions,
@@ -264,6 +274,7 @@ def make_plan(
     """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
+    leaf_modules = resolve_leaf_modules(model, leaf_modules)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
         no_convs = ("the model has no Conv2d layers",)
@@ -279,7 +290,7 @@ def make_plan(
     check_indices(options.positions, seen.branch_lengths, type(model).__name__)
     if options.method == "basis" and finder.stage_paths:
         check_rank_stages(options, finder.stage_paths)
-    notes = []
+    notes = seen.notes()  # convs a selector picked that cannot be members
     if traced.stopped is not None:
         if not groups:
             raise traced.untraceable_error("the part of the forward traced before that point holds nothing to share")

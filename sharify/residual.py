@@ -3,11 +3,14 @@
 Definitions (all on the dataflow graph, never on module names):
 
 * A **residual add** is an addition ``a + b`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``) of two
-  same-shaped tensors that both depend on the model input and share ancestors, where at least one
+  same-shaped feature maps (at least 3-D: ``(N, C, H, W)``, ...) that both depend on the model input and share
+  ancestors, where at least one
   operand's *exclusive* ancestors (those the other operand does not have) include a conv. The side
   with more convs (then: more spatial convs) is the **branch**, the other the **shortcut**
   (identity, projection, pooling, ...). Scales, layer scale, drop path or SE products on the branch
-  are simply part of it.
+  are simply part of it. Additions of vectors (``(N, C)``, or ``(N, C, 1, 1)`` maps whose operands are both
+  globally pooled: an attention or recurrent context carried across blocks, an LSTM-style gate
+  ``fc(x) + h``) are no blocks, and do not break the chain of the blocks around them.
 * Each residual add is a **block**. Its **predecessor** is the latest residual add that both
   operands depend on, provided it lies inside the same enclosing block (blocks nest: EDSR-style
   global skips, Res2Net's hierarchical adds, RepVGG's parallel branches). Following predecessors
@@ -34,6 +37,7 @@ Definitions (all on the dataflow graph, never on module names):
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +128,15 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(val.shape) if isinstance(val, Tensor) else None
 
 
+def _pools_globally(node: fx.Node) -> bool:
+    """Whether ``node`` turns a feature map with several positions into one with a single position."""
+    out = _shape(node)
+    if out is None or len(out) < 3 or any(d != 1 for d in out[2:]):
+        return False
+    sizes = [s for s in (_shape(n) for n in node.all_input_nodes) if s is not None and len(s) == len(out)]
+    return any(math.prod(s[2:]) > 1 for s in sizes)
+
+
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_FUNCTIONS
@@ -149,6 +162,7 @@ class _Graph:
         self.from_input: list[bool] = []
         self.conv_mask = 0
         self.spatial_mask = 0
+        self.pool_mask = 0  # nodes other than convs that reduce a feature map to one position (global pooling)
         modules = dict(model.named_modules())
         for i, n in enumerate(self.nodes):
             anc = 1 << i
@@ -162,6 +176,8 @@ class _Graph:
                 self.conv_mask |= 1 << i
                 if any(k > 1 for k in modules[str(n.target)].kernel_size):
                     self.spatial_mask |= 1 << i
+            elif _pools_globally(n):
+                self.pool_mask |= 1 << i
         self.index = index
 
     def conv_count(self, mask: int) -> tuple[int, int]:
@@ -202,6 +218,10 @@ def _residual_add(g: _Graph, i: int) -> _Add | None:
     shape = _shape(node)
     if shape is None or _shape(node.args[0]) != shape or _shape(node.args[1]) != shape:
         return None  # broadcasting adds (biases, embeddings) are not residual
+    if len(shape) < 3:
+        return None  # vectors (a context or gate carried across blocks), not feature maps
+    if all(d == 1 for d in shape[2:]) and masks[0] & g.pool_mask and masks[1] & g.pool_mask:
+        return None  # the same, kept as (N, C, 1, 1): both sides globally pooled (a block's shortcut never is)
     return _Add(i, *masks, shape)
 
 

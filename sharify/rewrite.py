@@ -9,6 +9,8 @@ half-modified, even with ``inplace=True``.
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import TypeVar, cast
@@ -20,6 +22,7 @@ from ._wrappers import is_wrapper
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
 from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
+from .grouping import computed_tensor_reason
 from .init import initial_tensors, scaled_tensors
 from .layers import (
     SHARED_STORE_NAME,
@@ -29,7 +32,7 @@ from .layers import (
     detach_from_holder,
     is_shared_conv,
 )
-from .options import Rank, Selector, resolve_options
+from .options import Rank, Selector, check_flag, resolve_options
 from .plan import ConvSignature, SharingGroup, SharingPlan, make_plan
 from .tracing import LeafSpec
 
@@ -48,6 +51,10 @@ def check_model(model: object) -> None:
     message tells the user to sharify the bare model and wrap the result. Functions that only read
     a model (:func:`sharify.save`, :func:`sharify.verify`) look through wrappers instead.
     """
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(
+            f"sharify expects a torch.nn.Module instance, got the class {model.__name__}; build the model first"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -103,7 +110,8 @@ def sharify(
             :mod:`sharify.options`); explicit options override it (an explicit ``method`` other than the
             preset's also drops the preset's ``init``, which belongs to its method).
         positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
-            the whole branch, skipping convs an earlier selector took; see :func:`sharify.plan`).
+            the whole branch, skipping convs an earlier selector took and convs that cannot be members --
+            called twice, tied, parametrized -- which the plan's notes name; see :func:`sharify.plan`).
         skip_first_block: Leave each stage's first block unshared (default ``False``).
         depthwise: Let depthwise convs be shared (default ``False``).
         method: ``"share"`` (default) or ``"basis"`` (shared filter bases; needs the ranks).
@@ -120,10 +128,13 @@ def sharify(
             makes ``init="average"``/``"scaled"``/``"first"``/``"svd"`` combine like channels
             (:mod:`sharify.align`; needs scipy). Default ``False`` (the papers' init).
         inplace: Rewrite ``model`` itself instead of a deep copy.
-        leaf_modules: Module classes or paths not to trace into.
+        leaf_modules: Module classes or paths not to trace into (a bare string is one path).
 
     Returns:
-        The sharified model, of the same class as ``model``.
+        The sharified model, of the same class as ``model``. Every module the rewrite creates takes the
+        train/eval mode of the conv it replaces (the store of shared tensors: the model's). A shared tensor is
+        frozen when the members' tensors all were (``requires_grad=False``); when only some were, it is
+        trainable and a warning names the frozen members.
 
     Raises:
         NothingToShareError: The model has no two convs to share; the message says why.
@@ -131,7 +142,10 @@ def sharify(
         UnsupportedModelError: A TorchScript module, or a DDP / DataParallel / ``torch.compile``
             wrapper: sharify the bare model, then wrap the result (see :func:`check_model`).
         ValueError: Unknown preset, selector, method or init; a selector given twice or an index out of
-            range for every branch; bad ranks. The model is unchanged.
+            range for every branch; bad ranks; a ``leaf_modules`` path that names no submodule. The model is
+            unchanged.
+        TypeError: ``model`` is no ``nn.Module``; an option of the wrong type (``inplace="no"``, a float
+            position, ...). The model is unchanged.
 
     Example:
         >>> import torchvision, sharify
@@ -141,6 +155,7 @@ def sharify(
         (True, 13613864)
     """
     check_model(model)
+    check_flag("inplace", inplace)
     options = resolve_options(
         preset,
         positions=positions,
@@ -167,6 +182,25 @@ def sharify(
     return apply_plan(model, sharing, inplace=inplace)
 
 
+def _deepcopy(model: ModelT) -> ModelT:
+    """``copy.deepcopy(model)``, also of a model whose forward pre-hooks left computed tensors on its modules
+    (legacy ``torch.nn.utils.weight_norm``/``spectral_norm`` set ``conv.weight`` to a non-leaf tensor, which
+    deepcopy refuses): those are copied detached; the hook recomputes them at the next forward."""
+    computed = [
+        (m, name, value)
+        for m in model.modules()
+        for name, value in list(vars(m).items())
+        if isinstance(value, Tensor) and not value.is_leaf
+    ]
+    try:
+        for m, name, value in computed:
+            setattr(m, name, value.detach())
+        return copy.deepcopy(model)
+    finally:
+        for m, name, value in computed:
+            setattr(m, name, value)
+
+
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent), name, module)
@@ -177,6 +211,8 @@ def _basis_modules(
 ) -> tuple[SharedConvParams, list[BasisConv2d]]:
     s, u = group.shared_rank, group.unique_rank
     modules = [BasisConv2d(c, s, u) for c in convs]
+    for conv, module in zip(convs, modules):  # the new modules take the conv's mode and trainability
+        module.train(conv.training).requires_grad_(conv.weight.requires_grad)
     first = convs[0]
     shared = torch.empty((s, *first.weight.shape[1:]), dtype=first.weight.dtype, device=first.weight.device)
     if not shared.is_meta:
@@ -194,6 +230,33 @@ def _basis_modules(
                 nn.init.orthogonal_(shared)
     holder = SharedConvParams(shared, None, key=group.key, stage=group.stage, position=group.position, method="basis")
     return holder, modules
+
+
+def _set_trainable(holder: SharedConvParams, group: SharingGroup, convs: list[nn.Conv2d]) -> None:
+    """Freezes each shared tensor whose members' tensors were all frozen; warns when only some were."""
+    for name in ("weight", "bias"):
+        shared = getattr(holder, name)
+        if shared is None:
+            continue
+        frozen = [p for p, c in zip(group.members, convs) if not getattr(c, name).requires_grad]
+        shared.requires_grad_(len(frozen) < len(convs))
+        if 0 < len(frozen) < len(convs):
+            warnings.warn(
+                f"{', '.join(f'`{p}`' for p in frozen)} had a frozen {name} (requires_grad=False), but other members "
+                f"of group `{group.key}` did not: the shared {name} `{SHARED_STORE_NAME}.{group.key}.{name}` is "
+                "trainable, so training changes it in the frozen members too; freeze all members, or the shared "
+                f"{name} after sharify (its .requires_grad_(False))",
+                stacklevel=_outside_sharify(),
+            )
+
+
+def _outside_sharify() -> int:
+    """The ``stacklevel`` of the first caller outside this package, for warnings raised deep inside it."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor, current: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -245,8 +308,12 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
     Raises:
         NothingToShareError: The plan has no groups.
         SharifyError: The plan does not match the model.
+        TypeError: ``sharing`` is no :class:`~sharify.plan.SharingPlan`, ``init`` no str or ``inplace`` no bool.
     """
     check_model(model)
+    if not isinstance(sharing, SharingPlan):
+        raise TypeError(f"apply_plan expects a SharingPlan (from sharify.plan(model)), got {type(sharing).__name__}")
+    check_flag("inplace", inplace)
     init = init or sharing.options.get("init", "average")
     method = sharing.options.get("method", "share")
     resolve_options(method=method, init=init, shared_rank=1 if method == "basis" else None,
@@ -262,7 +329,13 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
                     f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
                     "make the plan from this model (sharify.plan(model))"
                 )
-    target = model if inplace else copy.deepcopy(model)
+            reason = computed_tensor_reason(conv)
+            if reason is not None:  # parametrized after the plan was made
+                raise SharifyError(
+                    f"the plan does not match the model: `{path}` cannot be a member: {reason}; make the plan from "
+                    "this model (sharify.plan(model) leaves such convs out)"
+                )
+    target = model if inplace else _deepcopy(model)
     modules = dict(target.named_modules())
 
     # Everything new is built before the first change to the model.
@@ -308,8 +381,9 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
             weight, bias = initial_tensors(weights, biases, init)
             holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
             attach.extend((c, holder, None) for c in convs)
-        holder.requires_grad_(any(c.weight.requires_grad for c in convs))
+        _set_trainable(holder, group, convs)
         store.add_holder(holder)
+    store.train(target.training)  # the holders take the mode of the model they join
 
     if isinstance(target, (nn.Sequential, nn.ModuleList)):
         warnings.warn(
@@ -324,7 +398,10 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
         target.add_module(SHARED_STORE_NAME, store)
         for conv, holder, member_gain in attach:
             saved.append((conv, type(conv), dict(conv._parameters)))
+            trainable = cast(Tensor, conv.weight).requires_grad
             attach_to_holder(conv, holder, member_gain)
+            if member_gain is not None:
+                conv.get_parameter("shared_gain").requires_grad_(trainable)
         for path, module in replace:
             replaced.append((path, modules[path]))
             _set_module(target, path, module)

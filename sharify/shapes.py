@@ -73,6 +73,9 @@ def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, i
 
 
 def _check_inputs(model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+    if len(inputs) > 1 and all(isinstance(x, int) and not isinstance(x, bool) for x in inputs):
+        shape = ", ".join(map(str, inputs))
+        raise TypeError(f"example_inputs is a shape ({shape}), not a tensor; pass torch.randn({shape})")
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(

@@ -28,6 +28,110 @@ __all__: list[str] = []
 # ----------------------------------------------------------------------------------------------------------
 
 
+class CifarBasicBlock(nn.Module):
+    """The BasicBlock of the popular CIFAR repositories: ``out += self.shortcut(x)``, an empty
+    ``nn.Sequential`` as the identity shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.residual(x)
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class ContextGatedBlock(CifarBasicBlock):
+    """A block that carries a recurrent context ``h`` (N, context) from block to block, LSTM-style: the
+    gate ``tanh(fc(pool(out)) + h)`` is a vector addition, and the context rescales the branch."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, context: int = 6) -> None:
+        super().__init__(in_planes, planes, stride)
+        self.gate = nn.Linear(planes, context)
+        self.scale = nn.Linear(context, planes)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = inputs
+        out = self.residual(x)
+        h = torch.tanh(self.gate(out.mean((2, 3))) + h)
+        out = out * torch.sigmoid(self.scale(h))[:, :, None, None]
+        out += self.shortcut(x)
+        return F.relu(out), h
+
+
+class CifarResNet(nn.Module):
+    """A CIFAR ResNet as the popular repositories write it (``_make_layer``, ``F.avg_pool2d``), with an
+    optional context carried across all blocks.
+
+    Args:
+        num_blocks: Blocks per stage (channels 8, 16, ...; each stage after the first halves the resolution).
+        context: ``None``: plain blocks. ``"gate"``: :class:`ContextGatedBlock` everywhere, its context
+            starting from a learned ``h0``. ``"sum"``: plain blocks, and a context vector accumulated over
+            all blocks (``ctx = ctx + fc_i(pool(x))``) that the classifier reads with the features.
+            ``"pooled"``: the same context kept as ``(N, C, 1, 1)`` maps and computed by 1x1 convs (GCNet style).
+    """
+
+    def __init__(self, num_blocks: tuple[int, ...] = (3, 3), num_classes: int = 10, context: str | None = None) -> None:
+        super().__init__()
+        self.context = context
+        self.in_planes = 8
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        layers = [self._make_layer(8 * 2**i, n, 1 if i == 0 else 2) for i, n in enumerate(num_blocks)]
+        self.layers = nn.ModuleList(layers)
+        width = self.in_planes
+        if context == "gate":
+            self.h0 = nn.Parameter(torch.zeros(1, 6))
+        if context == "sum":
+            self.readouts = nn.ModuleList(nn.Linear(b.conv2.out_channels, width) for layer in layers for b in layer)
+        if context == "pooled":
+            self.readouts = nn.ModuleList(nn.Conv2d(b.conv2.out_channels, width, 1) for layer in layers for b in layer)
+        self.linear = nn.Linear(width, num_classes)
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        blocks: list[nn.Module] = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            block = ContextGatedBlock if self.context == "gate" else CifarBasicBlock
+            blocks.append(block(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        if self.context == "gate":
+            h = self.h0.expand(x.shape[0], -1)
+            for layer in self.layers:
+                out, h = layer((out, h))
+        elif self.context in ("sum", "pooled"):
+            ctx = torch.zeros_like(out[:, :1, 0, 0] if self.context == "sum" else out[:, :1, :1, :1])
+            blocks = [block for layer in self.layers for block in layer]
+            for block, readout in zip(blocks, self.readouts):
+                out = block(out)
+                if self.context == "sum":
+                    ctx = ctx + readout(out.mean((2, 3)))
+                else:
+                    ctx = ctx + readout(F.adaptive_avg_pool2d(out, 1))
+            return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1) + ctx.flatten(1))
+        else:
+            for layer in self.layers:
+                out = layer(out)
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
 # (end of analysis section)
 
 

@@ -266,7 +266,7 @@ def test_basis_on_a_1x1_position_is_a_value_error() -> None:
         (
             {"positions": (2,)},
             r"position index 2 is out of range for every residual branch of CifarResNet: the "
-            r"branches have 2 eligible convs, so valid indices are -2\.\.1",
+            r"branches have 2 convs, so valid indices are -2\.\.1",
         ),
         ({"positions": ("first", -3)}, r"position index -3 is out of range.*valid indices are -2\.\.1"),
     ],
@@ -296,7 +296,7 @@ def test_an_index_that_fits_only_longer_branches_picks_there() -> None:
                           nn.Conv2d(8, 8, 3, stride=2, padding=1), _Residual(3), _Residual(3))  # fmt: skip
     p = sharify.plan(model, example_inputs=X, positions=(2,))
     assert [(g.position, g.members) for g in p.groups] == [("2", ("4.convs.2", "5.convs.2"))]
-    with pytest.raises(ValueError, match=r"branches have 2 to 3 eligible convs, so valid indices are -3\.\.2 "
+    with pytest.raises(ValueError, match=r"branches have 2 to 3 convs, so valid indices are -3\.\.2 "
                        r"\(-2\.\.1 pick a conv in every branch\)"):  # fmt: skip
         sharify.plan(model, example_inputs=X, positions=(3,))
 
