@@ -19,7 +19,7 @@ from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, check_rank_stages
-from .shapes import propagate_shapes
+from .shapes import as_inputs, propagate_shapes
 from .tracing import LeafSpec, trace
 
 __all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
@@ -264,15 +264,16 @@ def make_plan(
     """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_inputs(example_inputs)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
         no_convs = ("the model has no Conv2d layers",)
         return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
-    traced = trace(model, leaf_modules)
+    traced = trace(model, leaf_modules, num_inputs=len(inputs) if inputs is not None else 1)
     # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
-    shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
+    shapes = propagate_shapes(model, traced.graph, inputs, stop_after=needed)
     _, stages = find_stages(traced.graph, model)
     finder = GroupFinder(model, traced.graph, stages)
     groups, seen = finder.groups(options)
