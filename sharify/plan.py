@@ -19,6 +19,8 @@ from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, check_rank_stages
+from .descend import plan_parts, prefixed, short_reason
+from .errors import UntraceableError
 from .shapes import as_inputs, propagate_shapes
 from .tracing import LeafSpec, trace
 
@@ -47,6 +49,9 @@ class SharingPlan:
         trace_stopped: Where torch.fx stopped tracing the root's own forward (data-dependent control flow
             after the stages, say): only what the forward computes before that point was analysed
             (``sharify`` warns). ``None`` when the whole forward was traced.
+        submodules: When the root's own forward cannot be traced at all (a detector, optical flow), its
+            submodules were analysed instead (:mod:`sharify.descend`): for each submodule tried, by path,
+            ``"analysed with ..."`` (the inputs used) or ``"not analysed: <why>"``. Empty otherwise.
     """
 
     model: str
@@ -61,6 +66,7 @@ class SharingPlan:
     notes: tuple[str, ...] = ()
     convs_without_shape: int = 0
     trace_stopped: str | None = None
+    submodules: dict[str, str] = field(default_factory=dict)
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -136,6 +142,7 @@ class SharingPlan:
             "leaf_modules": list(self.leaf_modules),
             "auto_leaves": self.auto_leaves,
             "notes": list(self.notes),
+            "submodules": dict(self.submodules),
             "stages": [
                 {
                     "path": s.path,
@@ -161,10 +168,12 @@ class SharingPlan:
             lines.extend(f"    {m}" for m in grp.members)
         if not self.groups:  # the reason already lists the notes and the untraced submodules
             lines.append(f"  nothing to share: {self.empty_reason()}")
+            lines.extend(f"  submodule {path}: {status}" for path, status in self.submodules.items())
             return "\n".join(lines)
         for path, reason in self.auto_leaves.items():
             lines.append(f"  not traced (treated as a leaf): {path}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  submodule {path}: {status}" for path, status in self.submodules.items())
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -269,6 +278,52 @@ def make_plan(
         # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
         no_convs = ("the model has no Conv2d layers",)
         return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
+    try:
+        return _analyse(model, options, inputs, leaf_modules)
+    except UntraceableError as exc:
+        if getattr(exc, "module_path", None) != "":
+            raise  # a submodule stays untraceable: leaf_modules can help
+        return _plan_of_parts(model, options, inputs, leaf_modules, exc)
+
+
+def _plan_of_parts(
+    model: nn.Module,
+    options: SharingOptions,
+    inputs: tuple[Tensor, ...] | None,
+    leaf_modules: LeafSpec | None,
+    error: UntraceableError,
+) -> SharingPlan:
+    """The plan of a model whose own forward cannot be traced, made from its submodules (:mod:`sharify.descend`)."""
+    parts, status = plan_parts(
+        model, inputs, leaf_modules, error, lambda m, x, leaves: _analyse(m, options, x, leaves)
+    )
+    stages, groups, auto_leaves, notes = prefixed(parts)
+    analysed = ", ".join(f"`{p}`" for p, _ in parts)
+    reason = getattr(error, "reason", str(error))
+    head = (
+        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}): its submodules {analysed} were "
+        "analysed instead; convs elsewhere are not shared (see submodules)"
+    )
+    return SharingPlan(
+        model=type(model).__name__,
+        stages=tuple(stages),
+        groups=tuple(groups),
+        params_before=count_params(model),
+        options=options.to_dict(),
+        auto_leaves=auto_leaves,
+        input_shapes=tuple(tuple(x.shape) for x in inputs or ()),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs or ()),
+        leaf_modules=leaf_paths(model, leaf_modules),
+        convs_without_shape=sum(part.convs_without_shape for _, part in parts),
+        notes=(head, *notes),
+        submodules=status,
+    )
+
+
+def _analyse(
+    model: nn.Module, options: SharingOptions, inputs: tuple[Tensor, ...] | None, leaf_modules: LeafSpec | None
+) -> SharingPlan:
+    """The plan of ``model`` from its own trace (raises :class:`UntraceableError` where that is impossible)."""
     traced = trace(model, leaf_modules, num_inputs=len(inputs) if inputs is not None else 1)
     # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]

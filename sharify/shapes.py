@@ -46,12 +46,13 @@ class ExampleInputsError(SharifyError, ValueError):
 def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:
     """The first conv the traced forward calls (not the first one registered): its path, the module, and
     whether it takes the model's input directly (then the input must have its ``in_channels``)."""
+    first_input = next((n for n in graph.nodes if n.op == "placeholder"), None)
     for node in graph.nodes:
         if node.op != "call_module":
             continue
         module = model.get_submodule(str(node.target))
         if isinstance(module, nn.Conv2d):
-            direct = bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+            direct = bool(node.args) and node.args[0] is first_input  # takes example_inputs[0] itself
             return str(node.target), module, direct
     return None
 

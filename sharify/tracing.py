@@ -64,11 +64,15 @@ class TraceResult:
 
     def untraceable_error(self, found: str) -> UntraceableError:
         """The error for a model whose partial trace (:attr:`stopped`) holds nothing to share."""
-        return UntraceableError(
+        error = UntraceableError(
             f"torch.fx cannot trace {self.stopped}; {found} before that point. sharify needs the data flow of the "
             "residual stages: make that code traceable, or move it into a submodule (which sharify then treats as "
-            "an opaque call), or pass leaf_modules=[...] naming untraceable submodules."
+            "an opaque call), or share a submodule that torch.fx can trace (sharify.sharify(model.<name>, "
+            "inplace=True))"
         )
+        error.module_path = ""  # type: ignore[attr-defined]  # the root's own code: leaf_modules cannot help
+        error.reason = (self.stopped or "").partition(" (")[2].removesuffix(")")  # type: ignore[attr-defined]
+        return error
 
 
 @functools.cache
