@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import re
 import logging
+import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -83,14 +84,36 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]]:
+@contextlib.contextmanager
+def _attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Restores every module's attributes, parameters and buffers as they were (a forward may cache tensors on
+    its modules, as RAFT's correlation block does: fake ones must not outlive the run)."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, parameters, buffers in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+
+
+#: The recorded call of a submodule: ``(shape, dtype)`` of each positional argument.
+Call = tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+
+def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Call]:
     """Runs ``model`` (eval mode, no grad) on fake tensors and records each conv-holding submodule's first call.
 
     Only calls whose arguments are all tensors (no keyword arguments) are recorded, as ``(shape, dtype)``
-    per argument. The run stops at the first operation fake tensors cannot run; the model is not changed.
+    per argument. The run stops at the first operation fake tensors cannot run; the model is not changed
+    (attributes the forward sets on its modules are restored).
     """
     paths = {id(m): p for p, m in model.named_modules() if p and not isinstance(m, nn.Conv2d) and _holds_conv(m)}
-    seen: dict[str, tuple[tuple[tuple[int, ...], torch.dtype], ...]] = {}
+    seen: dict[str, Call] = {}
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         path = paths.get(id(module))
@@ -99,10 +122,15 @@ def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, tupl
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if id(m) in paths]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with eval_mode(model), torch.no_grad(), _quiet("torch._subclasses.fake_tensor"), mode:
-            model(*(mode.from_tensor(x).to(device) for x in inputs))
+        with contextlib.ExitStack() as stack:
+            for context in (_attributes_restored(model), eval_mode(model), torch.no_grad(), warnings.catch_warnings()):
+                stack.enter_context(context)
+            stack.enter_context(_quiet("torch._subclasses.fake_tensor"))
+            warnings.simplefilter("ignore")  # torch's and the model's remarks on a run that is only recorded
+            with mode:
+                model(*(mode.from_tensor(x).to(device) for x in inputs))
     except Exception as exc:  # the run is expected to stop somewhere (NMS, a size check on data)
         logger.debug("the recorded call of %s stopped: %s", type(model).__name__, exc)
     finally:
@@ -205,12 +233,21 @@ def plan_parts(
                 part = analyse(child, example, sub_leaf_modules(leaf_modules, path))
             except SharifyError as exc:  # untraceable itself, or its inputs unknown: try its children
                 reason = getattr(exc, "reason", None)
-                why = f"torch.fx cannot trace its forward ({short_reason(reason)})" if reason else short_reason(str(exc))
+                why = (
+                    f"torch.fx cannot trace its forward ({short_reason(reason)})" if reason else short_reason(str(exc))
+                )
                 status[path] = f"not analysed: {why}"
                 visit(child, path + ".")
                 continue
-            where = f"inputs {_shapes(calls)} recorded from the forward of {type(model).__name__}" if calls else (
-                f"its default inputs {', '.join(str(tuple(s)) for s in part.input_shapes)}"
+            if not part.groups and part.auto_leaves:  # its convs are in children it could not trace: try those
+                leaves = ", ".join(f"`{_prefix(path, p)}`" for p in part.auto_leaves)
+                status[path] = f"not analysed: its own forward traces, but not its submodules {leaves}"
+                visit(child, path + ".")
+                continue
+            where = (
+                f"inputs {_shapes(calls)} recorded from the forward of {type(model).__name__}"
+                if calls
+                else (f"its default inputs {', '.join(str(tuple(s)) for s in part.input_shapes)}")
             )
             n = len(part.groups)
             found = f"{n} group{'s' * (n != 1)}" if n else "nothing to share"
@@ -233,10 +270,11 @@ def _nothing_found(
     )
     reason = getattr(root_error, "reason", str(root_error))
     error = UntraceableError(
-        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}), and none of its submodules analysed "
-        f"in its place has anything to share ({tried or 'no submodule holds convs'}). sharify needs the data flow "
-        "of the residual stages: share a submodule that torch.fx can trace and that holds residual blocks "
-        "(sharify.sharify(model.<name>, inplace=True)), or pass example_inputs= matching the forward's arguments"
+        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}), and none of its "
+        f"submodules analysed in its place has anything to share ({tried or 'no submodule holds convs'}). sharify "
+        "needs the data flow of the residual stages: share a submodule that torch.fx can trace and that holds "
+        "residual blocks (sharify.sharify(model.<name>, inplace=True)), or pass example_inputs= matching the "
+        "forward's arguments"
     )
     error.module_path = ""  # type: ignore[attr-defined]
     error.reason = reason  # type: ignore[attr-defined]

@@ -15,12 +15,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .descend import plan_parts, prefixed, short_reason
+from .errors import UntraceableError
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, check_rank_stages
-from .descend import plan_parts, prefixed, short_reason
-from .errors import UntraceableError
 from .shapes import as_inputs, propagate_shapes
 from .tracing import LeafSpec, trace
 
@@ -294,15 +294,13 @@ def _plan_of_parts(
     error: UntraceableError,
 ) -> SharingPlan:
     """The plan of a model whose own forward cannot be traced, made from its submodules (:mod:`sharify.descend`)."""
-    parts, status = plan_parts(
-        model, inputs, leaf_modules, error, lambda m, x, leaves: _analyse(m, options, x, leaves)
-    )
+    parts, status = plan_parts(model, inputs, leaf_modules, error, lambda m, x, leaves: _analyse(m, options, x, leaves))
     stages, groups, auto_leaves, notes = prefixed(parts)
     analysed = ", ".join(f"`{p}`" for p, _ in parts)
     reason = getattr(error, "reason", str(error))
     head = (
-        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}): its submodules {analysed} were "
-        "analysed instead; convs elsewhere are not shared (see submodules)"
+        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}): its submodules "
+        f"{analysed} were analysed instead; convs elsewhere are not shared (see submodules)"
     )
     return SharingPlan(
         model=type(model).__name__,

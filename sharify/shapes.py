@@ -60,13 +60,11 @@ def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool
 def _hf_config(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
     """Channels and image size from a Hugging Face ``model.config`` (``num_channels``, ``image_size``)."""
     config = getattr(model, "config", None)
-    channels = getattr(config, "num_channels", None)
-    size = getattr(config, "image_size", None)
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    ok_size = isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(n, int) and n > 0 for n in size)
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+    sizes = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (tuple, list)) else []
+    ok = len(sizes) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
     ok_channels = isinstance(channels, int) and not isinstance(channels, bool) and channels > 0
-    return (channels if ok_channels else None), (tuple(size) if ok_size else None)  # type: ignore[return-value]
+    return (channels if ok_channels else None), ((sizes[0], sizes[1]) if ok else None)
 
 
 def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, int, int, int]]:
@@ -102,7 +100,9 @@ def as_inputs(example_inputs: object) -> tuple[Tensor, ...] | None:
         return None
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not inputs:
-        raise ValueError("example_inputs is empty; pass a tensor (or a tuple of tensors), e.g. torch.randn(1, 3, 224, 224)")
+        raise ValueError(
+            "example_inputs is empty; pass a tensor (or a tuple of tensors), e.g. torch.randn(1, 3, 224, 224)"
+        )
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             where = "example_inputs" if len(inputs) == 1 and inputs[0] is example_inputs else f"example_inputs[{i}]"
