@@ -259,7 +259,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 path = tracer.failed_path
                 partial = getattr(tracer, "graph", None)
-                if not path and partial is not None and any(n.op == "call_module" for n in partial.nodes):
+                if not path and _consistent(partial) and any(n.op == "call_module" for n in partial.nodes):
                     # The root's own forward stopped after calling modules: keep what was traced up to there.
                     stopped = f"`{type(model).__name__}.forward` ({reason})"
                     logger.info("the trace of %s stopped: analysing the graph traced before that point", stopped)
@@ -270,6 +270,14 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
                 logger.info("treating %s as a leaf: it cannot be traced (%s)", path, reason)
                 auto_leaves[path] = reason
     return TraceResult(graph, auto_leaves, stopped)
+
+
+def _consistent(graph: fx.Graph | None) -> bool:
+    """Whether a partial graph only refers to its own nodes (one cut inside a submodule's call may not)."""
+    if graph is None:
+        return False
+    nodes = set(graph.nodes)
+    return all(i in nodes for n in graph.nodes for i in n.all_input_nodes)
 
 
 def _untraceable(model: nn.Module, path: str | None, reason: str) -> UntraceableError:

@@ -185,6 +185,23 @@ def test_retinanet_plan_says_which_submodules_were_analysed() -> None:
     assert "  submodule backbone: analysed" in str(plan) and "cannot trace `RetinaNet.forward`" in plan.notes[0]
 
 
+def test_maskrcnn_heads_cut_mid_call_are_searched_not_crashed_on() -> None:
+    # RoIHeads' trace stops inside a submodule call: that partial graph is not used (it refers to lost nodes).
+    model = detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=64, max_size=96)
+    plan = sharify.plan(model)
+    assert len(plan.groups) == 4 and plan.submodules["roi_heads"].startswith("not analysed: torch.fx cannot trace")
+    assert plan.submodules["roi_heads.mask_head"].endswith("nothing to share")
+
+
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50"])
+def test_segmentation_models_are_still_traced_whole(name: str) -> None:
+    from torchvision.models import segmentation
+
+    model = getattr(segmentation, name)(weights=None, weights_backbone=None)
+    plan = sharify.plan(model)
+    assert len(plan.groups) == 4 and not plan.submodules and plan.trace_stopped is None
+
+
 def test_raft_shares_its_encoders() -> None:
     # RAFT's encoders hold residual blocks; its update block (GRU, flow head) has nothing ShaResNet-style.
     from torchvision.models.optical_flow import raft_small
