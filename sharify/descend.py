@@ -37,12 +37,12 @@ from .residual import Block, Stage
 from .rules import SharingGroup
 from .tracing import LeafSpec, eval_mode
 
-__all__ = ["plan_parts", "prefixed", "record_calls", "short_reason", "sub_leaf_modules"]
+__all__ = ["plan_parts", "prefixed", "record_calls", "root_default_input", "short_reason", "sub_leaf_modules"]
 
 logger = logging.getLogger(__name__)
 
-#: ``analyse(module, example_inputs, leaf_modules)``: the plan of one submodule (no descent of its own).
-Analyse = Callable[[nn.Module, "tuple[Tensor, ...] | None", "LeafSpec | None"], Any]
+#: ``analyse(path, module, example_inputs, leaf_modules)``: the plan of one submodule (no descent of its own).
+Analyse = Callable[[str, nn.Module, "tuple[Tensor, ...] | None", "LeafSpec | None"], Any]
 T = TypeVar("T")
 
 
@@ -50,7 +50,7 @@ def _holds_conv(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
 
 
-def _root_default_input(model: nn.Module) -> tuple[Tensor, ...]:
+def root_default_input(model: nn.Module) -> tuple[Tensor, ...]:
     """One ``(1, C, 224, 224)`` image per required positional input of the forward (two for optical flow)."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -196,7 +196,7 @@ def _shapes(inputs: tuple[Any, ...]) -> str:
 
 def plan_parts(
     model: nn.Module,
-    inputs: tuple[Tensor, ...] | None,
+    inputs: tuple[Tensor, ...],
     leaf_modules: LeafSpec | None,
     root_error: UntraceableError,
     analyse: Analyse,
@@ -205,7 +205,7 @@ def plan_parts(
 
     Args:
         model: The model whose own forward cannot be traced.
-        inputs: The root's example inputs (``None``: a default image batch).
+        inputs: The root's example inputs (or :func:`root_default_input`).
         leaf_modules: The root's ``leaf_modules``.
         root_error: Why the root's forward cannot be traced.
         analyse: Plans one submodule (it raises for a submodule that cannot be analysed either).
@@ -218,7 +218,7 @@ def plan_parts(
         UntraceableError: No submodule could be analysed, or none has anything to share; the message names
             what was tried and what to do.
     """
-    recorded = record_calls(model, inputs if inputs is not None else _root_default_input(model))
+    recorded = record_calls(model, inputs)
     parts: list[tuple[str, Any]] = []
     status: dict[str, str] = {}
 
@@ -230,7 +230,7 @@ def plan_parts(
             calls = recorded.get(path)
             example = tuple(torch.zeros(s, dtype=d) for s, d in calls) if calls else None
             try:
-                part = analyse(child, example, sub_leaf_modules(leaf_modules, path))
+                part = analyse(path, child, example, sub_leaf_modules(leaf_modules, path))
             except SharifyError as exc:  # untraceable itself, or its inputs unknown: try its children
                 reason = getattr(exc, "reason", None)
                 why = (

@@ -8,14 +8,15 @@ groups of one are left alone. Nothing in the model changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
-from .descend import plan_parts, prefixed, short_reason
+from .descend import plan_parts, prefixed, root_default_input, short_reason
 from .errors import UntraceableError
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_options
@@ -294,8 +295,16 @@ def _plan_of_parts(
     error: UntraceableError,
 ) -> SharingPlan:
     """The plan of a model whose own forward cannot be traced, made from its submodules (:mod:`sharify.descend`)."""
-    parts, status = plan_parts(model, inputs, leaf_modules, error, lambda m, x, leaves: _analyse(m, options, x, leaves))
+    # The root's inputs decide the recorded calls, so they are recorded as the analysis inputs (load repeats them).
+    inputs = inputs if inputs is not None else root_default_input(model)
+
+    def analyse(path: str, part: nn.Module, x: tuple[Tensor, ...] | None, leaves: LeafSpec | None) -> SharingPlan:
+        return _analyse(part, _part_options(options, path), x, leaves)
+
+    parts, status = plan_parts(model, inputs, leaf_modules, error, analyse)
     stages, groups, auto_leaves, notes = prefixed(parts)
+    if options.method == "basis":  # rank mappings: keys of stages no part has are refused, as for a whole model
+        check_rank_stages(options, [s.path for s in stages])
     analysed = ", ".join(f"`{p}`" for p, _ in parts)
     reason = getattr(error, "reason", str(error))
     head = (
@@ -309,12 +318,25 @@ def _plan_of_parts(
         params_before=count_params(model),
         options=options.to_dict(),
         auto_leaves=auto_leaves,
-        input_shapes=tuple(tuple(x.shape) for x in inputs or ()),
-        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs or ()),
+        input_shapes=tuple(tuple(x.shape) for x in inputs),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs),
         leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=sum(part.convs_without_shape for _, part in parts),
         notes=(head, *notes),
         submodules=status,
+    )
+
+
+def _part_options(options: SharingOptions, path: str) -> SharingOptions:
+    """``options`` for the submodule at ``path``: rank mappings keyed by root-relative stage paths made relative."""
+
+    def relative(rank: Rank | None) -> Rank | None:
+        if not isinstance(rank, Mapping):
+            return rank
+        return {k[len(path) + 1 :]: v for k, v in rank.items() if k.startswith(path + ".")}
+
+    return dataclasses.replace(
+        options, shared_rank=relative(options.shared_rank), unique_rank=relative(options.unique_rank)
     )
 
 

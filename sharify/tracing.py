@@ -259,7 +259,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 path = tracer.failed_path
                 partial = getattr(tracer, "graph", None)
-                if not path and _consistent(partial) and any(n.op == "call_module" for n in partial.nodes):
+                if not path and partial is not None and _consistent(partial) and _calls_modules(partial):
                     # The root's own forward stopped after calling modules: keep what was traced up to there.
                     stopped = f"`{type(model).__name__}.forward` ({reason})"
                     logger.info("the trace of %s stopped: analysing the graph traced before that point", stopped)
@@ -272,10 +272,12 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
     return TraceResult(graph, auto_leaves, stopped)
 
 
-def _consistent(graph: fx.Graph | None) -> bool:
+def _calls_modules(graph: fx.Graph) -> bool:
+    return any(n.op == "call_module" for n in graph.nodes)
+
+
+def _consistent(graph: fx.Graph) -> bool:
     """Whether a partial graph only refers to its own nodes (one cut inside a submodule's call may not)."""
-    if graph is None:
-        return False
     nodes = set(graph.nodes)
     return all(i in nodes for n in graph.nodes for i in n.all_input_nodes)
 

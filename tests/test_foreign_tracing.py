@@ -165,6 +165,7 @@ def test_detector_shares_its_backbone_with_one_call(tmp_path: Path) -> None:
         out = shared(images)[0]
     assert out["boxes"].shape[0] > 0
     loaded = _round_trip(shared, _fasterrcnn(), tmp_path / "det.safetensors").eval()
+    assert sharify.read_recipe(tmp_path / "det.safetensors").analysis["input_shapes"] == [[1, 3, 224, 224]]
     with torch.no_grad():
         again = loaded(images)[0]
     assert all(torch.equal(out[k], again[k]) for k in out)
@@ -183,6 +184,13 @@ def test_retinanet_plan_says_which_submodules_were_analysed() -> None:
     assert plan.submodules["head.classification_head.conv"].endswith("nothing to share")
     assert plan.to_dict()["submodules"] == plan.submodules
     assert "  submodule backbone: analysed" in str(plan) and "cannot trace `RetinaNet.forward`" in plan.notes[0]
+    assert plan.input_shapes == ((1, 3, 224, 224),)  # the root's input, which decides the recorded calls
+    # per-stage rank mappings are keyed by paths from the root, as for any model
+    ranks = {f"backbone.body.layer{i}": i for i in range(1, 5)}
+    basis = sharify.plan(model, method="basis", shared_rank=ranks, unique_rank=1)
+    assert [g.shared_rank for g in basis.groups] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"shared_rank has entries for 'head\.x', which are no stage paths"):
+        sharify.plan(model, method="basis", shared_rank={**ranks, "head.x": 2}, unique_rank=1)
 
 
 def test_maskrcnn_heads_cut_mid_call_are_searched_not_crashed_on() -> None:
