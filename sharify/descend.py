@@ -25,6 +25,7 @@ import inspect
 import logging
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -101,6 +102,16 @@ def _attributes_restored(model: nn.Module) -> Iterator[None]:
             module._buffers.update(buffers)
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
 #: The recorded call of a submodule: ``(shape, dtype)`` of each positional argument.
 Call = tuple[tuple[tuple[int, ...], torch.dtype], ...]
 
@@ -109,8 +120,8 @@ def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Call
     """Runs ``model`` (eval mode, no grad) on fake tensors and records each conv-holding submodule's first call.
 
     Only calls whose arguments are all tensors (no keyword arguments) are recorded, as ``(shape, dtype)``
-    per argument. The run stops at the first operation fake tensors cannot run; the model is not changed
-    (attributes the forward sets on its modules are restored).
+    per argument. The run stops at the first operation fake tensors cannot run. The model's own hooks do not
+    run, and the model is not changed (attributes the forward sets on its modules are restored).
     """
     paths = {id(m): p for p, m in model.named_modules() if p and not isinstance(m, nn.Conv2d) and _holds_conv(m)}
     seen: dict[str, Call] = {}
@@ -120,22 +131,23 @@ def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Call
         if path is not None and path not in seen and args and not kwargs and all(isinstance(a, Tensor) for a in args):
             seen[path] = tuple((tuple(a.shape), a.dtype) for a in args)
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if id(m) in paths]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with contextlib.ExitStack() as stack:
-            for context in (_attributes_restored(model), eval_mode(model), torch.no_grad(), warnings.catch_warnings()):
-                stack.enter_context(context)
-            stack.enter_context(_quiet("torch._subclasses.fake_tensor"))
-            warnings.simplefilter("ignore")  # torch's and the model's remarks on a run that is only recorded
+    with contextlib.ExitStack() as stack:
+        for context in (_attributes_restored(model), eval_mode(model), torch.no_grad(), warnings.catch_warnings()):
+            stack.enter_context(context)
+        stack.enter_context(_quiet("torch._subclasses.fake_tensor"))
+        warnings.simplefilter("ignore")  # torch's and the model's remarks on a run that is only recorded
+        for module in model.modules():  # the user's hooks do not see this run (the originals come back on exit)
+            module.__dict__.update({name: OrderedDict() for name in _HOOKS if name in module.__dict__})
+        for module in model.modules():
+            if id(module) in paths:
+                module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
             with mode:
                 model(*(mode.from_tensor(x).to(device) for x in inputs))
-    except Exception as exc:  # the run is expected to stop somewhere (NMS, a size check on data)
-        logger.debug("the recorded call of %s stopped: %s", type(model).__name__, exc)
-    finally:
-        for handle in handles:
-            handle.remove()
+        except Exception as exc:  # the run is expected to stop somewhere (NMS, a size check on data)
+            logger.debug("the recorded call of %s stopped: %s", type(model).__name__, exc)
     return seen
 
 
