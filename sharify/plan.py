@@ -4,6 +4,10 @@
 (:mod:`sharify.residual`) and applies the sharing rule: in every block of a stage, the conv(s) picked
 by each *position selector*; members of a stage and position with one conv signature form a group;
 groups of one are left alone. Nothing in the model changes.
+
+A model whose own forward torch.fx cannot trace at all (a detector taking a list of images, RAFT) is
+analysed in its largest submodules that do trace (:mod:`sharify.descend`); the plan's paths stay relative
+to the model and :attr:`SharingPlan.submodules` says which submodules were analysed and which were not.
 """
 
 from __future__ import annotations
@@ -207,8 +211,10 @@ def plan(
 
     Args:
         model: Any ``nn.Module`` built of residual blocks.
-        example_inputs: Inputs for shape propagation; default ``(1, C, H, W)`` from timm's
-            ``pretrained_cfg["input_size"]`` or 3x224x224, C from the first conv.
+        example_inputs: Inputs for shape propagation, one tensor per positional input of the forward (its
+            other parameters keep their defaults); default ``(1, C, H, W)`` from timm's
+            ``pretrained_cfg["input_size"]`` or a Hugging Face ``config`` (``num_channels``, ``image_size``),
+            else 3x224x224, C from the first conv.
         preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
             its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
@@ -238,9 +244,13 @@ def plan(
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
 
     Raises:
+        TypeError: ``example_inputs`` is not a tensor or a tuple/list of tensors, or has more tensors than
+            the forward takes positional inputs.
         ValueError: Unknown preset/selector/method, a selector given twice, an index out of range for
             every branch, bad ranks (or a rank mapping with a missing or unknown stage path), or
-            ``method="basis"`` on a position that is not a dense 3x3 conv.
+            ``method="basis"`` on a position that is not a dense 3x3 conv; empty ``example_inputs``.
+        UntraceableError: The model cannot be traced where its stages are, and none of its submodules
+            analysed in its place (when its own forward cannot be traced) has anything to share.
 
     Example:
         >>> import torchvision, sharify
