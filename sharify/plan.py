@@ -4,22 +4,29 @@
 (:mod:`sharify.residual`) and applies the sharing rule: in every block of a stage, the conv(s) picked
 by each *position selector*; members of a stage and position with one conv signature form a group;
 groups of one are left alone. Nothing in the model changes.
+
+A model whose own forward torch.fx cannot trace at all (a detector taking a list of images, RAFT) is
+analysed in its largest submodules that do trace (:mod:`sharify.descend`); the plan's paths stay relative
+to the model and :attr:`SharingPlan.submodules` says which submodules were analysed and which were not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
 
+from .descend import plan_parts, prefixed, root_default_input, short_reason
+from .errors import UntraceableError
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_leaf_modules, resolve_options
 from .residual import Block, Stage, find_stages, last_candidate_add
 from .rules import ConvSignature, SharingGroup, check_rank_stages
-from .shapes import propagate_shapes
+from .shapes import as_inputs, propagate_shapes
 from .tracing import LeafSpec, trace
 
 __all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
@@ -47,6 +54,9 @@ class SharingPlan:
         trace_stopped: Where torch.fx stopped tracing the root's own forward (data-dependent control flow
             after the stages, say): only what the forward computes before that point was analysed
             (``sharify`` warns). ``None`` when the whole forward was traced.
+        submodules: When the root's own forward cannot be traced at all (a detector, optical flow), its
+            submodules were analysed instead (:mod:`sharify.descend`): for each submodule tried, by path,
+            ``"analysed with ..."`` (the inputs used) or ``"not analysed: <why>"``. Empty otherwise.
     """
 
     model: str
@@ -61,6 +71,7 @@ class SharingPlan:
     notes: tuple[str, ...] = ()
     convs_without_shape: int = 0
     trace_stopped: str | None = None
+    submodules: dict[str, str] = field(default_factory=dict)
 
     @property
     def blocks(self) -> tuple[Block, ...]:
@@ -136,6 +147,7 @@ class SharingPlan:
             "leaf_modules": list(self.leaf_modules),
             "auto_leaves": self.auto_leaves,
             "notes": list(self.notes),
+            "submodules": dict(self.submodules),
             "stages": [
                 {
                     "path": s.path,
@@ -161,10 +173,12 @@ class SharingPlan:
             lines.extend(f"    {m}" for m in grp.members)
         if not self.groups:  # the reason already lists the notes and the untraced submodules
             lines.append(f"  nothing to share: {self.empty_reason()}")
+            lines.extend(f"  submodule {path}: {status}" for path, status in self.submodules.items())
             return "\n".join(lines)
         for path, reason in self.auto_leaves.items():
             lines.append(f"  not traced (treated as a leaf): {path}: {reason}")
         lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  submodule {path}: {status}" for path, status in self.submodules.items())
         return "\n".join(lines)
 
     def to_json(self) -> str:
@@ -197,8 +211,10 @@ def plan(
 
     Args:
         model: Any ``nn.Module`` built of residual blocks.
-        example_inputs: Inputs for shape propagation; default ``(1, C, H, W)`` from timm's
-            ``pretrained_cfg["input_size"]`` or 3x224x224, C from the first conv.
+        example_inputs: Inputs for shape propagation, one tensor per positional input of the forward (its
+            other parameters keep their defaults); default ``(1, C, H, W)`` from timm's
+            ``pretrained_cfg["input_size"]`` or a Hugging Face ``config`` (``num_channels``, ``image_size``),
+            else 3x224x224, C from the first conv.
         preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
             its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
@@ -230,14 +246,19 @@ def plan(
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
 
     Raises:
+        TypeError: ``example_inputs`` is not a tensor or a tuple/list of tensors, or has more tensors than
+            the forward takes positional inputs.
         ValueError: Unknown preset/selector/method, a selector given twice, an index out of range for
             every branch, bad ranks (or a rank mapping with a missing or unknown stage path), or
             ``method="basis"`` on a position that is not a dense 3x3 conv; a ``leaf_modules`` path that names
-            no submodule.
-        TypeError: An option or ``leaf_modules`` entry of the wrong type, or ``model`` is no ``nn.Module``.
+            no submodule; empty ``example_inputs``.
+        TypeError: An option, ``example_inputs`` or ``leaf_modules`` entry of the wrong type, or ``model`` is no
+            ``nn.Module``.
         AlreadySharifiedError: ``model`` already shares convs (as :func:`sharify.sharify` refuses it).
         UnsupportedModelError: A TorchScript module or a DDP / DataParallel / ``torch.compile`` wrapper: plan
             the bare model.
+        UntraceableError: The model cannot be traced where its stages are, and none of its submodules
+            analysed in its place (when its own forward cannot be traced) has anything to share.
 
     Example:
         >>> import torchvision, sharify
@@ -275,15 +296,81 @@ def make_plan(
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = resolve_leaf_modules(model, leaf_modules)
+    inputs = as_inputs(example_inputs)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
         no_convs = ("the model has no Conv2d layers",)
         return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
-    traced = trace(model, leaf_modules)
+    try:
+        return _analyse(model, options, inputs, leaf_modules)
+    except UntraceableError as exc:
+        if getattr(exc, "module_path", None) != "":
+            raise  # a submodule stays untraceable: leaf_modules can help
+        return _plan_of_parts(model, options, inputs, leaf_modules, exc)
+
+
+def _plan_of_parts(
+    model: nn.Module,
+    options: SharingOptions,
+    inputs: tuple[Tensor, ...] | None,
+    leaf_modules: LeafSpec | None,
+    error: UntraceableError,
+) -> SharingPlan:
+    """The plan of a model whose own forward cannot be traced, made from its submodules (:mod:`sharify.descend`)."""
+    # The root's inputs decide the recorded calls, so they are recorded as the analysis inputs (load repeats them).
+    inputs = inputs if inputs is not None else root_default_input(model)
+
+    def analyse(path: str, part: nn.Module, x: tuple[Tensor, ...] | None, leaves: LeafSpec | None) -> SharingPlan:
+        return _analyse(part, _part_options(options, path), x, leaves)
+
+    parts, status = plan_parts(model, inputs, leaf_modules, error, analyse)
+    stages, groups, auto_leaves, notes = prefixed(parts)
+    if options.method == "basis":  # rank mappings: keys of stages no part has are refused, as for a whole model
+        check_rank_stages(options, [s.path for s in stages])
+    analysed = ", ".join(f"`{p}`" for p, _ in parts)
+    reason = getattr(error, "reason", str(error))
+    head = (
+        f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}): its submodules "
+        f"{analysed} were analysed instead; convs elsewhere are not shared (see submodules)"
+    )
+    return SharingPlan(
+        model=type(model).__name__,
+        stages=tuple(stages),
+        groups=tuple(groups),
+        params_before=count_params(model),
+        options=options.to_dict(),
+        auto_leaves=auto_leaves,
+        input_shapes=tuple(tuple(x.shape) for x in inputs),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs),
+        leaf_modules=leaf_paths(model, leaf_modules),
+        convs_without_shape=sum(part.convs_without_shape for _, part in parts),
+        notes=(head, *notes),
+        submodules=status,
+    )
+
+
+def _part_options(options: SharingOptions, path: str) -> SharingOptions:
+    """``options`` for the submodule at ``path``: rank mappings keyed by root-relative stage paths made relative."""
+
+    def relative(rank: Rank | None) -> Rank | None:
+        if not isinstance(rank, Mapping):
+            return rank
+        return {k[len(path) + 1 :]: v for k, v in rank.items() if k.startswith(path + ".")}
+
+    return dataclasses.replace(
+        options, shared_rank=relative(options.shared_rank), unique_rank=relative(options.unique_rank)
+    )
+
+
+def _analyse(
+    model: nn.Module, options: SharingOptions, inputs: tuple[Tensor, ...] | None, leaf_modules: LeafSpec | None
+) -> SharingPlan:
+    """The plan of ``model`` from its own trace (raises :class:`UntraceableError` where that is impossible)."""
+    traced = trace(model, leaf_modules, num_inputs=len(inputs) if inputs is not None else 1)
     # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
-    shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
+    shapes = propagate_shapes(model, traced.graph, inputs, stop_after=needed)
     _, stages = find_stages(traced.graph, model)
     finder = GroupFinder(model, traced.graph, stages)
     groups, seen = finder.groups(options)

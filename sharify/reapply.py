@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Mapping
 
 from torch import nn
@@ -221,7 +222,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     # and init="scaled" (which folds gains into the BatchNorm after a member, found by the analysis).
     direct = all(g.whole_conv for g in recipe.groups) and options.get("init") != "scaled"
     try:
-        shared = sharify(model, **options, **analysis_kwargs(recipe))
+        with warnings.catch_warnings():  # the analysis' remarks were the saver's to see; the groups are checked here
+            warnings.simplefilter("ignore")
+            shared = sharify(model, **options, **analysis_kwargs(recipe))
         got = [_key(g) for g in groups_of(shared)]
         if got == wanted:
             return shared

@@ -174,6 +174,8 @@ def sharify(
             "the forward runs after it are not (move the untraceable code into a submodule to analyse the rest)",
             stacklevel=2,
         )
+    if sharing.submodules:
+        warnings.warn(f"{sharing.notes[0]}; plan.submodules lists what was analysed", stacklevel=2)
     if sharing.convs_without_shape:
         stop = next(n for n in sharing.notes if n.startswith("shape propagation stopped"))
         warnings.warn(

@@ -36,7 +36,7 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         fake_log.setLevel(level)
 
 
-__all__ = ["ExampleInputsError", "Propagation", "default_input_shapes", "propagate_shapes"]
+__all__ = ["ExampleInputsError", "Propagation", "as_inputs", "default_input_shapes", "propagate_shapes"]
 
 
 class ExampleInputsError(SharifyError, ValueError):
@@ -46,41 +46,77 @@ class ExampleInputsError(SharifyError, ValueError):
 def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:
     """The first conv the traced forward calls (not the first one registered): its path, the module, and
     whether it takes the model's input directly (then the input must have its ``in_channels``)."""
+    first_input = next((n for n in graph.nodes if n.op == "placeholder"), None)
     for node in graph.nodes:
         if node.op != "call_module":
             continue
         module = model.get_submodule(str(node.target))
         if isinstance(module, nn.Conv2d):
-            direct = bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+            direct = bool(node.args) and node.args[0] is first_input  # takes example_inputs[0] itself
             return str(node.target), module, direct
     return None
+
+
+def _hf_config(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
+    """Channels and image size from a Hugging Face ``model.config`` (``num_channels``, ``image_size``)."""
+    config = getattr(model, "config", None)
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+    sizes = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (tuple, list)) else []
+    ok = len(sizes) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes)
+    ok_channels = isinstance(channels, int) and not isinstance(channels, bool) and channels > 0
+    return (channels if ok_channels else None), ((sizes[0], sizes[1]) if ok else None)
 
 
 def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, int, int, int]]:
     """Candidate default inputs ``(1, C, H, W)`` for ``model`` traced as ``graph``, most likely first.
 
-    H and W come from timm's ``pretrained_cfg["input_size"]`` when present, else 224. C is the
-    ``in_channels`` of the first conv the forward calls (right for models built with ``in_chans=1``),
-    then the cfg's channels (right when a space-to-depth stem precedes the first conv), then 3.
+    H and W come from timm's ``pretrained_cfg["input_size"]`` or a Hugging Face ``config.image_size`` when
+    present, else 224. C is a Hugging Face ``config.num_channels``, then the ``in_channels`` of the first conv
+    the forward calls (right for models built with ``in_chans=1``), then timm's cfg channels (right when a
+    space-to-depth stem precedes the first conv), then 3.
     """
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    height, width = (int(size[1]), int(size[2])) if size is not None and len(size) == 3 else (224, 224)
+    hf_channels, hf_size = _hf_config(model)
+    if size is not None and len(size) == 3:
+        height, width = int(size[1]), int(size[2])
+    else:
+        height, width = hf_size or (224, 224)
     first = _first_conv(model, graph)
-    channels = [first[1].in_channels] if first is not None else []
+    channels = [hf_channels] if hf_channels is not None else []
+    channels += [first[1].in_channels] if first is not None else []
     channels += [int(size[0])] if size is not None and len(size) == 3 else []
     return [(1, c, height, width) for c in dict.fromkeys([*channels, 3])]
 
 
-def _check_inputs(model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
+def as_inputs(example_inputs: object) -> tuple[Tensor, ...] | None:
+    """``example_inputs`` as a tuple of tensors (``None`` stays ``None``).
+
+    Raises:
+        TypeError: Not a tensor or a tuple/list of tensors (a string, a dict, a shape, ...).
+        ValueError: An empty tuple/list.
+    """
+    if example_inputs is None:
+        return None
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not inputs:
+        raise ValueError(
+            "example_inputs is empty; pass a tensor (or a tuple of tensors), e.g. torch.randn(1, 3, 224, 224)"
+        )
     if len(inputs) > 1 and all(isinstance(x, int) and not isinstance(x, bool) for x in inputs):
         shape = ", ".join(map(str, inputs))
         raise TypeError(f"example_inputs is a shape ({shape}), not a tensor; pass torch.randn({shape})")
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
+            where = "example_inputs" if len(inputs) == 1 and inputs[0] is example_inputs else f"example_inputs[{i}]"
             raise TypeError(
-                f"example_inputs[{i}] is a {type(x).__name__}; pass tensors, e.g. torch.randn(1, 3, 224, 224)"
+                f"{where} is a {type(x).__name__} ({x!r:.40}); pass a tensor or a tuple of tensors, "
+                "e.g. torch.randn(1, 3, 224, 224)"
             )
+    return inputs
+
+
+def _check_inputs(model: nn.Module, graph: fx.Graph, inputs: Sequence[Any]) -> None:
     first = _first_conv(model, graph)
     x = inputs[0] if inputs else None
     if first is None or x is None or not first[2]:
@@ -253,9 +289,7 @@ def propagate_shapes(
     """
     given = example_inputs is not None
     if given:
-        inputs: Sequence[Any] = (
-            tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        )
+        inputs: Sequence[Any] = as_inputs(example_inputs) or ()
         _check_inputs(model, graph, inputs)
     device, dtype = _param_device(model)
     if _on_meta(model):

@@ -11,12 +11,23 @@ retried as a leaf: sharify then sees it as one opaque call and records it in
 when it stops the trace (an inline head with data-dependent control flow, say), the graph traced up
 to that point is kept and :attr:`TraceResult.stopped` says where; :func:`sharify.plan` analyses that
 part and raises :class:`~sharify.errors.UntraceableError` only when it holds nothing to share.
+
+Two habits of real model code are handled while tracing:
+
+* The root is called with its example inputs only, as a user calls it: forward parameters the inputs do not
+  supply keep their defaults, ``**kwargs`` is empty. fx would make each of them a placeholder, and Hugging
+  Face's ``labels=None, output_hidden_states=None, return_dict=None, **kwargs`` would stop the trace at
+  ``if output_hidden_states:`` (or at ``**kwargs`` unpacked as a proxy).
+* A leaf module called as ``self.bn.forward(x)`` (old CIFAR code) records a ``call_module`` node, exactly as
+  ``self.bn(x)`` does: fx only intercepts ``Module.__call__``, so each leaf's ``forward`` is routed to the
+  tracer for the duration of the trace (restored afterwards, also on error).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -53,11 +64,15 @@ class TraceResult:
 
     def untraceable_error(self, found: str) -> UntraceableError:
         """The error for a model whose partial trace (:attr:`stopped`) holds nothing to share."""
-        return UntraceableError(
+        error = UntraceableError(
             f"torch.fx cannot trace {self.stopped}; {found} before that point. sharify needs the data flow of the "
             "residual stages: make that code traceable, or move it into a submodule (which sharify then treats as "
-            "an opaque call), or pass leaf_modules=[...] naming untraceable submodules."
+            "an opaque call), or share a submodule that torch.fx can trace (sharify.sharify(model.<name>, "
+            "inplace=True))"
         )
+        error.module_path = ""  # type: ignore[attr-defined]  # the root's own code: leaf_modules cannot help
+        error.reason = (self.stopped or "").partition(" (")[2].removesuffix(")")  # type: ignore[attr-defined]
+        return error
 
 
 @functools.cache
@@ -73,7 +88,12 @@ def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., An
 
 
 class _AnalysisTracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...], leaf_paths: set[str]) -> None:
+    def __init__(
+        self,
+        leaf_types: tuple[type[nn.Module], ...],
+        leaf_paths: set[str],
+        inputs: list[tuple[str, bool]] | None = None,
+    ) -> None:
         timm_modules, timm_functions = _timm_notrace()
         super().__init__(autowrap_functions=timm_functions)
         self.timm_leaf_types = timm_modules
@@ -81,6 +101,22 @@ class _AnalysisTracer(fx.Tracer):
         self.leaf_paths = leaf_paths
         self.failed_path: str | None = None
         self._parameter_names: dict[int, str] | None = None
+        self.inputs = inputs
+
+    def create_args_for_root(
+        self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
+    ) -> tuple[Callable[..., Any], list[Any]]:
+        # The root is called with its inputs only, as a user calls it: every other parameter takes its default
+        # in Python (fx's concrete_args would leave placeholders behind and cannot see through decorators).
+        if not is_module or self.inputs is None or concrete_args is not None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        proxies = [(name, kw, self.create_proxy("placeholder", name, (), {})) for name, kw in self.inputs]
+        keyword = {name: proxy for name, kw, proxy in proxies if kw}
+
+        def call(root: nn.Module, *args: Any) -> Any:
+            return root_fn(root, *args, **keyword)
+
+        return call, [self.root, *(proxy for _, kw, proxy in proxies if not kw)]
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         # fx finds a parameter's path by scanning root.named_parameters() on every access, which is
@@ -130,12 +166,73 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult:
+def root_inputs(model: nn.Module, num_inputs: int) -> list[tuple[str, bool]] | None:
+    """The forward parameters of ``model`` that are inputs when it is called with ``num_inputs`` tensors.
+
+    The first ``num_inputs`` positional parameters (``*args`` included) and every parameter without a
+    default are inputs; the others keep their default, ``**kwargs`` stays empty. Each input comes as
+    ``(name, keyword_only)``; ``None`` when the forward has no inspectable signature.
+
+    Raises:
+        TypeError: The forward takes fewer positional inputs than ``num_inputs``.
+    """
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]  # not self
+    except (TypeError, ValueError):  # a builtin or C-implemented forward
+        return None
+    inputs: list[tuple[str, bool]] = []
+    positional = 0
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            inputs += [(f"{p.name}_{i}", False) for i in range(num_inputs - positional)]
+            positional = max(positional, num_inputs)
+        elif p.kind is p.KEYWORD_ONLY:
+            inputs += [(p.name, True)] if p.default is p.empty else []
+        elif p.kind is not p.VAR_KEYWORD and (positional < num_inputs or p.default is p.empty):
+            inputs.append((p.name, False))
+            positional += 1
+    if positional < num_inputs:
+        raise TypeError(
+            f"example_inputs has {num_inputs} tensors, but {type(model).__name__}.forward takes {positional} "
+            "positional inputs; pass one tensor per positional input of the forward"
+        )
+    return inputs
+
+
+@contextlib.contextmanager
+def _direct_leaf_calls(tracer: _AnalysisTracer, model: nn.Module) -> Iterator[None]:
+    """Routes ``leaf.forward(x)`` to the tracer (a ``call_module`` node) while tracing; restores every leaf."""
+    patched: list[tuple[nn.Module, Any]] = []
+    missing = object()
+
+    def routed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return tracer.call_module(module, forward, args, kwargs)
+
+        return call
+
+    try:
+        for path, module in model.named_modules():
+            if path and tracer.is_leaf_module(module, path):
+                patched.append((module, module.__dict__.get("forward", missing)))
+                module.__dict__["forward"] = routed(module, module.forward)
+        yield
+    finally:
+        for module, previous in reversed(patched):
+            if previous is missing:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
+def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs: int = 1) -> TraceResult:
     """Traces ``model`` (in eval mode, restored afterwards) into a graph over its modules.
 
     Args:
         model: The model to trace; it is not modified.
         leaf_modules: Extra module classes or paths not to trace into.
+        num_inputs: How many positional inputs the model is called with; later parameters with a default
+            keep that default (see :func:`root_inputs`).
 
     Returns:
         The graph, the submodules that had to be treated as leaves, and where the root's forward stopped
@@ -143,38 +240,64 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None) -> TraceResult
 
     Raises:
         UntraceableError: The root's own forward cannot be traced before it calls any module, or a
-            submodule stays untraceable even with its failing children leafed.
+            submodule stays untraceable even with its failing children leafed. Its ``module_path``
+            attribute is the failing submodule's path, ``""`` for the root's own forward.
     """
     user_types = tuple(x for x in leaf_modules or () if isinstance(x, type))
     leaf_paths = {x for x in leaf_modules or () if isinstance(x, str)}
+    inputs = root_inputs(model, num_inputs)
     auto_leaves: dict[str, str] = {}
     stopped: str | None = None
     with eval_mode(model):
         while True:
-            tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves))
+            tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves), inputs)
             try:
-                graph = tracer.trace(model)
+                with _direct_leaf_calls(tracer, model):
+                    graph = tracer.trace(model)
                 break
             except Exception as exc:  # torch.fx raises many kinds of errors for untraceable code
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 path = tracer.failed_path
                 partial = getattr(tracer, "graph", None)
-                if not path and partial is not None and any(n.op == "call_module" for n in partial.nodes):
+                if not path and partial is not None and _consistent(partial) and _calls_modules(partial):
                     # The root's own forward stopped after calling modules: keep what was traced up to there.
                     stopped = f"`{type(model).__name__}.forward` ({reason})"
                     logger.info("the trace of %s stopped: analysing the graph traced before that point", stopped)
                     graph = partial
                     break
                 if not path or path in auto_leaves or len(auto_leaves) >= _MAX_AUTO_LEAVES:
-                    where = f"`{type(model).__name__}.forward`" if not path else f"module `{path}`"
-                    raise UntraceableError(
-                        f"torch.fx cannot trace {where} ({reason}). sharify needs the data flow of the residual "
-                        "stages: make that code traceable, or pass leaf_modules=[...] naming the untraceable "
-                        "submodules (classes or paths) so they are treated as opaque calls."
-                    ) from exc
+                    raise _untraceable(model, path, reason) from exc
                 logger.info("treating %s as a leaf: it cannot be traced (%s)", path, reason)
                 auto_leaves[path] = reason
     return TraceResult(graph, auto_leaves, stopped)
+
+
+def _calls_modules(graph: fx.Graph) -> bool:
+    return any(n.op == "call_module" for n in graph.nodes)
+
+
+def _consistent(graph: fx.Graph) -> bool:
+    """Whether a partial graph only refers to its own nodes (one cut inside a submodule's call may not)."""
+    nodes = set(graph.nodes)
+    return all(i in nodes for n in graph.nodes for i in n.all_input_nodes)
+
+
+def _untraceable(model: nn.Module, path: str | None, reason: str) -> UntraceableError:
+    if path:
+        error = UntraceableError(
+            f"torch.fx cannot trace module `{path}` ({reason}). sharify needs the data flow of the residual "
+            "stages: make that code traceable, or pass leaf_modules=[...] naming the untraceable submodules "
+            "(classes or paths) so they are treated as opaque calls."
+        )
+    else:  # leaf_modules cannot help with the root's own code
+        error = UntraceableError(
+            f"torch.fx cannot trace `{type(model).__name__}.forward` ({reason}). sharify needs the data flow of "
+            "the residual stages: share a submodule that torch.fx can trace (sharify.sharify(model.<name>, "
+            "inplace=True)), or pass example_inputs= matching the forward's arguments"
+        )
+    error.module_path = path or ""  # type: ignore[attr-defined]
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
 
 
 def module_path(node: fx.Node) -> str:

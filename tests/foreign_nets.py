@@ -20,6 +20,60 @@ __all__: list[str] = []
 # ----------------------------------------------------------------------------------------------------------
 
 
+class OldBasicBlock(nn.Module):
+    """A CIFAR basic block as older repositories wrote it: submodules called through ``.forward`` directly."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, direct: bool = True) -> None:
+        super().__init__()
+        self.direct = direct
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            out = F.relu(self.bn1.forward(self.conv1.forward(x)))
+            out = self.bn2.forward(self.conv2.forward(out))
+            return F.relu(out + self.shortcut.forward(x))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class OldCifarResNet(nn.Module):
+    """An old-style CIFAR ResNet (3 stages of ``blocks`` basic blocks); ``direct=False`` is the same net with
+    ordinary ``module(x)`` calls."""
+
+    def __init__(self, blocks: int = 2, width: int = 8, num_classes: int = 10, direct: bool = True) -> None:
+        super().__init__()
+        self.direct = direct
+        self.conv_reduce = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        layers, planes = [], width
+        for i, out in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            stage = [OldBasicBlock(planes, out, stride, direct)]
+            stage += [OldBasicBlock(out, out, 1, direct) for _ in range(blocks - 1)]
+            layers.append(nn.Sequential(*stage))
+            planes = out
+        self.stage_1, self.stage_2, self.stage_3 = layers
+        self.classifier = nn.Linear(planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            x = F.relu(self.bn.forward(self.conv_reduce.forward(x)))
+            x = self.stage_3.forward(self.stage_2.forward(self.stage_1.forward(x)))
+            x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+            return self.classifier.forward(x)
+        x = F.relu(self.bn(self.conv_reduce(x)))
+        x = self.stage_3(self.stage_2(self.stage_1(x)))
+        return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 # (end of tracing section)
 
 
