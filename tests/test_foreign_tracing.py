@@ -258,7 +258,8 @@ def test_root_refusal_names_what_was_tried_and_does_not_suggest_leaf_modules() -
     ("inputs", "error", "match"),
     [
         ("x", TypeError, r"example_inputs is a str \('x'\); pass a tensor"),
-        ((1, 3, 32, 32), TypeError, r"example_inputs\[0\] is a int"),
+        ((1, 3, 32, 32), TypeError, r"example_inputs is a shape \(1, 3, 32, 32\), not a tensor; pass torch\.randn"),
+        ((torch.randn(1, 3, 32, 32), 5), TypeError, r"example_inputs\[1\] is a int"),
         ({"x": torch.randn(1, 3, 32, 32)}, TypeError, r"example_inputs is a dict"),
         ([torch.randn(1, 3, 32, 32), "y"], TypeError, r"example_inputs\[1\] is a str"),
         ((), ValueError, r"example_inputs is empty"),
