@@ -1,5 +1,5 @@
 """The accuracy study: its smoke run (every step on a tiny synthetic Fashion-MNIST), and the committed
-results — the markdown, the README's summary and study.json must say the same."""
+results — the markdown, the README's summary and study.json must say the same (marker ``results``)."""
 
 from __future__ import annotations
 
@@ -86,13 +86,14 @@ def _head() -> str:
     return done.stdout.strip()
 
 
-# --- the committed study: its markdown, the README's summary and study.json agree -------------------------------
+# --- the committed study: its markdown, the README's summary and study.json agree (marker `results`) ----------
 
 
 def _committed() -> dict[str, Any]:
     return json.loads((RESULTS / "study.json").read_text())
 
 
+@pytest.mark.results
 def test_committed_markdown_is_rewritten_from_study_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--from-json` rewrites accuracy_study.md (and the plot) from study.json alone, without training; the
     committed markdown is exactly that text."""
@@ -108,6 +109,7 @@ def test_committed_markdown_is_rewritten_from_study_json(tmp_path: Path, capsys:
     assert json.loads((tmp_path / "study.json").read_text()) == _committed()  # read, not rewritten
 
 
+@pytest.mark.results
 def test_committed_runs_regulariser_is_what_the_markdown_says() -> None:
     """Filter-basis rows fine-tuned with lambda_r = 10 and every other run with 0, as each run's config.json
     records; the markdown says so."""
@@ -150,6 +152,7 @@ README_ROWS = {
 }
 
 
+@pytest.mark.results
 def test_readme_table_equals_study_json() -> None:
     """Every number of the README's table (accuracies, parameter counts, % fewer, epochs) is study.json's."""
     study = _committed()
@@ -200,6 +203,7 @@ def test_readme_table_equals_study_json() -> None:
     assert "ResNet-20" in cells[-2][0] and args.depth == 20 and f"ResNet-{args.depth - 6}" in cells[-1][0]
 
 
+@pytest.mark.results
 def test_readme_findings_numbers_equal_study_json() -> None:
     """The summary's derived numbers: the re-calibrated aligned variants' range, the baseline, the control."""
     study = _committed()

@@ -1,7 +1,8 @@
 """The ShaResNet rows (default sharing rule) reproduced from the architecture alone.
 
 ImageNet rows use torchvision's models, CIFAR rows the user-style networks in benchmarks/cifar_models.py.
-Models are built on the meta device: the analysis needs no weights.
+Models are built on the meta device: the analysis needs no weights. The committed table and the README's
+table are checked against these counts under the ``results`` marker.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def test_sharified_model_has_the_plans_parameter_count(index: int) -> None:
     assert _sharified(index) == _measured(index)[1]
 
 
+@pytest.mark.results
 def test_committed_table_is_a_fresh_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """benchmarks/results/paper_tables.md is what `python -m benchmarks.paper_tables --out FILE` writes.
 
@@ -101,6 +103,7 @@ def _readme_options(cell: str) -> dict[str, object]:
     return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
 
 
+@pytest.mark.results
 def test_readme_table_is_what_the_benchmark_measures() -> None:
     """Each README row: the benchmark's row (same order), options, published value and measured counts."""
     cells = _readme_table()

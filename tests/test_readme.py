@@ -1,4 +1,7 @@
-"""The README's Python examples run as written, and its two commands exist."""
+"""The README's Python examples run as written, and its two commands exist.
+
+The figures of the README checked against the committed benchmark results carry the ``results`` marker.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def test_readme_commands_are_the_ci_commands() -> None:
     assert test_command in commands
     ci = (README.parent / ".ci" / "run").read_text()
     assert test_command in ci
+    # the checks of the committed results, deselected by the default run, are CI's next step
+    assert ci.index("\npython -m pytest -m results\n") > ci.index(test_command)
 
 
 def test_readme_command_sharify_report_resnet50_prints_the_table() -> None:
@@ -121,6 +126,7 @@ def _table_after(heading: str, first_column: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.results
 def test_readme_coverage_figures_are_the_committed_sweep() -> None:
     import json
     from collections import Counter
@@ -159,6 +165,7 @@ def test_readme_coverage_figures_are_the_committed_sweep() -> None:
         assert best == f"{100 * max(r['reduction'] for r in shared):.1f} %", family
 
 
+@pytest.mark.results
 def test_readme_performance_figures_are_the_committed_benchmark() -> None:
     import json
     import statistics
