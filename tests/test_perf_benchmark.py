@@ -1,14 +1,54 @@
-"""The performance benchmark's machinery on tiny models: it runs end to end and its memory ratios are exact."""
+"""The performance benchmark's machinery on tiny models: it runs end to end and its memory ratios are exact.
+
+The verdicts of the speed rows are checked against the rows' own numbers by a small computation of this file's,
+not by the benchmark's ``perf.verdict``: on the fresh run here, and on the committed results (marker ``results``).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from benchmarks import perf
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.98  # the README's speed target: the shared model at >= 98 % of the original's throughput
+
+
+def verdict_problems(rows: list[dict[str, Any]]) -> list[str]:
+    """What contradicts the numbers in a speed row: a verdict other than the one its median ratio and 95 %
+    interval give ("met": ratio >= target; "noise": below, but the interval reaches it; "below": the whole
+    interval under it), or a median outside its own interquartile range or interval."""
+    problems = []
+    for r in rows:
+        where = f"{r['model']} {r['mode']} (channels_last={r['channels_last']}, compile={r['compile']})"
+        ratio, (low, high) = r["ratio"], r["ratio_ci95"]
+        if not (r["ratio_q1"] <= ratio <= r["ratio_q3"] and low <= ratio <= high):
+            problems.append(f"{where}: ratio {ratio} outside IQR {r['ratio_q1']}-{r['ratio_q3']} or CI {low}-{high}")
+        if ratio >= TARGET:
+            expected = "met"
+        elif high >= TARGET:
+            expected = "noise"
+        else:
+            expected = "below"
+        if r["verdict"] != expected:
+            problems.append(f"{where}: verdict {r['verdict']!r}, the numbers say {expected!r}")
+    return problems
+
+
+def summary_problems(rows: list[dict[str, Any]], markdown: str) -> list[str]:
+    """The markdown's target line disagrees with the rows' verdicts (counts of met / noise / below)."""
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("met", "noise", "below")}
+    line = (
+        f"Target (ratio >= {TARGET}): {counts['met']} of {len(rows)} rows met; {counts['noise']} below it by less "
+        f"than this machine's noise"
+    )
+    return [] if line in " ".join(markdown.split()) else [f"no line {line!r} in the markdown"]
 
 
 def test_memory_ratios_follow_the_parameter_fraction() -> None:
@@ -31,7 +71,7 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     assert {r["mode"] for r in results["speed"]} == {"train step", "inference"}
     assert all(r["ratio"] > 0 for r in results["speed"])
     assert all(r["ratio_q1"] <= r["ratio_q3"] for r in results["speed"])
-    assert all(r["verdict"] == perf.verdict(r["ratio"], tuple(r["ratio_ci95"])) for r in results["speed"])
+    assert verdict_problems(results["speed"]) == []
     overhead = results["overhead"][0]
     assert overhead["model"] == "wrn-16-1" and overhead["members"] == 3 * 2  # conv2 of both blocks of 3 stages
     mem = results["memory"][0]
@@ -47,6 +87,7 @@ def test_perf_main_end_to_end(tmp_path: Path) -> None:
     text = (tmp_path / "perf.md").read_text()
     assert "| wrn-16-1 | train step |" in text and "## Analysis memory" in text and "ratio IQR" in text
     assert "### Peak memory of a training step" in text and "| wrn-16-1 | " in text.split("### Peak memory")[1]
+    assert summary_problems(results["speed"], text) == []
 
 
 def test_interleaved_alternates_the_order_every_round() -> None:
@@ -64,3 +105,66 @@ def test_median_confidence_interval_and_verdict() -> None:
     assert perf.verdict(0.99, (0.95, 1.02)) == "met"
     assert perf.verdict(0.97, (0.95, 1.01)) == "noise"
     assert perf.verdict(0.95, (0.93, 0.97)) == "below"
+
+
+# --- the checks above can fail: hand-edited copies of a speed table ------------------------------------------
+
+ROWS = [  # one row of each verdict, as perf.json writes them
+    {"model": "m", "mode": "train step", "channels_last": False, "compile": False, "ratio": 0.99,
+     "ratio_q1": 0.97, "ratio_q3": 1.01, "ratio_ci95": [0.96, 1.02], "verdict": "met"},
+    {"model": "m", "mode": "inference", "channels_last": False, "compile": False, "ratio": 0.97,
+     "ratio_q1": 0.96, "ratio_q3": 0.985, "ratio_ci95": [0.95, 0.99], "verdict": "noise"},
+    {"model": "m", "mode": "inference", "channels_last": True, "compile": False, "ratio": 0.95,
+     "ratio_q1": 0.94, "ratio_q3": 0.96, "ratio_ci95": [0.93, 0.97], "verdict": "below"},
+]  # fmt: skip
+SUMMARY = (
+    "Target (ratio >= 0.98): 1 of 3 rows met; 1 below it by less than this machine's noise (the 95% confidence "
+    "interval of the median reaches 0.98); 1 measurably below."
+)
+
+
+def _edited(path: Path, index: int, **fields: Any) -> list[dict[str, Any]]:
+    """A copy of ``ROWS`` with row ``index`` edited, written to ``path`` as perf.json and read back."""
+    rows = copy.deepcopy(ROWS)
+    rows[index].update(fields)
+    path.write_text(json.dumps({"speed": rows}))
+    return json.loads(path.read_text())["speed"]
+
+
+def test_speed_checks_pass_on_consistent_rows() -> None:
+    assert verdict_problems(ROWS) == [] and summary_problems(ROWS, SUMMARY) == []
+
+
+@pytest.mark.parametrize(
+    ("index", "fields", "message"),
+    [
+        (0, {"verdict": "noise"}, "verdict 'noise', the numbers say 'met'"),  # a median at the target is met
+        (1, {"verdict": "met"}, "verdict 'met', the numbers say 'noise'"),  # met with a median under the target
+        (1, {"ratio_ci95": [0.95, 0.975]}, "verdict 'noise', the numbers say 'below'"),  # interval under the target
+        (2, {"verdict": "noise"}, "verdict 'noise', the numbers say 'below'"),
+        (2, {"ratio": 0.985, "ratio_q3": 0.99, "ratio_ci95": [0.93, 0.99]}, "the numbers say 'met'"),
+        (0, {"ratio_ci95": [1.0, 1.02]}, "outside IQR 0.97-1.01 or CI 1.0-1.02"),  # median outside its interval
+        (1, {"ratio_q1": 0.975}, "outside IQR 0.975-0.985"),
+    ],
+)
+def test_verdict_check_fails_on_a_hand_edited_table(
+    tmp_path: Path, index: int, fields: dict[str, Any], message: str
+) -> None:
+    problems = verdict_problems(_edited(tmp_path / "perf.json", index, **fields))
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+def test_summary_check_fails_when_the_counts_disagree(tmp_path: Path) -> None:
+    rows = _edited(tmp_path / "perf.json", 2, verdict="noise", ratio_ci95=[0.93, 0.99])  # consistent, but 2 noise
+    assert verdict_problems(rows) == []
+    assert summary_problems(rows, SUMMARY) != []
+    assert summary_problems(rows, SUMMARY.replace("1 below it", "2 below it")) == []
+
+
+@pytest.mark.results
+@pytest.mark.parametrize("name", ["perf.json", "perf_recheck_wrn-28-10/perf.json"])
+def test_committed_speed_verdicts_follow_their_numbers(name: str) -> None:
+    path = ROOT / "benchmarks" / "results" / name
+    results = json.loads(path.read_text())
+    assert verdict_problems(results["speed"]) == []
+    assert summary_problems(results["speed"], (path.parent / "perf.md").read_text()) == []
