@@ -17,7 +17,7 @@ from torch import nn
 
 import sharify
 from sharify.recipe import detect_source
-from sharify.source import build_structure
+from sharify.source import build_structure, registered_on_meta
 from tests.conftest import perturb, state_equal
 
 X = torch.randn(2, 3, 32, 32)
@@ -113,11 +113,54 @@ def test_user_model_is_saved_without_a_warning(tmp_path):
     assert sharify.read_recipe(path).source is None
 
 
+def _hook_dicts() -> tuple[dict[int, object], dict[int, object]]:
+    """Where torch keeps the global parameter and buffer registration hooks (``registered_on_meta`` adds one each)."""
+    module = nn.modules.module
+    return module._global_parameter_registration_hooks, module._global_buffer_registration_hooks
+
+
+def _registration_hooks() -> list[object]:
+    return [hook for hooks in _hook_dicts() for hook in hooks.values()]
+
+
+def _built_on_cpu() -> bool:
+    """A parameter and a buffer registered now get memory: no registration hook is left moving them to meta."""
+    return nn.Linear(2, 2).weight.device.type == "cpu" and nn.BatchNorm1d(2).running_mean.device.type == "cpu"
+
+
 def test_builders_that_compute_with_tensors_are_built_without_weights():
     """RegNet computes its widths with tensors, which the meta device cannot; its parameters still get no memory."""
-    register = nn.Module.register_parameter
+    hooks = _registration_hooks()
     model = build_structure(sharify.ModelSource("torchvision", "regnet_x_400mf", {"num_classes": 5}))
     assert isinstance(model, torchvision.models.RegNet) and model.fc.out_features == 5
     assert all(t.is_meta for t in model.state_dict().values())
-    assert nn.Module.register_parameter is register  # the patch is undone
-    assert nn.Linear(2, 2).weight.device.type == "cpu"
+    assert _registration_hooks() == hooks  # the hooks are removed
+    assert _built_on_cpu()
+
+
+def test_registration_hooks_are_removed_when_the_builder_fails():
+    hooks = _registration_hooks()
+    with pytest.raises(ValueError, match="the builder fails"), registered_on_meta():
+        assert len(_registration_hooks()) == len(hooks) + 2
+        assert nn.Linear(2, 2).weight.is_meta and nn.BatchNorm1d(2).running_mean.is_meta
+        raise ValueError("the builder fails")
+    assert _registration_hooks() == hooks and _built_on_cpu()
+
+
+def test_hooks_left_installed_fail_the_checks(monkeypatch: pytest.MonkeyPatch):
+    """The checks above can fail: with handles that do not remove their hook, both see what is left."""
+    dicts = _hook_dicts()
+    before = [dict(d) for d in dicts]
+    hooks = _registration_hooks()
+    monkeypatch.setattr(torch.utils.hooks.RemovableHandle, "remove", lambda self: None)
+    try:
+        with registered_on_meta():
+            pass
+        monkeypatch.undo()
+        assert _registration_hooks() != hooks and not _built_on_cpu()
+    finally:
+        monkeypatch.undo()
+        for d, kept in zip(dicts, before, strict=True):
+            for key in [k for k in d if k not in kept]:
+                del d[key]
+    assert _registration_hooks() == hooks and _built_on_cpu()
