@@ -1,8 +1,10 @@
-"""The exceptions sharify raises for models it cannot handle.
+"""The exceptions sharify raises: the one home of the library's exception family.
 
-Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models that sharify cannot analyse or
-rewrite raise a subclass of :class:`SharifyError`. Every message names the module or value at fault
-and says what to try.
+Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models, inputs, files and data that
+sharify cannot handle raise a subclass of :class:`SharifyError` (several also derive from the built-in
+exception a caller would catch without knowing sharify: ``ValueError``, ``TypeError``, ``OSError``).
+:mod:`sharify.train` raises the same classes (``sharify.train.CheckpointError is
+sharify.CheckpointError``). Every message names the module, value or file at fault and says what to try.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 __all__ = [
     "AlreadySharifiedError",
     "CheckpointError",
+    "DataError",
+    "ExampleInputsError",
     "NothingToShareError",
     "PretrainedWeightsError",
     "RecipeMismatchError",
@@ -44,8 +48,13 @@ class AlreadySharifiedError(SharifyError):
     """The model already contains shared convs; sharify refuses to share twice."""
 
 
+class ExampleInputsError(SharifyError, ValueError):
+    """The example inputs do not fit the model (wrong rank, channels or size)."""
+
+
 class CheckpointError(SharifyError, ValueError):
-    """A sharify checkpoint file cannot be read: missing, corrupted, truncated or not written by sharify."""
+    """A checkpoint cannot be used: missing, corrupted, truncated, not written by sharify, or (a training
+    checkpoint of :mod:`sharify.train`) belonging to another model or run."""
 
 
 class RecipeMismatchError(CheckpointError):
@@ -54,3 +63,7 @@ class RecipeMismatchError(CheckpointError):
 
 class TieError(SharifyError):
     """The sharing of a model is broken in a way :func:`sharify.retie` cannot repair."""
+
+
+class DataError(SharifyError):
+    """A data set for :mod:`sharify.train` is missing, has the wrong layout or does not match the model."""

@@ -1,19 +1,13 @@
 """Errors of the fine-tuning tools: bad data and bad checkpoints.
 
-Both are :class:`~sharify.SharifyError` subclasses, so the command line reports them as one line
-naming the file at fault and the fix.
+Both live in :mod:`sharify.errors` with the rest of the library's exception family and are
+re-exported here: ``sharify.train.CheckpointError is sharify.CheckpointError``, so one ``except``
+catches a bad training checkpoint and a bad :func:`sharify.load` file alike, and the command line
+reports either as one line naming the file at fault and the fix.
 """
 
 from __future__ import annotations
 
-from ..errors import SharifyError
+from ..errors import CheckpointError, DataError
 
 __all__ = ["CheckpointError", "DataError"]
-
-
-class DataError(SharifyError):
-    """A data set is missing, has the wrong layout or does not match the model."""
-
-
-class CheckpointError(SharifyError):
-    """A checkpoint is missing, corrupt, or belongs to another model or run."""
