@@ -3,8 +3,8 @@
 Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models, inputs, files and data that
 sharify cannot handle raise a subclass of :class:`SharifyError` (several also derive from the built-in
 exception a caller would catch without knowing sharify: ``ValueError``, ``TypeError``, ``OSError``).
-:mod:`sharify.train` raises the same classes (``sharify.train.CheckpointError is
-sharify.CheckpointError``). Every message names the module, value or file at fault and says what to try.
+:mod:`sharify.train`'s errors subclass these (``except sharify.CheckpointError`` catches a bad training
+checkpoint too). Every message names the module, value or file at fault and says what to try.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 __all__ = [
     "AlreadySharifiedError",
     "CheckpointError",
-    "DataError",
     "ExampleInputsError",
     "NothingToShareError",
     "PretrainedWeightsError",
@@ -53,8 +52,7 @@ class ExampleInputsError(SharifyError, ValueError):
 
 
 class CheckpointError(SharifyError, ValueError):
-    """A checkpoint cannot be used: missing, corrupted, truncated, not written by sharify, or (a training
-    checkpoint of :mod:`sharify.train`) belonging to another model or run."""
+    """A sharify checkpoint file cannot be read: missing, corrupted, truncated or not written by sharify."""
 
 
 class RecipeMismatchError(CheckpointError):
@@ -63,7 +61,3 @@ class RecipeMismatchError(CheckpointError):
 
 class TieError(SharifyError):
     """The sharing of a model is broken in a way :func:`sharify.retie` cannot repair."""
-
-
-class DataError(SharifyError):
-    """A data set for :mod:`sharify.train` is missing, has the wrong layout or does not match the model."""
