@@ -14,7 +14,7 @@ import contextlib
 import errno
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,13 +35,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _default_mode() -> int:
-    """The mode ``open()`` gives a new file under the process's umask (``mkstemp`` makes files ``0o600``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def os_error(exc: OSError, path: Path, message: str = WRITE_FAILED) -> OSError:
@@ -93,11 +86,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], 
     tmp: Path | None = None
     try:
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-            os.close(fd)
-            tmp = Path(tmp_name)
+            tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:12]}")
+            # 0o666 less the umask, as open() gives (mkstemp's 0o600 would make the file its owner's only)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             write(tmp)
-            os.chmod(tmp, _default_mode())
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
