@@ -24,6 +24,7 @@ from .checkpoint import load_unshared_state_dict
 from .errors import (
     AlreadySharifiedError,
     CheckpointError,
+    ExampleInputsError,
     NothingToShareError,
     PretrainedWeightsError,
     RecipeMismatchError,
@@ -39,7 +40,6 @@ from .recipe import GroupRecipe, Recipe
 from .report import GroupReport, ParameterReport, report
 from .rewrite import apply_plan, sharify, unshare
 from .serialization import load, read_recipe, save
-from .shapes import ExampleInputsError
 from .verify import retie, verify
 from .zoo import ModelSource
 

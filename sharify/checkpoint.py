@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._wrappers import unwrap
+from ._paths import names_by_identity
+from ._wrappers import strip_wrapper_prefixes, unwrap
 from .init import check_init, initial_tensors
 from .layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, shared_groups
 
@@ -31,17 +32,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_KEYS = ("state_dict", "model", "module")
 #: ... and their EMA weights (timm: ``state_dict_ema``; some loops ``model_ema``).
 EMA_KEYS = ("state_dict_ema", "model_ema")
-
-
-def _strip_prefix(
-    state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")
-) -> dict[str, Any]:
-    out = dict(state_dict)
-    while True:  # in any nesting: "module._orig_mod." as well as "_orig_mod.module."
-        prefix = next((p for p in prefixes if out and all(k.startswith(p) for k in out)), None)
-        if prefix is None:
-            return out
-        out = {k[len(prefix) :]: v for k, v in out.items()}
 
 
 def checkpoint_weights(obj: Any, *, ema: bool = False) -> tuple[Any, list[str]]:
@@ -66,9 +56,8 @@ def meta_gap(model: nn.Module, tensors: Mapping[str, Tensor]) -> str | None:
 
 def _tied_names(model: nn.Module) -> list[list[str]]:
     """Names of the parameters and buffers registered more than once (the model's own ties), per tensor."""
-    names: dict[int, list[str]] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(tensor), []).append(name)
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    names = names_by_identity(named)
     return [group for group in names.values() if len(group) > 1]
 
 
@@ -125,7 +114,7 @@ def _weights(state_dict: Any) -> dict[str, Tensor]:
             f"state_dict entry {bad!r} is of type {type(obj[bad]).__name__}, not a tensor: pass the model's weights "
             f"(a state_dict, or a training checkpoint holding one under {' / '.join(map(repr, WEIGHT_KEYS))}){hint}"
         )
-    return _strip_prefix(obj)
+    return strip_wrapper_prefixes(obj)
 
 
 def _check_options(bare: nn.Module) -> None:

@@ -1,8 +1,10 @@
-"""The exceptions sharify raises for models it cannot handle.
+"""The exceptions sharify raises: the one home of the library's exception family.
 
-Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models that sharify cannot analyse or
-rewrite raise a subclass of :class:`SharifyError`. Every message names the module or value at fault
-and says what to try.
+Bad *arguments* raise the built-in ``TypeError``/``ValueError``; models, inputs, files and data that
+sharify cannot handle raise a subclass of :class:`SharifyError` (several also derive from the built-in
+exception a caller would catch without knowing sharify: ``ValueError``, ``TypeError``, ``OSError``).
+:mod:`sharify.train`'s errors subclass these (``except sharify.CheckpointError`` catches a bad training
+checkpoint too). Every message names the module, value or file at fault and says what to try.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadySharifiedError",
     "CheckpointError",
+    "ExampleInputsError",
     "NothingToShareError",
     "PretrainedWeightsError",
     "RecipeMismatchError",
@@ -42,6 +45,10 @@ class PretrainedWeightsError(SharifyError, OSError):
 
 class AlreadySharifiedError(SharifyError):
     """The model already contains shared convs; sharify refuses to share twice."""
+
+
+class ExampleInputsError(SharifyError, ValueError):
+    """The example inputs do not fit the model (wrong rank, channels or size)."""
 
 
 class CheckpointError(SharifyError, ValueError):

@@ -15,6 +15,7 @@ from typing import Any, cast
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ._paths import module_paths, names_by_identity
 from .align import channel_slots
 from .options import _ALIASES, Selector, SharingOptions
 from .residual import Block, Stage
@@ -76,12 +77,8 @@ class GroupFinder:
             if node.op == "call_module":
                 self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
                 self.conv_nodes[str(node.target)] = node
-        self.param_names: dict[int, list[str]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.param_names.setdefault(id(p), []).append(name)
-        self.module_paths: dict[int, list[str]] = {}
-        for name, m in model.named_modules(remove_duplicate=False):
-            self.module_paths.setdefault(id(m), []).append(name)
+        self.param_names = names_by_identity(model.named_parameters(remove_duplicate=False))
+        self.module_paths = module_paths(model)
         self._reasons: dict[str, str | None] = {}
 
     def eligible(self, path: str) -> bool:

@@ -32,6 +32,8 @@ from typing import Any
 
 from torch import nn
 
+from ._paths import module_paths
+
 __all__ = [
     "METHODS",
     "PRESETS",
@@ -237,7 +239,7 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
         )
     spec = tuple(leaf_modules)
     paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
-    canonical = {id(m): p for p, m in reversed(list(model.named_modules(remove_duplicate=False)))}
+    aliases = module_paths(model)
     out: list[type[nn.Module] | str] = []
     for x in spec:
         if isinstance(x, str):
@@ -254,5 +256,5 @@ def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[n
         elif not (isinstance(x, type) and issubclass(x, nn.Module)):
             raise TypeError(f"leaf_modules takes nn.Module classes or module paths (str), got {_got(x)}")
         # A module registered under several paths is traced under its first one.
-        out.append(canonical[id(model.get_submodule(x))] if isinstance(x, str) else x)
+        out.append(aliases[id(model.get_submodule(x))][0] if isinstance(x, str) else x)
     return tuple(out)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
+from ._paths import within
 from .tracing import module_path
 
 __all__ = ["Block", "Stage", "common_prefix", "find_stages", "last_candidate_add"]
@@ -236,10 +237,6 @@ def last_candidate_add(graph: fx.Graph, model: nn.Module) -> fx.Node | None:
     return next((g.nodes[i] for i in reversed(range(len(g.nodes))) if _structural_add(g, i) is not None), None)
 
 
-def _is_within(path: str, ancestor: str) -> bool:
-    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
-
-
 def _block_path(g: _Graph, a: _Add, add_mask: int, sole_add_in_module: bool) -> str:
     """The module that is the block: the one performing the add when it performs no other residual
     add (torchvision's ``Bottleneck``), else the deepest module holding branch and shortcut (a user's
@@ -247,7 +244,7 @@ def _block_path(g: _Graph, a: _Add, add_mask: int, sole_add_in_module: bool) -> 
     region = [p for p in (module_path(g.nodes[i]) for i in _bits((a.branch | a.shortcut) & ~add_mask)) if p]
     inner = common_prefix(region) if region else ""
     adder = module_path(g.nodes[a.node])
-    if sole_add_in_module and adder and _is_within(inner, adder):
+    if sole_add_in_module and adder and within(inner, adder):
         return adder
     return inner
 

@@ -61,8 +61,7 @@ def check_model(model: object) -> None:
         raise UnsupportedModelError(
             "got a TorchScript module; sharify rewrites eager modules: call sharify(model) before torch.jit.script"
         )
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    if isinstance(model, wrappers) or type(model).__name__ == "OptimizedModule":
+    if is_wrapper(model):
         raise UnsupportedModelError(
             f"got a {type(model).__name__} wrapper; sharify the bare model first and wrap the result "
             "(shared = sharify(model); DDP(shared) / torch.compile(shared)), because the wrapper has already "

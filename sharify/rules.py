@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ._paths import within
 from .align import ChannelSlot
 from .options import _ALIASES, Rank, Selector, SharingOptions
 from .residual import Block, Stage
@@ -169,7 +170,7 @@ def select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise
 def group_key(stage: Stage, unique_stage_path: bool, block: Block, member: str, label: str, taken: set[str]) -> str:
     """Deterministic holder key: ``<stage>.<member path inside its block>`` (e.g. ``layer1.conv2``),
     or the first member's own path when the stage's path does not identify the stage."""
-    if unique_stage_path and _within(member, block.path) and member != block.path:
+    if unique_stage_path and within(member, block.path) and member != block.path:
         rel = member[len(block.path) + 1 :] if block.path else member
         base = ".".join(x for x in (stage.path, rel) if x)
     elif unique_stage_path and member == block.path:
@@ -186,10 +187,6 @@ def group_key(stage: Stage, unique_stage_path: bool, block: Block, member: str, 
         key = f"{base}_{n}"
     taken.add(key)
     return key
-
-
-def _within(path: str, ancestor: str) -> bool:
-    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
 
 
 def scaled_rank(rank: int, channels: int) -> int:

@@ -15,13 +15,10 @@ the result.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import errno
 import logging
 import os
-import re
-import uuid
 import warnings
 import zlib
 from collections.abc import Mapping
@@ -29,11 +26,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._aliases import expand, find_aliases, retie_aliases, untied_problems
+from ._atomic import atomic_write
 from ._wrappers import is_wrapper, unwrap
 from .checkpoint import load_state, meta_gap
 from .errors import CheckpointError, TieError, UnsupportedModelError
@@ -116,44 +114,6 @@ def _format_hint(path: Path) -> str:
             "state_dict with model.load_state_dict(torch.load(path, weights_only=True))"
         )
     return "it is truncated, corrupted or of another format: save the model again with sharify.save"
-
-
-def _write_error(exc: Exception, path: Path) -> OSError | None:
-    """An ``OSError`` (of the errno's subclass) naming the user's ``path`` for a failed write, else ``None``."""
-    if isinstance(exc, OSError):
-        code: int | None = exc.errno
-    else:  # safetensors reports I/O errors as "I/O error: ... (os error 13) at path <temporary file>"
-        found = re.search(r"os error (\d+)", str(exc))
-        code = int(found[1]) if found else (errno.EIO if "I/O error" in str(exc) else None)
-        if code is None:
-            return None
-    detail = os.strerror(code) if code else str(exc)
-    return OSError(code, f"cannot write the file ({detail})", str(path))
-
-
-def _atomic_save_file(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except (OSError, SafetensorError) as exc:
-            error = _write_error(exc, path)
-            if error is None:
-                raise
-            raise error from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename durable where directories can be opened
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save(
@@ -266,7 +226,8 @@ def save(
         text = recipe.to_json()
     except TypeError as exc:
         raise ValueError(f"the sharing options {recipe.options} cannot be stored as JSON ({exc})") from exc
-    _atomic_save_file(tensors, path, {"format": "pt", RECIPE_KEY: text, **extra})
+    metadata = {"format": "pt", RECIPE_KEY: text, **extra}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
     return path
 

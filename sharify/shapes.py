@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import SharifyError
+from .errors import ExampleInputsError
 from .tracing import eval_mode, module_path
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
 
 
 __all__ = ["ExampleInputsError", "Propagation", "as_inputs", "default_input_shapes", "propagate_shapes"]
-
-
-class ExampleInputsError(SharifyError, ValueError):
-    """The example inputs do not fit the model (wrong rank, channels or size)."""
 
 
 def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._paths import within
 from .layers import SHARED_STORE_NAME, SharedStore
 from .reapply import conv_path, fit_problems
 from .recipe import Recipe, recipe_of
@@ -164,7 +165,7 @@ def _from_torchvision(model: nn.Module) -> bool:
 
 
 def _under(path: str, prefixes: set[str]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in prefixes)
+    return any(within(path, p) for p in prefixes)
 
 
 def _stores(model: nn.Module) -> set[str]:

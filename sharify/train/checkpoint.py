@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .. import _atomic
 from ..serialization import _checksum
 from .errors import CheckpointError
 
@@ -66,44 +67,21 @@ _FORMAT1_MARKER = "meta.json"  # format 1: meta.json, and everything else pickle
 _CHECKSUMS = "sharify-checksums"  # safetensors metadata: JSON {key: CRC-32 of the tensor's bytes}
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _default_mode() -> int:
-    """The mode ``open()`` gives a new file under the process's umask (``mkstemp`` makes files ``0o600``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+#: How a failed write reads in the command line's terms (see :func:`writing`).
+_CANNOT_WRITE = "cannot write {path} ({reason}); check free space and permissions, or pass another --out"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Calls ``write(tmp_path)`` then renames the temporary file to ``path`` (all or nothing).
 
-    The file gets the permissions of an ordinarily written file (``0o666`` less the umask).
+    The file gets the permissions of an ordinarily written file (``0o666`` less the umask); missing
+    parent directories are created. This is :func:`sharify._atomic.atomic_write` with the errors of
+    :func:`writing`.
     """
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            write(tmp)
-            os.chmod(tmp, _default_mode())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+    _atomic.atomic_write(path, write, message=_CANNOT_WRITE)
 
 
 @contextlib.contextmanager
@@ -112,10 +90,7 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise OSError(
-            exc.errno, f"cannot write {path} ({reason}); check free space and permissions, or pass another --out"
-        ) from exc
+        raise _atomic.os_error(exc, path, _CANNOT_WRITE) from exc
 
 
 def _tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -205,7 +180,7 @@ def _write_checkpoint(
         if final.exists():  # the same epoch saved again (e.g. a re-run after a crash)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        _atomic.fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

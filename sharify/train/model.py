@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import EMA_KEYS, WEIGHT_KEYS, _strip_prefix, checkpoint_weights
+from .._wrappers import strip_wrapper_prefixes
+from ..checkpoint import EMA_KEYS, WEIGHT_KEYS, checkpoint_weights
 from ..rewrite import sharify
 from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
 from .errors import CheckpointError
@@ -155,7 +156,7 @@ def load_weights_file(path: str | Path, *, ema: bool = False) -> dict[str, Tenso
         raise CheckpointError(
             f"{path} does not hold a state_dict of tensors; save one with torch.save(model.state_dict())"
         )
-    return _strip_prefix(obj)
+    return strip_wrapper_prefixes(obj)
 
 
 def _load_original(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> None:
