@@ -9,9 +9,13 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+import sharify
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -28,6 +32,25 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     persistence = next(b for b in _blocks("python") if "sharify.save(" in b)
     exec(compile(persistence, "README.md", "exec"), namespace)  # continues with the API example's model
     assert namespace["problems"] == [] and (tmp_path / "r34_shared.safetensors").exists()
+
+
+def test_readme_foreign_models_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    block = next(b for b in _blocks("python") if "ResNetForImageClassification" in b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the detector's "analysed its submodules instead" and "no source" warnings
+        exec(compile(block, "README.md", "exec"), namespace)
+    det, restored, shared_det = namespace["det"], namespace["restored"], namespace["shared_det"]
+    assert isinstance(namespace["shared_hf"], type(namespace["hf"]))
+    submodules = sharify.plan(namespace["fresh"]).submodules  # what the README's comment shows
+    assert submodules["backbone"].startswith("analysed with inputs (1, 3, 800, 800)")
+    assert sharify.shared_groups(shared_det) and sharify.verify(shared_det) == []
+    assert list(sharify.shared_groups(restored)) == list(sharify.shared_groups(det))
+    assert all(k.startswith("backbone.body.") for k in sharify.shared_groups(det))
+    assert restored.state_dict().keys() == det.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), det.state_dict().values()))
 
 
 def test_readme_commands_are_the_ci_commands() -> None:
