@@ -1,12 +1,14 @@
 """Building torchvision and timm models by name, for the CLI and for recipes.
 
-``"resnet50"`` resolves to torchvision's builder when torchvision has a classification model of that
-name, else to timm's; ``"tv:resnet50"`` and ``"timm:resnet50"`` choose explicitly.
+``"resnet50"`` resolves to torchvision's builder when torchvision has a model of that name (classification,
+detection, segmentation, video or optical flow), else to timm's; ``"tv:resnet50"`` and ``"timm:resnet50"``
+choose explicitly.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from torch import nn
 
 from .errors import PretrainedWeightsError
 
-__all__ = ["SOURCE_ATTR", "ModelSource", "build_model", "resolve_model_name"]
+__all__ = ["SOURCE_ATTR", "TORCHVISION_TASKS", "ModelSource", "build_model", "resolve_model_name", "torchvision_names"]
 
 #: Attribute in which :func:`build_model` records a model's :class:`ModelSource` (read by :func:`sharify.save`).
 SOURCE_ATTR = "_sharify_source"
@@ -38,10 +40,23 @@ class ModelSource:
             raise TypeError(f"ModelSource.kwargs must be a dict of builder keyword arguments, got {self.kwargs!r}")
 
 
-def _torchvision_names() -> list[str]:
+#: torchvision's model modules whose builders :func:`build_model` makes (its quantized models are left out).
+TORCHVISION_TASKS = ("classification", "detection", "segmentation", "video", "optical_flow")
+
+
+def torchvision_names(task: str | None = None) -> list[str]:
+    """Names of torchvision's builders of one task in :data:`TORCHVISION_TASKS`, or of all of them."""
     import torchvision
 
-    return list(torchvision.models.list_models(module=torchvision.models))
+    names: list[str] = []
+    for t in (task,) if task else TORCHVISION_TASKS:
+        module = torchvision.models if t == "classification" else getattr(torchvision.models, t)
+        names += torchvision.models.list_models(module=module)
+    return names
+
+
+def _torchvision_names() -> list[str]:
+    return torchvision_names()
 
 
 def _timm_names() -> list[str]:
@@ -75,7 +90,10 @@ def resolve_model_name(name: str) -> ModelSource:
         if close
         else "; see torchvision.models.list_models() / timm.list_models()"
     )
-    raise ValueError(f"unknown model {name!r}: not a torchvision classification model or a timm model{hint}")
+    raise ValueError(
+        f"unknown model {name!r}: not a torchvision model (classification, detection, segmentation, video, optical "
+        f"flow) or a timm model{hint}"
+    )
 
 
 @contextmanager
@@ -142,6 +160,11 @@ def build_model(
         weights = "DEFAULT" if pretrained else None
         if pretrained and num_classes is not None:
             raise ValueError("torchvision pretrained weights fix num_classes; build pretrained, then replace the head")
+        if (
+            not pretrained
+            and "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(source.name)).parameters
+        ):
+            kw.setdefault("weights_backbone", None)  # detection/segmentation builders default to a pretrained backbone
         with _download_errors(source, pretrained):
             model = torchvision.models.get_model(source.name, weights=weights, **kw)
     built = ModelSource(source.library, source.name, kw)

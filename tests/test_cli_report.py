@@ -59,3 +59,27 @@ def test_report_into_a_closed_pipe_exits_quietly(unbuffered: bool) -> None:
     _, err = proc.communicate(timeout=300)
     assert err == ""
     assert proc.returncode == 1
+
+
+def test_report_takes_torchvision_detectors_without_downloading(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import hub
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a download was attempted (a pretrained backbone?)")
+
+    monkeypatch.setattr(hub, "load_state_dict_from_url", no_download)
+    assert main(["report", "fasterrcnn_resnet50_fpn", "--json"]) == 0  # its backbone's stages are shared
+    got = json.loads(capsys.readouterr().out)
+    assert got["params_after"] < got["params_before"]
+    model, source = sharify.zoo.build_model("fasterrcnn_resnet50_fpn")
+    assert source.kwargs["weights_backbone"] is None and type(model).__name__ == "FasterRCNN"
+    # fine-tuning trains classifiers: a detector is refused with one line, not a crash in the loop
+    assert main(["finetune", "--model", "fasterrcnn_resnet50_fpn", "--data", "fashion-mnist", "--out", "x"]) == 2
+    assert "not an image classifier" in capsys.readouterr().err
+
+
+def test_unknown_model_name_lists_all_torchvision_tasks() -> None:
+    with pytest.raises(ValueError, match=r"not a torchvision model \(classification, detection, .*did you mean"):
+        sharify.zoo.resolve_model_name("fasterrcnn_resnet51_fpn")

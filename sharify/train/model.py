@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .._wrappers import strip_wrapper_prefixes
 from ..checkpoint import EMA_KEYS, WEIGHT_KEYS, checkpoint_weights
 from ..rewrite import sharify
-from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
+from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name, torchvision_names
 from .errors import CheckpointError
 
 __all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
@@ -217,6 +217,11 @@ def prepare_model(
         net = copy.deepcopy(model)
     else:
         source = model if isinstance(model, ModelSource) else resolve_model_name(model)
+        if source.library == "torchvision" and source.name not in torchvision_names("classification"):
+            raise ValueError(
+                f"{source.name} is not an image classifier: sharify finetune trains classifiers; sharify it with "
+                "the Python API (sharify.sharify) and train it in its own training code"
+            )
         if source.library != "timm":
             in_chans = None  # torchvision models take 3 channels; the data is converted instead
         kwargs: dict[str, Any] = {}
