@@ -36,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .errors import SharifyError, UntraceableError
 from .residual import Block, Stage
 from .rules import SharingGroup
-from .tracing import LeafSpec, eval_mode
+from .tracing import LeafSpec, attributes_restored, eval_mode
 
 __all__ = ["plan_parts", "prefixed", "record_calls", "root_default_input", "short_reason", "sub_leaf_modules"]
 
@@ -85,23 +85,6 @@ def _quiet(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-@contextlib.contextmanager
-def _attributes_restored(model: nn.Module) -> Iterator[None]:
-    """Restores every module's attributes, parameters and buffers as they were (a forward may cache tensors on
-    its modules, as RAFT's correlation block does: fake ones must not outlive the run)."""
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for module, attributes, parameters, buffers in saved:
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-            module._parameters.clear()
-            module._parameters.update(parameters)
-            module._buffers.clear()
-            module._buffers.update(buffers)
-
-
 _HOOKS = (
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
@@ -134,7 +117,7 @@ def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Call
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with contextlib.ExitStack() as stack:
-        for context in (_attributes_restored(model), eval_mode(model), torch.no_grad(), warnings.catch_warnings()):
+        for context in (attributes_restored(model), eval_mode(model), torch.no_grad(), warnings.catch_warnings()):
             stack.enter_context(context)
         stack.enter_context(_quiet("torch._subclasses.fake_tensor"))
         warnings.simplefilter("ignore")  # torch's and the model's remarks on a run that is only recorded

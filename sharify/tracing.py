@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from .errors import UntraceableError
 
-__all__ = ["LeafSpec", "TraceResult", "eval_mode", "module_path", "trace"]
+__all__ = ["LeafSpec", "TraceResult", "attributes_restored", "eval_mode", "module_path", "trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +225,36 @@ def _direct_leaf_calls(tracer: _AnalysisTracer, model: nn.Module) -> Iterator[No
                 module.__dict__["forward"] = previous
 
 
+@contextlib.contextmanager
+def attributes_restored(model: nn.Module) -> Iterator[None]:
+    """Restores every module's attributes as they were afterwards, also on error.
+
+    A forward may cache what it computes on its modules (RAFT's correlation block keeps tensors, torchvision's
+    ``MultiScaleRoIAlign`` its scales on first use, LeViT's attention a dict of biases): proxies of a trace or
+    fake tensors of a recorded run must not outlive it, or the model's next real forward (or trace) computes
+    with them. Attributes are restored by identity, and the contents of dicts, lists and sets held in them
+    (``_parameters``, ``_buffers``, caches) one level deep, in place.
+    """
+    saved = []
+    for module in model.modules():
+        attributes = dict(module.__dict__)
+        contents = {k: v.copy() for k, v in attributes.items() if isinstance(v, (dict, list, set))}
+        saved.append((module, attributes, contents))
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for name, content in contents.items():
+                container = attributes[name]
+                container.clear()
+                if isinstance(container, list):
+                    container.extend(content)
+                else:
+                    container.update(content)
+
+
 def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs: int = 1) -> TraceResult:
     """Traces ``model`` (in eval mode, restored afterwards) into a graph over its modules.
 
@@ -252,7 +282,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
         while True:
             tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves), inputs)
             try:
-                with _direct_leaf_calls(tracer, model):
+                with attributes_restored(model), _direct_leaf_calls(tracer, model):
                     graph = tracer.trace(model)
                 break
             except Exception as exc:  # torch.fx raises many kinds of errors for untraceable code

@@ -18,7 +18,7 @@ from torch import nn
 
 import sharify
 from tests.conftest import state_equal
-from tests.foreign_nets import OldCifarResNet
+from tests.foreign_nets import CachingNet, OldCifarResNet
 
 transformers = pytest.importorskip("transformers")
 detection = pytest.importorskip("torchvision.models.detection")
@@ -273,3 +273,15 @@ def test_bad_example_inputs_are_refused_clearly(inputs: Any, error: type[Excepti
     with pytest.raises(error, match=match):
         sharify.sharify(model, example_inputs=inputs, inplace=True)
     assert not hasattr(model, "sharify_shared")
+
+
+def test_what_a_forward_caches_on_its_modules_does_not_outlive_the_trace() -> None:
+    # A trace runs the forward with proxies: an attribute or dict entry it caches (MultiScaleRoIAlign's scales,
+    # LeViT's attention biases) would make the model's next forward, or the next analysis, compute with them.
+    model = CachingNet()
+    plan = sharify.plan(model)
+    assert len(plan.groups) == 1 and sharify.plan(model).groups == plan.groups  # a second analysis sees the same
+    assert all(b.scale is None and b.bias_cache == {} for b in model.blocks)
+    shared = sharify.sharify(model)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.isfinite(model(x)).all() and shared(x).shape == (2, 8)
