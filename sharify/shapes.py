@@ -176,8 +176,11 @@ class _Stop(Exception):
 class _FakePropagation(fx.Interpreter):
     """Fake-tensor interpreter that survives failing nodes: their dependents get no shape."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, stop_after: fx.Node | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, graph: fx.Graph, stop_after: fx.Node | None = None, device: torch.device | None = None
+    ) -> None:
         super().__init__(model, graph=graph)
+        self.device = device  # where the inputs are: tensor constants of the forward are moved there
         self.unknown: set[fx.Node] = set()
         self.failure: tuple[fx.Node, BaseException] | None = None
         self.stop_after = stop_after
@@ -199,7 +202,11 @@ class _FakePropagation(fx.Interpreter):
             self.unknown.add(n)
             return None
         try:
-            result = super().run_node(n)
+            if n.op == "get_attr" and "constant" in n.meta:  # a tensor the forward created (see tracing.trace)
+                result = n.meta["constant"]
+                result = result.to(self.device) if isinstance(result, Tensor) and self.device else result
+            else:
+                result = super().run_node(n)
         except Exception as exc:  # data-dependent code, a head built for another input size, ...
             self.unknown.add(n)
             self.failure = self.failure or (n, exc)
@@ -237,7 +244,8 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], stop_after: fx.Node | None) -> Propagation:
-    interpreter = _FakePropagation(model, graph, stop_after)
+    device = next((x.device for x in fake if isinstance(x, Tensor)), None)
+    interpreter = _FakePropagation(model, graph, stop_after, device)
     with eval_mode(model), contextlib.suppress(_Stop):
         interpreter.run(*fake)
     failure = None

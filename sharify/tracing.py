@@ -299,7 +299,30 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
                     raise _untraceable(model, path, reason) from exc
                 logger.info("treating %s as a leaf: it cannot be traced (%s)", path, reason)
                 auto_leaves[path] = reason
+    _keep_constants(tracer, graph)
     return TraceResult(graph, auto_leaves, stopped)
+
+
+def _keep_constants(tracer: fx.Tracer, graph: fx.Graph) -> None:
+    """Stores the tensors the forward created during the trace (``torch.tensor(...)`` in its code) in the
+    meta of the ``get_attr`` nodes that read them (``node.meta["constant"]``).
+
+    torch.fx registers such a tensor on the traced root as ``_tensor_constant<i>``; :func:`attributes_restored`
+    removes it again (the user's model gains no attributes), so the graph carries the value itself.
+    """
+    created = {name: value for value, name in getattr(tracer, "tensor_attrs", {}).items()}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target in created and not _resolves(tracer.root, str(node.target)):
+            node.meta["constant"] = created[str(node.target)]
+
+
+def _resolves(model: nn.Module, target: str) -> bool:
+    owner: Any = model
+    for part in target.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+    return True
 
 
 def _calls_modules(graph: fx.Graph) -> bool:

@@ -106,6 +106,20 @@ class CachingNet(nn.Module):
         return self.blocks(self.stem(x)).mean((2, 3))
 
 
+class ConstantStemNet(nn.Module):
+    """A stem whose forward creates a tensor (``torch.tensor([...])``) as timm's CSATv2 DCT stem does: torch.fx
+    registers it on the traced root as ``_tensor_constant0``."""
+
+    def __init__(self, c: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*(CachingBlock(c) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.tensor([0.5, 1.0, 2.0]).view(1, 3, 1, 1)
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
 # (end of tracing section)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 import sharify
 from tests.conftest import state_equal
-from tests.foreign_nets import CachingNet, OldCifarResNet
+from tests.foreign_nets import CachingNet, ConstantStemNet, OldCifarResNet
 
 transformers = pytest.importorskip("transformers")
 detection = pytest.importorskip("torchvision.models.detection")
@@ -285,3 +285,19 @@ def test_what_a_forward_caches_on_its_modules_does_not_outlive_the_trace() -> No
     shared = sharify.sharify(model)
     x = torch.randn(2, 3, 16, 16)
     assert torch.isfinite(model(x)).all() and shared(x).shape == (2, 8)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_a_tensor_the_forward_creates_is_kept_by_the_graph_not_left_on_the_model(device: str) -> None:
+    # torch.fx stores torch.tensor([...]) of a forward as the root's `_tensor_constant0`; the trace must not add
+    # it to the user's model, and shape propagation still needs its value (timm's csatv2 on the meta device).
+    with torch.device(device):
+        model = ConstantStemNet()
+    attributes = set(model.__dict__)
+    plan = sharify.plan(model)
+    assert len(plan.groups) == 1 and not plan.notes, plan.notes
+    assert set(model.__dict__) == attributes and not hasattr(model, "_tensor_constant0")
+    if device == "cpu":
+        shared = sharify.sharify(model)
+        assert not hasattr(shared, "_tensor_constant0")
+        assert shared(torch.randn(2, 3, 16, 16)).shape == (2, 8)
