@@ -84,11 +84,13 @@ SUBSET = [
     ("torchvision-segmentation", "fcn_resnet50", SHARED),
     ("torchvision-segmentation", "lraspp_mobilenet_v3_large", DEPTHWISE),
     ("torchvision-video", "r3d_18", NO_CONV2D),  # Conv3d only
-    # Issue 14: these three are expected to change (shared / depthwise refusal / backbone shared) once the
-    # library traces HF forwards and descends into untraceable roots; the committed sweep must follow.
-    ("transformers", "resnet", UNTRACEABLE),
-    ("transformers", "convnext", UNTRACEABLE),
-    ("torchvision-detection", "fasterrcnn_mobilenet_v3_large_320_fpn", UNTRACEABLE),
+    # Hugging Face forwards trace with their defaults (the embedder's channel check is leafed automatically);
+    # untraceable roots (detectors, RAFT) are analysed through their submodules.
+    ("transformers", "resnet", SHARED),
+    ("transformers", "convnext", DEPTHWISE),
+    ("torchvision-detection", "fasterrcnn_resnet50_fpn", SHARED),  # the backbone's stages
+    ("torchvision-optical-flow", "raft_small", SHARED),
+    ("torchvision-detection", "fasterrcnn_mobilenet_v3_large_320_fpn", UNTRACEABLE),  # no part shares
 ]
 
 FORWARD_MAX_PARAMS = 30_000_000
@@ -100,7 +102,11 @@ META_ONLY = {"bat_resnext26ts", "resnetv2_50x1_bit"}
 
 # Models with submodules torch.fx cannot trace, leafed automatically (every other model but the UNTRACEABLE
 # ones traces whole).
-AUTO_LEAFED = {"bat_resnext26ts": [f"stages.{s}.{b}.attn.ba" for s in range(4) for b in range(2)]}
+AUTO_LEAFED = {
+    "bat_resnext26ts": [f"stages.{s}.{b}.attn.ba" for s in range(4) for b in range(2)],
+    "resnet": ["resnet.embedder"],  # transformers: `if num_channels != self.num_channels: raise`
+    "convnext": ["convnext.embeddings"],
+}
 
 # Builders that compute with tensors and cannot run under `torch.device("meta")`: their parameters and
 # buffers are moved to meta as they are registered (every other model builds under the meta device).
