@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 import sharify
 from benchmarks.coverage_sources import MissingPackageError, build, detection_targets, family_of, library_of
+from sharify.io.source import registered_on_meta
 from sharify.layers import shared_groups
-from sharify.rules import ConvSignature, is_depthwise, is_spatial
-from sharify.source import registered_on_meta
+from sharify.planning.rules import ConvSignature, is_depthwise, is_spatial
 
 __all__ = ["ModelResult", "check_model", "family_of", "new_result", "suggested_options", "variant_of"]
 

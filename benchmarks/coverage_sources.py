@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sharify.zoo import ModelSource, build_model
+from sharify.io.zoo import ModelSource, build_model
 
 __all__ = [
     "PREFIXES",

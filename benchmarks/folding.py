@@ -12,7 +12,7 @@ import torch
 
 import sharify
 from benchmarks.cifar_models import cifar_resnet, preact_resnet164, wide_resnet
-from sharify.zoo import build_model
+from sharify.io.zoo import build_model
 
 CIFAR = torch.randn(1, 3, 32, 32)
 

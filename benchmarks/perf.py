@@ -360,14 +360,14 @@ def sharify_time(name: str, meta: bool = False, repeats: int = 3) -> dict[str, A
 
 
 _ANALYSIS_MEMORY_SCRIPT = """
-import sys, timm, torch, sharify, sharify.tracing
+import sys, timm, torch, sharify, sharify.analysis.tracing
 from benchmarks.perf import reset_peak_rss, peak_rss_growth
 with torch.device("meta"):
     model = timm.create_model(sys.argv[1])
 baseline = reset_peak_rss()
 sharify.sharify(model)
 growth = peak_rss_growth(baseline)
-nodes = len(sharify.tracing.trace(model).graph.nodes)
+nodes = len(sharify.analysis.tracing.trace(model).graph.nodes)
 print(sum(p.numel() for p in model.parameters()), nodes, growth)
 """
 

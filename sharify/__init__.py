@@ -8,7 +8,7 @@ one weight tensor::
     shared = sharify.sharify(model)        # torch.fx finds the stages; convs share weights
     print(sharify.report(model, shared))   # parameters before/after, per stage and group
 
-The stages are found by tracing the model with torch.fx (:mod:`sharify.residual`), so torchvision,
+The stages are found by tracing the model with torch.fx (:mod:`sharify.analysis.residual`), so torchvision,
 timm and hand-written networks work alike; the result keeps its class and plugs into ordinary
 training code.
 
@@ -19,8 +19,7 @@ Papers:
       Neural Networks.* (NeurIPS 2021 submission; code: Net_RL2).
 """
 
-from .basis import BasisConv2d, orthogonality_loss
-from .checkpoint import load_unshared_state_dict
+from ._version import __version__
 from .errors import (
     AlreadySharifiedError,
     CheckpointError,
@@ -33,17 +32,17 @@ from .errors import (
     UnsupportedModelError,
     UntraceableError,
 )
+from .io.recipe import GroupRecipe, Recipe
+from .io.serialization import load, read_recipe, save
+from .io.unshared import load_unshared_state_dict
+from .io.zoo import ModelSource
 from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
-from .options import PRESETS, SharingOptions
-from .plan import ConvSignature, SharingGroup, SharingPlan, plan
-from .recipe import GroupRecipe, Recipe
+from .planning.options import PRESETS, SharingOptions
+from .planning.plan import ConvSignature, SharingGroup, SharingPlan, plan
 from .report import GroupReport, ParameterReport, report
-from .rewrite import apply_plan, sharify, unshare
-from .serialization import load, read_recipe, save
-from .verify import retie, verify
-from .zoo import ModelSource
-
-__version__ = "0.1.0"
+from .rewrite.apply import apply_plan, sharify, unshare
+from .rewrite.basis import BasisConv2d, orthogonality_loss
+from .rewrite.verify import retie, verify
 
 __all__ = [
     "PRESETS",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -21,17 +20,14 @@ from typing import Any
 
 import torch
 
+from ._argtypes import OutputError, positive_int, write_stdout
 from .errors import SharifyError
-from .options import PRESETS, Selector
+from .io.zoo import build_model
+from .planning.options import PRESETS, Selector
 from .report import report
-from .rewrite import sharify
-from .zoo import build_model
+from .rewrite.apply import sharify
 
 __all__ = ["main"]
-
-
-class OutputError(OSError):
-    """Writing the command's output to stdout failed (a full disk, a device error)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,25 +36,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite float (``nan`` and ``inf`` are refused)."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <name> value"
-finite_float.__name__ = "number"
 
 #: Python-API wording in library messages -> the command line's flags (the CLI's users never write Python).
 _CLI_WORDING: tuple[tuple[str, str], ...] = (
@@ -78,16 +55,6 @@ def cli_message(text: str) -> str:
     for pattern, replacement in _CLI_WORDING:
         text = re.sub(pattern, replacement, text)
     return text
-
-
-def write_stdout(text: str) -> None:
-    """Prints ``text``; a failing stdout (``> /dev/full``) raises :class:`OutputError` (a reader gone: EPIPE)."""
-    try:
-        print(text)
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise OutputError(exc.errno, f"cannot write the output to stdout ({exc.strerror or exc})") from exc
 
 
 def _selector(text: str) -> Selector:

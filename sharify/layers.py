@@ -58,7 +58,7 @@ class SharedConvParams(nn.Module):
         stage: Module path of the stage the members belong to (informational).
         position: The position selector that picked the members (informational).
         method: ``"share"`` (the members are the group's convs) or ``"basis"`` (the members are the
-            shared-basis convs inside :class:`~sharify.basis.BasisConv2d` modules).
+            shared-basis convs inside :class:`~sharify.rewrite.basis.BasisConv2d` modules).
         init: How the tensor was initialised (informational; ``"scaled"`` tells the report that
             members apply per-channel gains, possibly folded into their BatchNorm).
     """
@@ -100,7 +100,7 @@ class SharedStore(nn.Module):
         #: The sharing options the model was made with (JSON-ready; see :attr:`SharingPlan.options`).
         self.options: dict[str, Any] = dict(options or {})
         #: What the analysis ran with, so it can be repeated (JSON-ready): ``input_shapes``,
-        #: ``input_dtypes`` and ``leaf_modules`` (see :class:`~sharify.plan.SharingPlan`).
+        #: ``input_dtypes`` and ``leaf_modules`` (see :class:`~sharify.planning.plan.SharingPlan`).
         self.analysis: dict[str, Any] = dict(analysis or {})
         #: With ``align=True``: the channel permutations applied, per conv path ``{"in"/"out": order}``
         #: (new channel ``k`` is the original's ``order[k]``), so that the report compares like channels.

@@ -12,7 +12,7 @@ groups it is ``diag(a_i) W_shared`` with the member's per-channel gains. After `
 has its channels in the order the alignment gave them (what the member's block computes with).
 
 For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
-into the conv before it (:mod:`sharify.folding`): a member followed by its block's BatchNorm needs
+into the conv before it (:mod:`sharify.analysis.folding`): a member followed by its block's BatchNorm needs
 its own folded weight. The BatchNorm -> bias conversion itself is not counted: it changes the
 original and the sharified model by the same amount.
 """
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from ._wrappers import unwrap
+from .analysis.folding import bn_folded_members
 from .errors import TieError
-from .folding import bn_folded_members
 from .layers import SharedConvParams, is_shared_conv, scoped_key, shared_groups, shared_stores
-from .plan import count_params
-from .verify import verify
+from .planning.plan import count_params
+from .rewrite.verify import verify
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import sharify
 from benchmarks.cifar_models import cifar_resnet, wide_resnet
-from sharify.align import ChannelSlot, alignment
+from sharify.rewrite.align import ChannelSlot, alignment
 from tests.conftest import state_equal
 
 X32 = torch.randn(2, 3, 32, 32)
@@ -154,7 +154,7 @@ def test_align_is_transactional_and_leaves_the_caller_model_untouched(monkeypatc
     def fail(*args, **kwargs):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(sharify.rewrite, "attach_to_holder", fail)
+    monkeypatch.setattr(sharify.rewrite.apply, "attach_to_holder", fail)
     with pytest.raises(RuntimeError, match="injected"):
         sharify.sharify(model, example_inputs=X32, align=True, inplace=True)
     assert state_equal(model, before)

@@ -84,7 +84,7 @@ def test_failure_during_rewrite_restores_the_model(monkeypatch) -> None:
             raise RuntimeError("injected failure")
         real(conv, holder, gain)
 
-    monkeypatch.setattr("sharify.rewrite.attach_to_holder", flaky)
+    monkeypatch.setattr("sharify.rewrite.apply.attach_to_holder", flaky)
     with pytest.raises(RuntimeError, match="injected"):
         sharify.sharify(model, example_inputs=X32, inplace=True)
     assert calls["n"] == 5

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from sharify import _atomic
 from sharify._paths import module_paths, names_by_identity, within
 from sharify._wrappers import strip_wrapper_prefixes
+from sharify.io import atomic as _atomic
 from sharify.train import checkpoint as train_checkpoint
 
 

@@ -346,7 +346,7 @@ def test_library_warnings_are_one_line_in_cli_terms(
     import warnings
 
     import sharify.cli as cli_module
-    from sharify.zoo import ModelSource
+    from sharify.io.zoo import ModelSource
 
     def share(model: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
         warnings.warn("shape propagation stopped at `x`: stages there were not analysed; pass example_inputs the\n"

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sharify
-from sharify import serialization
+from sharify.io import serialization
 from tests.conftest import perturb, state_equal
 
 X = torch.zeros(1, 3, 16, 16)

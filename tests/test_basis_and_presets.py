@@ -12,7 +12,7 @@ from torch import nn
 import sharify
 from benchmarks.cifar_models import PreActResNet, cifar_resnet
 from sharify.layers import SHARED_STORE_NAME
-from sharify.plan import count_params
+from sharify.planning.plan import count_params
 from tests.conftest import state_equal
 
 X = torch.randn(2, 3, 32, 32)
@@ -309,7 +309,7 @@ def test_rank_scaling_rounds_half_up() -> None:
         ("layer2", 5, 1),  # 2 * 32 / 64 = 1.0
         ("layer3", 10, 2),
     ]
-    from sharify.rules import scaled_rank
+    from sharify.planning.rules import scaled_rank
 
     assert [scaled_rank(r, c) for r, c in [(1, 16), (1, 31), (1, 32), (3, 32), (5, 32), (7, 32), (48, 512)]] == [
         1, 1, 1, 2, 3, 4, 384

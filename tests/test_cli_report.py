@@ -73,7 +73,7 @@ def test_report_takes_torchvision_detectors_without_downloading(
     assert main(["report", "fasterrcnn_resnet50_fpn", "--json"]) == 0  # its backbone's stages are shared
     got = json.loads(capsys.readouterr().out)
     assert got["params_after"] < got["params_before"]
-    model, source = sharify.zoo.build_model("fasterrcnn_resnet50_fpn")
+    model, source = sharify.io.zoo.build_model("fasterrcnn_resnet50_fpn")
     assert source.kwargs["weights_backbone"] is None and type(model).__name__ == "FasterRCNN"
     # fine-tuning trains classifiers: a detector is refused with one line, not a crash in the loop
     assert main(["finetune", "--model", "fasterrcnn_resnet50_fpn", "--data", "fashion-mnist", "--out", "x"]) == 2
@@ -82,4 +82,4 @@ def test_report_takes_torchvision_detectors_without_downloading(
 
 def test_unknown_model_name_lists_all_torchvision_tasks() -> None:
     with pytest.raises(ValueError, match=r"not a torchvision model \(classification, detection, .*did you mean"):
-        sharify.zoo.resolve_model_name("fasterrcnn_resnet51_fpn")
+        sharify.io.zoo.resolve_model_name("fasterrcnn_resnet51_fpn")

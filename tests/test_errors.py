@@ -8,8 +8,8 @@ from types import ModuleType
 import pytest
 
 import sharify
+import sharify.analysis.shapes
 import sharify.errors
-import sharify.shapes
 import sharify.train
 import sharify.train.errors
 
@@ -39,7 +39,7 @@ def test_one_except_catches_training_and_library_checkpoint_errors() -> None:
 
 
 def test_example_inputs_error_is_importable_from_its_old_home() -> None:
-    assert sharify.shapes.ExampleInputsError is sharify.errors.ExampleInputsError is sharify.ExampleInputsError
+    assert sharify.analysis.shapes.ExampleInputsError is sharify.errors.ExampleInputsError is sharify.ExampleInputsError
 
 
 def test_the_standard_bases_callers_catch_are_kept() -> None:

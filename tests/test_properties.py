@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sharify
-from sharify.plan import ConvSignature
+from sharify.planning.plan import ConvSignature
 from tests.nets import NetSpec, RandomNet, StageSpec
 
 stage_specs = st.builds(

@@ -6,7 +6,7 @@ import torch
 
 import sharify
 from benchmarks.cifar_models import cifar_resnet, wide_resnet
-from sharify.init import initial_tensors, scaled_tensors
+from sharify.rewrite.init import initial_tensors, scaled_tensors
 
 X = torch.randn(4, 3, 32, 32)
 

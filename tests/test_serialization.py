@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sharify
-from sharify import reapply
-from sharify import recipe as recipe_module
-from sharify.zoo import ModelSource, build_model
+from sharify.io import reapply
+from sharify.io import recipe as recipe_module
+from sharify.io.zoo import ModelSource, build_model
 from tests.conftest import perturb
 
 
@@ -299,7 +299,7 @@ def test_unshared_model_round_trip(tmp_path):
 
 def test_version_mismatch_warns(tmp_path, monkeypatch):
     shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
-    monkeypatch.setattr(sharify, "__version__", "0.0.1")
+    monkeypatch.setattr(recipe_module, "__version__", "0.0.1")  # the version the recipe records
     path = sharify.save(shared, tmp_path / "old.safetensors")
     monkeypatch.undo()
     assert sharify.read_recipe(path).version == "0.0.1"
@@ -376,7 +376,7 @@ def test_failed_save_leaves_the_old_file(saved, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("sharify.serialization.save_file", crash)
+    monkeypatch.setattr("sharify.io.serialization.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         sharify.save(sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16)), saved)
     assert saved.read_bytes() == before

@@ -16,8 +16,7 @@ import torchvision
 from torch import nn
 
 import sharify
-from sharify.recipe import detect_source
-from sharify.source import build_structure, registered_on_meta
+from sharify.io.source import build_structure, detect_source, registered_on_meta
 from tests.conftest import perturb, state_equal
 
 X = torch.randn(2, 3, 32, 32)

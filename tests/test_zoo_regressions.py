@@ -47,7 +47,7 @@ def test_parameters_read_in_forward_trace_to_the_same_get_attr_nodes_as_fx() -> 
     # The tracer looks parameter paths up in a map instead of fx's scan of named_parameters().
     from torch import fx
 
-    from sharify.tracing import trace
+    from sharify.analysis.tracing import trace
 
     model = _LayerScaleNet()
     ours = [n.target for n in trace(model).graph.nodes if n.op == "get_attr"]
@@ -137,7 +137,7 @@ class _CopiesToCpu(_FixedSizeHead):
 def test_meta_model_that_meta_tensors_cannot_run_falls_back_to_fake_tensors(caplog: pytest.LogCaptureFixture) -> None:
     with torch.device("meta"):
         meta = _CopiesToCpu()
-    with caplog.at_level(logging.DEBUG, logger="sharify.shapes"):
+    with caplog.at_level(logging.DEBUG, logger="sharify.analysis.shapes"):
         plan = sharify.plan(meta)
     assert "retrying with fake tensors" in caplog.text
     assert _plan_summary(plan) == _plan_summary(sharify.plan(_CopiesToCpu()))

@@ -43,8 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .. import _atomic
-from ..serialization import _checksum
+from ..io import atomic
+from ..io.serialization import _checksum
 from .errors import CheckpointError
 
 __all__ = [
@@ -75,13 +75,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Calls ``write(tmp_path)`` then renames the temporary file to ``path`` (all or nothing).
 
     The file gets the permissions of an ordinarily written file (``0o666`` less the umask); missing
-    parent directories are created. This is :func:`sharify._atomic.atomic_write` with the errors of
+    parent directories are created. This is :func:`sharify.io.atomic.atomic_write` with the errors of
     :func:`writing`.
     """
     path = Path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic.atomic_write(path, write, message=_CANNOT_WRITE)
+    atomic.atomic_write(path, write, message=_CANNOT_WRITE)
 
 
 @contextlib.contextmanager
@@ -90,7 +90,7 @@ def writing(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise _atomic.os_error(exc, path, _CANNOT_WRITE) from exc
+        raise atomic.os_error(exc, path, _CANNOT_WRITE) from exc
 
 
 def _tensors(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -180,7 +180,7 @@ def _write_checkpoint(
         if final.exists():  # the same epoch saved again (e.g. a re-run after a crash)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _atomic.fsync_dir(final.parent)
+        atomic.fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

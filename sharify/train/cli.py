@@ -13,6 +13,8 @@ import os
 from dataclasses import fields
 from typing import Any
 
+from .._argtypes import finite_float, positive_int, write_stdout
+
 __all__ = ["add_finetune_options", "config_from_args", "run_finetune"]
 
 GPU_EXAMPLE = (
@@ -27,8 +29,6 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     Argument types check the form of each value (integers >= 1 where zero makes no sense, finite numbers);
     :meth:`~sharify.train.FinetuneConfig.validate` and :func:`check_combinations` check ranges and combinations.
     """
-    from ..cli import finite_float, positive_int
-
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
     m.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
@@ -152,8 +152,6 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     result = finetune(model, data, config, original=original if args.share else None, setup=setup)
     if rank == 0 and not args.quiet:
         final = result.final
-        from ..cli import write_stdout
-
         write_stdout(
             f"{result.out}: top1 {final.get('top1', float('nan')):.2f}% after {config.epochs} epoch(s); "
             f"weights in {result.out / 'model.safetensors'}"
@@ -183,7 +181,7 @@ def check_combinations(args: argparse.Namespace) -> None:
     Raises:
         ValueError: Naming the option without effect and what it needs.
     """
-    from ..zoo import resolve_model_name
+    from ..io.zoo import resolve_model_name
 
     if not args.share:
         unused = [flag for dest, flag in _SHARING_FLAGS.items() if getattr(args, dest, None) not in (None, False)]

@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..basis import BasisConv2d
+from ..io.serialization import save
 from ..layers import shared_groups
 from ..report import report
-from ..serialization import save
+from ..rewrite.basis import BasisConv2d, orthogonality_loss
 from .batchnorm import recalibrate_batchnorm
 from .checkpoint import (
     atomic_write,
@@ -69,7 +69,7 @@ from .distributed import (
 )
 from .errors import CheckpointError, DataError
 from .loaders import build_loaders
-from .loop import Trainer, autocast_context, evaluate, orthogonality_regulariser, resolve_amp
+from .loop import Trainer, autocast_context, evaluate, resolve_amp
 from .model import classifier
 from .optim import create_optimizer, create_scheduler
 from .resume import check_resumable, config_settings, run_setup
@@ -181,8 +181,6 @@ def _run(
             f"{bundle.source or bundle.name} has {bundle.num_classes} classes; "
             f"pass --num-classes {bundle.num_classes} to replace the head"
         )
-    if config.lambda_r and orthogonality_regulariser() is None:
-        raise ValueError("--lambda-r needs sharify.orthogonality_loss (filter-basis sharing), which this version lacks")
     if config.lambda_r and not any(isinstance(m, BasisConv2d) for m in module.modules()):
         raise ValueError(
             f"--lambda-r {config.lambda_r} weighs the orthogonality of filter bases, but the model has none "
@@ -342,7 +340,7 @@ def _run(
         clip_grad=config.clip_grad,
         channels_last=config.channels_last,
         lambda_r=config.lambda_r,
-        regulariser=orthogonality_regulariser(),
+        regulariser=orthogonality_loss,
         num_classes=bundle.num_classes,
         num_updates=num_updates,
         on_update=on_update,

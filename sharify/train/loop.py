@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .distributed import DistContext, all_reduce_sum
 from .errors import DataError
 
-__all__ = ["Trainer", "autocast_context", "evaluate", "orthogonality_regulariser", "resolve_amp"]
+__all__ = ["Trainer", "autocast_context", "evaluate", "resolve_amp"]
 
 Regulariser = Callable[[nn.Module], Tensor]
 
@@ -57,13 +57,6 @@ def autocast_context(amp: str, device: torch.device) -> Callable[[], AbstractCon
         return nullcontext
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def orthogonality_regulariser() -> Regulariser | None:
-    """``sharify.orthogonality_loss`` when this sharify version has it (filter-basis models), else ``None``."""
-    import sharify
-
-    return getattr(sharify, "orthogonality_loss", None)
 
 
 def _images(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:

@@ -1,7 +1,7 @@
 """Getting the model to fine-tune: build by name, load original weights, replace the head, sharify.
 
 :func:`prepare_model` is what ``sharify finetune`` does before training: build a timm/torchvision
-model (:func:`sharify.zoo.build_model`) or take the caller's module, load an *original* (unshared)
+model (:func:`sharify.io.zoo.build_model`) or take the caller's module, load an *original* (unshared)
 checkpoint into it, replace the classifier for the data's classes, then sharify it with the chosen
 init (or not, for baselines). Loading the original weights *before* sharifying is equivalent to
 :func:`sharify.load_unshared_state_dict` after it, and lets the init see the trained weights.
@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from .._wrappers import strip_wrapper_prefixes
-from ..checkpoint import EMA_KEYS, WEIGHT_KEYS, checkpoint_weights
-from ..rewrite import sharify
-from ..zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name, torchvision_names
+from ..io.unshared import EMA_KEYS, WEIGHT_KEYS, checkpoint_weights
+from ..io.zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name, torchvision_names
+from ..rewrite.apply import sharify
 from .errors import CheckpointError
 
 __all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
@@ -186,7 +186,7 @@ def prepare_model(
     """Builds (or takes) a model, loads original weights, fits the head, and sharifies it.
 
     Args:
-        model: A timm/torchvision name (see :func:`sharify.zoo.build_model`) or a module (not modified).
+        model: A timm/torchvision name (see :func:`sharify.io.zoo.build_model`) or a module (not modified).
         num_classes: Classes of the data; the head is replaced when it has another size.
         in_chans: Input channels for models built by name (timm; ignored with ``checkpoint``).
         pretrained: Load the library's pretrained weights (needs internet on first use).

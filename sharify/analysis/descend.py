@@ -8,7 +8,7 @@ shareable, :func:`plan_parts` analyses the largest submodules that do trace, eac
    first conv's input channels), and the tensor arguments of the first call of every submodule are
    recorded; the run may stop anywhere (a data-dependent size, NMS), what it recorded until then is kept.
 2. Each child holding convs is analysed as a model of its own, with its recorded inputs or, where the run
-   did not reach it with tensors only, its own default inputs (:func:`sharify.shapes.default_input_shapes`).
+   did not reach it with tensors only, its own default inputs (:func:`sharify.analysis.shapes.default_input_shapes`).
    A child that cannot be analysed either is searched the same way, down to the convs.
 3. The parts' stages and groups, with their paths made relative to the root, form the root's plan, so
    the store of shared tensors stays on the root. :attr:`SharingPlan.submodules` says which submodules
@@ -33,12 +33,19 @@ import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import SharifyError, UntraceableError
+from ..errors import SharifyError, UntraceableError
 from .residual import Block, Stage
-from .rules import SharingGroup
 from .tracing import LeafSpec, attributes_restored, eval_mode
 
-__all__ = ["plan_parts", "prefixed", "record_calls", "root_default_input", "short_reason", "sub_leaf_modules"]
+__all__ = [
+    "plan_parts",
+    "join_path",
+    "prefixed_stage",
+    "record_calls",
+    "root_default_input",
+    "short_reason",
+    "sub_leaf_modules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -147,42 +154,21 @@ def sub_leaf_modules(leaf_modules: LeafSpec | None, path: str) -> list[type[nn.M
     return out
 
 
-def _prefix(path: str, inner: str) -> str:
+def join_path(path: str, inner: str) -> str:
     return f"{path}.{inner}" if inner else path
 
 
-def _prefixed_group(group: SharingGroup, path: str) -> SharingGroup:
-    def slot(s: Any) -> Any:
-        if s is None:
-            return None
-        return dataclasses.replace(
-            s,
-            producer=_prefix(path, s.producer),
-            consumer=_prefix(path, s.consumer),
-            norms=tuple(_prefix(path, n) for n in s.norms),
-        )
-
-    return dataclasses.replace(
-        group,
-        key=_prefix(path, group.key),
-        stage=_prefix(path, group.stage),
-        members=tuple(_prefix(path, m) for m in group.members),
-        norms=tuple(None if n is None else _prefix(path, n) for n in group.norms),
-        slots=tuple((slot(a), slot(b)) for a, b in group.slots),
-    )
-
-
-def _prefixed_stage(stage: Stage, path: str) -> Stage:
+def prefixed_stage(stage: Stage, path: str) -> Stage:
     def block(b: Block) -> Block:
         return dataclasses.replace(
             b,
             add=f"{path}.{b.add}",
-            path=_prefix(path, b.path),
-            convs=tuple(_prefix(path, c) for c in b.convs),
-            shortcut_convs=tuple(_prefix(path, c) for c in b.shortcut_convs),
+            path=join_path(path, b.path),
+            convs=tuple(join_path(path, c) for c in b.convs),
+            shortcut_convs=tuple(join_path(path, c) for c in b.shortcut_convs),
         )
 
-    return dataclasses.replace(stage, path=_prefix(path, stage.path), blocks=tuple(block(b) for b in stage.blocks))
+    return dataclasses.replace(stage, path=join_path(path, stage.path), blocks=tuple(block(b) for b in stage.blocks))
 
 
 def _shapes(inputs: tuple[Any, ...]) -> str:
@@ -235,7 +221,7 @@ def plan_parts(
                 visit(child, path + ".")
                 continue
             if not part.groups and part.auto_leaves:  # its convs are in children it could not trace: try those
-                leaves = ", ".join(f"`{_prefix(path, p)}`" for p in part.auto_leaves)
+                leaves = ", ".join(f"`{join_path(path, p)}`" for p in part.auto_leaves)
                 status[path] = f"not analysed: its own forward traces, but not its submodules {leaves}"
                 visit(child, path + ".")
                 continue
@@ -274,17 +260,3 @@ def _nothing_found(
     error.module_path = ""  # type: ignore[attr-defined]
     error.reason = reason  # type: ignore[attr-defined]
     return error
-
-
-def prefixed(parts: list[tuple[str, Any]]) -> tuple[list[Stage], list[SharingGroup], dict[str, str], list[str]]:
-    """The parts' stages, groups, auto leaves and notes, with paths relative to the root."""
-    stages: list[Stage] = []
-    groups: list[SharingGroup] = []
-    auto_leaves: dict[str, str] = {}
-    notes: list[str] = []
-    for path, part in parts:
-        stages += [_prefixed_stage(s, path) for s in part.stages]
-        groups += [_prefixed_group(g, path) for g in part.groups]
-        auto_leaves.update({_prefix(path, p): r for p, r in part.auto_leaves.items()})
-        notes += [f"{n} (in submodule `{path}`)" for n in part.notes]
-    return stages, groups, auto_leaves, notes

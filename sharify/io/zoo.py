@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PretrainedWeightsError
+from ..errors import PretrainedWeightsError
 
 __all__ = ["SOURCE_ATTR", "TORCHVISION_TASKS", "ModelSource", "build_model", "resolve_model_name", "torchvision_names"]
 

@@ -16,8 +16,8 @@ import logging
 
 from torch import nn
 
-from .errors import SharifyError
-from .layers import shared_groups
+from ..errors import SharifyError
+from ..layers import shared_groups
 from .tracing import module_path, trace
 
 __all__ = ["bn_folded_members"]
@@ -45,7 +45,7 @@ def bn_folded_members(shared: nn.Module) -> set[str] | None:
 
     Example:
         >>> import torchvision, sharify
-        >>> from sharify.folding import bn_folded_members
+        >>> from sharify.analysis.folding import bn_folded_members
         >>> sorted(bn_folded_members(sharify.sharify(torchvision.models.resnet18())))[:2]
         ['layer1.0.conv2', 'layer1.1.conv2']
     """

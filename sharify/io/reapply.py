@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from .errors import RecipeMismatchError, SharifyError
-from .plan import ConvSignature, SharingGroup, SharingPlan, count_params
+from ..errors import RecipeMismatchError, SharifyError
+from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, count_params
+from ..rewrite.apply import apply_plan, sharify
 from .recipe import GroupRecipe, Recipe, analysis_kwargs, groups_of, store_prefix
-from .rewrite import apply_plan, sharify
 
 __all__ = [
     "apply_recipe",
@@ -197,7 +197,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, name: str) -> nn.Module:
     the result if it has the recorded groups. Otherwise, when every group shares whole convs, the
     recorded groups are applied directly (e.g. a file that does not record the analysis inputs).
 
-    A recipe with submodules sharified on their own (:attr:`~sharify.recipe.Recipe.stores`) is applied
+    A recipe with submodules sharified on their own (:attr:`~sharify.io.recipe.Recipe.stores`) is applied
     store by store: the root's own groups first, then each such submodule, with its own options and
     analysis, in the copy.
 

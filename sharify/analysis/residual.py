@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from ._paths import within
+from .._paths import within
 from .tracing import module_path
 
 __all__ = ["Block", "Stage", "common_prefix", "find_stages", "last_candidate_add"]

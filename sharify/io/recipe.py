@@ -5,7 +5,7 @@ A sharified state_dict only loads into an identically sharified model, so :func:
 ``mto.save/restore``, NNCF's config + state_dict, FX quantization's "re-run prepare, then load"):
 
 * the source model when known (timm name + ``num_classes``/``in_chans``, a torchvision builder
-  name, or whatever :func:`sharify.zoo.build_model` was called with; see :mod:`sharify.source`);
+  name, or whatever :func:`sharify.io.zoo.build_model` was called with; see :mod:`sharify.io.source`);
 * the options the model was sharified with (``model.sharify_shared.options``);
 * what the analysis ran with: the example input shapes (and dtypes) and the ``leaf_modules`` paths;
 * the groups: holder key -> member conv paths, with each holder's stage and position;
@@ -17,13 +17,12 @@ A sharified state_dict only loads into an identically sharified model, so :func:
 A recipe with neither stores nor aliases is written in format 1, as before they existed, so older
 sharify versions still read it; format 2 adds them.
 
-Fitting a recipe to a model and re-applying it is :mod:`sharify.reapply`; the names that lived here
-before (``apply_recipe``, ``check_fits``, ``detect_source``, ...) are still importable from this module.
+Fitting a recipe to a model and re-applying it is :mod:`sharify.io.reapply`; finding a model's source is
+:mod:`sharify.io.source`.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import SHARED_STORE_NAME, SharedStore, scoped_key, shared_groups, shared_stores
+from .._version import __version__
+from ..layers import SHARED_STORE_NAME, SharedStore, scoped_key, shared_groups, shared_stores
 from .zoo import ModelSource
 
 __all__ = [
@@ -44,24 +44,6 @@ __all__ = [
     "recipe_of",
     "store_prefix",
 ]
-
-#: Names that moved to :mod:`sharify.reapply` and :mod:`sharify.source`, importable from here as before.
-_MOVED = {
-    "apply_recipe": "reapply",
-    "check_fits": "reapply",
-    "check_same_groups": "reapply",
-    "fit_problems": "reapply",
-    "raise_mismatch": "reapply",
-    "shape_mismatches": "reapply",
-    "detect_source": "source",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:  # imported on use: those modules import this one
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 #: Version of the recipe's JSON layout; files with a newer one are refused. Format 2 adds ``stores``,
 #: ``aliases`` and the groups' ``store``; a recipe without them is written as format 1.
@@ -294,7 +276,6 @@ def recipe_of(model: nn.Module, *, source: ModelSource | None, aliases: Mapping[
         source: Where to rebuild it from.
         aliases: State_dict keys the model ties to another key (see :attr:`Recipe.aliases`).
     """
-    from . import __version__
 
     stores = shared_stores(model)
     root = stores.pop("", None)

@@ -1,8 +1,8 @@
 """One-file save and restore of sharified models: safetensors weights with the recipe in the header.
 
 :func:`save` writes the state_dict (each shared tensor once: the model registers it once) to a
-``.safetensors`` file and puts the :class:`~sharify.recipe.Recipe` in the file's string metadata
-(key ``"sharify"``, JSON): library version, source model (:mod:`sharify.source`), sharing options
+``.safetensors`` file and puts the :class:`~sharify.io.recipe.Recipe` in the file's string metadata
+(key ``"sharify"``, JSON): library version, source model (:mod:`sharify.io.source`), sharing options
 and groups, and a CRC-32 of every tensor. :func:`load` rebuilds the architecture from the recipe (or takes the user's
 own), re-applies the sharing and loads the weights strictly; the result equals the saved model bit
 for bit. Any safetensors reader can still load the weights: the recipe is only metadata.
@@ -30,16 +30,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ._aliases import expand, find_aliases, retie_aliases, untied_problems
-from ._atomic import atomic_write
-from ._wrappers import is_wrapper, unwrap
-from .checkpoint import load_state, meta_gap
-from .errors import CheckpointError, TieError, UnsupportedModelError
-from .layers import shared_groups, shared_stores
+from .._version import __version__
+from .._wrappers import is_wrapper, unwrap
+from ..errors import CheckpointError, TieError, UnsupportedModelError
+from ..layers import shared_groups, shared_stores
+from ..rewrite.verify import verify
+from .aliases import expand, find_aliases, retie_aliases, untied_problems
+from .atomic import atomic_write
 from .reapply import apply_recipe, check_fits, check_same_groups, raise_mismatch, shape_mismatches
 from .recipe import Recipe, recipe_of
 from .source import build_quietly, resolve_source
-from .verify import verify
+from .unshared import load_state, meta_gap
 from .zoo import ModelSource
 
 __all__ = ["RECIPE_KEY", "load", "read_recipe", "save"]
@@ -126,7 +127,7 @@ def save(
     """Saves a (sharified) model to one ``.safetensors`` file with the recipe to rebuild it.
 
     The weights are the model's state_dict (each shared tensor once); the header's metadata holds the
-    recipe (see :class:`~sharify.recipe.Recipe`). The file is written to a temporary file next to
+    recipe (see :class:`~sharify.io.recipe.Recipe`). The file is written to a temporary file next to
     ``path`` and renamed, so ``path`` is never left half-written. A DDP, DataParallel or
     ``torch.compile`` wrapper is unwrapped with a ``UserWarning``: the file holds the bare model's keys.
 
@@ -135,10 +136,10 @@ def save(
             model is saved too (its recipe then has no groups).
         path: Destination file.
         source: Where to rebuild the architecture from: a name (``"resnet18"``, ``"timm:resnet26"``)
-            or a :class:`~sharify.zoo.ModelSource` with builder kwargs. Default: recorded by
-            :func:`sharify.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a
+            or a :class:`~sharify.io.zoo.ModelSource` with builder kwargs. Default: recorded by
+            :func:`sharify.io.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a
             torchvision classification model, the one builder that makes its structure (with its
-            ``num_classes``; see :func:`sharify.source.torchvision_matches`). A torchvision model no
+            ``num_classes``; see :func:`sharify.io.source.torchvision_matches`). A torchvision model no
             builder (or several) makes is saved with a ``UserWarning`` and no source: such a file,
             like one of a user-defined model, loads with ``load(path, model=...)``. Any source is
             checked by building the architecture on the meta device.
@@ -275,8 +276,6 @@ def read_recipe(path: PathLike) -> Recipe:
 
 
 def _warn_version(recipe: Recipe, path: Path) -> None:
-    from . import __version__
-
     if recipe.version != __version__:
         warnings.warn(
             f"{path} was written by sharify {recipe.version or '(unknown)'}, this is sharify {__version__}: the "

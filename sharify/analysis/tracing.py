@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from .errors import UntraceableError
+from ..errors import UntraceableError
 
 __all__ = ["LeafSpec", "TraceResult", "attributes_restored", "eval_mode", "module_path", "trace"]
 

@@ -22,7 +22,7 @@ model. What breaks ties is copying or replacing a part of the model without the 
 it is what ``state_dict()`` saves and optimizers update) and raises :class:`~sharify.errors.TieError`
 for what it cannot decide. Tensors the model ties itself (one conv module used by several blocks,
 ``b.conv.weight = a.conv.weight``) are not sharing groups and are not problems: :func:`sharify.save`
-stores them once and :func:`sharify.load` ties them again (:mod:`sharify._aliases`).
+stores them once and :func:`sharify.load` ties them again (:mod:`sharify.io.aliases`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ._wrappers import is_wrapper, unwrap
-from .errors import TieError, UnsupportedModelError
-from .layers import (
+from .._wrappers import is_wrapper, unwrap
+from ..errors import TieError, UnsupportedModelError
+from ..layers import (
     SHARED_STORE_NAME,
     SharedConvParams,
     SharedStore,

@@ -1,9 +1,9 @@
 """Where a saved model's architecture comes from: the source :func:`sharify.save` records in the recipe.
 
-A source is a :class:`~sharify.zoo.ModelSource` (library, builder name, builder kwargs); with one in
+A source is a :class:`~sharify.io.zoo.ModelSource` (library, builder name, builder kwargs); with one in
 the recipe, ``sharify.load(path)`` rebuilds the architecture without being given a model. It is the
 ``source=`` passed to :func:`sharify.save`, or detected (:func:`detect_source`): recorded by
-:func:`sharify.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a torchvision
+:func:`sharify.io.zoo.build_model`, read from a timm model's ``pretrained_cfg``, or, for a torchvision
 classification model (which does not know its builder), identified by its structure
 (:func:`torchvision_matches`). Every source is checked before it is stored: its builder, run
 without weights (meta device), must make the saved model's class with every path and shape of the file.
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._paths import within
-from .layers import SHARED_STORE_NAME, SharedStore
+from .._paths import within
+from ..layers import SHARED_STORE_NAME, SharedStore
 from .reapply import conv_path, fit_problems
 from .recipe import Recipe, recipe_of
 from .zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name
@@ -46,7 +46,7 @@ Shapes = Mapping[str, tuple[int, ...]]
 
 
 def _known_source(model: nn.Module) -> ModelSource | None:
-    """The source recorded by :func:`sharify.zoo.build_model`, or read from a timm model's ``pretrained_cfg``."""
+    """The source recorded by :func:`sharify.io.zoo.build_model`, or read from a timm model's ``pretrained_cfg``."""
     recorded = getattr(model, SOURCE_ATTR, None)
     if isinstance(recorded, ModelSource):
         return recorded
@@ -64,12 +64,12 @@ def _known_source(model: nn.Module) -> ModelSource | None:
 
 
 def detect_source(model: nn.Module) -> ModelSource | None:
-    """The model's source: recorded by :func:`sharify.zoo.build_model`, read from a timm model, or identified.
+    """The model's source: recorded by :func:`sharify.io.zoo.build_model`, read from a timm model, or identified.
 
     For a timm model it is ``pretrained_cfg["architecture"]`` (with its pretrained tag, which selects
     the data config) and ``num_classes`` and ``in_chans`` (the first conv's input channels); other
     builder kwargs that do not change the state_dict (``global_pool``, drop rates) are not visible
-    on the model: pass ``source=`` or build with :func:`sharify.zoo.build_model` to record them.
+    on the model: pass ``source=`` or build with :func:`sharify.io.zoo.build_model` to record them.
     A torchvision classification model is identified by its structure (:func:`torchvision_matches`);
     ``None`` when no builder, or more than one, makes it.
     """
@@ -226,7 +226,7 @@ def torchvision_matches(model: nn.Module, recipe: Recipe, shapes: Shapes) -> tup
     next to the model's class, built on the meta device with the model's ``num_classes`` (the outputs
     of its last ``Linear``/``Conv2d``). One matches when it makes the same class with the same module
     paths, classes and hyperparameters, and every path and shape of the file (``shapes``, keyed as
-    the sharified model's state_dict) fits it as :func:`~sharify.reapply.fit_problems` checks. The
+    the sharified model's state_dict) fits it as :func:`~sharify.io.reapply.fit_problems` checks. The
     weights are not compared: a fine-tuned or channel-aligned model is identified too.
 
     Returns:
@@ -281,14 +281,14 @@ def resolve_source(
     identified (``sharify.load(path)`` then needs ``model=``).
 
     Raises:
-        TypeError: ``source`` is neither a name nor a :class:`~sharify.zoo.ModelSource`.
+        TypeError: ``source`` is neither a name nor a :class:`~sharify.io.zoo.ModelSource`.
         ValueError: An explicit ``source`` does not rebuild the model.
     """
     explicit = source is not None
     if isinstance(source, str):
         source = resolve_model_name(source)
     elif source is not None and not isinstance(source, ModelSource):
-        raise TypeError(f"source must be a model name or a sharify.zoo.ModelSource, got {type(source).__name__}")
+        raise TypeError(f"source must be a model name or a sharify.ModelSource, got {type(source).__name__}")
     source = source or _known_source(model)
     if source is None:
         return _identified(model, recipe, shapes)
@@ -299,7 +299,7 @@ def resolve_source(
     if explicit:
         raise ValueError(
             f"source={text} does not rebuild this model ({problem}); pass the builder kwargs it was made with, "
-            "e.g. source=sharify.zoo.ModelSource('torchvision', 'resnet18', {'num_classes': 10})"
+            "e.g. source=sharify.ModelSource('torchvision', 'resnet18', {'num_classes': 10})"
         )
     warnings.warn(
         f"the model looks like {text} but that does not rebuild it ({problem}); saving without a source, "

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .errors import ExampleInputsError
+from ..errors import ExampleInputsError
 from .tracing import eval_mode, module_path
 
 logger = logging.getLogger(__name__)

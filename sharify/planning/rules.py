@@ -1,8 +1,8 @@
 """The sharing rule: conv signatures, position selectors, groups and their parameter arithmetic.
 
-Given the stages found by :mod:`sharify.residual`, a group is the set of convs of one stage picked by
+Given the stages found by :mod:`sharify.analysis.residual`, a group is the set of convs of one stage picked by
 one position selector that have one :class:`ConvSignature`; :class:`SharingGroup` knows what sharing
-it (whole conv or filter basis) saves. :mod:`sharify.plan` applies these rules to a traced model.
+it (whole conv or filter basis) saves. :mod:`sharify.planning.plan` applies these rules to a traced model.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ._paths import within
-from .align import ChannelSlot
+from .._paths import within
+from ..analysis.channels import ChannelSlot
+from ..analysis.residual import Block, Stage
 from .options import _ALIASES, Rank, Selector, SharingOptions
-from .residual import Block, Stage
 
 __all__ = [
     "ConvSignature",
@@ -89,7 +89,8 @@ class SharingGroup:
         norms: Per member, the path of the BatchNorm that alone consumes its output (``None`` if
             there is none); ``init="scaled"`` folds the member's gains into it.
         slots: With ``align=True``: per member, its free ``(input, output)`` channels
-            (:class:`~sharify.align.ChannelSlot` or ``None``), which the rewrite permutes to align the members.
+            (:class:`~sharify.analysis.channels.ChannelSlot` or ``None``), which the rewrite permutes to align
+            the members.
         gains: Parameters ``init="scaled"`` adds as per-channel gains of members without such a
             BatchNorm (0 otherwise).
     """

@@ -1,33 +1,37 @@
 """What would be shared: stages, sharing groups and their parameter arithmetic. Analysis only.
 
 :func:`plan` traces the model, propagates shapes with fake tensors, finds residual stages
-(:mod:`sharify.residual`) and applies the sharing rule: in every block of a stage, the conv(s) picked
+(:mod:`sharify.analysis.residual`) and applies the sharing rule: in every block of a stage, the conv(s) picked
 by each *position selector*; members of a stage and position with one conv signature form a group;
 groups of one are left alone. Nothing in the model changes.
 
 A model whose own forward torch.fx cannot trace at all (a detector taking a list of images, RAFT) is
-analysed in its largest submodules that do trace (:mod:`sharify.descend`); the plan's paths stay relative
+analysed in its largest submodules that do trace (:mod:`sharify.analysis.descend`); the plan's paths stay relative
 to the model and :attr:`SharingPlan.submodules` says which submodules were analysed and which were not.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from .descend import plan_parts, prefixed, root_default_input, short_reason
-from .errors import UntraceableError
+from .._wrappers import is_wrapper
+from ..analysis.analyse import analyse
+from ..analysis.descend import plan_parts, root_default_input, short_reason
+from ..analysis.residual import Block, Stage
+from ..analysis.shapes import as_inputs
+from ..analysis.tracing import LeafSpec
+from ..errors import AlreadySharifiedError, UnsupportedModelError, UntraceableError
+from ..layers import SHARED_STORE_NAME, SharedStore, is_shared_conv
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .options import Rank, Selector, SharingOptions, resolve_leaf_modules, resolve_options
-from .residual import Block, Stage, find_stages, last_candidate_add
+from .parts import part_options, prefixed
 from .rules import ConvSignature, SharingGroup, check_rank_stages
-from .shapes import as_inputs, propagate_shapes
-from .tracing import LeafSpec, trace
 
 __all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
 
@@ -55,7 +59,7 @@ class SharingPlan:
             after the stages, say): only what the forward computes before that point was analysed
             (``sharify`` warns). ``None`` when the whole forward was traced.
         submodules: When the root's own forward cannot be traced at all (a detector, optical flow), its
-            submodules were analysed instead (:mod:`sharify.descend`): for each submodule tried, by path,
+            submodules were analysed instead (:mod:`sharify.analysis.descend`): for each submodule tried, by path,
             ``"analysed with ..."`` (the inputs used) or ``"not analysed: <why>"``. Empty otherwise.
     """
 
@@ -185,6 +189,44 @@ class SharingPlan:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def check_model(model: object) -> None:
+    """Raises a clear error if ``model`` is not an eager module sharify can rewrite.
+
+    Wrappers (DDP, DataParallel, ``torch.compile``'s ``OptimizedModule``) are refused rather than
+    unwrapped: DDP has already registered the unshared parameters with its reducer and broadcast
+    them, and dynamo has guarded on them, so a rewrite underneath would leave the wrapper stale,
+    while returning the unwrapped result would silently change the type the caller gets back. The
+    message tells the user to sharify the bare model and wrap the result. Functions that only read
+    a model (:func:`sharify.save`, :func:`sharify.verify`) look through wrappers instead.
+    """
+    if isinstance(model, type) and issubclass(model, nn.Module):
+        raise TypeError(
+            f"sharify expects a torch.nn.Module instance, got the class {model.__name__}; build the model first"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "got a TorchScript module; sharify rewrites eager modules: call sharify(model) before torch.jit.script"
+        )
+    if is_wrapper(model):
+        raise UnsupportedModelError(
+            f"got a {type(model).__name__} wrapper; sharify the bare model first and wrap the result "
+            "(shared = sharify(model); DDP(shared) / torch.compile(shared)), because the wrapper has already "
+            "registered the unshared parameters"
+        )
+    shared = next((p for p, m in model.named_modules() if is_shared_conv(m)), None)
+    store = next((p for p, m in model.named_modules() if isinstance(m, SharedStore)), None)
+    if shared is not None or store is not None or hasattr(model, SHARED_STORE_NAME):
+        scope = (store or "").rpartition(".")[0]
+        where = f": its submodule `{scope}` was sharified" if scope else ""
+        raise AlreadySharifiedError(
+            f"{type(model).__name__} is already sharified{where} (e.g. `{shared or store or SHARED_STORE_NAME}`); "
+            "pass the original model, or call sharify.unshare(model) first (to shrink another part of it, "
+            "sharify that submodule in place: sharify.sharify(model.<submodule>, inplace=True))"
+        )
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, each tensor counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -215,7 +257,7 @@ def plan(
             other parameters keep their defaults); default ``(1, C, H, W)`` from timm's
             ``pretrained_cfg["input_size"]`` or a Hugging Face ``config`` (``num_channels``, ``image_size``),
             else 3x224x224, C from the first conv.
-        preset: A named variant of the papers (:data:`sharify.options.PRESETS`), e.g. ``"dsfb-shared++"``.
+        preset: A named variant of the papers (:data:`sharify.planning.options.PRESETS`), e.g. ``"dsfb-shared++"``.
         positions: Which conv(s) of each block's residual branch to share, each selector forming
             its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
             ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
@@ -238,7 +280,7 @@ def plan(
             (or ``{stage path: filters}``).
         init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
             (members with no BatchNorm after them get per-channel gains).
-        align: Find each member's free channels (``group.slots``, see :mod:`sharify.align`) for
+        align: Find each member's free channels (``group.slots``, see :mod:`sharify.rewrite.align`) for
             :func:`sharify.sharify`'s channel alignment; the arithmetic is the same.
         leaf_modules: Module classes or paths not to trace into.
 
@@ -268,8 +310,6 @@ def plan(
         >>> sharify.plan(torchvision.models.resnet50(), preset="dsfb-shared++").params_after
         18262056
     """
-    from .rewrite import check_model  # here, not at the top: rewrite imports this module
-
     check_model(model)  # as sharify() does: a wrapped or already sharified model is refused the same way
     options = resolve_options(
         preset,
@@ -292,7 +332,7 @@ def make_plan(
     example_inputs: Tensor | Sequence[Tensor] | None = None,
     leaf_modules: LeafSpec | None = None,
 ) -> SharingPlan:
-    """:func:`plan` with already resolved :class:`~sharify.options.SharingOptions`."""
+    """:func:`plan` with already resolved :class:`~sharify.planning.options.SharingOptions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = resolve_leaf_modules(model, leaf_modules)
@@ -316,12 +356,12 @@ def _plan_of_parts(
     leaf_modules: LeafSpec | None,
     error: UntraceableError,
 ) -> SharingPlan:
-    """The plan of a model whose own forward cannot be traced, made from its submodules (:mod:`sharify.descend`)."""
+    """The plan of a model whose own forward cannot be traced, from its submodules (:mod:`sharify.analysis.descend`)."""
     # The root's inputs decide the recorded calls, so they are recorded as the analysis inputs (load repeats them).
     inputs = inputs if inputs is not None else root_default_input(model)
 
     def analyse(path: str, part: nn.Module, x: tuple[Tensor, ...] | None, leaves: LeafSpec | None) -> SharingPlan:
-        return _analyse(part, _part_options(options, path), x, leaves)
+        return _analyse(part, part_options(options, path), x, leaves)
 
     parts, status = plan_parts(model, inputs, leaf_modules, error, analyse)
     stages, groups, auto_leaves, notes = prefixed(parts)
@@ -349,29 +389,12 @@ def _plan_of_parts(
     )
 
 
-def _part_options(options: SharingOptions, path: str) -> SharingOptions:
-    """``options`` for the submodule at ``path``: rank mappings keyed by root-relative stage paths made relative."""
-
-    def relative(rank: Rank | None) -> Rank | None:
-        if not isinstance(rank, Mapping):
-            return rank
-        return {k[len(path) + 1 :]: v for k, v in rank.items() if k.startswith(path + ".")}
-
-    return dataclasses.replace(
-        options, shared_rank=relative(options.shared_rank), unique_rank=relative(options.unique_rank)
-    )
-
-
 def _analyse(
     model: nn.Module, options: SharingOptions, inputs: tuple[Tensor, ...] | None, leaf_modules: LeafSpec | None
 ) -> SharingPlan:
     """The plan of ``model`` from its own trace (raises :class:`UntraceableError` where that is impossible)."""
-    traced = trace(model, leaf_modules, num_inputs=len(inputs) if inputs is not None else 1)
-    # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
-    shapes = propagate_shapes(model, traced.graph, inputs, stop_after=needed)
-    _, stages = find_stages(traced.graph, model)
+    found = analyse(model, inputs, leaf_modules)
+    traced, shapes, stages = found.trace, found.shapes, found.stages
     finder = GroupFinder(model, traced.graph, stages)
     groups, seen = finder.groups(options)
     check_indices(options.positions, seen.branch_lengths, type(model).__name__)

@@ -18,13 +18,10 @@ from typing import TypeVar, cast
 import torch
 from torch import Tensor, nn
 
-from ._wrappers import is_wrapper
-from .align import alignment
-from .basis import BasisConv2d, svd_bases
-from .errors import AlreadySharifiedError, NothingToShareError, SharifyError, UnsupportedModelError
-from .grouping import computed_tensor_reason
-from .init import initial_tensors, scaled_tensors
-from .layers import (
+from .._wrappers import is_wrapper
+from ..analysis.tracing import LeafSpec
+from ..errors import NothingToShareError, SharifyError, UnsupportedModelError
+from ..layers import (
     SHARED_STORE_NAME,
     SharedConvParams,
     SharedStore,
@@ -32,51 +29,16 @@ from .layers import (
     detach_from_holder,
     is_shared_conv,
 )
-from .options import Rank, Selector, check_flag, resolve_options
-from .plan import ConvSignature, SharingGroup, SharingPlan, make_plan
-from .tracing import LeafSpec
+from ..planning.grouping import computed_tensor_reason
+from ..planning.options import Rank, Selector, check_flag, resolve_options
+from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, check_model, make_plan
+from .align import alignment
+from .basis import BasisConv2d, svd_bases
+from .init import initial_tensors, scaled_tensors
 
 __all__ = ["apply_plan", "check_model", "sharify", "unshare"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
-
-
-def check_model(model: object) -> None:
-    """Raises a clear error if ``model`` is not an eager module sharify can rewrite.
-
-    Wrappers (DDP, DataParallel, ``torch.compile``'s ``OptimizedModule``) are refused rather than
-    unwrapped: DDP has already registered the unshared parameters with its reducer and broadcast
-    them, and dynamo has guarded on them, so a rewrite underneath would leave the wrapper stale,
-    while returning the unwrapped result would silently change the type the caller gets back. The
-    message tells the user to sharify the bare model and wrap the result. Functions that only read
-    a model (:func:`sharify.save`, :func:`sharify.verify`) look through wrappers instead.
-    """
-    if isinstance(model, type) and issubclass(model, nn.Module):
-        raise TypeError(
-            f"sharify expects a torch.nn.Module instance, got the class {model.__name__}; build the model first"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sharify expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, torch.jit.ScriptModule):
-        raise UnsupportedModelError(
-            "got a TorchScript module; sharify rewrites eager modules: call sharify(model) before torch.jit.script"
-        )
-    if is_wrapper(model):
-        raise UnsupportedModelError(
-            f"got a {type(model).__name__} wrapper; sharify the bare model first and wrap the result "
-            "(shared = sharify(model); DDP(shared) / torch.compile(shared)), because the wrapper has already "
-            "registered the unshared parameters"
-        )
-    shared = next((p for p, m in model.named_modules() if is_shared_conv(m)), None)
-    store = next((p for p, m in model.named_modules() if isinstance(m, SharedStore)), None)
-    if shared is not None or store is not None or hasattr(model, SHARED_STORE_NAME):
-        scope = (store or "").rpartition(".")[0]
-        where = f": its submodule `{scope}` was sharified" if scope else ""
-        raise AlreadySharifiedError(
-            f"{type(model).__name__} is already sharified{where} (e.g. `{shared or store or SHARED_STORE_NAME}`); "
-            "pass the original model, or call sharify.unshare(model) first (to shrink another part of it, "
-            "sharify that submodule in place: sharify.sharify(model.<submodule>, inplace=True))"
-        )
 
 
 def sharify(
@@ -106,7 +68,7 @@ def sharify(
         model: The model; with ``inplace=False`` it is not modified.
         example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
         preset: A published variant, e.g. ``"sharesnet-wrn"``, ``"dsfb-shared++"`` (see
-            :mod:`sharify.options`); explicit options override it (an explicit ``method`` other than the
+            :mod:`sharify.planning.options`); explicit options override it (an explicit ``method`` other than the
             preset's also drops the preset's ``init``, which belongs to its method).
         positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
             the whole branch, skipping convs an earlier selector took and convs that cannot be members --
@@ -125,7 +87,7 @@ def sharify(
             exchanges with another conv of its block through BatchNorm/activations only) to match the
             other members -- a change that leaves the original model's function exactly as it was, and
             makes ``init="average"``/``"scaled"``/``"first"``/``"svd"`` combine like channels
-            (:mod:`sharify.align`; needs scipy). Default ``False`` (the papers' init).
+            (:mod:`sharify.rewrite.align`; needs scipy). Default ``False`` (the papers' init).
         inplace: Rewrite ``model`` itself instead of a deep copy.
         leaf_modules: Module classes or paths not to trace into (a bare string is one path).
 
@@ -279,7 +241,7 @@ def _fold_gain(norm: nn.modules.batchnorm._BatchNorm, gain: Tensor, current: dic
 def _alignment(
     sharing: SharingPlan, modules: dict[str, nn.Module]
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, list[int]]]]:
-    """The plan's channel alignment (:func:`sharify.align.alignment`) on ``modules``' current tensors."""
+    """The plan's channel alignment (:func:`sharify.rewrite.align.alignment`) on ``modules``' current tensors."""
     groups = [(g.members, g.slots) for g in sharing.groups if g.slots]
     if not groups:
         return {}, {}
@@ -298,7 +260,7 @@ def _assign(module: nn.Module, values: dict[str, Tensor]) -> None:
 
 
 def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, inplace: bool = False) -> ModelT:
-    """Applies a :class:`~sharify.plan.SharingPlan` made for ``model`` (or an identical model).
+    """Applies a :class:`~sharify.planning.plan.SharingPlan` made for ``model`` (or an identical model).
 
     Args:
         model: The model the plan was made for.
@@ -309,7 +271,7 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
     Raises:
         NothingToShareError: The plan has no groups.
         SharifyError: The plan does not match the model.
-        TypeError: ``sharing`` is no :class:`~sharify.plan.SharingPlan`, ``init`` no str or ``inplace`` no bool.
+        TypeError: ``sharing`` is no :class:`~sharify.SharingPlan`, ``init`` no str or ``inplace`` no bool.
     """
     check_model(model)
     if not isinstance(sharing, SharingPlan):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import shared_groups
+from ..layers import shared_groups
 
 __all__ = ["BasisConv2d", "orthogonality_loss", "svd_bases"]
 

@@ -15,10 +15,10 @@ from typing import Any, cast
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ._paths import module_paths, names_by_identity
-from .align import channel_slots
+from .._paths import module_paths, names_by_identity
+from ..analysis.channels import channel_slots
+from ..analysis.residual import Block, Stage
 from .options import _ALIASES, Selector, SharingOptions
-from .residual import Block, Stage
 from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
 
 __all__ = ["GroupFinder", "Seen", "check_indices", "computed_tensor_reason", "nothing_to_share_hints"]

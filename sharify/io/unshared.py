@@ -18,10 +18,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._paths import names_by_identity
-from ._wrappers import strip_wrapper_prefixes, unwrap
-from .init import check_init, initial_tensors
-from .layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, shared_groups
+from .._paths import names_by_identity
+from .._wrappers import strip_wrapper_prefixes, unwrap
+from ..layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, shared_groups
+from ..rewrite.init import check_init, initial_tensors
 
 __all__ = ["EMA_KEYS", "WEIGHT_KEYS", "checkpoint_weights", "load_state", "load_unshared_state_dict", "meta_gap"]
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from ._paths import module_paths
+from .._paths import module_paths
 
 __all__ = [
     "METHODS",
@@ -54,7 +54,7 @@ _ALIASES: dict[str, int] = {"first": 0, "last": -1}  # selectors that are conv i
 METHODS = ("share", "basis")
 #: A basis rank: an int counts filters per 64 channels (the paper's ``m = C/64`` scaling): a conv with ``C``
 #: output channels gets ``max(1, floor(rank * C / 64 + 1/2))`` filters (rounded half up, at least one; see
-#: :func:`sharify.rules.scaled_rank`). A mapping gives the absolute number of filters per stage path, one
+#: :func:`sharify.planning.rules.scaled_rank`). A mapping gives the absolute number of filters per stage path, one
 #: entry for every stage that holds groups; keys that are no stage path are refused.
 Rank = int | Mapping[str, int]
 

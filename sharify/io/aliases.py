@@ -4,7 +4,7 @@ Model code ties tensors on its own: one conv module used by several blocks (its 
 every path that reaches it) or ``b.conv.weight = a.conv.weight``. ``state_dict()`` then lists one
 tensor under several keys and safetensors refuses to write it ("Some tensors share memory"). The
 file stores each such tensor once, under its first key, and the recipe maps the other keys to it
-(:attr:`sharify.recipe.Recipe.aliases`); loading points the other keys' parameters (or buffers) at
+(:attr:`sharify.io.recipe.Recipe.aliases`); loading points the other keys' parameters (or buffers) at
 the first key's, so the loaded model has the original's ties. These ties are the model's own: they
 are not sharify's sharing groups, and :func:`sharify.verify` does not report them.
 """
@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from torch import Tensor, nn
 
-from .errors import RecipeMismatchError
+from ..errors import RecipeMismatchError
 
 __all__ = ["expand", "find_aliases", "retie_aliases", "untied_problems"]
 
