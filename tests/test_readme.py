@@ -189,6 +189,34 @@ def test_readme_coverage_figures_are_the_committed_sweep() -> None:
 
 
 @pytest.mark.results
+def test_readme_foreign_source_figures_are_the_committed_sweep() -> None:
+    import json
+
+    data = json.loads((README.parent / "benchmarks/results/coverage.json").read_text())
+    table = _table_after("## Models from other libraries and models inside models", "source")
+    sources = [r[0].strip("`") for r in table]
+    assert sources == [
+        "torchvision-detection",
+        "torchvision-segmentation",
+        "torchvision-video",
+        "torchvision-optical-flow",
+        "transformers",
+    ]
+    for source, (_, models, shared, refused, skipped, errors, shared_names) in zip(sources, table):
+        rows = [r for r in data["models"] if r.get("source") == source]
+        count = {o: sum(r["outcome"] == o for r in rows) for o in ("shared", "nothing-to-share", "skipped", "error")}
+        assert [int(models), int(shared), int(refused), int(skipped), int(errors)] == [
+            len(rows),
+            count["shared"],
+            count["nothing-to-share"],
+            count["skipped"],
+            count["error"],
+        ], source
+        names = sorted(r["name"] for r in rows if r["outcome"] == "shared")
+        assert shared_names == (", ".join(f"`{n}`" for n in names) or "-"), source
+
+
+@pytest.mark.results
 def test_readme_performance_figures_are_the_committed_benchmark() -> None:
     import json
     import statistics
