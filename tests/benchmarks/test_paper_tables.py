@@ -21,8 +21,8 @@ import sharify
 from benchmarks import paper_tables
 from benchmarks.cifar_models import preact_resnet164, wide_resnet
 from benchmarks.paper_tables import ROWS, measure, measure_sharified, table
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_TABLE = ROOT / "benchmarks" / "results" / "paper_tables.md"
 README = ROOT / "README.md"
 IDS = [f"{r.paper}-{r.model}" for r in ROWS]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from benchmarks import perf
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.98  # the README's speed target: the shared model at >= 98 % of the original's throughput
 
 

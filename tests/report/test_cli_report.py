@@ -6,15 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 
 import sharify
 from sharify.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
 
 
 def test_report_timm_resnet50d_json_equals_the_plan(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -20,8 +19,9 @@ import sharify
 import sharify.train.checkpoint as checkpoint_module
 from sharify.cli import build_parser, main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, load_checkpoint, load_data
+from tests.conftest import ROOT
+from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,8 +16,8 @@ import torch
 
 from benchmarks import accuracy_study
 from benchmarks.accuracy_study_report import Run, run_dir_name, run_lambda_r, study_args
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_study"
 README = ROOT / "README.md"
 

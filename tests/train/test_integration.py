@@ -16,7 +16,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -35,9 +34,10 @@ from sharify.train import (
     recalibrate_batchnorm,
 )
 from sharify.train.data import FASHION_MNIST_SYSTEM_DIR, read_idx
-from tests.conftest import state_equal
+from tests.conftest import ROOT, state_equal
+from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = ROOT / "examples"
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 

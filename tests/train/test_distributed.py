@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet, make_image_folder
 from safetensors.torch import load_file
 
 import sharify
@@ -19,8 +18,8 @@ from sharify.train import finetune, latest_checkpoint, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loaders import build_loaders
 from sharify.train.loop import evaluate
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+from tests.train.finetune_utils import TinyNet, make_image_folder
 
 
 def _env() -> dict[str, str]:
@@ -43,7 +42,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "--standalone",
         "--nproc_per_node",
         "2",
-        str(ROOT / "tests" / "ddp_worker.py"),
+        str(ROOT / "tests" / "train" / "ddp_worker.py"),
         str(data),
         str(tmp),
     ]

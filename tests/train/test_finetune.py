@@ -11,12 +11,12 @@ import pytest
 import timm
 import torch
 import torchvision
-from finetune_utils import SMALL_CHANNELS, TinyNet, make_image_folder, shrink_timm_resnets
 from safetensors.torch import load_file
 
 import sharify
 from sharify.cli import main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, latest_checkpoint, load_data
+from tests.train.finetune_utils import SMALL_CHANNELS, TinyNet, make_image_folder, shrink_timm_resnets
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,5 @@
-"""Run by test_finetune_ddp.py under ``torchrun --nproc_per_node 2`` (gloo, CPU).
+"""Run by tests/train/test_distributed.py under ``torchrun --nproc_per_node 2`` (gloo, CPU), with the repository
+root on ``PYTHONPATH`` (it imports ``tests.nets`` and ``tests.train.finetune_utils``).
 
 1. Fine-tunes a sharified GroupNorm TinyNet with :func:`sharify.train.finetune` and saves each
    rank's final state_dict (``rank<r>.safetensors``).
@@ -25,19 +26,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-import pytest
-from finetune_utils import TinyNet, shrink_timm_resnets
-
 import sharify
 from sharify.train import finetune, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
+from tests.conftest import ROOT
+from tests.train.finetune_utils import TinyNet, shrink_timm_resnets
 
 
 def grad_checkpointing(out: Path) -> None:
@@ -189,7 +189,7 @@ def main() -> None:
     grad_checkpointing(out)
     accumulation_under_static_graph(out)
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    sys.path.insert(0, str(ROOT / "examples"))
     import ddp_torchrun
 
     result = ddp_torchrun.main(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 from torch import nn
 
 import sharify
@@ -18,6 +17,7 @@ from sharify.cli import main
 from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_checkpoint, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer, autocast_context, resolve_amp
+from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
 
 EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,6 +23,7 @@ from benchmarks.coverage import list_models, main, merge_results, parse_sources,
 from benchmarks.coverage_check import ModelResult, _real_inputs, check_model
 from benchmarks.coverage_sources import MissingPackageError, build, family_of
 from benchmarks.coverage_summary import summary_markdown
+from tests.conftest import ROOT
 
 SHARED = "shared"
 DEPTHWISE = "depthwise only"
@@ -97,7 +98,7 @@ FORWARD_MAX_PARAMS = 30_000_000
 
 # Shared models analysed on the meta device only: their real check takes 10-20 s on two cores (it passes in
 # the full sweep, benchmarks/results/coverage.csv); what is particular about them is analysis. StdConv2d's
-# real-weight analysis is also tested in tests/test_analysis.py.
+# real-weight analysis is also tested in tests/analysis/test_trace_and_shapes.py.
 META_ONLY = {"bat_resnext26ts", "resnetv2_50x1_bit"}
 
 # Models with submodules torch.fx cannot trace, leafed automatically (every other model but the UNTRACEABLE
@@ -165,7 +166,7 @@ _ANALYSIS_FIELDS = ("outcome", "reason_kind", "reason", "build", "traced", "inpu
 
 @pytest.fixture(scope="module")
 def committed_sweep() -> dict[str, dict[str, object]]:
-    data = json.loads((Path(__file__).parents[1] / "benchmarks/results/coverage.json").read_text())
+    data = json.loads((ROOT / "benchmarks/results/coverage.json").read_text())
     return {f"{r.get('source', r['library'])}:{r['name']}": r for r in data["models"]}
 
 
