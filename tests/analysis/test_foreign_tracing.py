@@ -117,6 +117,7 @@ def test_direct_forward_calls_share_exactly_as_module_calls(tmp_path: Path) -> N
         assert torch.equal(loaded(x), out)
 
 
+# Defined here, not in tests/nets.py: the pattern the next test is about.
 class _DirectThenGated(nn.Module):
     """Calls a leaf through ``.forward`` and then stops the trace in its own code."""
 
@@ -231,6 +232,7 @@ def test_raft_shares_its_encoders() -> None:
     assert flows[-1].shape == (1, 2, 128, 128)
 
 
+# Defined here, not in tests/nets.py: the pattern the next test is about.
 class _GatedBlocks(nn.Module):
     """Residual-free convs behind root control flow: descending finds nothing to share."""
 

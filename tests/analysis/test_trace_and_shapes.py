@@ -22,6 +22,10 @@ from tests.conftest import state_equal
 # --- untraceable stages ----------------------------------------------------------------------------
 
 
+# The nets of this file are defined here, not in tests/nets.py: each is the code pattern its tests are about
+# (root code torch.fx cannot trace, a head inlined in the root's forward, a head registered before the stem).
+
+
 class _GatedNet(nn.Module):
     """Residual blocks looped in the root's forward behind a data-dependent gate: torch.fx cannot trace
     the code that chains the blocks, so there is no data flow to find stages in."""

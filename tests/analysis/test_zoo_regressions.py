@@ -1,7 +1,8 @@
 """Regression tests for structures met in the torchvision/timm zoo sweep (benchmarks/coverage.py).
 
 Each test is a tiny hand-written module reproducing the structure that once failed or misbehaved, so the
-fix is checked without building zoo models.
+fix is checked without building zoo models. The modules stay next to their tests (each one's structure is what
+its test is about); the plain residual block several of them chain is :class:`tests.nets.BasicBlock`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,7 @@ import torch
 from torch import nn
 
 import sharify
-
-
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
+from tests.nets import BasicBlock
 
 
 class _LayerScaleNet(nn.Module):
@@ -32,7 +23,7 @@ class _LayerScaleNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.ModuleList(_Block(8) for _ in range(3))
+        self.blocks = nn.ModuleList(BasicBlock(8) for _ in range(3))
         self.gammas = nn.ParameterList(nn.Parameter(torch.full((8, 1, 1), 0.1)) for _ in range(3))
         self.tied = self.gammas[1]
 
@@ -62,7 +53,7 @@ class _FixedSizeHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(_Block(8), _Block(8), _Block(8))
+        self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8), BasicBlock(8))
         self.fc = nn.Linear(8 * 8 * 8, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

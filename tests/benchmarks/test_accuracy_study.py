@@ -3,41 +3,21 @@ results — the markdown, the README's summary and study.json must say the same 
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from benchmarks import accuracy_study
 from benchmarks.accuracy_study_report import Run, run_dir_name, run_lambda_r, study_args
 from tests.conftest import ROOT
+from tests.fake_data import fake_fashion_mnist
 
 RESULTS = ROOT / "benchmarks" / "results" / "accuracy_study"
 README = ROOT / "README.md"
-
-
-def _write_idx(path: Path, data: torch.Tensor) -> None:
-    header = struct.pack(">BBBB", 0, 0, 0x08, data.dim()) + struct.pack(f">{data.dim()}I", *data.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + data.to(torch.uint8).numpy().tobytes())
-
-
-def fake_fashion_mnist(root: Path, n: int = 96) -> Path:
-    """Idx files in Fashion-MNIST's layout: images whose brightness encodes the label (learnable)."""
-    root.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for prefix in ("train", "t10k"):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = (labels.view(-1, 1, 1) * 25 + torch.randint(0, 20, (n, 28, 28), generator=g)).clamp(0, 255)
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    return root
 
 
 def test_accuracy_study_smoke(tmp_path: Path) -> None:

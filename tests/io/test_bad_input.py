@@ -22,37 +22,14 @@ from torch import nn
 import sharify
 from sharify.io import serialization
 from tests.conftest import perturb, state_equal
+from tests.nets import OneStageNet, PlainNet
 
 X = torch.zeros(1, 3, 16, 16)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-
-
-class Net(nn.Module):
-    """A small user-written residual net: one stage of ``depth`` blocks."""
-
-    def __init__(self, width: int = 8, depth: int = 3, num_classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.Sequential(*(Block(width) for _ in range(depth)))
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
-
-
 def _shared(**options: object) -> nn.Module:
-    return sharify.sharify(Net(), example_inputs=X, **options)
+    return sharify.sharify(OneStageNet(), example_inputs=X, **options)
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -68,7 +45,7 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 
 def test_member_of_the_wrong_shape_is_refused_by_name_and_nothing_loads() -> None:
-    shared, sd = _shared(), Net().state_dict()
+    shared, sd = _shared(), OneStageNet().state_dict()
     sd["blocks.1.conv2.weight"] = torch.zeros(8, 8, 1, 1)
     before = _snapshot(shared)
     with pytest.raises(ValueError, match=r"blocks\.1\.conv2\.weight has shape \(8, 8, 1, 1\).*'blocks\.conv2'"):
@@ -86,7 +63,7 @@ def test_member_of_the_wrong_shape_is_refused_by_name_and_nothing_loads() -> Non
     ids=["non-member shape", "unexpected key", "missing key"],
 )
 def test_errors_outside_the_groups_leave_the_model_bit_identical(change, error, match) -> None:  # type: ignore[no-untyped-def]
-    shared, sd = _shared(), perturb(Net()).state_dict()
+    shared, sd = _shared(), perturb(OneStageNet()).state_dict()
     change(sd)
     before = _snapshot(shared)
     with pytest.raises(error, match=match):
@@ -110,7 +87,7 @@ def _wrapped(sd: dict[str, torch.Tensor], how: str) -> object:
     "how", ["plain", "timm state_dict", "model", "ddp prefix", "compile prefix", "compiled ddp", "wrapped ddp"]
 )
 def test_training_checkpoint_wrappers_and_prefixes_are_recognised(how: str) -> None:
-    original = perturb(Net())
+    original = perturb(OneStageNet())
     expected = _shared()
     sharify.load_unshared_state_dict(expected, original.state_dict())
     shared = _shared()
@@ -122,7 +99,7 @@ def test_training_checkpoint_wrappers_and_prefixes_are_recognised(how: str) -> N
 
 
 def test_an_ema_only_checkpoint_is_named_in_the_error() -> None:
-    shared, sd = _shared(), Net().state_dict()
+    shared, sd = _shared(), OneStageNet().state_dict()
     with pytest.raises(ValueError, match=r"'state_dict_ema'.*pass state_dict\['state_dict_ema'\]"):
         sharify.load_unshared_state_dict(shared, {"state_dict_ema": sd, "epoch": 1})
     assert sharify.load_unshared_state_dict(shared, {"state_dict_ema": sd}["state_dict_ema"])  # the fix works
@@ -149,11 +126,11 @@ def test_a_sharified_state_dict_and_a_non_bool_strict_are_refused() -> None:
     with pytest.raises(ValueError, match=r"sharified model's.*shared\.load_state_dict"):
         sharify.load_unshared_state_dict(shared, _shared().state_dict())
     with pytest.raises(TypeError, match="strict must be True or False"):
-        sharify.load_unshared_state_dict(shared, Net().state_dict(), strict="no")  # type: ignore[arg-type]
+        sharify.load_unshared_state_dict(shared, OneStageNet().state_dict(), strict="no")  # type: ignore[arg-type]
 
 
 def test_strict_false_keeps_the_documented_semantics() -> None:
-    shared, original = _shared(), perturb(Net())
+    shared, original = _shared(), perturb(OneStageNet())
     sd = original.state_dict()
     del sd["blocks.2.conv2.weight"]  # a member missing: the group keeps its tensors
     sd["extra.weight"] = torch.zeros(1)
@@ -179,12 +156,12 @@ def test_models_whose_shared_tensors_are_not_an_init_are_refused(options: dict[s
     shared = _shared(**options)
     before = _snapshot(shared)
     with pytest.raises(ValueError, match=f"{match}.*load the checkpoint into the original model"):
-        sharify.load_unshared_state_dict(shared, Net().state_dict())
+        sharify.load_unshared_state_dict(shared, OneStageNet().state_dict())
     assert _unchanged(shared, before)
 
 
 def test_a_meta_device_model_is_materialised_quietly_or_refused_untouched() -> None:
-    original = perturb(Net())
+    original = perturb(OneStageNet())
     expected = _shared()
     sharify.load_unshared_state_dict(expected, original.state_dict())
     with torch.device("meta"):
@@ -205,7 +182,7 @@ def test_a_meta_device_model_is_materialised_quietly_or_refused_untouched() -> N
 
 def test_a_meta_device_model_keeps_its_own_ties() -> None:
     def tied() -> nn.Module:
-        net = Net()
+        net = OneStageNet()
         net.blocks[2].conv1.weight = net.blocks[1].conv1.weight  # tied by hand, as model code does
         return net
 
@@ -218,6 +195,7 @@ def test_a_meta_device_model_keeps_its_own_ties() -> None:
     assert torch.equal(shared.blocks[1].conv1.weight, original.blocks[1].conv1.weight)
 
 
+# Defined here, not in tests/nets.py: non-tensor extra state is what the next test is about.
 class Calibration(nn.Module):
     """A module with non-tensor state (``get_extra_state``), as quantization and export helpers have."""
 
@@ -237,7 +215,7 @@ class Calibration(nn.Module):
 
 def test_non_tensor_extra_state_loads_as_load_state_dict_does() -> None:
     def net() -> nn.Module:
-        model = Net()
+        model = OneStageNet()
         model.calibration = Calibration()
         return model
 
@@ -251,7 +229,7 @@ def test_non_tensor_extra_state_loads_as_load_state_dict_does() -> None:
 def test_finetune_checkpoint_reader_uses_the_same_unwrapping(tmp_path: Path) -> None:
     from sharify.train.model import load_weights_file
 
-    sd = Net().state_dict()
+    sd = OneStageNet().state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "state_dict_ema": sd}, tmp_path / "c.pth")
     assert list(load_weights_file(tmp_path / "c.pth")) == list(sd)
     assert list(load_weights_file(tmp_path / "c.pth", ema=True)) == list(sd)
@@ -330,7 +308,7 @@ def saved(tmp_path: Path) -> tuple[nn.Module, Path]:
 
 def _read_both(path: Path) -> list[Exception]:
     errors = []
-    for read in (lambda: sharify.read_recipe(path), lambda: sharify.load(path, model=Net())):
+    for read in (lambda: sharify.read_recipe(path), lambda: sharify.load(path, model=OneStageNet())):
         with pytest.raises(Exception) as info:  # the callers check type and message
             read()
         errors.append(info.value)
@@ -355,11 +333,11 @@ def _damage(path: Path, how: str) -> Path:
     elif how == "garbage":
         out.write_bytes(bytes(range(256)) * 4)
     elif how == "torch.save":
-        torch.save(Net().state_dict(), out)
+        torch.save(OneStageNet().state_dict(), out)
     elif how == "legacy torch.save":
-        torch.save(Net().state_dict(), out, _use_new_zipfile_serialization=False)
+        torch.save(OneStageNet().state_dict(), out, _use_new_zipfile_serialization=False)
     else:
-        save_file(Net().state_dict(), str(out))  # a plain safetensors file
+        save_file(OneStageNet().state_dict(), str(out))  # a plain safetensors file
     return out
 
 
@@ -388,7 +366,7 @@ def test_damaged_and_foreign_files_name_the_path_and_the_fix(
 def test_load_into_a_meta_device_model_materialises_it_quietly(saved: tuple[nn.Module, Path]) -> None:
     shared, path = saved
     with torch.device("meta"):
-        skeleton = Net()
+        skeleton = OneStageNet()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "copying ... to a meta parameter ... is a no-op" flood
         loaded = sharify.load(path, model=skeleton)
@@ -405,7 +383,7 @@ def test_load_into_a_meta_device_model_materialises_it_quietly(saved: tuple[nn.M
 
 def test_load_into_a_meta_model_the_file_cannot_fill_is_refused(saved: tuple[nn.Module, Path]) -> None:
     with torch.device("meta"):
-        skeleton = Net()
+        skeleton = OneStageNet()
         skeleton.extra = nn.Linear(2, 2)
     with pytest.raises(sharify.CheckpointError, match=r"meta device.*no data for `extra\.weight`"):
         sharify.load(saved[1], model=skeleton, strict=False)
@@ -413,7 +391,7 @@ def test_load_into_a_meta_model_the_file_cannot_fill_is_refused(saved: tuple[nn.
 
 def test_load_into_a_meta_model_keeps_the_models_dtype(saved: tuple[nn.Module, Path]) -> None:
     with torch.device("meta"):
-        skeleton = Net().double()
+        skeleton = OneStageNet().double()
     loaded = sharify.load(saved[1], model=skeleton)
     assert {p.dtype for p in loaded.parameters()} == {torch.float64}
     torch.testing.assert_close(loaded.fc.weight, saved[0].fc.weight.double())
@@ -421,9 +399,9 @@ def test_load_into_a_meta_model_keeps_the_models_dtype(saved: tuple[nn.Module, P
 
 def test_load_and_save_check_their_other_arguments(saved: tuple[nn.Module, Path]) -> None:
     with pytest.raises(TypeError, match="strict must be True or False"):
-        sharify.load(saved[1], model=Net(), strict="yes")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"got type \(a class: pass an instance, model=Net\(\.\.\.\)\)"):
-        sharify.load(saved[1], model=Net)  # type: ignore[arg-type]
+        sharify.load(saved[1], model=OneStageNet(), strict="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got type \(a class: pass an instance, model=OneStageNet\(\.\.\.\)\)"):
+        sharify.load(saved[1], model=OneStageNet)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="metadata must be a mapping of str to str, got str"):
         sharify.save(saved[0], saved[1], metadata="epoch=3")  # type: ignore[arg-type]
     with torch.device("meta"):
@@ -436,23 +414,14 @@ def test_load_and_save_check_their_other_arguments(saved: tuple[nn.Module, Path]
 # --- report -----------------------------------------------------------------------------------------------
 
 
-class Plain(nn.Module):
-    """Not a residual net: nothing to do with Net."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-        self.fc = nn.Linear(8, 4)
-
-
 @pytest.mark.parametrize(
     ("original", "match"),
     [
-        (Plain(), r"Plain and a Net that differ.*`features\.0\.weight` is in the original model only"),
-        (Net(depth=4), r"`blocks\.3\.conv1\.weight` is in the original model only"),
-        (Net(num_classes=10), r"`fc\.weight` has shape \(10, 8\) in the original but \(4, 8\) in the shared"),
-        (Net(depth=2), r"`blocks\.2\.conv1\.weight` is in the shared model only"),
-        (Net(width=16), r"`stem\.weight` has shape \(16, 3, 3, 3\) in the original"),
+        (PlainNet(), r"PlainNet and a OneStageNet that differ.*`features\.0\.weight` is in the original model only"),
+        (OneStageNet(depth=4), r"`blocks\.3\.conv1\.weight` is in the original model only"),
+        (OneStageNet(num_classes=10), r"`fc\.weight` has shape \(10, 8\) in the original but \(4, 8\) in the shared"),
+        (OneStageNet(depth=2), r"`blocks\.2\.conv1\.weight` is in the shared model only"),
+        (OneStageNet(width=16), r"`stem\.weight` has shape \(16, 3, 3, 3\) in the original"),
     ],
     ids=["unrelated", "deeper", "other head", "shallower", "wider"],
 )
@@ -465,18 +434,18 @@ def test_report_refuses_models_that_differ_outside_the_groups(original: nn.Modul
     "options", [{}, {"init": "scaled"}, {"method": "basis", "shared_rank": 4, "unique_rank": 1}, {"align": True}]
 )
 def test_report_still_accepts_the_original_of_every_kind_of_sharing(options: dict[str, object]) -> None:
-    original = Net()
+    original = OneStageNet()
     shared = sharify.sharify(original, example_inputs=X, **options)
-    assert sharify.report(Net(), shared).params_before == sum(p.numel() for p in original.parameters())
+    assert sharify.report(OneStageNet(), shared).params_before == sum(p.numel() for p in original.parameters())
     assert sharify.report(nn.DataParallel(original), nn.DataParallel(shared)).groups
 
 
 def test_report_with_swapped_or_unshared_arguments() -> None:
-    original, shared = Net(), _shared()
+    original, shared = OneStageNet(), _shared()
     with pytest.raises(ValueError, match=r"no shared convs \(are the arguments swapped"):
         sharify.report(shared, original)
     with pytest.raises(ValueError, match=r"no shared convs; pass the model sharify\.sharify returned"):
-        sharify.report(original, Net())
+        sharify.report(original, OneStageNet())
     with pytest.raises(ValueError, match="already sharified"):
         sharify.report(copy.deepcopy(shared), shared)
     with pytest.raises(TypeError, match="shared is a str"):

@@ -18,33 +18,7 @@ from sharify.io import reapply
 from sharify.io import recipe as recipe_module
 from sharify.io.zoo import ModelSource, build_model
 from tests.conftest import perturb
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-
-
-class TinyNet(nn.Module):
-    """A user-written residual net (no torchvision/timm source to rebuild it from)."""
-
-    def __init__(self, width: int = 8, depth: int = 3, num_classes: int = 4) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean((2, 3)))
+from tests.nets import BasicBlock, OneStageNet
 
 
 def _assert_identical(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
@@ -108,14 +82,14 @@ def test_build_model_records_the_source(tmp_path):
 
 def test_round_trip_user_model_given(tmp_path):
     x = torch.randn(2, 3, 16, 16)
-    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors", metadata={"epoch": "12"})
     recipe = sharify.read_recipe(path)
-    assert recipe.source is None and recipe.model_class.endswith("TinyNet") and recipe.metadata == {"epoch": "12"}
+    assert recipe.source is None and recipe.model_class.endswith("OneStageNet") and recipe.metadata == {"epoch": "12"}
     with pytest.raises(sharify.CheckpointError, match=r"records no source.*model="):
         sharify.load(path)
 
-    fresh = TinyNet()
+    fresh = OneStageNet()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     restored = sharify.load(path, fresh)
     _assert_identical(shared, restored, x)
@@ -123,9 +97,9 @@ def test_round_trip_user_model_given(tmp_path):
     assert not sharify.shared_groups(fresh) and not hasattr(fresh, "sharify_shared")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     # An already sharified model with the same groups also loads.
-    _assert_identical(shared, sharify.load(path, sharify.sharify(TinyNet(), example_inputs=x[:1])), x)
+    _assert_identical(shared, sharify.load(path, sharify.sharify(OneStageNet(), example_inputs=x[:1])), x)
     # Plain safetensors readers see an ordinary state_dict with one key per shared tensor.
-    plain = sharify.sharify(TinyNet(), example_inputs=x[:1])
+    plain = sharify.sharify(OneStageNet(), example_inputs=x[:1])
     plain.load_state_dict(load_file(path))
     _assert_identical(shared, plain, x)
 
@@ -134,16 +108,16 @@ def test_round_trip_user_model_given(tmp_path):
     ("model", "match"),
     [
         (
-            lambda: TinyNet(depth=2),
+            lambda: OneStageNet(depth=2),
             r"`blocks\.2\.conv2` \(member of shared group `blocks\.conv2`\) is not in the model",
         ),
-        (lambda: TinyNet(width=16), r"`blocks\.0\.conv2\.weight` is \(16, 16, 3, 3\) in the model but the shared"),
-        (lambda: TinyNet(num_classes=7), r"`head\.weight` has shape \(7, 8\) in the model but \(4, 8\) in the file"),
+        (lambda: OneStageNet(width=16), r"`blocks\.0\.conv2\.weight` is \(16, 16, 3, 3\) in the model but the shared"),
+        (lambda: OneStageNet(num_classes=7), r"`fc\.weight` has shape \(7, 8\) in the model but \(4, 8\) in the file"),
     ],
     ids=["missing-member", "member-shape", "other-shape"],
 )
 def test_mismatching_model_names_first_path(tmp_path, model, match):
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
     with pytest.raises(sharify.RecipeMismatchError, match=match) as info:
         sharify.load(path, model())
@@ -156,23 +130,21 @@ BASIS_OPTIONS = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank":
 @pytest.mark.parametrize("options", [BASIS_OPTIONS, {"init": "scaled"}], ids=["basis", "scaled"])
 def test_mismatching_model_names_first_path_when_members_are_rewritten(tmp_path, options):
     """Filter-basis and init="scaled" recipes are checked on the unshared model like whole-conv ones."""
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16), **options)
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16), **options)
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
     with pytest.raises(
         sharify.RecipeMismatchError,
         match=r"does not fit the model: `blocks\.2\.conv2` \(member of shared group `blocks\.conv2`\) is not in",
     ):
-        sharify.load(path, TinyNet(depth=2))
-    with pytest.raises(
-        sharify.RecipeMismatchError, match=r"`head\.weight` has shape \(7, 8\) in the model but \(4, 8\)"
-    ):
-        sharify.load(path, TinyNet(num_classes=7))
+        sharify.load(path, OneStageNet(depth=2))
+    with pytest.raises(sharify.RecipeMismatchError, match=r"`fc\.weight` has shape \(7, 8\) in the model but \(4, 8\)"):
+        sharify.load(path, OneStageNet(num_classes=7))
 
 
 def test_basis_member_of_other_geometry_is_named(tmp_path, monkeypatch):
     x = torch.randn(1, 3, 16, 16)
-    path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x, **BASIS_OPTIONS), tmp_path / "b.safetensors")
-    other = TinyNet()
+    path = sharify.save(sharify.sharify(OneStageNet(), example_inputs=x, **BASIS_OPTIONS), tmp_path / "b.safetensors")
+    other = OneStageNet()
     for block in other.blocks:
         block.conv2 = nn.Conv2d(8, 8, 5, padding=2)
     with pytest.raises(
@@ -189,9 +161,10 @@ def test_basis_member_of_other_geometry_is_named(tmp_path, monkeypatch):
         match=r"it makes other groups \(first: group `blocks\.conv2` has other members than in the file, "
         r"at `blocks\.0\.conv2\.shared`\)",
     ):
-        sharify.load(path, TinyNet())
+        sharify.load(path, OneStageNet())
 
 
+# Defined here, not in tests/nets.py: the next test is about the analysis inputs and leaf modules these two need.
 class PositionalNet(nn.Module):
     """Takes only 8x8 inputs (a learned position map is added after the stem): the default 224 px analysis fails."""
 
@@ -199,14 +172,14 @@ class PositionalNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         self.pos = nn.Parameter(torch.zeros(1, 8, 8, 8))
-        self.blocks = nn.Sequential(Block(8), Block(8), Block(8))
+        self.blocks = nn.Sequential(BasicBlock(8), BasicBlock(8), BasicBlock(8))
         self.head = nn.Linear(8, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x) + self.pos).mean((2, 3)))
 
 
-class OpaqueBlock(Block):
+class OpaqueBlock(BasicBlock):
     """A block the user wants left alone: passed as leaf_modules=[OpaqueBlock]."""
 
 
@@ -221,7 +194,7 @@ def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
     assert recipe.analysis == {"input_shapes": [[1, 3, 8, 8]], "input_dtypes": ["float32"], "leaf_modules": []}
     _assert_identical(shared, sharify.load(path, PositionalNet()), x)
 
-    tiny = TinyNet()
+    tiny = OneStageNet()
     tiny.blocks[1] = OpaqueBlock(8)
     options = {"method": "basis", "shared_rank": 8, "unique_rank": 1}
     shared = perturb(sharify.sharify(tiny, example_inputs=X3[:1], leaf_modules=[OpaqueBlock], **options))
@@ -229,7 +202,7 @@ def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
     assert group[1] == ["blocks.0.conv2.shared", "blocks.2.conv2.shared"]  # the opaque block is not shared
     path = sharify.save(shared, tmp_path / "leaf.safetensors")
     assert sharify.read_recipe(path).analysis["leaf_modules"] == ["blocks.1"]
-    fresh = TinyNet()
+    fresh = OneStageNet()
     fresh.blocks[1] = OpaqueBlock(8)
     _assert_identical(shared, sharify.load(path, fresh), X3)
 
@@ -239,8 +212,8 @@ def test_recipe_records_the_analysis_inputs_and_leaf_modules(tmp_path):
 
 def test_mismatching_sharified_model(tmp_path):
     x = torch.randn(1, 3, 16, 16)
-    path = sharify.save(sharify.sharify(TinyNet(), example_inputs=x), tmp_path / "tiny.safetensors")
-    other = sharify.sharify(TinyNet(), example_inputs=x, skip_first_block=True)
+    path = sharify.save(sharify.sharify(OneStageNet(), example_inputs=x), tmp_path / "tiny.safetensors")
+    other = sharify.sharify(OneStageNet(), example_inputs=x, skip_first_block=True)
     with pytest.raises(
         sharify.RecipeMismatchError, match=r"group `blocks\.conv2` has other members .*`blocks\.0\.conv2`"
     ):
@@ -249,22 +222,26 @@ def test_mismatching_sharified_model(tmp_path):
 
 def test_strict_false_skips_keys_only_one_side_has(tmp_path):
     x = torch.randn(2, 3, 16, 16)
-    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
-    bigger = TinyNet()
+    bigger = OneStageNet()
     bigger.extra = nn.Linear(2, 2)
     with pytest.raises(sharify.RecipeMismatchError, match=r"`extra\.weight` is in the model but not in the file"):
         sharify.load(path, bigger)
     restored = sharify.load(path, bigger, strict=False)
     assert torch.equal(restored.extra.weight, bigger.extra.weight)
-    _assert_identical(shared, sharify.load(path, TinyNet(), strict=False), x)
+    _assert_identical(shared, sharify.load(path, OneStageNet(), strict=False), x)
+
+
+def _untraceable(model, **options):
+    raise sharify.UntraceableError("cannot trace")
 
 
 def test_fallback_when_sharify_makes_other_groups(tmp_path, monkeypatch):
     """Re-applying the recipe stays exact when re-running sharify fails or shares differently
     (e.g. the model was analysed with example inputs or leaf modules the recipe does not record)."""
     x = torch.randn(2, 3, 16, 16)
-    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1]))
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1]))
     path = sharify.save(shared, tmp_path / "tiny.safetensors")
     real = reapply.sharify
 
@@ -272,13 +249,10 @@ def test_fallback_when_sharify_makes_other_groups(tmp_path, monkeypatch):
         return real(model, **{**options, "skip_first_block": True, "example_inputs": x[:1]})
 
     monkeypatch.setattr(reapply, "sharify", other_groups)
-    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
 
-    def untraceable(model, **options):
-        raise sharify.UntraceableError("cannot trace")
-
-    monkeypatch.setattr(reapply, "sharify", untraceable)
-    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+    monkeypatch.setattr(reapply, "sharify", _untraceable)
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):
@@ -298,18 +272,18 @@ def test_unshared_model_round_trip(tmp_path):
 
 
 def test_version_mismatch_warns(tmp_path, monkeypatch):
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     monkeypatch.setattr(recipe_module, "__version__", "0.0.1")  # the version the recipe records
     path = sharify.save(shared, tmp_path / "old.safetensors")
     monkeypatch.undo()
     assert sharify.read_recipe(path).version == "0.0.1"
     with pytest.warns(UserWarning, match=rf"written by sharify 0\.0\.1, this is sharify {sharify.__version__}"):
-        sharify.load(path, TinyNet())
+        sharify.load(path, OneStageNet())
 
 
 @pytest.fixture
 def saved(tmp_path):
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     return sharify.save(shared, tmp_path / "tiny.safetensors")
 
 
@@ -319,7 +293,7 @@ def test_truncated_file(saved):
     with pytest.raises(
         sharify.CheckpointError, match=r"tiny\.safetensors is not a readable safetensors file.*truncated"
     ):
-        sharify.load(saved, TinyNet())
+        sharify.load(saved, OneStageNet())
     saved.write_bytes(data[:5])
     with pytest.raises(sharify.CheckpointError, match="not a readable safetensors file"):
         sharify.read_recipe(saved)
@@ -330,7 +304,7 @@ def test_corrupted_tensor_bytes_are_detected(saved):
     data[-3] ^= 0xFF  # inside the last tensor: the header stays valid, only the checksum can tell
     saved.write_bytes(bytes(data))
     with pytest.raises(sharify.CheckpointError, match=r"tiny\.safetensors is corrupted: tensor `.+` does not match"):
-        sharify.load(saved, TinyNet())
+        sharify.load(saved, OneStageNet())
 
 
 def test_garbage_and_missing_files(tmp_path):
@@ -339,20 +313,20 @@ def test_garbage_and_missing_files(tmp_path):
     with pytest.raises(sharify.CheckpointError, match=r"junk\.safetensors is not a readable safetensors file"):
         sharify.load(junk)
     pickled = tmp_path / "model.pt"
-    torch.save(TinyNet().state_dict(), pickled)
+    torch.save(OneStageNet().state_dict(), pickled)
     with pytest.raises(sharify.CheckpointError, match=r"model\.pt is not a readable safetensors file"):
-        sharify.load(pickled, TinyNet())
+        sharify.load(pickled, OneStageNet())
     with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
         sharify.load(tmp_path / "nope.safetensors")
 
 
 def test_file_without_recipe_says_how_to_load_it(tmp_path):
     plain = tmp_path / "plain.safetensors"
-    save_file(TinyNet().state_dict(), plain)
+    save_file(OneStageNet().state_dict(), plain)
     with pytest.raises(
         sharify.CheckpointError, match=r"without a sharify recipe.*load_state_dict\(safetensors\.torch\.load_file"
     ):
-        sharify.load(plain, TinyNet())
+        sharify.load(plain, OneStageNet())
 
 
 def test_damaged_or_newer_recipe(tmp_path, saved):
@@ -365,7 +339,7 @@ def test_damaged_or_newer_recipe(tmp_path, saved):
     newer["format"] = 99
     save_file(tensors, damaged, metadata={"sharify": json.dumps(newer)})
     with pytest.raises(sharify.CheckpointError, match=r"format 99, newer than this sharify reads.*upgrade"):
-        sharify.load(damaged, TinyNet())
+        sharify.load(damaged, OneStageNet())
 
 
 def test_failed_save_leaves_the_old_file(saved, monkeypatch):
@@ -378,13 +352,13 @@ def test_failed_save_leaves_the_old_file(saved, monkeypatch):
 
     monkeypatch.setattr("sharify.io.serialization.save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        sharify.save(sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16)), saved)
+        sharify.save(sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16)), saved)
     assert saved.read_bytes() == before
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
 
 def test_bad_save_arguments(tmp_path):
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match="'sharify' is reserved"):
         sharify.save(shared, tmp_path / "a.safetensors", metadata={"sharify": "x"})
     with pytest.raises(TypeError, match="metadata must map str to str"):
@@ -399,7 +373,7 @@ def test_bad_save_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"shared group `blocks\.conv2` has no member convs left"):
         sharify.save(fused, tmp_path / "a.safetensors")
     with torch.device("meta"):
-        meta = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+        meta = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     with pytest.raises(ValueError, match=r"meta device.*to_empty"):
         sharify.save(meta, tmp_path / "a.safetensors")
     assert list(tmp_path.iterdir()) == []
@@ -417,7 +391,7 @@ def test_detected_source_that_does_not_rebuild_is_dropped(tmp_path):
 
 
 def test_save_refuses_broken_ties(tmp_path):
-    shared = sharify.sharify(TinyNet(), example_inputs=torch.randn(1, 3, 16, 16))
+    shared = sharify.sharify(OneStageNet(), example_inputs=torch.randn(1, 3, 16, 16))
     shared.blocks[1] = copy.deepcopy(shared.blocks[1])
     with pytest.raises(sharify.TieError, match=r"`blocks\.1\.conv2` read a copy.*sharify\.retie"):
         sharify.save(shared, tmp_path / "a.safetensors")
@@ -430,15 +404,15 @@ def test_round_trip_filter_basis(tmp_path):
     recorded options (init="svd" included) and checks the result against the file."""
     x = torch.randn(2, 3, 16, 16)
     options = {"method": "basis", "shared_rank": {"blocks": 4}, "unique_rank": {"blocks": 1}, "init": "svd"}
-    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], **options))
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1], **options))
     path = sharify.save(shared, tmp_path / "basis.safetensors")
     (group,) = sharify.read_recipe(path).groups
     assert group.method == "basis" and group.members[0] == "blocks.0.conv2.shared" and not group.whole_conv
-    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
     with pytest.raises(
         sharify.RecipeMismatchError, match=r"`stem\.weight` has shape \(16, 3, 3, 3\) in the model but \(8, 3, 3, 3\)"
     ):
-        sharify.load(path, TinyNet(width=16))
+        sharify.load(path, OneStageNet(width=16))
 
     timm_shared = perturb(
         sharify.sharify(timm.create_model("resnet18", num_classes=3), method="basis", shared_rank=8, unique_rank=1)
@@ -449,17 +423,14 @@ def test_round_trip_filter_basis(tmp_path):
 def test_round_trip_scaled_init(tmp_path, monkeypatch):
     """init="scaled" adds per-member gains (here: no BatchNorm after conv2 absorbs them); the file holds them."""
     x = torch.randn(2, 3, 16, 16)
-    shared = perturb(sharify.sharify(TinyNet(), example_inputs=x[:1], init="scaled"))
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1], init="scaled"))
     path = sharify.save(shared, tmp_path / "scaled.safetensors")
     assert "blocks.0.conv2.shared_gain" in load_file(path)
-    _assert_identical(shared, sharify.load(path, TinyNet()), x)
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
 
     # The gains' placement comes from the analysis, so the recorded groups alone cannot rebuild the model.
-    def untraceable(model, **options):
-        raise sharify.UntraceableError("cannot trace")
-
-    monkeypatch.setattr(reapply, "sharify", untraceable)
+    monkeypatch.setattr(reapply, "sharify", _untraceable)
     with pytest.raises(
         sharify.RecipeMismatchError, match=r"does not rebuild the file's groups: it fails \(cannot trace\)"
     ):
-        sharify.load(path, TinyNet())
+        sharify.load(path, OneStageNet())

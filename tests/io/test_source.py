@@ -44,6 +44,7 @@ def test_torchvision_model_saved_without_source_is_rebuilt_by_load(tmp_path, bui
         assert torch.equal(restored(X), shared(X))
 
 
+# Defined here, not in tests/nets.py: a subclass of a torchvision class is what these tests are about.
 class MyResNet(torchvision.models.ResNet):
     """A user's subclass: no torchvision builder makes it."""
 

@@ -10,10 +10,10 @@ import torchvision
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import PreActResNet, cifar_resnet
 from sharify.layers import SHARED_STORE_NAME
 from sharify.planning.plan import count_params
 from tests.conftest import state_equal
+from tests.nets import PreActResNet, cifar_resnet
 
 X = torch.randn(2, 3, 32, 32)
 BASIS = {"method": "basis", "positions": ("all_spatial",), "skip_first_block": True}
@@ -281,6 +281,7 @@ def test_bad_options(kwargs: dict, match: str) -> None:
     assert state_equal(model, before) and not hasattr(model, SHARED_STORE_NAME)
 
 
+# Defined here, not in tests/nets.py: branches of different lengths are what the next test is about.
 class _Residual(nn.Module):
     def __init__(self, convs: int) -> None:
         super().__init__()

@@ -15,32 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import sharify
-
-
-class PreActBlock(nn.Module):
-    """Pre-activation basic block (WRN style): conv2 feeds the addition, not a BatchNorm."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
-
-
-class PreActNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.stage = nn.Sequential(*(PreActBlock(16) for _ in range(4)))
-        self.bn = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.stage(self.stem(x)))).mean((2, 3)))
+from tests.nets import PreActNet
 
 
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet
+from tests.nets import cifar_resnet
 
 X32 = torch.randn(1, 3, 32, 32)
 

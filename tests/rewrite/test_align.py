@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet, wide_resnet
 from sharify.rewrite.align import ChannelSlot, alignment
 from tests.conftest import state_equal
+from tests.nets import cifar_resnet, wide_resnet
 
 X32 = torch.randn(2, 3, 32, 32)
 

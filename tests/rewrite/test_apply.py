@@ -12,10 +12,9 @@ import torchvision
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet
 from sharify import layers
 from tests.conftest import state_equal
-from tests.nets import PlainNet
+from tests.nets import PlainNet, cifar_resnet
 
 X32 = torch.randn(1, 3, 32, 32)
 
@@ -216,6 +215,7 @@ def test_one_block_stages() -> None:
         sharify.sharify(model)
 
 
+# Defined here, not in tests/nets.py: blocks whose convs differ in dilation are what the next test is about.
 class _TwoConvBlock(nn.Module):
     def __init__(self, dilation: int, first_dilation: int = 1) -> None:
         super().__init__()
@@ -269,6 +269,7 @@ def test_plan_is_a_dry_run_with_readable_output() -> None:
     assert d["params_after"] == 20_469_800 and len(d["groups"]) == 4 and d["stages"][0]["blocks"][0] == "layer1.0"
 
 
+# Defined here, not in tests/nets.py: a stem that fails shape propagation is what the next test is about.
 class _FailsBeforeTheStages(nn.Module):
     """A stem op that cannot run on the inputs sharify tries (a buffer of the wrong size)."""
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet, wide_resnet
 from sharify.rewrite.init import initial_tensors, scaled_tensors
+from tests.nets import cifar_resnet, wide_resnet
 
 X = torch.randn(4, 3, 32, 32)
 

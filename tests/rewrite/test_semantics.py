@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet
 from sharify.layers import SHARED_STORE_NAME
 from tests.conftest import state_equal
+from tests.nets import cifar_resnet
 
 
 @pytest.fixture(scope="module")

@@ -19,30 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import sharify
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(torch.relu(self.conv1(x)))
-
-
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(Block(8), Block(8), Block(8))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
-
-
-tiny = Tiny
-
+from tests.nets import NormFreeNet
 
 EXAMPLE = torch.randn(1, 3, 8, 8)
 
@@ -82,7 +59,7 @@ def wrap(request: pytest.FixtureRequest) -> Callable[[nn.Module], nn.Module]:
 
 
 def test_sharify_refuses_wrappers(wrap):
-    wrapped = wrap(tiny())
+    wrapped = wrap(NormFreeNet())
     with pytest.raises(
         sharify.UnsupportedModelError, match=r"wrapper; sharify the bare model first and wrap the result"
     ):
@@ -91,10 +68,10 @@ def test_sharify_refuses_wrappers(wrap):
 
 def test_save_unwraps_and_load_refuses_wrappers(tmp_path, wrap):
     with torch.no_grad():
-        shared = sharify.sharify(tiny(), example_inputs=EXAMPLE)
+        shared = sharify.sharify(NormFreeNet(), example_inputs=EXAMPLE)
     wrapped = wrap(shared)
     outer = type(wrapped).__name__  # e.g. "OptimizedModule > DistributedDataParallel" for compile(ddp)
-    with pytest.warns(UserWarning, match=rf"wrapped in {outer}\b.*; saved the bare Tiny inside") as record:
+    with pytest.warns(UserWarning, match=rf"wrapped in {outer}\b.*; saved the bare NormFreeNet inside") as record:
         path = sharify.save(wrapped, tmp_path / "wrapped.safetensors")
     assert [w.filename for w in record if "wrapped in" in str(w.message)] == [__file__]  # points at the caller
     bare = sharify.save(shared, tmp_path / "bare.safetensors")
@@ -103,14 +80,14 @@ def test_save_unwraps_and_load_refuses_wrappers(tmp_path, wrap):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in a)
     assert [g.key for g in sharify.read_recipe(path).groups] == [g.key for g in sharify.read_recipe(bare).groups]
 
-    restored = sharify.load(path, tiny())
+    restored = sharify.load(path, NormFreeNet())
     assert all(torch.equal(v, shared.state_dict()[k]) for k, v in restored.state_dict().items())
     with pytest.raises(sharify.UnsupportedModelError, match="load into the bare model and wrap the result"):
-        sharify.load(path, wrap(tiny()))
+        sharify.load(path, wrap(NormFreeNet()))
 
 
 def test_verify_unwraps_and_retie_refuses_wrappers(wrap):
-    shared = sharify.sharify(tiny(), example_inputs=EXAMPLE)
+    shared = sharify.sharify(NormFreeNet(), example_inputs=EXAMPLE)
     wrapped = wrap(shared)
     assert sharify.verify(wrapped) == []
     del shared.sharify_shared  # visible through the wrapper
@@ -122,7 +99,7 @@ def test_verify_unwraps_and_retie_refuses_wrappers(wrap):
 def test_wrapping_a_sharified_model_trains(process_group):
     """The supported order: sharify, then wrap. One DDP step moves the shared tensor once."""
     torch.manual_seed(0)
-    shared = sharify.sharify(tiny(), example_inputs=EXAMPLE)
+    shared = sharify.sharify(NormFreeNet(), example_inputs=EXAMPLE)
     ddp = _ddp(shared)
     holder = shared.sharify_shared.get_submodule(next(iter(sharify.shared_groups(shared))))
     before = holder.weight.detach().clone()
@@ -135,7 +112,7 @@ def test_wrapping_a_sharified_model_trains(process_group):
 def test_reading_helpers_look_through_data_parallel() -> None:
     """shared_groups, orthogonality_loss, report and load_unshared_state_dict see the model inside a wrapper."""
     torch.manual_seed(0)
-    original = tiny()
+    original = NormFreeNet()
     basis = sharify.sharify(original, example_inputs=EXAMPLE, method="basis", shared_rank=8, unique_rank=2)
     wrapped = nn.DataParallel(basis)  # on CPU: forwards to the module
     assert (

@@ -30,14 +30,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch import nn
 
 import sharify
 from sharify.train import finetune, load_data
 from sharify.train.distributed import DistContext
-from sharify.train.loop import Trainer
 from tests.conftest import ROOT
-from tests.train.finetune_utils import TinyNet, shrink_timm_resnets
+from tests.nets import TinyNet
+from tests.train.finetune_utils import DDP_COMPARISON, sgd_trainer, shrink_timm_resnets
 
 
 def grad_checkpointing(out: Path) -> None:
@@ -68,19 +67,6 @@ def grad_checkpointing(out: Path) -> None:
         (out / "ckpt.json").write_text(json.dumps(results))
 
 
-def _sgd_trainer(model: nn.Module, wrapped: nn.Module, ctx: DistContext, accum_steps: int) -> Trainer:
-    return Trainer(
-        model=wrapped,
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        scheduler=None,
-        ctx=ctx,
-        criterion=nn.CrossEntropyLoss(),
-        accum_steps=accum_steps,
-        show_progress=False,
-    )
-
-
 def accumulation_under_static_graph(out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -94,7 +80,8 @@ def accumulation_under_static_graph(out: Path) -> None:
     ]
     model = copy.deepcopy(start)
     try:
-        _sgd_trainer(model, DDP(model, static_graph=True), DistContext(rank, world), 2).train_epoch(batches[rank], 1, 1)
+        trainer = sgd_trainer(model, 2, wrapped=DDP(model, static_graph=True), ctx=DistContext(rank, world))
+        trainer.train_epoch(batches[rank], 1, 1)
         outcome: dict[str, object] = {"ok": True}
     except RuntimeError as exc:
         outcome = {"ok": False, "error": str(exc).splitlines()[0]}
@@ -103,7 +90,7 @@ def accumulation_under_static_graph(out: Path) -> None:
     for u in (0, 2):
         group = [micro for own in batches for micro in own[u : u + 2]]
         merged.append((torch.cat([x for x, _ in group]), torch.cat([y for _, y in group])))
-    _sgd_trainer(reference, reference, DistContext(), 1).train_epoch(merged, 1, 1)
+    sgd_trainer(reference, 1).train_epoch(merged, 1, 1)
     if outcome["ok"]:
         a, b = model.state_dict(), reference.state_dict()
         outcome["max_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -172,18 +159,7 @@ def main() -> None:
     dist.init_process_group("gloo")  # once: finetune() and the example use the existing group
     torch.manual_seed(0)
     shared = sharify.sharify(TinyNet(norm="gn"), example_inputs=torch.zeros(1, 3, 12, 12))
-    result = finetune(
-        shared,
-        load_data(data_dir),
-        out=out / "run",
-        epochs=1,
-        batch_size=4,
-        workers=0,
-        lr=0.1,
-        augment=False,
-        quiet=True,
-        device="cpu",
-    )
+    result = finetune(shared, load_data(data_dir), out=out / "run", batch_size=4, **DDP_COMPARISON)
     rank = dist.get_rank()
     save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / f"rank{rank}.safetensors"))
     grad_checkpointing(out)

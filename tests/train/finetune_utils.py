@@ -1,61 +1,60 @@
-"""Helpers of the fine-tuning tests: a tiny synthetic ImageFolder and a tiny residual net."""
+"""Helpers of the fine-tuning tests: the tiny sharified net, CLI error checks, a plain SGD trainer, small timm nets.
+
+The net itself is :class:`tests.nets.TinyNet`; the image folders come from :mod:`tests.fake_data`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+import sharify
+from sharify.cli import main
+from sharify.train.distributed import DistContext
+from sharify.train.loop import Trainer
+from tests.nets import TinyNet
 
-def make_image_folder(
-    root: Path, *, classes: int = 3, train: int = 8, val: int = 4, size: int = 12, gray: bool = False
-) -> Path:
-    """Writes ``root/{train,val}/class<k>/<i>.png``: RGB (or grayscale) noise whose brightness depends on the class."""
-    rng = np.random.default_rng(0)
-    shape = (size, size) if gray else (size, size, 3)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = rng.random(shape) * 60 + c * 90
-                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+#: The input TinyNet is analysed with: 12-px RGB, the size of the fake image folders.
+EXAMPLE = torch.zeros(1, 3, 12, 12)
+
+#: The fine-tuning settings both sides of the data-parallel comparison use (the two ranks in ddp_worker.py, the one
+#: process in test_distributed.py); only the batch size differs, per rank or global.
+DDP_COMPARISON = {"epochs": 1, "workers": 0, "lr": 0.1, "augment": False, "quiet": True, "device": "cpu"}
 
 
-class Block(nn.Module):
-    def __init__(self, width: int, norm: str) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.n1 = nn.GroupNorm(2, width) if norm == "gn" else nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.n2 = nn.GroupNorm(2, width) if norm == "gn" else nn.BatchNorm2d(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.n2(self.conv2(F.relu(self.n1(self.conv1(x)))))
-        return F.relu(x + y)
+def tiny_shared() -> nn.Module:
+    """A sharified :class:`~tests.nets.TinyNet`, the same weights every call."""
+    torch.manual_seed(0)
+    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
 
 
-class TinyNet(nn.Module):
-    """Two stages of two residual blocks: sharify shares ``conv2`` within each stage."""
+def cli_error(args: list[str], capsys: pytest.CaptureFixture[str], status: int = 2) -> str:
+    """Runs the command line, which must exit with ``status`` and one ``sharify: error: ...`` line; returns it."""
+    assert main(args) == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sharify: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
 
-    def __init__(self, num_classes: int = 3, in_chans: int = 3, width: int = 8, norm: str = "bn") -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
-        self.layer1 = nn.Sequential(Block(width, norm), Block(width, norm))
-        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
-        self.layer2 = nn.Sequential(Block(2 * width, norm), Block(2 * width, norm))
-        self.fc = nn.Linear(2 * width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer2(self.down(self.layer1(F.relu(self.stem(x)))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+def sgd_trainer(
+    model: nn.Module, accum_steps: int, *, wrapped: nn.Module | None = None, ctx: DistContext | None = None, **kw: Any
+) -> Trainer:
+    """A :class:`~sharify.train.loop.Trainer` with plain SGD (lr 0.5) and no scheduler, running ``wrapped``
+    (e.g. ``DDP(model)``; default: the model itself)."""
+    return Trainer(
+        model=model if wrapped is None else wrapped,
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        scheduler=None,
+        ctx=DistContext() if ctx is None else ctx,
+        criterion=nn.CrossEntropyLoss(),
+        accum_steps=accum_steps,
+        show_progress=False,
+        **kw,
+    )
 
 
 def shrink_timm_resnets(monkeypatch: pytest.MonkeyPatch) -> None:

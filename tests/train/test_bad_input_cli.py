@@ -20,9 +20,10 @@ import sharify.train.checkpoint as checkpoint_module
 from sharify.cli import build_parser, main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, load_checkpoint, load_data
 from tests.conftest import ROOT
-from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
+from tests.fake_data import make_image_folder
+from tests.nets import TinyNet
+from tests.train.finetune_utils import EXAMPLE, cli_error, shrink_timm_resnets, tiny_shared
 
-EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -36,13 +37,6 @@ def _base(data_dir: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "4", "--quiet", *extra]  # fmt: skip
 
 
-def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str], status: int = 2) -> str:
-    assert main(args) == status
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sharify: error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
 def _usage_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -50,11 +44,6 @@ def _usage_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip()
     assert "error: " in err and "\n" not in err and "Traceback" not in err, err
     return err
-
-
-def _tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
 
 
 def _config(out: Path, **kw: object) -> FinetuneConfig:
@@ -95,11 +84,11 @@ def test_corrupt_checkpoint_is_refused_and_fallback_is_opt_in(
     data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    finetune(_tiny(), data_dir, _config(out, keep_checkpoints=2))
+    finetune(tiny_shared(), data_dir, _config(out, keep_checkpoints=2))
     newest = out / "checkpoints" / "epoch-0002"
     _flip_last_tensor_byte(newest / "model.safetensors")
 
-    model = _tiny()
+    model = tiny_shared()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
         CheckpointError, match=re.escape(f"{newest / 'model.safetensors'} is corrupt: tensor `") + ".* checksum"
@@ -107,32 +96,32 @@ def test_corrupt_checkpoint_is_refused_and_fallback_is_opt_in(
         load_checkpoint(newest, model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was loaded
     with pytest.raises(CheckpointError, match="pass --resume-fallback to resume from epoch-0001"):
-        finetune(_tiny(), data_dir, _config(out, epochs=3, resume=True))
+        finetune(tiny_shared(), data_dir, _config(out, epochs=3, resume=True))
 
     with caplog.at_level(logging.WARNING, logger="sharify.train"):
-        result = finetune(_tiny(), data_dir, _config(out, epochs=3, resume=True, resume_fallback=True))
+        result = finetune(tiny_shared(), data_dir, _config(out, epochs=3, resume=True, resume_fallback=True))
     assert str(newest) in caplog.text
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3]  # resumed after epoch 1, epochs 2 and 3 retrained
 
 
 def test_corrupt_state_pt_is_refused(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    finetune(_tiny(), data_dir, _config(out, epochs=1))
+    finetune(tiny_shared(), data_dir, _config(out, epochs=1))
     state_pt = out / "checkpoints" / "epoch-0001" / "state.pt"
     raw = bytearray(state_pt.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     state_pt.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match=re.escape(f"{state_pt} is corrupt") + ".*no earlier checkpoint is left"):
-        finetune(_tiny(), data_dir, _config(out, epochs=2, resume=True))
+        finetune(tiny_shared(), data_dir, _config(out, epochs=2, resume=True))
     with pytest.raises(CheckpointError, match="no intact checkpoint"):
-        finetune(_tiny(), data_dir, _config(out, epochs=2, resume=True, resume_fallback=True))
+        finetune(tiny_shared(), data_dir, _config(out, epochs=2, resume=True, resume_fallback=True))
 
 
 def test_resume_fallback_is_documented_and_needs_resume(data_dir: Path, tmp_path: Path) -> None:
     finetune_help = build_parser()._subparsers._group_actions[0].choices["finetune"].format_help()  # type: ignore[union-attr]
     assert "--resume-fallback" in finetune_help
     with pytest.raises(ValueError, match=r"--resume-fallback .* pass --resume"):
-        finetune(_tiny(), data_dir, _config(tmp_path, resume_fallback=True))
+        finetune(tiny_shared(), data_dir, _config(tmp_path, resume_fallback=True))
 
 
 # --- Ctrl-C ----------------------------------------------------------------------------------------
@@ -158,7 +147,7 @@ def test_interrupt_says_whether_there_is_anything_to_resume(
     assert main(args) == 130
     err = capsys.readouterr().err.strip()
     assert "nothing to resume" in err and "rerun" in err and "continue" not in err
-    assert "holds no complete checkpoint" in _cli_error([*args, "--resume"], capsys)
+    assert "holds no complete checkpoint" in cli_error([*args, "--resume"], capsys)
 
     assert main(args) == 130  # interrupted in epoch 2: epoch 1's checkpoint is there
     err = capsys.readouterr().err.strip()
@@ -197,7 +186,7 @@ def test_one_class_image_folder_is_refused(tmp_path: Path) -> None:
 def test_options_without_effect_are_refused(
     extra: list[str], message: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert message in _cli_error(_base(data_dir, tmp_path / "o", *extra), capsys)
+    assert message in cli_error(_base(data_dir, tmp_path / "o", *extra), capsys)
     assert not (tmp_path / "o").exists()
 
 
@@ -205,12 +194,12 @@ def test_in_chans_with_a_torchvision_model_is_refused(
     data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = [*_base(data_dir, tmp_path / "o", "--in-chans", "1"), "--model", "resnet18"]
-    assert "--in-chans applies to timm models" in _cli_error(args, capsys)
+    assert "--in-chans applies to timm models" in cli_error(args, capsys)
 
 
 def test_lambda_r_on_a_model_without_bases_is_refused(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"--lambda-r 1\.0 weighs the orthogonality of filter bases"):
-        finetune(_tiny(), data_dir, _config(tmp_path / "o", lambda_r=1.0))
+        finetune(tiny_shared(), data_dir, _config(tmp_path / "o", lambda_r=1.0))
     assert not (tmp_path / "o").exists()
 
 
@@ -245,7 +234,7 @@ def test_bad_finetune_values_give_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     shrink_timm_resnets(monkeypatch)
-    assert message in _cli_error(_base(data_dir, tmp_path / "o", *extra), capsys)
+    assert message in cli_error(_base(data_dir, tmp_path / "o", *extra), capsys)
 
 
 def test_momentum_is_left_at_the_default_when_not_given(data_dir: Path, tmp_path: Path) -> None:
@@ -258,7 +247,7 @@ def test_momentum_is_left_at_the_default_when_not_given(data_dir: Path, tmp_path
 
 
 def test_non_finite_outputs_are_an_error_not_an_accuracy(data_dir: Path, tmp_path: Path) -> None:
-    model = _tiny()
+    model = tiny_shared()
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))  # type: ignore[union-attr, operator]
     with pytest.raises(FloatingPointError, match="validation loss is nan"):
@@ -286,7 +275,7 @@ def test_usage_errors_are_one_line_with_status_2(
 
 
 def test_cli_suggests_its_own_flags_not_python(capsys: pytest.CaptureFixture[str]) -> None:
-    err = _cli_error(["report", "resnet18", "--input-size", "1", "32", "32"], capsys)
+    err = cli_error(["report", "resnet18", "--input-size", "1", "32", "32"], capsys)
     assert "--input-size 3 224 224" in err and "torch.randn" not in err and "example_inputs" not in err
 
 
@@ -314,7 +303,7 @@ def test_out_on_a_full_disk_is_one_line_and_leaves_no_partial_file(
 
     monkeypatch.setattr(checkpoint_module.os, "fsync", full)
     out = tmp_path / "o"
-    err = _cli_error(_base(data_dir, out, "--subset", "6"), capsys, status=1)
+    err = cli_error(_base(data_dir, out, "--subset", "6"), capsys, status=1)
     assert f"cannot write {out / 'config.json'} (No space left on device)" in err
     assert [p.name for p in out.iterdir()] == []  # the temporary file is gone, no half-written config.json
 
@@ -323,7 +312,7 @@ def test_bn_recalibrate_beyond_the_data_says_so(
     data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="sharify.train"):
-        finetune(_tiny(), data_dir, _config(tmp_path, epochs=1, bn_recalibrate=1000))
+        finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=1, bn_recalibrate=1000))
     assert "--bn-recalibrate 1000: the data has 12 training images" in caplog.text
 
 
@@ -336,7 +325,7 @@ def test_checkpoint_on_a_full_disk_names_it_and_leaves_nothing_half_written(
     monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     epoch_dir = tmp_path / "checkpoints" / "epoch-0001"
     with pytest.raises(OSError, match=re.escape(f"cannot write {epoch_dir} (Error while serializing")):
-        finetune(_tiny(), data_dir, _config(tmp_path, epochs=1))
+        finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=1))
     assert list((tmp_path / "checkpoints").iterdir()) == []  # no epoch-0001, no .tmp-* directory
 
 

@@ -19,7 +19,9 @@ from sharify.train.distributed import DistContext
 from sharify.train.loaders import build_loaders
 from sharify.train.loop import evaluate
 from tests.conftest import ROOT
-from tests.train.finetune_utils import TinyNet, make_image_folder
+from tests.fake_data import make_image_folder
+from tests.nets import TinyNet
+from tests.train.finetune_utils import DDP_COMPARISON
 
 
 def _env() -> dict[str, str]:
@@ -57,18 +59,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(ddp_run: tuple[Path
     shared = sharify.sharify(TinyNet(norm="gn"), example_inputs=torch.zeros(1, 3, 12, 12))
     initial = {k: v.clone() for k, v in shared.state_dict().items()}
     # 24 images: one process with batches of 8 sees the same 3 global batches as 2 ranks with 4 each.
-    single = finetune(
-        shared,
-        load_data(data),
-        out=tmp_path,
-        epochs=1,
-        batch_size=8,
-        workers=0,
-        lr=0.1,
-        augment=False,
-        quiet=True,
-        device="cpu",
-    ).model.state_dict()
+    single = finetune(shared, load_data(data), out=tmp_path, batch_size=8, **DDP_COMPARISON).model.state_dict()
     rank0, rank1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
     written = load_file(str(out / "run" / "model.safetensors"))
     assert set(rank0) == set(single) == set(written)

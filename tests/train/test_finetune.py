@@ -16,20 +16,16 @@ from safetensors.torch import load_file
 import sharify
 from sharify.cli import main
 from sharify.train import CheckpointError, DataError, FinetuneConfig, finetune, latest_checkpoint, load_data
-from tests.train.finetune_utils import SMALL_CHANNELS, TinyNet, make_image_folder, shrink_timm_resnets
+from tests.fake_data import make_image_folder
+from tests.nets import TinyNet
+from tests.train.finetune_utils import EXAMPLE, SMALL_CHANNELS, cli_error, shrink_timm_resnets, tiny_shared
 
-EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, train=8, val=4)
-
-
-def _tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
 
 
 def _config(out: Path, **kw: object) -> FinetuneConfig:
@@ -54,18 +50,18 @@ class _Stop(KeyboardInterrupt):
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(data_dir: Path, tmp_path: Path) -> None:
     data = load_data(data_dir)
     # one worker process: its augmentation seeds must also follow (seed, epoch) for the resume to be exact
-    full = finetune(_tiny(), data, _config(tmp_path / "full", workers=1))
+    full = finetune(tiny_shared(), data, _config(tmp_path / "full", workers=1))
 
     def interrupt(epoch: int, update: int) -> None:
         if epoch == 2 and update == 8:  # in the middle of epoch 2 (6 updates per epoch)
             raise _Stop
 
     with pytest.raises(_Stop):
-        finetune(_tiny(), data, _config(tmp_path / "cut", workers=1), on_update=interrupt)
+        finetune(tiny_shared(), data, _config(tmp_path / "cut", workers=1), on_update=interrupt)
     assert latest_checkpoint(tmp_path / "cut").name == "epoch-0001"  # the last complete epoch survived
     with pytest.raises(ValueError, match="--resume"):
-        finetune(_tiny(), data, _config(tmp_path / "cut"))  # never overwrites a run by accident
-    resumed = finetune(_tiny(), data, _config(tmp_path / "cut", workers=1, resume=True))
+        finetune(tiny_shared(), data, _config(tmp_path / "cut"))  # never overwrites a run by accident
+    resumed = finetune(tiny_shared(), data, _config(tmp_path / "cut", workers=1, resume=True))
 
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
@@ -192,34 +188,26 @@ def test_cli_original_checkpoint_and_no_sharify(data_dir: Path, tmp_path: Path) 
     assert not (tmp_path / "b" / "report.json").exists()
 
 
-def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    assert main(args) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert err.startswith("sharify: error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
 def test_cli_bad_input_gives_one_clear_line(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
-    assert "does not exist" in _cli_error([*base, "--data", str(tmp_path / "nope")], capsys)
+    assert "does not exist" in cli_error([*base, "--data", str(tmp_path / "nope")], capsys)
     a_file = tmp_path / "notes.txt"
     a_file.write_text("not a data set")
-    err = _cli_error([*base, "--data", str(a_file)], capsys)
+    err = cli_error([*base, "--data", str(a_file)], capsys)
     assert f"data {a_file} is a file, not a directory; pass an ImageFolder directory" in err
-    err = _cli_error([*base, "--data", str(data_dir), "--out", str(a_file)], capsys)
+    err = cli_error([*base, "--data", str(data_dir), "--out", str(a_file)], capsys)
     assert f"--out {a_file} is a file; pass a directory" in err
-    err = _cli_error([*base, "--data", str(data_dir), "--out", str(a_file / "run")], capsys)  # its parent is a file
+    err = cli_error([*base, "--data", str(data_dir), "--out", str(a_file / "run")], capsys)  # its parent is a file
     assert f"cannot create the output directory {a_file / 'run'}" in err and "another --out" in err
     (tmp_path / "flat").mkdir()
-    assert "train/<class>" in _cli_error([*base, "--data", str(tmp_path / "flat")], capsys)
-    assert "--num-classes 3" in _cli_error([*base, "--data", str(data_dir), "--num-classes", "5"], capsys)
+    assert "train/<class>" in cli_error([*base, "--data", str(tmp_path / "flat")], capsys)
+    assert "--num-classes 3" in cli_error([*base, "--data", str(data_dir), "--num-classes", "5"], capsys)
     bad_model = ["finetune", "--model", "resnet_does_not_exist", "--data", str(data_dir), "--out", str(tmp_path / "o")]
-    assert "unknown model" in _cli_error(bad_model, capsys)
+    assert "unknown model" in cli_error(bad_model, capsys)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"not a safetensors file")
-    assert str(corrupt) in _cli_error([*base, "--data", str(data_dir), "--checkpoint", str(corrupt)], capsys)
-    assert "--resume" in _cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
+    assert str(corrupt) in cli_error([*base, "--data", str(data_dir), "--checkpoint", str(corrupt)], capsys)
+    assert "--resume" in cli_error([*base, "--data", str(data_dir), "--resume"], capsys)
 
 
 def test_cli_pretrained_without_internet_is_one_line(
@@ -241,7 +229,7 @@ def test_cli_pretrained_without_internet_is_one_line(
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)  # what timm's download calls
     base = ["finetune", "--pretrained", "--data", str(data_dir), "--out", str(tmp_path / "o"), "--quiet"]
     for model in ("tv:resnet18", "timm:resnet18"):
-        err = _cli_error([*base, "--model", model], capsys)
+        err = cli_error([*base, "--model", model], capsys)
         assert f"cannot fetch the pretrained weights of {model.replace('tv:', 'torchvision:')}" in err
         assert "needs internet" in err and "--checkpoint PATH" in err
     with pytest.raises(sharify.PretrainedWeightsError, match=r"torchvision:resnet18 \(\[Errno -2\] Name or service"):
@@ -253,16 +241,16 @@ def test_sync_bn_and_amp_need_cuda(data_dir: Path, tmp_path: Path, capsys: pytes
     with pytest.raises(ValueError, match=r"--sync-bn needs CUDA.*--device cpu"):
         FinetuneConfig(sync_bn=True, device="cpu").validate()
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
-        finetune(_tiny(), data_dir, _config(tmp_path, sync_bn=True))  # nothing trained, nothing written
+        finetune(tiny_shared(), data_dir, _config(tmp_path, sync_bn=True))  # nothing trained, nothing written
     assert not tmp_path.joinpath("config.json").exists()
     args = ["finetune", "--model", "timm:resnet18", "--data", str(data_dir), "--out", str(tmp_path / "o")]
-    assert "--sync-bn needs CUDA" in _cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
-    assert "--amp fp16 needs a CUDA device" in _cli_error([*args, "--amp", "fp16", "--device", "cpu"], capsys)
+    assert "--sync-bn needs CUDA" in cli_error([*args, "--sync-bn", "--device", "cpu"], capsys)
+    assert "--amp fp16 needs a CUDA device" in cli_error([*args, "--amp", "fp16", "--device", "cpu"], capsys)
 
 
 def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:
     data = load_data(data_dir)
-    finetune(_tiny(), data, _config(tmp_path, epochs=1))
+    finetune(tiny_shared(), data, _config(tmp_path, epochs=1))
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt is not None
     with pytest.raises(CheckpointError, match="does not match the model"):
@@ -272,7 +260,7 @@ def test_corrupt_or_mismatched_checkpoint_on_resume(data_dir: Path, tmp_path: Pa
     weights = ckpt / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     with pytest.raises(CheckpointError, match=rf"{weights}.*corrupt.*delete"):
-        finetune(_tiny(), data, _config(tmp_path, epochs=2, resume=True))
+        finetune(tiny_shared(), data, _config(tmp_path, epochs=2, resume=True))
 
 
 def test_class_count_mismatch_is_a_data_error(data_dir: Path, tmp_path: Path) -> None:
@@ -308,11 +296,13 @@ def test_corrupt_image_is_one_line_naming_the_file(tmp_path: Path, capsys: pytes
     bad.write_bytes(b"not a png")
     for workers in (0, 1):  # read in this process, and in a DataLoader worker process
         with pytest.raises(DataError, match=rf"^cannot read image {bad} \(.*\); delete or replace the file$"):
-            finetune(_tiny(), data, _config(tmp_path / f"run{workers}", epochs=1, workers=workers, ema_decay=None))
+            finetune(
+                tiny_shared(), data, _config(tmp_path / f"run{workers}", epochs=1, workers=workers, ema_decay=None)
+            )
     first = data / "train" / "class0" / "0.png"  # read by load_data for the image size
     first.write_bytes(first.read_bytes()[:20])  # truncated
     base = ["finetune", "--model", "timm:resnet18", "--out", str(tmp_path / "o"), "--workers", "0", "--quiet"]
-    assert f"cannot read image {first}" in _cli_error([*base, "--data", str(data)], capsys)
+    assert f"cannot read image {first}" in cli_error([*base, "--data", str(data)], capsys)
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
@@ -358,7 +348,7 @@ def test_cli_passes_the_sharing_options_through(
     assert _metrics(b)[0]["params"] == expected.params_after
     # --resume compares the sharing options too
     changed = [*basis[:3], "4", *basis[4:]]
-    err = _cli_error([*_args(data_dir, b, "--model", "timm:resnet18", *changed), "--resume"], capsys)
+    err = cli_error([*_args(data_dir, b, "--model", "timm:resnet18", *changed), "--resume"], capsys)
     assert "other settings (shared_rank 8 -> 4)" in err
 
 

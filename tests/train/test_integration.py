@@ -35,7 +35,9 @@ from sharify.train import (
 )
 from sharify.train.data import FASHION_MNIST_SYSTEM_DIR, read_idx
 from tests.conftest import ROOT, state_equal
-from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
+from tests.fake_data import fake_fashion_mnist, make_image_folder, write_idx
+from tests.nets import TinyNet
+from tests.train.finetune_utils import shrink_timm_resnets
 
 EXAMPLES = ROOT / "examples"
 EXAMPLE = torch.zeros(1, 3, 12, 12)
@@ -218,18 +220,11 @@ def test_batchnorm_recalibration_uses_a_cumulative_average() -> None:
     torch.testing.assert_close(recalibrated, torch.stack(acts).mean(0), rtol=1e-4, atol=1e-5)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    code = {np.uint8: 0x08}[array.dtype.type]
-    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
 def test_fashion_mnist_idx_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 20), ("t10k", 10)):
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
     bundle = load_data("fashion-mnist", root=tmp_path, subset=8)
     assert (len(bundle.train), len(bundle.val), bundle.num_classes, bundle.in_chans) == (8, 8, 10, 1)
     image, label = bundle.train[0]
@@ -238,15 +233,6 @@ def test_fashion_mnist_idx_files(tmp_path: Path) -> None:
     broken.write_bytes(gzip.compress(gzip.decompress(broken.read_bytes())[:-3]))
     with pytest.raises(DataError, match="truncated"):
         read_idx(broken)
-
-
-def _fake_fashion_mnist(folder: Path, train: int = 20, val: int = 10) -> Path:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", train), ("t10k", val)):
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,), dtype=np.uint8))
-    return folder
 
 
 def test_fashion_mnist_is_found_in_the_debian_package_location(
@@ -258,7 +244,7 @@ def test_fashion_mnist_is_found_in_the_debian_package_location(
     monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", system)
     with pytest.raises(DataError, match=f"not found in {system}; install them with `apt-get install"):
         load_data("fashion-mnist")  # not installed: says where it looked and how to install
-    _fake_fashion_mnist(system)
+    fake_fashion_mnist(system)
     bundle = load_data("fashion-mnist", subset=8)  # no root: the package location
     assert bundle.source == str(system) and (bundle.in_chans, bundle.image_size, bundle.num_classes) == (
         1,

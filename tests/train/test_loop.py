@@ -15,11 +15,11 @@ import sharify
 import sharify.train.checkpoint as checkpoint_module
 from sharify.cli import main
 from sharify.train import CheckpointError, FinetuneConfig, finetune, latest_checkpoint, load_checkpoint, load_data
-from sharify.train.distributed import DistContext
-from sharify.train.loop import Trainer, autocast_context, resolve_amp
-from tests.train.finetune_utils import TinyNet, make_image_folder, shrink_timm_resnets
+from sharify.train.loop import autocast_context, resolve_amp
+from tests.fake_data import make_image_folder
+from tests.nets import TinyNet
+from tests.train.finetune_utils import EXAMPLE, sgd_trainer, shrink_timm_resnets, tiny_shared
 
-EXAMPLE = torch.zeros(1, 3, 12, 12)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -28,38 +28,19 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("data"), classes=3, train=4, val=2)  # 12 + 6 images
 
 
-def _tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return sharify.sharify(TinyNet(), example_inputs=EXAMPLE)
-
-
 def _config(out: Path, **kw: object) -> FinetuneConfig:
     base = {"out": out, "epochs": 1, "batch_size": 4, "workers": 0, "quiet": True, "device": "cpu", "augment": False}
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
-
-
-def _sgd_trainer(model: nn.Module, accum_steps: int, **kw: object) -> Trainer:
-    return Trainer(
-        model=model,
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        scheduler=None,
-        ctx=DistContext(),
-        criterion=nn.CrossEntropyLoss(),
-        accum_steps=accum_steps,
-        show_progress=False,
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def test_accumulation_equals_one_big_batch_also_for_a_short_last_group() -> None:
     batches = [(torch.randn(4, 3, 12, 12), torch.randint(0, 3, (4,))) for _ in range(5)]
     start = sharify.sharify(TinyNet(norm="gn"), example_inputs=EXAMPLE)  # no BatchNorm: batch-size independent
     accumulated, big = copy.deepcopy(start), copy.deepcopy(start)
-    trainer = _sgd_trainer(accumulated, accum_steps=3)
+    trainer = sgd_trainer(accumulated, accum_steps=3)
     trainer.train_epoch(batches, 1, 1)  # updates after micro-batches 3 and 5: groups of 3 and 2
     merged = [tuple(torch.cat(t) for t in zip(*group, strict=True)) for group in (batches[:3], batches[3:])]
-    _sgd_trainer(big, accum_steps=1).train_epoch(merged, 1, 1)  # the same two updates, each one batch
+    sgd_trainer(big, accum_steps=1).train_epoch(merged, 1, 1)  # the same two updates, each one batch
     assert trainer.num_updates == 2
     a, b = accumulated.state_dict(), big.state_dict()
     for key in a:
@@ -69,7 +50,7 @@ def test_accumulation_equals_one_big_batch_also_for_a_short_last_group() -> None
 
 
 def test_checkpoints_keep_the_newest_and_hold_the_plain_state_as_json(data_dir: Path, tmp_path: Path) -> None:
-    result = finetune(_tiny(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1))
+    result = finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1))
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0002", "epoch-0003"]  # no .tmp-* leftovers either
     newest = root / "epoch-0003"
@@ -83,31 +64,31 @@ def test_checkpoints_keep_the_newest_and_hold_the_plain_state_as_json(data_dir: 
     (newest / "state.json").rename(newest / "meta.json")  # what format 1 checkpoints look like
     assert latest_checkpoint(tmp_path) == newest
     with pytest.raises(CheckpointError, match=r"epoch-0003 has the format of an older sharify.*another --out"):
-        finetune(_tiny(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1, resume=True))
+        finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=3, keep_checkpoints=2, warmup_epochs=1, resume=True))
 
 
 def test_resume_refuses_other_settings_and_rebuilds_the_schedule_for_more_epochs(
     data_dir: Path, tmp_path: Path
 ) -> None:
     run, common = tmp_path / "run", {"warmup_epochs": 0.5, "min_lr": 1e-3}
-    full = finetune(_tiny(), data_dir, _config(tmp_path / "full", epochs=3, **common))
-    finetune(_tiny(), data_dir, _config(run, epochs=1, **common))
+    full = finetune(tiny_shared(), data_dir, _config(tmp_path / "full", epochs=3, **common))
+    finetune(tiny_shared(), data_dir, _config(run, epochs=1, **common))
     with pytest.raises(
         CheckpointError, match=r"other settings \(batch_size 4 -> 3, lr 0\.05 -> 0\.1\); resume"
     ) as info:
-        finetune(_tiny(), data_dir, _config(run, epochs=3, lr=0.1, batch_size=3, resume=True, **common))
+        finetune(tiny_shared(), data_dir, _config(run, epochs=3, lr=0.1, batch_size=3, resume=True, **common))
     assert "\n" not in str(info.value) and "epoch-0001" in str(info.value)
     with pytest.raises(CheckpointError, match=r"settings \(train_images 12 -> 6\)"):
-        finetune(_tiny(), load_data(data_dir, subset=6), _config(run, resume=True, **common))
+        finetune(tiny_shared(), load_data(data_dir, subset=6), _config(run, resume=True, **common))
     # speed/logging/retention settings may change; the remaining epochs follow a 3-epoch run's schedule
     more = _config(run, epochs=3, resume=True, workers=1, quiet=False, keep_checkpoints=3, **common)
-    resumed = finetune(_tiny(), data_dir, more)
+    resumed = finetune(tiny_shared(), data_dir, more)
     assert [m["epoch"] for m in resumed.metrics] == [1, 2, 3]
     assert resumed.metrics[1]["lr"] == pytest.approx(full.metrics[1]["lr"], rel=1e-9) and full.metrics[1]["lr"] > 0.01
     assert resumed.metrics[2]["lr"] == pytest.approx(full.metrics[2]["lr"], rel=1e-9)
     assert json.loads((run / "config.json").read_text())["epochs"] == 3
     with pytest.raises(CheckpointError, match=r"holds epoch 3, beyond --epochs 2; pass --epochs 3 or more"):
-        finetune(_tiny(), data_dir, _config(run, epochs=2, resume=True, **common))
+        finetune(tiny_shared(), data_dir, _config(run, epochs=2, resume=True, **common))
 
 
 def test_ctrl_c_while_saving_a_checkpoint_keeps_the_previous_one(
@@ -124,15 +105,15 @@ def test_ctrl_c_while_saving_a_checkpoint_keeps_the_previous_one(
 
     monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     with pytest.raises(KeyboardInterrupt):
-        finetune(_tiny(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9))
+        finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9))
     assert [Path(str(c)).name for c in calls] == ["model.safetensors", "ema.safetensors"] * 2
     assert not list(tmp_path.rglob(".tmp-*"))  # the half-written epoch-0002 is gone
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "epoch-0001"
-    ema = _tiny()
-    state = load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", _tiny(), ema=ema)
+    ema = tiny_shared()
+    state = load_checkpoint(tmp_path / "checkpoints" / "epoch-0001", tiny_shared(), ema=ema)
     assert state["epoch"] == 1 and state["num_updates"] == 3
     monkeypatch.setattr(checkpoint_module, "save_file", real)
-    resumed = finetune(_tiny(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9, resume=True))
+    resumed = finetune(tiny_shared(), data_dir, _config(tmp_path, epochs=2, ema_decay=0.9, resume=True))
     assert [m["epoch"] for m in resumed.metrics] == [1, 2]
 
 
@@ -158,13 +139,13 @@ def test_channels_last_training_matches_contiguous_training(data_dir: Path, tmp_
     trained = {}
     for channels_last in (False, True):
         config = _config(tmp_path / str(channels_last), channels_last=channels_last)
-        trained[channels_last] = finetune(_tiny(), data_dir, config).model
+        trained[channels_last] = finetune(tiny_shared(), data_dir, config).model
     model = trained[True]
     assert model.sharify_shared.layer1.conv2.weight.is_contiguous(memory_format=torch.channels_last)
     assert model.stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert sharify.verify(model) == []  # the members still read the one shared tensor
     a, b = trained[False].state_dict(), model.state_dict()
-    moved = a["sharify_shared.layer1.conv2.weight"] - _tiny().state_dict()["sharify_shared.layer1.conv2.weight"]
+    moved = a["sharify_shared.layer1.conv2.weight"] - tiny_shared().state_dict()["sharify_shared.layer1.conv2.weight"]
     assert moved.abs().max() > 1e-3
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
@@ -225,7 +206,7 @@ def test_clip_grad_rescales_the_gradient_to_the_norm_at_the_step(scaled: bool) -
     model = copy.deepcopy(start)
     # a grad scaler (fp16 AMP) multiplies the loss: the gradient must be unscaled before it is clipped
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12) if scaled else None
-    trainer = _sgd_trainer(model, 1, clip_grad=clip, scaler=scaler)
+    trainer = sgd_trainer(model, 1, clip_grad=clip, scaler=scaler)
     seen: list[torch.Tensor] = []
     trainer.optimizer.register_step_pre_hook(lambda *_: seen.append(_global_grad(model)))
     trainer.train_epoch(batch, 1, 1)
