@@ -1,6 +1,20 @@
-"""Networks written the way users write them, plus a random residual-net generator for property tests.
+"""The networks the tests build, written the way users write them.
 
 sharify knows none of these classes: the tests compare its plan with arithmetic done here by hand.
+
+* Small residual nets for any test that needs one: :class:`OneStageNet` (one stage of :class:`BasicBlock`),
+  :class:`TinyNet` (two stages of BatchNorm or GroupNorm blocks; the fine-tuning tests' net),
+  :class:`NormFreeNet` (biased convs, no normalisation, no head) and :class:`PreActNet` (pre-activation
+  blocks: the last conv of a branch feeds the addition, not a BatchNorm).
+* User habits the analysis must see through: :class:`LoopNet`, :class:`FancyNet`, :class:`FlatNet`, and
+  :class:`PlainNet` (no residual connection at all).
+* Random residual nets for the property tests: :class:`RandomNet` built from a :class:`NetSpec`.
+* The CIFAR ResNets of the papers (:func:`cifar_resnet`, :func:`wide_resnet`, :class:`PreActResNet`): defined
+  once, in ``benchmarks/cifar_models.py``, whose parameter counts the paper tables reproduce; re-exported here
+  so that every test takes its models from this module.
+
+Model code in the habits of other projects is in ``tests/foreign_nets.py``. A network that exists only to
+show one odd pattern to one test is defined next to that test.
 """
 
 from __future__ import annotations
@@ -10,6 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# re-exported: the tests take every model from this module (see the module docstring)
+from benchmarks.cifar_models import PreActResNet as PreActResNet
+from benchmarks.cifar_models import cifar_resnet as cifar_resnet
+from benchmarks.cifar_models import wide_resnet as wide_resnet
 
 
 class SE(nn.Module):
@@ -140,6 +159,115 @@ class PlainNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).flatten(1))
+
+
+# --- small residual nets ---------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """conv -> BN -> ReLU -> conv (with bias), added to the input, then ReLU."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class OneStageNet(nn.Module):
+    """A small user-written residual net: one stage of ``depth`` blocks, no torchvision/timm source to rebuild
+    it from. sharify shares the blocks' ``conv2`` (``blocks.conv2``)."""
+
+    def __init__(self, width: int = 8, depth: int = 3, num_classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.Sequential(*(BasicBlock(width) for _ in range(depth)))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, width: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.n1 = nn.GroupNorm(2, width) if norm == "gn" else nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.n2 = nn.GroupNorm(2, width) if norm == "gn" else nn.BatchNorm2d(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n2(self.conv2(F.relu(self.n1(self.conv1(x)))))
+        return F.relu(x + y)
+
+
+class TinyNet(nn.Module):
+    """Two stages of two residual blocks (``norm="bn"`` or ``"gn"``): sharify shares ``conv2`` within each stage."""
+
+    def __init__(self, num_classes: int = 3, in_chans: int = 3, width: int = 8, norm: str = "bn") -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
+        self.layer1 = nn.Sequential(TinyBlock(width, norm), TinyBlock(width, norm))
+        self.down = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.layer2 = nn.Sequential(TinyBlock(2 * width, norm), TinyBlock(2 * width, norm))
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.down(self.layer1(F.relu(self.stem(x)))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class NormFreeBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class NormFreeNet(nn.Module):
+    """A stem and three residual blocks of biased convs (8 channels): no normalisation, no head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(NormFreeBlock(8), NormFreeBlock(8), NormFreeBlock(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (WRN style): conv2 feeds the addition, not a BatchNorm."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.bn2(self.conv1(torch.relu(self.bn1(x))))))
+
+
+class PreActNet(nn.Module):
+    """A stem, one stage of four :class:`PreActBlock` (16 channels), the final BN -> ReLU and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stage = nn.Sequential(*(PreActBlock(16) for _ in range(4)))
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.stage(self.stem(x)))).mean((2, 3)))
 
 
 # --- random residual nets for property-based tests -------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 import sharify
 import sharify.train.data
-from tests.test_accuracy_study import fake_fashion_mnist
+from tests.fake_data import fake_fashion_mnist
 
 # `sharify.__main__` runs the command line when imported; it has no docstring examples.
 NOT_IMPORTED = {"sharify.__main__"}

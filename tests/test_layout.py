@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sharify"
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "sharify"
 
 #: Rank of each part: a module may import modules of its own rank or below, never above.
 RANKS = {

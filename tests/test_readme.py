@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import sharify
+from tests.conftest import ROOT
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def _blocks(lang: str) -> list[str]:

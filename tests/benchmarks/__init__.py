@@ -1,0 +1,1 @@
+"""Tests of the scripts under ``benchmarks/`` and of the results committed there."""

@@ -1,0 +1,1 @@
+"""Tests of :mod:`sharify.report` and the ``sharify report`` command."""
