@@ -6,7 +6,7 @@ time; the holder itself is registered once, under ``model.sharify_shared`` (or, 
 sharified in place, under it: ``det.backbone.body.sharify_shared``; every store at any depth is
 checked, and a holder is looked up in the store of the deepest sharified module above its members).
 Hence operations that replace the *tensors* inside the holders keep every tie, because the members
-never held the tensors. Checked in ``tests/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
+never held the tensors. Checked in ``tests/rewrite/test_verify.py``: ``load_state_dict(..., assign=True)``, meta-device
 init + ``to_empty``, ``.to()`` under ``torch.__future__.set_overwrite_module_params_on_conversion(True)``
 or ``set_swap_module_params_on_conversion(True)``, ``copy.deepcopy`` and pickling of the whole
 model. What breaks ties is copying or replacing a part of the model without the rest:
@@ -351,7 +351,7 @@ def retie(model: nn.Module) -> list[str]:
 
     There is nothing to repair after ``load_state_dict(..., assign=True)``, meta-device init +
     ``to_empty`` or ``.to()``: member convs read the registered holder at call time, so the ties
-    survive by construction and ``retie`` returns ``[]`` (checked in ``tests/test_verify.py``). It is
+    survive by construction and ``retie`` returns ``[]`` (checked in ``tests/rewrite/test_verify.py``). It is
     for surgery that copies or replaces a part of the model (see the module docstring).
 
     Members that read a copy of a holder are pointed at the registered holder of the same key (its
