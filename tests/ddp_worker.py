@@ -35,7 +35,7 @@ import pytest
 from finetune_utils import TinyNet, shrink_timm_resnets
 
 import sharify
-from sharify.train import finetune, load_data
+from sharify.train import FinetuneConfig, finetune, load_data
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
 
@@ -75,9 +75,7 @@ def _sgd_trainer(model: nn.Module, wrapped: nn.Module, ctx: DistContext, accum_s
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         scheduler=None,
         ctx=ctx,
-        criterion=nn.CrossEntropyLoss(),
-        accum_steps=accum_steps,
-        show_progress=False,
+        config=FinetuneConfig(accum_steps=accum_steps, quiet=True),
     )
 
 

@@ -38,16 +38,14 @@ def _config(out: Path, **kw: object) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
-def _sgd_trainer(model: nn.Module, accum_steps: int, **kw: object) -> Trainer:
+def _sgd_trainer(model: nn.Module, accum_steps: int, clip_grad: float | None = None, **kw: object) -> Trainer:
     return Trainer(
         model=model,
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         scheduler=None,
         ctx=DistContext(),
-        criterion=nn.CrossEntropyLoss(),
-        accum_steps=accum_steps,
-        show_progress=False,
+        config=FinetuneConfig(accum_steps=accum_steps, clip_grad=clip_grad, quiet=True),
         **kw,  # type: ignore[arg-type]
     )
 
