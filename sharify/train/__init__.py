@@ -4,7 +4,8 @@ The data flow, one module each::
 
     data.load_data ─> loaders.build_loaders ─┐
     model.prepare_model (build, load original weights, head, sharify) ─┼─> finetune.finetune ─> out/
-    optim (timm optimizer, shared-aware layer decay, cosine) ──────────┘     (loop, checkpoint, resume,
+    optim (timm optimizer, shared-aware layer decay, cosine) ──────────┘     (state, loop, checkpoint,
+                                                                              resume, outputs,
                                                                               distributed, batchnorm)
 
 Example:

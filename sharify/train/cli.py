@@ -24,78 +24,99 @@ GPU_EXAMPLE = (
 
 
 def add_finetune_options(p: argparse.ArgumentParser) -> None:
-    """Adds the model, data, training and output options of ``sharify finetune`` to ``p``.
+    """Adds the model, data, training, hardware and output options of ``sharify finetune`` to ``p``, in that order.
 
     Argument types check the form of each value (integers >= 1 where zero makes no sense, finite numbers);
     :meth:`~sharify.train.FinetuneConfig.validate` and :func:`check_combinations` check ranges and combinations.
     """
-    m = p.add_argument_group("model")
-    m.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
-    m.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
-    m.add_argument(
+    _add_model_options(p)
+    _add_data_options(p)
+    _add_training_options(p)
+    _add_hardware_options(p)
+    _add_output_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The model options: which network, its original weights, its head and input channels, sharing on/off."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm or torchvision name: resnet50, timm:resnet18, tv:resnet34")
+    g.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs internet)")
+    g.add_argument(
         "--checkpoint",
         metavar="PATH",
         help="original (unshared) weights to load before sharifying (a state_dict, or a "
         "training checkpoint such as timm's .pth.tar: its state_dict)",
     )
-    m.add_argument("--checkpoint-ema", action="store_true", help="load the --checkpoint's EMA weights (state_dict_ema)")
-    m.add_argument("--num-classes", type=positive_int, help="classifier size (default: the data's classes)")
-    m.add_argument(
+    g.add_argument("--checkpoint-ema", action="store_true", help="load the --checkpoint's EMA weights (state_dict_ema)")
+    g.add_argument("--num-classes", type=positive_int, help="classifier size (default: the data's classes)")
+    g.add_argument(
         "--in-chans", type=positive_int, help="input channels of timm models built by name (default: the data's)"
     )
-    m.add_argument("--no-sharify", dest="share", action="store_false", help="train the model unshared (baselines)")
+    g.add_argument("--no-sharify", dest="share", action="store_false", help="train the model unshared (baselines)")
 
-    d = p.add_argument_group("data")
-    d.add_argument("--data", required=True, help="ImageFolder dir (train/, val/), fashion-mnist, cifar10 or cifar100")
-    d.add_argument("--data-root", metavar="DIR", help="directory of fashion-mnist/cifar files")
-    d.add_argument("--subset", type=positive_int, metavar="N", help="use N training (and val) images: smoke runs")
-    d.add_argument("--val-subset", type=positive_int, metavar="N", help="validation images (default: --subset)")
-    d.add_argument("--image-size", type=positive_int, metavar="PX", help="input size (default: from the data / model)")
-    d.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop/flip")
-    d.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
 
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=128, help="per process (default 128)")
-    t.add_argument("--eval-batch-size", type=positive_int)
-    t.add_argument("--opt", default="sgd", help="timm optimizer: sgd (default), adamw, ...")
-    t.add_argument("--lr", type=finite_float, default=0.05)
-    t.add_argument("--momentum", type=finite_float, help="optimizers with momentum: sgd, rmsprop, ... (default 0.9)")
-    t.add_argument("--weight-decay", type=finite_float, default=5e-4)
-    t.add_argument("--layer-decay", type=finite_float, help="layer-wise lr decay in (0, 1]")
-    t.add_argument("--warmup-epochs", type=finite_float, default=0.0)
-    t.add_argument("--min-lr", type=finite_float, default=0.0)
-    t.add_argument("--label-smoothing", type=finite_float, default=0.0)
-    t.add_argument("--accum-steps", type=int, default=1, help="micro-batches per update")
-    t.add_argument("--clip-grad", type=finite_float, metavar="NORM")
-    t.add_argument("--ema", dest="ema_decay", type=finite_float, metavar="DECAY", help="keep a timm ModelEmaV3")
-    t.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help="re-estimate BN stats on N images first")
-    t.add_argument("--lambda-r", type=finite_float, default=0.0, help="orthogonality regulariser weight (basis models)")
-    t.add_argument("--eval-before", action="store_true", help="evaluate before training (metrics epoch 0)")
-    t.add_argument("--seed", type=int, default=0)
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    """The data options: which images, how many, their size, augmentation and loader processes."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="ImageFolder dir (train/, val/), fashion-mnist, cifar10 or cifar100")
+    g.add_argument("--data-root", metavar="DIR", help="directory of fashion-mnist/cifar files")
+    g.add_argument("--subset", type=positive_int, metavar="N", help="use N training (and val) images: smoke runs")
+    g.add_argument("--val-subset", type=positive_int, metavar="N", help="validation images (default: --subset)")
+    g.add_argument("--image-size", type=positive_int, metavar="PX", help="input size (default: from the data / model)")
+    g.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop/flip")
+    g.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
 
-    h = p.add_argument_group("hardware")
-    h.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    h.add_argument(
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """The training options: epochs, batches, optimizer and schedule, loss, accumulation, EMA, seed."""
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=128, help="per process (default 128)")
+    g.add_argument("--eval-batch-size", type=positive_int)
+    g.add_argument("--opt", default="sgd", help="timm optimizer: sgd (default), adamw, ...")
+    g.add_argument("--lr", type=finite_float, default=0.05)
+    g.add_argument("--momentum", type=finite_float, help="optimizers with momentum: sgd, rmsprop, ... (default 0.9)")
+    g.add_argument("--weight-decay", type=finite_float, default=5e-4)
+    g.add_argument("--layer-decay", type=finite_float, help="layer-wise lr decay in (0, 1]")
+    g.add_argument("--warmup-epochs", type=finite_float, default=0.0)
+    g.add_argument("--min-lr", type=finite_float, default=0.0)
+    g.add_argument("--label-smoothing", type=finite_float, default=0.0)
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per update")
+    g.add_argument("--clip-grad", type=finite_float, metavar="NORM")
+    g.add_argument("--ema", dest="ema_decay", type=finite_float, metavar="DECAY", help="keep a timm ModelEmaV3")
+    g.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help="re-estimate BN stats on N images first")
+    g.add_argument("--lambda-r", type=finite_float, default=0.0, help="orthogonality regulariser weight (basis models)")
+    g.add_argument("--eval-before", action="store_true", help="evaluate before training (metrics epoch 0)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_hardware_options(p: argparse.ArgumentParser) -> None:
+    """The hardware options: device, mixed precision, memory format, compilation, SyncBatchNorm."""
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    g.add_argument(
         "--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="auto: bf16 on CUDA, fp32 on CPU"
     )
-    h.add_argument("--channels-last", action="store_true")
-    h.add_argument("--compile", action="store_true", help="torch.compile the model")
-    h.add_argument("--grad-checkpointing", action="store_true", help="timm models: activation checkpointing")
-    h.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA)")
+    g.add_argument("--channels-last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true", help="timm models: activation checkpointing")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (CUDA)")
 
-    o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """The output options: the output directory, resuming, retained checkpoints, logging."""
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/finetune", help="output directory (default runs/finetune)")
     resume_help = "continue from the newest checkpoint in --out (same settings; --epochs may grow)"
-    o.add_argument("--resume", action="store_true", help=resume_help)
-    o.add_argument(
+    g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument(
         "--resume-fallback",
         action="store_true",
         help="with --resume: if the newest checkpoint fails its checksums, resume from the newest intact one "
         "(kept with --keep-checkpoints 2 or more); without it a corrupt checkpoint is refused",
     )
-    o.add_argument("--keep-checkpoints", type=int, default=1)
-    o.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
+    g.add_argument("--keep-checkpoints", type=int, default=1)
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch log lines")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

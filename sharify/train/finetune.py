@@ -26,54 +26,49 @@ retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchr
 process calls :func:`finetune`; rank 0 logs and writes files. Every rank starts from rank 0's model
 and, before each evaluation, takes rank 0's BatchNorm statistics and EMA weights, so the reduced
 validation metrics are those of the model rank 0 saves.
+
+A run is a sequence of passes over one :class:`~sharify.train.state.TrainingState`: *prepare* (check
+the model, data and checkpoints; write ``config.json`` and the report), *build*
+(:func:`~sharify.train.state.build_state`: the placed model, loaders, optimizer, schedule, scaler, EMA),
+*resume* (:func:`~sharify.train.state.resume_state`) or *start* (BatchNorm recalibration, epoch 0),
+the *epoch loop* (train, evaluate, checkpoint -- a finished epoch is saved before the next begins) and
+*finish* (the final weights).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..io.serialization import save
 from ..layers import shared_groups
-from ..report import report
 from ..rewrite.basis import BasisConv2d, orthogonality_loss
 from .batchnorm import recalibrate_batchnorm
-from .checkpoint import (
-    atomic_write,
-    intact_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    writing,
-)
+from .checkpoint import intact_checkpoint, latest_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
 from .distributed import (
     DistContext,
     all_gather_objects,
     barrier,
-    broadcast_from_main,
     cleanup,
     ddp_static_graph,
     init_distributed,
     sync_from_main,
 )
 from .errors import CheckpointError, DataError
-from .loaders import build_loaders
-from .loop import Trainer, autocast_context, evaluate, resolve_amp
+from .loop import Trainer
 from .model import classifier
-from .optim import create_optimizer, create_scheduler
+from .outputs import append_metrics, save_final, write_config, write_metrics, write_report
 from .resume import check_resumable, config_settings, run_setup
-from .rng import get_rng_state, seed_everything, set_rng_state
+from .rng import get_rng_state
+from .state import TrainingState, build_state, resume_state
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune"]
 
@@ -95,17 +90,6 @@ class FinetuneResult:
     def final(self) -> dict[str, Any]:
         """The last epoch's metrics."""
         return self.metrics[-1] if self.metrics else {}
-
-
-def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(m) + "\n" for m in metrics)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _write_report(out: Path, original: nn.Module, module: nn.Module) -> None:
-    result = report(original, module)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
-    atomic_write(out / "report.md", lambda tmp: tmp.write_text(result.to_markdown() + "\n"))
 
 
 def finetune(
@@ -170,22 +154,53 @@ def _run(
     on_update: Callable[[int, int], None] | None,
     setup: Mapping[str, Any],
 ) -> FinetuneResult:
+    """The passes of a run: prepare, build, resume or start, the epochs, finish."""
+    prepared = _prepare(module, bundle, config, ctx, original, setup)
+    state = build_state(
+        module,
+        bundle,
+        config,
+        ctx,
+        out=prepared.out,
+        settings=prepared.settings,
+        setup=prepared.setup,
+        checkpoint=prepared.checkpoint,
+    )
+    if config.resume:
+        _resume(state)
+    else:
+        _start(state)
+    _train(state, _trainer(state, on_update))
+    return _finish(state)
+
+
+class _Prepared(NamedTuple):
+    """What :func:`_prepare` found: the output directory, the run's settings and setup, the checkpoint to resume."""
+
+    out: Path
+    settings: dict[str, Any]
+    setup: dict[str, Any]
+    checkpoint: Path | None
+
+
+def _prepare(
+    module: nn.Module,
+    bundle: DataBundle,
+    config: FinetuneConfig,
+    ctx: DistContext,
+    original: nn.Module | None,
+    setup: Mapping[str, Any],
+) -> _Prepared:
+    """Checks the model, data and checkpoints before anything is built; rank 0 writes ``config.json`` and the report.
+
+    Raises:
+        DataError: The classifier does not fit the data's classes.
+        ValueError: ``lambda_r`` without filter bases; checkpoints in ``out`` without ``resume``; ``out`` not
+            creatable.
+        CheckpointError: ``resume`` without a (intact) checkpoint, or with other settings than it was saved with.
+    """
+    _check_model(module, bundle, config)
     out = Path(config.out)
-    amp = resolve_amp(config.amp, ctx.device)
-    autocast = autocast_context(amp, ctx.device)
-    show = ctx.is_main and not config.quiet and sys.stderr.isatty()
-    found = classifier(module)
-    if found is not None and found[1].out_features != bundle.num_classes:
-        raise DataError(
-            f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but "
-            f"{bundle.source or bundle.name} has {bundle.num_classes} classes; "
-            f"pass --num-classes {bundle.num_classes} to replace the head"
-        )
-    if config.lambda_r and not any(isinstance(m, BasisConv2d) for m in module.modules()):
-        raise ValueError(
-            f"--lambda-r {config.lambda_r} weighs the orthogonality of filter bases, but the model has none "
-            "(it would add nothing); drop --lambda-r, or share with --method basis"
-        )
     existing = intact_checkpoint(out, fallback=config.resume_fallback) if config.resume else latest_checkpoint(out)
     if existing is not None and not config.resume:
         raise ValueError(
@@ -206,115 +221,80 @@ def _run(
             raise ValueError(
                 f"cannot create the output directory {out} ({exc.strerror or exc}); pass another --out"
             ) from exc
-        text = json.dumps({**settings, "setup": described}, indent=2) + "\n"
-        atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))
+        write_config(out, settings, described)
         if original is not None and shared_groups(module):
-            _write_report(out, original, module)
+            write_report(out, original, module)
+    return _Prepared(out, settings, described, existing)
 
-    seed_everything(config.seed + ctx.rank)
-    module.to(ctx.device)
-    if config.channels_last:
-        module.to(memory_format=torch.channels_last)
-    if config.grad_checkpointing:
-        if not hasattr(module, "set_grad_checkpointing"):
-            raise ValueError(
-                f"--grad-checkpointing needs a timm model; {type(module).__name__} has no set_grad_checkpointing"
-            )
-        module.set_grad_checkpointing(True)  # type: ignore[operator]
-    if config.sync_bn and ctx.distributed:
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    # every rank starts from rank 0's model (a head initialised independently on each rank would differ;
-    # DDP syncs the weights only when it wraps the model, after the EMA copy and the first evaluation)
-    broadcast_from_main([*module.parameters(), *module.buffers()], ctx)
-    loaders = build_loaders(
-        bundle,
-        module,
-        ctx,
-        batch_size=config.batch_size,
-        workers=config.workers,
-        seed=config.seed,
-        image_size=config.image_size,
-        augment=config.augment,
-        eval_batch_size=config.eval_batch_size,
-    )
-    optimizer = create_optimizer(
-        module,
-        opt=config.opt,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        layer_decay=config.layer_decay,
-    )
-    updates_per_epoch = -(-len(loaders.train) // config.accum_steps)
-    scheduler = create_scheduler(
-        optimizer,
-        total_updates=updates_per_epoch * config.epochs,
-        min_lr=config.min_lr,
-        warmup_updates=round(config.warmup_epochs * updates_per_epoch),
-    )
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    ema = None
-    if config.ema_decay is not None:
-        from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(module, decay=config.ema_decay)
-    params = sum(p.numel() for p in module.parameters())
-    evaluate_kw: dict[str, Any] = {
-        "autocast": autocast,
-        "channels_last": config.channels_last,
-        "num_classes": bundle.num_classes,
-        "show_progress": show,
-    }
+def _check_model(module: nn.Module, bundle: DataBundle, config: FinetuneConfig) -> None:
+    """Refuses a classifier of another size than the data's classes, and ``lambda_r`` without filter bases."""
+    found = classifier(module)
+    if found is not None and found[1].out_features != bundle.num_classes:
+        raise DataError(
+            f"the model's classifier `{found[0]}` has {found[1].out_features} outputs but "
+            f"{bundle.source or bundle.name} has {bundle.num_classes} classes; "
+            f"pass --num-classes {bundle.num_classes} to replace the head"
+        )
+    if config.lambda_r and not any(isinstance(m, BasisConv2d) for m in module.modules()):
+        raise ValueError(
+            f"--lambda-r {config.lambda_r} weighs the orthogonality of filter bases, but the model has none "
+            "(it would add nothing); drop --lambda-r, or share with --method basis"
+        )
 
-    metrics: list[dict[str, Any]] = []
-    start_epoch, num_updates = 1, 0
-    if config.resume:
-        assert existing is not None
-        state = load_checkpoint(existing, module, ema=ema.module if ema is not None else None)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("config", {}).get("epochs", config.epochs) == config.epochs:
-            scheduler.load_state_dict(state["scheduler"])
-        else:  # --epochs grew: the cosine over the new length, from this update on (as if started with it)
-            scheduler.step_update(num_updates=state["num_updates"])
-            logger.info("--epochs %d (was %s): schedule rebuilt", config.epochs, state["config"]["epochs"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, num_updates, metrics = state["epoch"] + 1, state["num_updates"], list(state["metrics"])
-        rngs = state["rng"]
-        if len(rngs) != ctx.world_size:
-            logger.warning("resuming %d processes from a run of %d: RNG streams differ", ctx.world_size, len(rngs))
-        set_rng_state(rngs[ctx.rank % len(rngs)])
+
+def _resume(state: TrainingState) -> None:
+    """Continues from ``state.checkpoint`` (:func:`~sharify.train.state.resume_state`); rewrites ``metrics.jsonl``."""
+    resume_state(state)
+    if state.ctx.is_main:
+        write_metrics(state.out / "metrics.jsonl", state.metrics)
+        logger.info("resumed from %s (epoch %d, %d updates)", state.checkpoint, state.epoch, state.num_updates)
+
+
+def _start(state: TrainingState) -> None:
+    """Starts a new run: an empty ``metrics.jsonl``, BatchNorm recalibration and the epoch-0 evaluation if asked."""
+    config, ctx = state.config, state.ctx
+    if ctx.is_main:
+        write_metrics(state.out / "metrics.jsonl", [])
+    if config.bn_recalibrate:
+        _recalibrate(state)
+    if config.eval_before:
+        first = {"epoch": 0, **state.evaluate(state.module), "params": state.params}
+        state.metrics.append(first)
         if ctx.is_main:
-            _write_metrics(out / "metrics.jsonl", metrics)
-            logger.info("resumed from %s (epoch %d, %d updates)", existing, state["epoch"], num_updates)
-    else:
-        if ctx.is_main:
-            _write_metrics(out / "metrics.jsonl", [])
-        if config.bn_recalibrate:
-            if config.bn_recalibrate > len(bundle.train):  # type: ignore[arg-type]
-                logger.warning(
-                    "--bn-recalibrate %d: the data has %d training images; all of them are used",
-                    config.bn_recalibrate,
-                    len(bundle.train),  # type: ignore[arg-type]
-                )
-            loaders.set_epoch(0, config.seed)
-            recalibrate_batchnorm(
-                module,
-                loaders.train,
-                num_images=config.bn_recalibrate,
-                device=ctx.device,
-                channels_last=config.channels_last,
-                autocast=autocast(),
-            )
-            if ema is not None:
-                ema.module.load_state_dict(module.state_dict())
-        if config.eval_before:
-            first = {"epoch": 0, **evaluate(module, loaders.val, ctx, **evaluate_kw), "params": params}
-            metrics.append(first)
-            if ctx.is_main:
-                _append_metrics(out / "metrics.jsonl", first)
-                logger.info("epoch 0 (before training): top1 %.2f%%, val loss %.4f", first["top1"], first["val_loss"])
+            append_metrics(state.out / "metrics.jsonl", first)
+            logger.info("epoch 0 (before training): top1 %.2f%%, val loss %.4f", first["top1"], first["val_loss"])
 
+
+def _recalibrate(state: TrainingState) -> None:
+    """Re-estimates the BatchNorm statistics on ``config.bn_recalibrate`` training images; the EMA copies them."""
+    config, bundle = state.config, state.bundle
+    if config.bn_recalibrate > len(bundle.train):  # type: ignore[arg-type]
+        logger.warning(
+            "--bn-recalibrate %d: the data has %d training images; all of them are used",
+            config.bn_recalibrate,
+            len(bundle.train),  # type: ignore[arg-type]
+        )
+    state.loaders.set_epoch(0, config.seed)
+    recalibrate_batchnorm(
+        state.module,
+        state.loaders.train,
+        num_images=config.bn_recalibrate,
+        device=state.ctx.device,
+        channels_last=config.channels_last,
+        autocast=state.autocast(),
+    )
+    if state.ema is not None:
+        state.ema.module.load_state_dict(state.module.state_dict())
+
+
+def _trainer(state: TrainingState, on_update: Callable[[int, int], None] | None) -> Trainer:
+    """The :class:`~sharify.train.loop.Trainer` of ``state``, its model wrapped in DDP and compiled as asked.
+
+    DDP wraps the model only now, after the EMA copy and the first evaluation: it syncs the weights when it
+    wraps, and every rank already holds rank 0's.
+    """
+    config, ctx, module = state.config, state.ctx, state.module
     train_model: nn.Module = module
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -326,97 +306,85 @@ def _run(
         )
     if config.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
-    trainer = Trainer(
+    return Trainer(
         model=train_model,
         module=module,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        optimizer=state.optimizer,
+        scheduler=state.scheduler,
         ctx=ctx,
-        criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
-        autocast=autocast,
-        scaler=scaler,
-        ema=ema,
-        accum_steps=config.accum_steps,
-        clip_grad=config.clip_grad,
-        channels_last=config.channels_last,
-        lambda_r=config.lambda_r,
+        config=config,
+        scaler=state.scaler,
+        ema=state.ema,
         regulariser=orthogonality_loss,
-        num_classes=bundle.num_classes,
-        num_updates=num_updates,
+        num_classes=state.bundle.num_classes,
+        num_updates=state.num_updates,
         on_update=on_update,
-        show_progress=show,
     )
 
-    last_dir = existing
-    for epoch in range(start_epoch, config.epochs + 1):
-        tic = time.perf_counter()
-        loaders.set_epoch(epoch, config.seed)
-        record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(loaders.train, epoch, config.epochs)}
-        sync_from_main(module, ema.module if ema is not None else None, ctx)  # all ranks evaluate what rank 0 saves
-        record.update(evaluate(module, loaders.val, ctx, **evaluate_kw))
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, loaders.val, ctx, **evaluate_kw, desc="val (EMA)")
-            record.update(
-                ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"]
-            )
-        record.update(
-            lr=max(g["lr"] for g in optimizer.param_groups),
-            updates=trainer.num_updates,
-            params=params,
-            epoch_seconds=time.perf_counter() - tic,
-        )
-        metrics.append(record)
-        rngs = all_gather_objects(get_rng_state(), ctx)
-        if ctx.is_main:
-            state = {
-                "epoch": epoch,
-                "num_updates": trainer.num_updates,
-                "metrics": metrics,
-                "rng": rngs,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {},
-                "config": settings,
-                "setup": described,
-            }
-            last_dir = save_checkpoint(
-                out,
-                epoch,
-                module.state_dict(),
-                state,
-                keep=config.keep_checkpoints,
-                ema_state=ema.module.state_dict() if ema is not None else None,
-            )
-            _append_metrics(out / "metrics.jsonl", record)
-            logger.info(
-                "epoch %d/%d: train loss %.4f, val loss %.4f, top1 %.2f%%, top5 %.2f%%, %.0f img/s, %.1fs",
-                epoch,
-                config.epochs,
-                record["train_loss"],
-                record["val_loss"],
-                record["top1"],
-                record["top5"],
-                record["images_per_s"],
-                record["epoch_seconds"],
-            )
-        barrier(ctx)
 
-    if ctx.is_main:
-        # sharify.save: atomic, and the recipe in the header lets sharify.load(path) rebuild the model
-        meta = {"sharify-finetune-epochs": str(config.epochs)}
-        with writing(out / "model.safetensors"):
-            save(module, out / "model.safetensors", metadata=meta)
-        if ema is not None:
-            with writing(out / "model_ema.safetensors"):
-                save(ema.module, out / "model_ema.safetensors", metadata=meta)
-    barrier(ctx)
-    return FinetuneResult(module, metrics, out, ema.module if ema is not None else None, last_dir)
+def _train(state: TrainingState, trainer: Trainer) -> None:
+    """The epoch loop: each epoch trains, evaluates and is saved (:func:`_save_epoch`) before the next begins."""
+    for epoch in range(state.epoch + 1, state.config.epochs + 1):
+        record = _epoch(state, trainer, epoch)
+        state.metrics.append(record)
+        state.epoch, state.num_updates = epoch, trainer.num_updates
+        _save_epoch(state, record)
+        barrier(state.ctx)
 
 
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    import os
+def _epoch(state: TrainingState, trainer: Trainer, epoch: int) -> dict[str, Any]:
+    """Trains and evaluates one epoch (the model and its EMA, as rank 0 holds them); returns its metrics record."""
+    tic = time.perf_counter()
+    state.loaders.set_epoch(epoch, state.config.seed)
+    record: dict[str, Any] = {"epoch": epoch, **trainer.train_epoch(state.loaders.train, epoch, state.config.epochs)}
+    sync_from_main(state.module, state.ema_module, state.ctx)  # all ranks evaluate what rank 0 saves
+    record.update(state.evaluate(state.module))
+    if state.ema is not None:
+        ema_metrics = state.evaluate(state.ema.module, desc="val (EMA)")
+        record.update(ema_top1=ema_metrics["top1"], ema_top5=ema_metrics["top5"], ema_val_loss=ema_metrics["val_loss"])
+    record.update(
+        lr=max(g["lr"] for g in state.optimizer.param_groups),
+        updates=trainer.num_updates,
+        params=state.params,
+        epoch_seconds=time.perf_counter() - tic,
+    )
+    return record
 
-    with writing(path), open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+
+def _save_epoch(state: TrainingState, record: dict[str, Any]) -> None:
+    """Saves the finished epoch: rank 0 writes its checkpoint (atomically) and its ``metrics.jsonl`` line.
+
+    Every rank takes part: the checkpoint holds the RNG states of all of them.
+    """
+    rngs = all_gather_objects(get_rng_state(), state.ctx)
+    if not state.ctx.is_main:
+        return
+    config = state.config
+    state.checkpoint = save_checkpoint(
+        state.out,
+        state.epoch,
+        state.module.state_dict(),
+        state.checkpoint_state(rngs),
+        keep=config.keep_checkpoints,
+        ema_state=state.ema.module.state_dict() if state.ema is not None else None,
+    )
+    append_metrics(state.out / "metrics.jsonl", record)
+    logger.info(
+        "epoch %d/%d: train loss %.4f, val loss %.4f, top1 %.2f%%, top5 %.2f%%, %.0f img/s, %.1fs",
+        state.epoch,
+        config.epochs,
+        record["train_loss"],
+        record["val_loss"],
+        record["top1"],
+        record["top5"],
+        record["images_per_s"],
+        record["epoch_seconds"],
+    )
+
+
+def _finish(state: TrainingState) -> FinetuneResult:
+    """Rank 0 writes the final weights (and the EMA's) with the sharing recipe; all ranks return the result."""
+    if state.ctx.is_main:
+        save_final(state.out, state.module, state.ema_module, state.config.epochs)
+    barrier(state.ctx)
+    return FinetuneResult(state.module, state.metrics, state.out, state.ema_module, state.checkpoint)

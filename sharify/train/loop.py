@@ -1,14 +1,14 @@
 """One epoch of training and one pass of evaluation, with AMP, accumulation, EMA and regularisers.
 
 :class:`Trainer` bundles what a training step needs (model, optimizer, schedule, grad scaler, EMA,
-loss, regulariser). :meth:`Trainer.train_epoch` runs the micro-batches of one epoch: forward under
-autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of micro-batches in its
-update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP gradient
-synchronisation only on the micro-batch that updates, except under ``static_graph``, where every
-micro-batch synchronises), optional gradient clipping, optimizer step
-through the ``GradScaler`` (fp16), schedule and EMA update. :func:`evaluate` computes loss and
-top-1/top-5 accuracy. Both reduce their sums over ranks, so the numbers are those of the whole
-data set.
+regulariser) with the run's :class:`~sharify.train.FinetuneConfig`, which sets the loss, autocast,
+accumulation, clipping and memory format. :meth:`Trainer.train_epoch` runs the micro-batches of one
+epoch: forward under autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of
+micro-batches in its update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP
+gradient synchronisation only on the micro-batch that updates, except under ``static_graph``, where
+every micro-batch synchronises), optional gradient clipping, optimizer step through the
+``GradScaler`` (fp16), schedule and EMA update. :func:`evaluate` computes loss and top-1/top-5
+accuracy. Both reduce their sums over ranks, so the numbers are those of the whole data set.
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .config import FinetuneConfig
 from .distributed import DistContext, all_reduce_sum
 from .errors import DataError
 
-__all__ = ["Trainer", "autocast_context", "evaluate", "resolve_amp"]
+__all__ = ["Trainer", "autocast_context", "evaluate", "progress_shown", "resolve_amp"]
 
 Regulariser = Callable[[nn.Module], Tensor]
 
@@ -64,6 +65,16 @@ def _images(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def progress_shown(config: FinetuneConfig, ctx: DistContext) -> bool:
+    """Whether this process draws progress bars: rank 0, not ``config.quiet``, and stderr a terminal."""
+    return ctx.is_main and not config.quiet and sys.stderr.isatty()
+
+
+def _progress(loader: Any, desc: str, show: bool) -> Any:
+    """``loader`` wrapped in a tqdm bar named ``desc`` on stderr, drawn only when ``show``."""
+    return tqdm(loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=not show, file=sys.stderr)
+
+
 def _check_logits(logits: Tensor, num_classes: int | None) -> None:
     if num_classes is not None and logits.shape[-1] < num_classes:
         raise DataError(
@@ -74,26 +85,48 @@ def _check_logits(logits: Tensor, num_classes: int | None) -> None:
 
 @dataclass
 class Trainer:
-    """Everything one optimizer update needs. ``model`` may be DDP/compiled; ``module`` is the bare model."""
+    """Everything one optimizer update needs: the objects that train, and the run's settings.
+
+    The settings are read from ``config`` (a :class:`~sharify.train.FinetuneConfig`): ``accum_steps``,
+    ``clip_grad``, ``channels_last``, ``lambda_r``, ``label_smoothing`` (the loss), ``amp`` (autocast, resolved
+    for ``ctx.device``) and ``quiet`` (progress bars, drawn only by rank 0 on a terminal); from them it
+    derives ``criterion``, ``autocast`` and ``show_progress``.
+
+    Attributes:
+        model: What the forward runs: the DDP wrapper and/or ``torch.compile`` of ``module``, or ``module``.
+        module: The bare model (gradient clipping, regulariser and EMA read it).
+        optimizer: The optimizer.
+        scheduler: A timm scheduler (``step_update`` after every update), or ``None``.
+        ctx: The process's place in the run.
+        config: The run's settings.
+        scaler: The fp16 grad scaler, or ``None``.
+        ema: A timm ``ModelEmaV3`` of ``module``, or ``None``.
+        regulariser: Added to the loss, weighted by ``config.lambda_r`` (``sharify.orthogonality_loss``).
+        num_classes: The data's classes: the first batch's logits must have at least as many.
+        num_updates: Optimizer updates so far (the schedule's position); counts on.
+        on_update: Called as ``on_update(epoch, num_updates)`` after every update.
+    """
 
     model: nn.Module
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ctx: DistContext
-    criterion: nn.Module
-    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    config: FinetuneConfig
     scaler: torch.amp.GradScaler | None = None
     ema: Any = None
-    accum_steps: int = 1
-    clip_grad: float | None = None
-    channels_last: bool = False
-    lambda_r: float = 0.0
     regulariser: Regulariser | None = None
     num_classes: int | None = None
     num_updates: int = 0
     on_update: Callable[[int, int], None] | None = None
-    show_progress: bool = True
+    criterion: nn.Module = field(init=False)
+    autocast: Callable[[], AbstractContextManager[Any]] = field(init=False)
+    show_progress: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
+        self.autocast = autocast_context(resolve_amp(self.config.amp, self.ctx.device), self.ctx.device)
+        self.show_progress = progress_shown(self.config, self.ctx)
 
     def _no_sync(self, update: bool) -> AbstractContextManager[Any]:
         # DDP(static_graph=True) does not support no_sync(): an internal assert on the first backward, and
@@ -107,15 +140,16 @@ class Trainer:
         return no_sync()
 
     def _step(self) -> None:
+        clip_grad = self.config.clip_grad
         if self.scaler is not None:
-            if self.clip_grad:
+            if clip_grad:
                 self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+                nn.utils.clip_grad_norm_(self.module.parameters(), clip_grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if self.clip_grad:
-                nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad)
+            if clip_grad:
+                nn.utils.clip_grad_norm_(self.module.parameters(), clip_grad)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.num_updates += 1
@@ -124,6 +158,38 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.module, step=self.num_updates)
 
+    def _micro_batch(self, i: int, batches: int, images: Tensor, labels: Tensor, epoch: int) -> Tensor:
+        """Forward and backward of micro-batch ``i`` of ``batches``; the update when it is its group's last.
+
+        Returns:
+            The micro-batch's mean loss (with the weighted regulariser), not divided by its group's size.
+        """
+        # micro-batches i0 .. i0 + group - 1 make one update; the epoch's last group may be shorter
+        accum_steps = self.config.accum_steps
+        i0 = i - i % accum_steps
+        group = min(accum_steps, batches - i0)
+        update = i + 1 == i0 + group
+        images = _images(images, self.ctx.device, self.config.channels_last)
+        labels = labels.to(self.ctx.device, non_blocking=True)
+        with self._no_sync(update):
+            with self.autocast():
+                logits = self.model(images)
+                if i == 0:
+                    _check_logits(logits, self.num_classes)
+                loss = self.criterion(logits, labels)
+            if self.config.lambda_r and self.regulariser is not None:
+                loss = loss + self.config.lambda_r * self.regulariser(self.module)
+            scaled = loss / group  # the update's gradient: the mean over its micro-batches
+            if self.scaler is not None:
+                self.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if update:
+            self._step()
+            if self.on_update is not None:
+                self.on_update(epoch, self.num_updates)
+        return loss
+
     def train_epoch(self, loader: Any, epoch: int, epochs: int) -> dict[str, float]:
         """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``.
 
@@ -131,50 +197,24 @@ class Trainer:
         first epoch (``torch.compile`` compiling the model, cuDNN benchmarking) lowers that epoch's figure.
         """
         self.model.train()
-        device = self.ctx.device
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=self.ctx.device, dtype=torch.float64)
         seen = 0
         batches = len(loader)
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch}/{epochs}",
-            unit="batch",
-            dynamic_ncols=True,
-            leave=False,
-            disable=not self.show_progress,
-            file=sys.stderr,
-        )
+        bar = _progress(loader, f"epoch {epoch}/{epochs}", self.show_progress)
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, (images, labels) in enumerate(bar):
-            # micro-batches i0 .. i0 + group - 1 make one update; the epoch's last group may be shorter
-            i0 = i - i % self.accum_steps
-            group = min(self.accum_steps, batches - i0)
-            update = i + 1 == i0 + group
-            images = _images(images, device, self.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            with self._no_sync(update):
-                with self.autocast():
-                    logits = self.model(images)
-                    if i == 0:
-                        _check_logits(logits, self.num_classes)
-                    loss = self.criterion(logits, labels)
-                if self.lambda_r and self.regulariser is not None:
-                    loss = loss + self.lambda_r * self.regulariser(self.module)
-                scaled = loss / group  # the update's gradient: the mean over its micro-batches
-                if self.scaler is not None:
-                    self.scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-            if update:
-                self._step()
-                if self.on_update is not None:
-                    self.on_update(epoch, self.num_updates)
+            loss = self._micro_batch(i, batches, images, labels, epoch)
             loss_sum += loss.detach().double() * len(labels)
             seen += len(labels)
             if self.show_progress and (i % 10 == 0 or i + 1 == batches):
                 rate = seen * self.ctx.world_size / max(time.perf_counter() - start, 1e-9)
                 bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}", refresh=False)
+        return self._epoch_totals(loss_sum, seen, start, epoch)
+
+    def _epoch_totals(self, loss_sum: Tensor, seen: int, start: float, epoch: int) -> dict[str, float]:
+        """The epoch's figures over all ranks (:meth:`train_epoch`); refuses a loss that is not finite."""
+        device = self.ctx.device
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -210,9 +250,7 @@ def evaluate(
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, device=ctx.device, dtype=torch.float64)  # loss, top1, top5, count
-    bar = tqdm(
-        loader, desc=desc, unit="batch", dynamic_ncols=True, leave=False, disable=not show_progress, file=sys.stderr
-    )
+    bar = _progress(loader, desc, show_progress)
     try:
         for i, (images, labels) in enumerate(bar):
             images = _images(images, ctx.device, channels_last)

@@ -13,6 +13,7 @@ from torch import nn
 
 import sharify
 from sharify.cli import main
+from sharify.train import FinetuneConfig
 from sharify.train.distributed import DistContext
 from sharify.train.loop import Trainer
 from tests.nets import TinyNet
@@ -40,19 +41,23 @@ def cli_error(args: list[str], capsys: pytest.CaptureFixture[str], status: int =
 
 
 def sgd_trainer(
-    model: nn.Module, accum_steps: int, *, wrapped: nn.Module | None = None, ctx: DistContext | None = None, **kw: Any
+    model: nn.Module,
+    accum_steps: int,
+    *,
+    wrapped: nn.Module | None = None,
+    ctx: DistContext | None = None,
+    clip_grad: float | None = None,
+    **kw: Any,
 ) -> Trainer:
     """A :class:`~sharify.train.loop.Trainer` with plain SGD (lr 0.5) and no scheduler, running ``wrapped``
-    (e.g. ``DDP(model)``; default: the model itself)."""
+    (e.g. ``DDP(model)``; default: the model itself); ``kw`` are further Trainer arguments (``scaler``, ...)."""
     return Trainer(
         model=model if wrapped is None else wrapped,
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
         scheduler=None,
         ctx=DistContext() if ctx is None else ctx,
-        criterion=nn.CrossEntropyLoss(),
-        accum_steps=accum_steps,
-        show_progress=False,
+        config=FinetuneConfig(accum_steps=accum_steps, clip_grad=clip_grad, quiet=True),
         **kw,
     )
 
