@@ -23,7 +23,7 @@ import torch
 from ._argtypes import OutputError, positive_int, write_stdout
 from .errors import SharifyError
 from .io.zoo import build_model
-from .planning.options import PRESETS, Selector
+from .planning.options import option_fields, option_flag
 from .report import report
 from .rewrite.apply import sharify
 
@@ -57,27 +57,14 @@ def cli_message(text: str) -> str:
     return text
 
 
-def _selector(text: str) -> Selector:
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def add_sharing_options(parser: argparse.ArgumentParser) -> None:
-    """The options of :func:`sharify.sharify`, shared by all subcommands (unset = preset/default)."""
+    """The options of :func:`sharify.sharify`, shared by all subcommands (unset = preset/default).
+
+    One flag per field of :class:`~sharify.SharingOptions`, its help and form from the field's metadata.
+    """
     g = parser.add_argument_group("sharing (unset options take the preset's value)")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="a published variant (default: sharesnet)")
-    g.add_argument("--positions", nargs="+", type=_selector, metavar="SEL",
-                   help="branch convs to share: last_spatial (default), all_spatial, first, last, index")  # fmt: skip
-    g.add_argument("--skip-first-block", action="store_true", default=None, help="leave stages' first blocks out")
-    g.add_argument("--depthwise", action="store_true", default=None, help="let depthwise convs be shared")
-    g.add_argument("--method", choices=["share", "basis"], help="share whole convs (default) or filter bases")
-    g.add_argument("--shared-rank", type=positive_int, help="basis: shared filters per 64 channels")
-    g.add_argument("--unique-rank", type=positive_int, help="basis: unique filters per 64 channels")
-    g.add_argument("--init", help="share: average (default), first, random, scaled; basis: orthogonal (default), svd")
-    g.add_argument("--align", action="store_true", default=None,
-                   help="align the members' hidden channels before combining their weights (needs scipy)")  # fmt: skip
+    for f in option_fields():
+        g.add_argument(option_flag(f.name), default=None, help=f.metadata["help"], **f.metadata["cli"])
     g.add_argument("--input-size", nargs=3, type=positive_int, metavar=("C", "H", "W"),
                    help="example input for the analysis (default: the model's own or 3x224x224)")  # fmt: skip
     g.add_argument("--leaf-modules", nargs="+", metavar="PATH",
@@ -86,17 +73,10 @@ def add_sharing_options(parser: argparse.ArgumentParser) -> None:
 
 def sharing_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of :func:`sharify.sharify` from parsed options (``None`` where unset)."""
-    kwargs: dict[str, Any] = {
-        "preset": args.preset,
-        "positions": tuple(args.positions) if args.positions else None,
-        "skip_first_block": args.skip_first_block,
-        "depthwise": args.depthwise,
-        "method": args.method,
-        "shared_rank": args.shared_rank,
-        "unique_rank": args.unique_rank,
-        "init": args.init,
-        "align": args.align,
-    }
+    kwargs: dict[str, Any] = {}
+    for f in option_fields():
+        value = getattr(args, f.name)
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value  # nargs="+": --positions
     if args.leaf_modules:
         kwargs["leaf_modules"] = tuple(args.leaf_modules)
     if args.input_size:

@@ -5,10 +5,12 @@ The figures of the README checked against the committed benchmark results carry 
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -148,6 +150,33 @@ def _table_after(heading: str, first_column: str) -> list[list[str]]:
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
     return rows
+
+
+def test_readme_options_table_is_the_sharing_options_fields() -> None:
+    """The table of options names every field of `SharingOptions` with its default and each valid value, and the
+    other arguments of `sharify()`."""
+    from dataclasses import fields
+
+    from sharify.planning.options import DEFAULT_PRESET, METHODS, PRESETS, SELECTORS, SharingOptions
+
+    rows = _table_after("Options of `sharify.sharify` / `sharify.plan`", "option")
+    table = {name.strip("`"): (default, meaning) for names, default, meaning in rows for name in names.split(", ")}
+    params = set(inspect.signature(sharify.sharify).parameters) - {"model", "options", "preset", "overrides"}
+    assert set(table) == {f.name for f in fields(SharingOptions)} | params
+
+    def shown(value: object) -> str:
+        return "—" if value is None else f"`{value!r}`".replace("'", '"')
+
+    ranks = {"shared_rank": 1, "unique_rank": 1}
+    inits = [SharingOptions(method="share").init, SharingOptions(method="basis", **ranks).init]
+    special = {"preset": shown(DEFAULT_PRESET), "init": " / ".join(map(shown, inits))}
+    for f in fields(SharingOptions):
+        assert table[f.name][0] == special.get(f.name, shown(f.metadata["default"])), f.name
+    valid = {"preset": list(PRESETS), "method": METHODS, "positions": SELECTORS}
+    valid["init"] = typing.get_args(typing.get_type_hints(SharingOptions)["init"])
+    for name, values in valid.items():
+        meaning = table[name][1]
+        assert all(f"`{v}`" in meaning or f'`"{v}"`' in meaning for v in values), name
 
 
 @pytest.mark.results

@@ -1,8 +1,9 @@
 """Planning: which convs share one tensor, decided from an analysis and the sharing options.
 
 Reads an :class:`~sharify.analysis.analyse.Analysis` and a :class:`~sharify.planning.options.SharingOptions`
-(:mod:`~sharify.planning.options`: the options, their presets and their validation); produces a
-:class:`~sharify.planning.plan.SharingPlan` -- the groups of convs that will share, with their signatures,
+(:mod:`~sharify.planning.options`: the options, their presets, documentation, command-line form and
+validation, declared once as its fields) and the modules not to trace into (:mod:`~sharify.planning.leaves`);
+produces a :class:`~sharify.planning.plan.SharingPlan` -- the groups of convs that will share, with their signatures,
 the basis ranks and the exact parameter counts before and after -- without changing the model. The sharing
 rule is in :mod:`~sharify.planning.rules` (a conv's signature, the selectors ``last_spatial``, ``first``,
 ..., basis ranks), forming the groups of each stage in :mod:`~sharify.planning.grouping` (convs that cannot

@@ -1,5 +1,10 @@
 """The sharing options, and the named presets of the published variants.
 
+:class:`SharingOptions` is the one place an option is declared, documented and checked: each field carries
+its documentation and its command-line form in its ``metadata`` (``"doc"``, ``"help"``, ``"default"``,
+``"cli"``), from which the class docstring, ``sharify report --help`` / ``sharify finetune --help``
+(:mod:`sharify.cli`) and the checks of :func:`sharify.sharify` / :func:`sharify.plan` follow.
+
 A preset is just a bundle of options; options passed explicitly override it. An explicit ``method``
 other than the preset's also drops the preset's ``init`` (it belongs to the preset's method: the new
 method's default applies unless ``init`` is given too)::
@@ -26,79 +31,57 @@ preset                      options
 from __future__ import annotations
 
 import difflib
+import inspect
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
-from torch import nn
-
-from .._paths import module_paths
+from .._argtypes import positive_int
 
 __all__ = [
+    "DEFAULT_PRESET",
     "METHODS",
     "PRESETS",
     "SELECTORS",
+    "BasisInit",
+    "Init",
+    "Method",
+    "NamedSelector",
     "Rank",
     "Selector",
+    "ShareInit",
     "SharingOptions",
     "check_flag",
-    "resolve_leaf_modules",
+    "check_option_names",
+    "option_fields",
+    "option_flag",
     "resolve_options",
+    "selector_arg",
+    "sharing_options",
 ]
 
-#: A position selector: ``"last_spatial"``, ``"all_spatial"``, ``"first"``, ``"last"`` or a conv index.
-Selector = str | int
-SELECTORS = ("last_spatial", "all_spatial", "first", "last")
+#: A selector by name: the last / every spatial (kernel > 1) conv of the branch, its first or its last conv.
+NamedSelector = Literal["last_spatial", "all_spatial", "first", "last"]
+#: A position selector: a :data:`NamedSelector` or an index into the branch's convs.
+Selector = NamedSelector | int
+SELECTORS: tuple[str, ...] = get_args(NamedSelector)
 _ALIASES: dict[str, int] = {"first": 0, "last": -1}  # selectors that are conv indices
 #: ``"share"``: members share one conv weight (ShaResNet). ``"basis"``: members share a filter basis (DSFB).
-METHODS = ("share", "basis")
+Method = Literal["share", "basis"]
+METHODS: tuple[str, ...] = get_args(Method)
+#: The inits of ``method="share"`` (the first is its default) and of ``method="basis"``.
+ShareInit = Literal["average", "first", "random", "scaled"]
+BasisInit = Literal["orthogonal", "svd"]
+Init = Literal[ShareInit, BasisInit]
+_INITS: dict[str, tuple[str, ...]] = {"share": get_args(ShareInit), "basis": get_args(BasisInit)}
 #: A basis rank: an int counts filters per 64 channels (the paper's ``m = C/64`` scaling): a conv with ``C``
 #: output channels gets ``max(1, floor(rank * C / 64 + 1/2))`` filters (rounded half up, at least one; see
 #: :func:`sharify.planning.rules.scaled_rank`). A mapping gives the absolute number of filters per stage path, one
 #: entry for every stage that holds groups; keys that are no stage path are refused.
 Rank = int | Mapping[str, int]
 
-_INITS = {"share": ("average", "first", "random", "scaled"), "basis": ("orthogonal", "svd")}
-
-
-@dataclass(frozen=True)
-class SharingOptions:
-    """Everything that decides what is shared and how (defaults: ShaResNet).
-
-    Checked on construction like :func:`resolve_options` checks its arguments (``TypeError`` for a wrong type,
-    ``ValueError`` for a wrong value); a single selector is accepted for ``positions`` and made a tuple.
-    """
-
-    positions: tuple[Selector, ...] = ("last_spatial",)
-    skip_first_block: bool = False
-    depthwise: bool = False
-    method: str = "share"
-    shared_rank: Rank | None = None
-    unique_rank: Rank | None = None
-    init: str = "average"
-    align: bool = False
-    preset: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_types(asdict(self) | {"positions": self.positions})
-        object.__setattr__(self, "positions", _check_positions(self.positions))
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; valid: {', '.join(map(repr, PRESETS))}")
-        _check_method_and_init(self.method, self.init)
-        if self.method == "basis":
-            _check_rank("shared_rank", self.shared_rank)
-            _check_rank("unique_rank", self.unique_rank)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (mappings of ranks become dicts)."""
-        d = asdict(self)
-        d["positions"] = list(self.positions)
-        for k in ("shared_rank", "unique_rank"):
-            if isinstance(d[k], Mapping):
-                d[k] = dict(d[k])
-        return d
-
-
+#: The named variants of the papers (the table above): the values they give the options they set.
 PRESETS: dict[str, dict[str, Any]] = {
     "sharesnet": {},
     "sharesnet-wrn": {"skip_first_block": True},
@@ -108,6 +91,211 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mobilenetv2-shared": {"skip_first_block": True, "positions": ("first",)},
     "mobilenetv2-shared++": {"skip_first_block": True, "positions": ("first", "last")},
 }
+#: The preset that applies when none is given; it sets nothing, so the fields' defaults apply.
+DEFAULT_PRESET = "sharesnet"
+
+
+def selector_arg(text: str) -> Selector:
+    """An argparse type: a conv index when ``text`` is an integer, else a selector name (checked later)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text  # type: ignore[return-value]  # SharingOptions names the valid selectors
+
+
+#: The dataclass default of every option: not given, so the preset's value or the field's ``metadata["default"]``
+#: applies (typed ``Any`` because the field holds its value, never ``None``, once constructed).
+_UNSET: Any = None
+
+
+def _meta(default: Any = None, *, doc: str, help: str, **cli: Any) -> dict[str, Any]:
+    """The metadata of a field of :class:`SharingOptions` (whose own default is ``None``: not given).
+
+    Args:
+        default: The value when neither the caller nor the preset gives one (``None``: see ``doc``).
+        doc: Its documentation (the class docstring's ``Attributes:`` entry).
+        help: Its one-line ``--help`` text on the command line.
+        **cli: Further :meth:`argparse.ArgumentParser.add_argument` keywords of its flag (``choices``,
+            ``type``, ``nargs``, ``metavar``, ``action``).
+    """
+    return {"doc": doc, "help": help, "default": default, "cli": cli}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharingOptions:
+    """Everything that decides what is shared and how: the options of :func:`sharify.sharify` / :func:`sharify.plan`.
+
+    ``sharify(model, positions=("first",))`` is ``sharify(model, SharingOptions(positions=("first",)))``. A field
+    left ``None`` takes the preset's value, else its default; once constructed, every field but ``preset`` holds
+    its value. Checked on construction: ``TypeError`` for a wrong type, ``ValueError`` for a wrong value (naming
+    the valid ones); a single selector is accepted for ``positions`` and made a tuple.
+
+    Example:
+        >>> from sharify import SharingOptions
+        >>> options = SharingOptions(preset="dsfb-basis", shared_rank=48, unique_rank=1)
+        >>> options.skip_first_block, options.positions, options.init
+        (True, ('all_spatial',), 'orthogonal')
+        >>> SharingOptions.from_dict(options.to_dict()) == options
+        True
+    """
+
+    positions: tuple[Selector, ...] = field(
+        default=_UNSET,
+        metadata=_meta(
+            ("last_spatial",),
+            doc="Which conv(s) of each block's residual branch to share, each selector forming its own groups: "
+            '``"last_spatial"`` (ShaResNet), ``"all_spatial"``, ``"first"``, ``"last"`` or an index into the '
+            "branch's convs. Every selector picks from the branch's full list of convs; a pick an earlier selector "
+            'already put in a group is skipped, not replaced (on a basic block ``"last"`` is the ``"last_spatial"`` '
+            "conv2, so ``dsfb-shared++`` adds no group there), and so is a pick that cannot be a member (a conv "
+            "called more than once, tied to another module's Parameter, or with a parametrized / ``weight_norm`` "
+            'weight), which ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, '
+            '``"last"`` and ``-1`` count as one) and an index out of range for every branch raise ``ValueError``; '
+            "an index that fits only the longer branches picks nothing in the shorter ones.",
+            help="branch convs to share: last_spatial (default), all_spatial, first, last, index",
+            nargs="+",
+            type=selector_arg,
+            metavar="SEL",
+        ),
+    )
+    skip_first_block: bool = field(
+        default=_UNSET,
+        metadata=_meta(
+            False,
+            doc="Leave each stage's first block unshared (the paper's WRN rows and DSFB do): the first block with the "
+            "stage's output shape, residual or not (after a non-residual entry block, as in MobileNetV2, every "
+            "residual block is shared); before the network's first residual block, only a block beside it in its "
+            "container counts (MobileNetV2's ``features.2``); the stem does not, so ResNet-34's ``layer1.0`` is first.",
+            help="leave stages' first blocks out",
+            action="store_true",
+        ),
+    )
+    depthwise: bool = field(
+        default=_UNSET,
+        metadata=_meta(
+            False,
+            doc="Let depthwise convs be members.",
+            help="let depthwise convs be shared",
+            action="store_true",
+        ),
+    )
+    method: Method = field(
+        default=_UNSET,
+        metadata=_meta(
+            "share",
+            doc='``"share"``: members share one weight; ``"basis"``: each member becomes unique basis + shared basis '
+            "-> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases; needs ``shared_rank`` and "
+            "``unique_rank``). A method other than the preset's also drops the preset's ``init``.",
+            help="share whole convs (default) or filter bases",
+            choices=list(METHODS),
+        ),
+    )
+    shared_rank: Rank | None = field(
+        default=_UNSET,
+        metadata=_meta(
+            doc='``method="basis"`` only (and needed there): shared basis filters per 64 channels (a conv with ``C`` '
+            "outputs gets ``max(1, floor(shared_rank * C / 64 + 1/2))``, rounded half up), or ``{stage path: "
+            "filters}`` with an entry for every stage that holds groups and no other keys.",
+            help="basis: shared filters per 64 channels",
+            type=positive_int,
+        ),
+    )
+    unique_rank: Rank | None = field(
+        default=_UNSET,
+        metadata=_meta(
+            doc='``method="basis"`` only (and needed there): unique basis filters per 64 channels, rounded as '
+            "``shared_rank``, or ``{stage path: filters}``.",
+            help="basis: unique filters per 64 channels",
+            type=positive_int,
+        ),
+    )
+    init: Init = field(
+        default=_UNSET,
+        metadata=_meta(
+            doc='The initial shared tensors. ``method="share"``: ``"average"`` (its default; with pretrained '
+            'weights the paper\'s averaged init), ``"first"``, ``"random"``, or ``"scaled"`` (a shared tensor plus '
+            "per-member per-channel gains, folded into the BatchNorm after each member, else kept as its "
+            '``shared_gain`` parameter; the only init that changes the plan\'s arithmetic). ``method="basis"``: '
+            '``"orthogonal"`` (its default) or ``"svd"`` (from the members\' weights).',
+            help="share: average (default), first, random, scaled; basis: orthogonal (default), svd",
+        ),
+    )
+    align: bool = field(
+        default=_UNSET,
+        metadata=_meta(
+            False,
+            doc="Before combining the members' weights, permute each member's hidden channels (those it exchanges "
+            "with another conv of its block through BatchNorm/activations only; the plan's ``group.slots``) to "
+            "match the other members -- a change that leaves the original model's function exactly as it was, "
+            'and makes ``init="average"``/``"scaled"``/``"first"``/``"svd"`` combine like channels '
+            "(:mod:`sharify.rewrite.align`; needs scipy). Off by default, as in the papers; the plan's arithmetic "
+            'is the same. Refused with ``init="random"``/``"orthogonal"``, which do not use the weights.',
+            help="align the members' hidden channels before combining their weights (needs scipy)",
+            action="store_true",
+        ),
+    )
+    preset: str | None = field(
+        default=_UNSET,
+        metadata=_meta(
+            doc="A published variant of the papers (:data:`sharify.planning.options.PRESETS`), e.g. "
+            '``"sharesnet-wrn"``, ``"dsfb-shared++"``, whose values the fields left ``None`` take; with none, '
+            '``"sharesnet"``, whose values are the defaults. Recorded as given (``None`` when not given).',
+            help="a published variant (default: sharesnet)",
+            choices=sorted(PRESETS),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        explicit = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "preset"}
+        for name, value in _resolve(self.preset, explicit).items():
+            object.__setattr__(self, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (mappings of ranks become dicts); :meth:`from_dict` reads it back."""
+        d = asdict(self)
+        d["positions"] = list(self.positions)
+        for k in ("shared_rank", "unique_rank"):
+            if isinstance(d[k], Mapping):
+                d[k] = dict(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SharingOptions:
+        """The options of a :meth:`to_dict` (e.g. a recipe's ``options``); missing keys take the preset's value.
+
+        Raises:
+            TypeError: ``data`` is no mapping, or has a key that is no option (the message names the closest).
+            ValueError: A value :class:`SharingOptions` refuses.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"SharingOptions.from_dict expects a mapping of option -> value, got {_got(data)}")
+        check_option_names(data, caller="SharingOptions.from_dict()")
+        return cls(**data)
+
+
+def _document(cls: type[SharingOptions]) -> None:
+    """Appends the fields' ``doc`` metadata to the class docstring as its ``Attributes:`` section."""
+    lines = [inspect.cleandoc(cls.__doc__ or ""), "", "Attributes:"]
+    for f in fields(cls):
+        default = f.metadata["default"]
+        shown = "" if default is None else f" Default: ``{default!r}``.".replace("'", '"')
+        lines += textwrap.wrap(f"{f.name}: {f.metadata['doc']}{shown}", 116, initial_indent="    ",
+                               subsequent_indent="        ", break_on_hyphens=False)  # fmt: skip
+    cls.__doc__ = "\n".join(lines)
+
+
+_document(SharingOptions)
+
+
+def option_fields() -> tuple[Field[Any], ...]:
+    """The fields of :class:`SharingOptions`, ``preset`` first: the order of the command line's flags."""
+    found = fields(SharingOptions)
+    return tuple(sorted(found, key=lambda f: f.name != "preset"))
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of the option ``name``: ``skip_first_block`` -> ``--skip-first-block``."""
+    return "--" + name.replace("_", "-")
 
 
 def _got(value: object) -> str:
@@ -118,6 +306,83 @@ def check_flag(name: str, value: object) -> None:
     """Raises ``TypeError`` unless ``value`` is a bool (``inplace="no"`` must not count as true)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {_got(value)}")
+
+
+def check_option_names(names: Iterable[str], *, caller: str, others: Sequence[str] = ()) -> None:
+    """Raises ``TypeError`` for a keyword that is neither an option nor one of ``others`` (``caller``'s own).
+
+    The message names the closest valid keyword (:func:`difflib.get_close_matches`) and lists the options.
+    """
+    valid = [f.name for f in fields(SharingOptions)]
+    unknown = [n for n in names if n not in valid]
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(str(name), [*valid, *others], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    own = f"; {caller}'s other arguments: {', '.join(others)}" if others else ""
+    raise TypeError(
+        f"{caller} got an unexpected keyword argument {name!r}{hint}; the sharing options (fields of "
+        f"sharify.SharingOptions) are {', '.join(valid)}{own}"
+    )
+
+
+def sharing_options(
+    options: SharingOptions | None,
+    preset: str | None,
+    overrides: Mapping[str, Any],
+    *,
+    caller: str,
+    others: Sequence[str] = (),
+) -> SharingOptions:
+    """The :class:`SharingOptions` of a call ``caller(model, options, preset=..., **overrides)``.
+
+    Without ``options``: ``SharingOptions(preset=preset, **overrides)``. With them, ``overrides`` (``None``:
+    not given) replace their fields, and a ``method`` other than theirs drops their ``init`` and ranks unless
+    those are given too (as a preset's ``init`` is dropped).
+
+    Raises:
+        TypeError: An unknown keyword in ``overrides`` (see :func:`check_option_names`); ``options`` that are
+            no :class:`SharingOptions`, or given together with ``preset``; an option of the wrong type.
+        ValueError: A value :class:`SharingOptions` refuses.
+    """
+    check_option_names(overrides, caller=caller, others=others)
+    if options is None:
+        return SharingOptions(preset=preset, **overrides)
+    if not isinstance(options, SharingOptions):
+        if isinstance(options, Mapping):
+            hint = (
+                f"; pass SharingOptions.from_dict(options) or the options as keywords ({caller[:-2]}(model, **options))"
+            )
+        elif type(options).__name__ == "SharingPlan":
+            hint = "; to apply a plan, call sharify.apply_plan(model, plan)"
+        else:
+            hint = "; build one (SharingOptions(positions=..., ...)) or pass the options as keywords"
+        raise TypeError(f"{caller} takes a sharify.SharingOptions as options, got {type(options).__name__}{hint}")
+    if preset is not None:
+        raise TypeError(
+            f"{caller} got both options and preset={preset!r}; put the preset in the options "
+            f"(SharingOptions(preset={preset!r}, ...)) or pass the options as keywords"
+        )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return options
+    base = {f.name: getattr(options, f.name) for f in fields(options)}
+    if given.get("method", options.method) != options.method:
+        for name in ("init", "shared_rank", "unique_rank"):
+            base.pop(name)  # they belong to the old method; the new method's defaults apply unless given
+    return SharingOptions(**{**base, **given})
+
+
+def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
+    """``SharingOptions(preset=preset, **explicit)``, with an unknown keyword refused as :func:`sharify.sharify` does.
+
+    Raises:
+        TypeError: An unknown option or an option of the wrong type.
+        ValueError: Unknown preset, selector, method or init; a selector given twice; ranks missing or
+            not positive.
+    """
+    return sharing_options(None, preset, explicit, caller="resolve_options()")
 
 
 def _check_types(options: Mapping[str, Any]) -> None:
@@ -133,6 +398,39 @@ def _check_types(options: Mapping[str, Any]) -> None:
             raise TypeError(f"{name} must be an int or a mapping of stage path -> int, got {_got(value)}")
         elif name == "positions" and (isinstance(value, bool) or not isinstance(value, (str, int, list, tuple))):
             raise TypeError(f"positions must be a selector or a list/tuple of selectors, got {_got(value)}")
+
+
+def _resolve(preset: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option but ``preset``: the explicit ones (``None`` = not given), else the preset's, else the default.
+
+    An explicit ``method`` that differs from the preset's drops the preset's ``init`` unless ``init``
+    is given as well (``preset="dsfb-basis", method="share"`` gets ``init="average"``).
+    """
+    given = {k: v for k, v in explicit.items() if v is not None}
+    _check_types({**given, "preset": preset})
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(map(repr, PRESETS))}")
+    defaults = {f.name: f.metadata["default"] for f in fields(SharingOptions) if f.name != "preset"}
+    bundle = dict(PRESETS[preset or DEFAULT_PRESET])
+    if given.get("method", bundle.get("method", defaults["method"])) != bundle.get("method", defaults["method"]):
+        bundle.pop("init", None)  # the preset's init belongs to its own method; the new method's default applies
+    merged = {**defaults, **bundle, **given}
+    method = merged["method"]
+    if merged["init"] is None and method in METHODS:
+        merged["init"] = _INITS[method][0]
+    _check_method_and_init(method, merged["init"])
+    merged["positions"] = _check_positions(merged["positions"])
+    if method == "basis":
+        for name in ("shared_rank", "unique_rank"):
+            _check_rank(name, merged[name])
+    elif merged["shared_rank"] is not None or merged["unique_rank"] is not None:
+        raise ValueError("shared_rank/unique_rank only apply to method='basis'")
+    if merged["align"] and merged["init"] in ("random", "orthogonal"):
+        raise ValueError(
+            f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "
+            "does not use the members' weights: use init='average', 'scaled' or 'first' ('svd' for method='basis')"
+        )
+    return merged
 
 
 def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:
@@ -172,89 +470,8 @@ def _check_rank(name: str, rank: Rank | None) -> None:
             )
 
 
-def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
-    """Resolves a preset and explicit options (``None`` = not given) into checked :class:`SharingOptions`.
-
-    An explicit ``method`` that differs from the preset's drops the preset's ``init`` unless ``init``
-    is given as well (``preset="dsfb-basis", method="share"`` gets ``init="average"``).
-
-    Raises:
-        ValueError: Unknown preset, selector, method or init; a selector given twice; ranks missing or
-            not positive.
-    """
-    given = {k: v for k, v in explicit.items() if v is not None}
-    unknown = set(given) - set(SharingOptions.__dataclass_fields__) - {"preset"}
-    if unknown:
-        raise TypeError(f"unknown sharing option(s): {', '.join(sorted(unknown))}")
-    _check_types({**given, "preset": preset})
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(map(repr, PRESETS))}")
-    bundle = dict(PRESETS.get(preset or "sharesnet", {}))
-    if given.get("method", bundle.get("method", "share")) != bundle.get("method", "share"):
-        bundle.pop("init", None)  # the preset's init belongs to its own method; the new method's default applies
-    merged = {**bundle, **given}
-    method = merged.get("method", "share")
-    if method in METHODS and "init" not in merged:
-        merged["init"] = _INITS[method][0]
-    _check_method_and_init(method, merged.get("init", ""))
-    merged["positions"] = _check_positions(merged.get("positions", ("last_spatial",)))
-    if method == "basis":
-        for name in ("shared_rank", "unique_rank"):
-            _check_rank(name, merged.get(name))
-    elif merged.get("shared_rank") is not None or merged.get("unique_rank") is not None:
-        raise ValueError("shared_rank/unique_rank only apply to method='basis'")
-    if merged.get("align") and merged["init"] in ("random", "orthogonal"):
-        raise ValueError(
-            f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "
-            "does not use the members' weights: use init='average', 'scaled' or 'first' ('svd' for method='basis')"
-        )
-    return SharingOptions(**merged, preset=preset)
-
-
 def _check_method_and_init(method: str, init: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")
     if init not in _INITS[method]:
         raise ValueError(f"unknown init {init!r} for method={method!r}; valid: {', '.join(map(repr, _INITS[method]))}")
-
-
-def resolve_leaf_modules(model: nn.Module, leaf_modules: object) -> tuple[type[nn.Module] | str, ...]:
-    """Checks a ``leaf_modules=`` spec against ``model`` and returns it as a tuple.
-
-    A bare string is one module path and a bare class one class (never iterated); every path must name a
-    submodule of ``model`` (an alias path becomes the module's first path, the one torch.fx traces it under).
-
-    Raises:
-        TypeError: An entry that is neither an ``nn.Module`` class nor a path (a module instance, a class that
-            is not a module, ...), or a spec that is not a list/tuple/set of them.
-        ValueError: A path that names no submodule (with the closest paths that do) or the root.
-    """
-    if leaf_modules is None:
-        return ()
-    if isinstance(leaf_modules, (str, type, nn.Module)):
-        leaf_modules = (leaf_modules,)  # one path or class (a module instance gets its own error below)
-    if isinstance(leaf_modules, (Mapping, bytes)) or not isinstance(leaf_modules, Iterable):
-        raise TypeError(
-            f"leaf_modules must be a module path, a module class or a list of them, got {_got(leaf_modules)}"
-        )
-    spec = tuple(leaf_modules)
-    paths = [p for p, _ in model.named_modules(remove_duplicate=False) if p]
-    aliases = module_paths(model)
-    out: list[type[nn.Module] | str] = []
-    for x in spec:
-        if isinstance(x, str):
-            if x not in paths:
-                close = difflib.get_close_matches(x, paths, n=3)
-                hint = f"did you mean {' or '.join(map(repr, close))}?" if close else "see model.named_modules()"
-                what = "the root (the model itself)" if not x else f"no submodule of {type(model).__name__}"
-                raise ValueError(f"leaf_modules names {x!r}, which is {what}; {hint}")
-        elif isinstance(x, nn.Module):
-            raise TypeError(
-                f"leaf_modules takes module classes or paths, got a {type(x).__name__} instance; pass its path or "
-                f"its class ({type(x).__name__})"
-            )
-        elif not (isinstance(x, type) and issubclass(x, nn.Module)):
-            raise TypeError(f"leaf_modules takes nn.Module classes or module paths (str), got {_got(x)}")
-        # A module registered under several paths is traced under its first one.
-        out.append(aliases[id(model.get_submodule(x))][0] if isinstance(x, str) else x)
-    return tuple(out)

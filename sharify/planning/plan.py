@@ -29,7 +29,8 @@ from ..analysis.tracing import LeafSpec
 from ..errors import AlreadySharifiedError, UnsupportedModelError, UntraceableError
 from ..layers import SHARED_STORE_NAME, SharedStore, is_shared_conv
 from .grouping import GroupFinder, check_indices, nothing_to_share_hints
-from .options import Rank, Selector, SharingOptions, resolve_leaf_modules, resolve_options
+from .leaves import resolve_leaf_modules
+from .options import SharingOptions, sharing_options
 from .parts import part_options, prefixed
 from .rules import ConvSignature, SharingGroup, check_rank_stages
 
@@ -232,57 +233,36 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+#: The parameters of :func:`plan` besides the sharing options (named in the error for an unknown keyword).
+_PLAN_ARGS = ("model", "options", "example_inputs", "leaf_modules")
+
+
 def plan(
     model: nn.Module,
+    options: SharingOptions | None = None,
     *,
-    example_inputs: Tensor | Sequence[Tensor] | None = None,
     preset: str | None = None,
-    positions: Sequence[Selector] | Selector | None = None,
-    skip_first_block: bool | None = None,
-    depthwise: bool | None = None,
-    method: str | None = None,
-    shared_rank: Rank | None = None,
-    unique_rank: Rank | None = None,
-    init: str | None = None,
-    align: bool | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
     leaf_modules: LeafSpec | None = None,
+    **overrides: Any,
 ) -> SharingPlan:
     """Analyses ``model`` and returns what :func:`sharify.sharify` would share. Changes nothing.
 
-    Options left as ``None`` take the preset's value, else the default shown.
-
     Args:
         model: Any ``nn.Module`` built of residual blocks.
+        options: What to share and how (:class:`~sharify.SharingOptions`, whose fields document every
+            option); default: ``SharingOptions(preset=preset, **overrides)``.
+        preset: A named variant of the papers (:data:`sharify.planning.options.PRESETS`), e.g. ``"dsfb-shared++"``,
+            whose values the options not given take (not with ``options``, which hold their own).
         example_inputs: Inputs for shape propagation, one tensor per positional input of the forward (its
             other parameters keep their defaults); default ``(1, C, H, W)`` from timm's
             ``pretrained_cfg["input_size"]`` or a Hugging Face ``config`` (``num_channels``, ``image_size``),
             else 3x224x224, C from the first conv.
-        preset: A named variant of the papers (:data:`sharify.planning.options.PRESETS`), e.g. ``"dsfb-shared++"``.
-        positions: Which conv(s) of each block's residual branch to share, each selector forming
-            its own groups: ``"last_spatial"`` (default, ShaResNet), ``"all_spatial"``, ``"first"``,
-            ``"last"`` or an index into the branch's convs. Every selector picks from the branch's
-            full list of convs; a pick an earlier selector already put in a group is skipped, not
-            replaced (on a basic block ``"last"`` is the ``"last_spatial"`` conv2, so ``dsfb-shared++``
-            adds no group there), and so is a pick that cannot be a member (a conv called more than once,
-            tied to another module's Parameter, or with a parametrized / ``weight_norm`` weight), which
-            ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, ``"last"`` and ``-1``
-            count as one) and an index out of range for every branch raise ``ValueError``; an index
-            that fits only the longer branches picks nothing in the shorter ones.
-        skip_first_block: Leave each stage's first block out (default ``False``; the paper's WRN rows
-            and DSFB leave it out).
-        depthwise: Let depthwise convs be members (default ``False``).
-        method: ``"share"`` (default): members share one weight; ``"basis"``: each member becomes
-            unique basis + shared basis -> BatchNorm -> 1x1 coefficients (Deeply Shared Filter Bases).
-        shared_rank: ``method="basis"``: shared basis filters per 64 channels (a conv with ``C`` outputs
-            gets ``max(1, floor(shared_rank * C / 64 + 1/2))``, rounded half up), or ``{stage path: filters}``
-            with an entry for every stage that holds groups and no other keys.
-        unique_rank: ``method="basis"``: unique basis filters per 64 channels, rounded as ``shared_rank``
-            (or ``{stage path: filters}``).
-        init: The init :func:`sharify.sharify` will use; only ``"scaled"`` changes the arithmetic
-            (members with no BatchNorm after them get per-channel gains).
-        align: Find each member's free channels (``group.slots``, see :mod:`sharify.rewrite.align`) for
-            :func:`sharify.sharify`'s channel alignment; the arithmetic is the same.
         leaf_modules: Module classes or paths not to trace into.
+        **overrides: Fields of :class:`~sharify.SharingOptions` (``positions``, ``skip_first_block``, ``init``,
+            ...), each replacing the preset's or ``options``' value (``None``: not given). ``init`` and ``align``
+            matter here only where they change the plan: ``init="scaled"`` adds gains to the arithmetic,
+            ``align=True`` finds each member's free channels (``group.slots``).
 
     Returns:
         The plan; ``plan.groups`` is empty when nothing can be shared (``plan.empty_reason()`` says why).
@@ -295,7 +275,8 @@ def plan(
             ``method="basis"`` on a position that is not a dense 3x3 conv; a ``leaf_modules`` path that names
             no submodule; empty ``example_inputs``.
         TypeError: An option, ``example_inputs`` or ``leaf_modules`` entry of the wrong type, or ``model`` is no
-            ``nn.Module``.
+            ``nn.Module``; an unknown keyword (the message names the closest option); ``options`` together with
+            ``preset``.
         AlreadySharifiedError: ``model`` already shares convs (as :func:`sharify.sharify` refuses it).
         UnsupportedModelError: A TorchScript module or a DDP / DataParallel / ``torch.compile`` wrapper: plan
             the bare model.
@@ -311,18 +292,8 @@ def plan(
         18262056
     """
     check_model(model)  # as sharify() does: a wrapped or already sharified model is refused the same way
-    options = resolve_options(
-        preset,
-        positions=positions,
-        skip_first_block=skip_first_block,
-        depthwise=depthwise,
-        method=method,
-        shared_rank=shared_rank,
-        unique_rank=unique_rank,
-        init=init,
-        align=align,
-    )
-    return make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    sharing = sharing_options(options, preset, overrides, caller="plan()", others=_PLAN_ARGS)
+    return make_plan(model, sharing, example_inputs=example_inputs, leaf_modules=leaf_modules)
 
 
 def make_plan(

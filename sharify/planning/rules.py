@@ -228,7 +228,7 @@ def basis_ranks(
                     f"{_stage_list(stages)}"
                 )
             return int(rank[stage])
-        assert rank is not None  # resolve_options requires both ranks with method="basis"
+        assert rank is not None  # SharingOptions requires both ranks with method="basis"
         return scaled_rank(rank, sig.out_channels)
 
     s, u = effective("shared_rank", options.shared_rank), effective("unique_rank", options.unique_rank)

@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from ..layers import (
     is_shared_conv,
 )
 from ..planning.grouping import computed_tensor_reason
-from ..planning.options import Rank, Selector, check_flag, resolve_options
+from ..planning.options import SharingOptions, check_flag, resolve_options, sharing_options
 from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, check_model, make_plan
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
@@ -41,55 +41,41 @@ __all__ = ["apply_plan", "check_model", "sharify", "unshare"]
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
+#: The parameters of :func:`sharify` besides the sharing options (named in the error for an unknown keyword).
+_SHARIFY_ARGS = ("model", "options", "example_inputs", "leaf_modules", "inplace")
+
+
 def sharify(
     model: ModelT,
+    options: SharingOptions | None = None,
     *,
-    example_inputs: Tensor | Sequence[Tensor] | None = None,
     preset: str | None = None,
-    positions: Sequence[Selector] | Selector | None = None,
-    skip_first_block: bool | None = None,
-    depthwise: bool | None = None,
-    method: str | None = None,
-    shared_rank: Rank | None = None,
-    unique_rank: Rank | None = None,
-    init: str | None = None,
-    align: bool | None = None,
-    inplace: bool = False,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
     leaf_modules: LeafSpec | None = None,
+    inplace: bool = False,
+    **overrides: Any,
 ) -> ModelT:
     """Returns ``model`` with the convs of each residual stage sharing one weight.
 
     By default this is ShaResNet's rule (Boulch, 2017): in every block of a stage, the last spatial
     conv of the residual branch; members with one signature share one tensor. The stages are found
     by tracing the model with torch.fx, so any ResNet-like network works, not a list of classes.
-    Options left as ``None`` take the preset's value, else the default shown.
+    What is shared and how is a :class:`~sharify.SharingOptions` (its fields document every option), given as
+    ``options`` or as keywords: ``sharify(model, positions=("first",))`` is
+    ``sharify(model, SharingOptions(positions=("first",)))``.
 
     Args:
         model: The model; with ``inplace=False`` it is not modified.
-        example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
+        options: The sharing options; default: ``SharingOptions(preset=preset, **overrides)``.
         preset: A published variant, e.g. ``"sharesnet-wrn"``, ``"dsfb-shared++"`` (see
-            :mod:`sharify.planning.options`); explicit options override it (an explicit ``method`` other than the
-            preset's also drops the preset's ``init``, which belongs to its method).
-        positions: Which branch conv(s) to share (default ``("last_spatial",)``; each selector picks from
-            the whole branch, skipping convs an earlier selector took and convs that cannot be members --
-            called twice, tied, parametrized -- which the plan's notes name; see :func:`sharify.plan`).
-        skip_first_block: Leave each stage's first block unshared (default ``False``).
-        depthwise: Let depthwise convs be shared (default ``False``).
-        method: ``"share"`` (default) or ``"basis"`` (shared filter bases; needs the ranks).
-        shared_rank: Shared basis filters per 64 channels (``max(1, floor(rank * C / 64 + 1/2))`` for a
-            conv with ``C`` outputs: rounded half up), or ``{stage path: filters}``.
-        unique_rank: Unique basis filters per 64 channels (rounded likewise), or ``{stage path: filters}``.
-        init: Initial shared tensors. ``"share"``: ``"average"`` (default; with pretrained weights the
-            paper's averaged init), ``"first"``, ``"random"``, or ``"scaled"`` (a shared tensor plus
-            per-member per-channel gains, folded into the BatchNorm after each member, else kept as
-            its ``shared_gain`` parameter). ``"basis"``: ``"orthogonal"`` (default) or ``"svd"``.
-        align: Before combining the members' weights, permute each member's hidden channels (those it
-            exchanges with another conv of its block through BatchNorm/activations only) to match the
-            other members -- a change that leaves the original model's function exactly as it was, and
-            makes ``init="average"``/``"scaled"``/``"first"``/``"svd"`` combine like channels
-            (:mod:`sharify.rewrite.align`; needs scipy). Default ``False`` (the papers' init).
-        inplace: Rewrite ``model`` itself instead of a deep copy.
+            :mod:`sharify.planning.options`), whose values the options not given take (an explicit ``method``
+            other than the preset's also drops the preset's ``init``, which belongs to its method). Not with
+            ``options``, which hold their own.
+        example_inputs: Inputs for shape propagation (see :func:`sharify.plan`).
         leaf_modules: Module classes or paths not to trace into (a bare string is one path).
+        inplace: Rewrite ``model`` itself instead of a deep copy.
+        **overrides: Fields of :class:`~sharify.SharingOptions` (``positions``, ``skip_first_block``, ``init``,
+            ...), each replacing the preset's or ``options``' value (``None``: not given).
 
     Returns:
         The sharified model, of the same class as ``model``. Every module the rewrite creates takes the
@@ -106,7 +92,8 @@ def sharify(
             range for every branch; bad ranks; a ``leaf_modules`` path that names no submodule. The model is
             unchanged.
         TypeError: ``model`` is no ``nn.Module``; an option of the wrong type (``inplace="no"``, a float
-            position, ...). The model is unchanged.
+            position, ...); an unknown keyword (the message names the closest option); ``options`` together with
+            ``preset``. The model is unchanged.
 
     Example:
         >>> import torchvision, sharify
@@ -117,17 +104,7 @@ def sharify(
     """
     check_model(model)
     check_flag("inplace", inplace)
-    options = resolve_options(
-        preset,
-        positions=positions,
-        skip_first_block=skip_first_block,
-        depthwise=depthwise,
-        method=method,
-        shared_rank=shared_rank,
-        unique_rank=unique_rank,
-        init=init,
-        align=align,
-    )
+    options = sharing_options(options, preset, overrides, caller="sharify()", others=_SHARIFY_ARGS)
     sharing = make_plan(model, options, example_inputs=example_inputs, leaf_modules=leaf_modules)
     if sharing.trace_stopped is not None:
         warnings.warn(

@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from .._argtypes import finite_float, positive_int, write_stdout
+from ..planning.options import option_fields, option_flag
 
 __all__ = ["add_finetune_options", "config_from_args", "run_finetune"]
 
@@ -182,15 +183,7 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
 
 #: Sharing options (``sharify finetune --help``, group "sharing") by their argparse destination.
 _SHARING_FLAGS = {
-    "preset": "--preset",
-    "positions": "--positions",
-    "skip_first_block": "--skip-first-block",
-    "depthwise": "--depthwise",
-    "method": "--method",
-    "shared_rank": "--shared-rank",
-    "unique_rank": "--unique-rank",
-    "init": "--init",
-    "align": "--align",
+    **{f.name: option_flag(f.name) for f in option_fields()},
     "input_size": "--input-size",
     "leaf_modules": "--leaf-modules",
 }
