@@ -344,16 +344,14 @@ def _plan_of_parts(
         f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}): its submodules "
         f"{analysed} were analysed instead; convs elsewhere are not shared (see submodules)"
     )
-    return SharingPlan(
-        model=type(model).__name__,
+    return _new_plan(
+        model,
+        options,
+        leaf_modules,
+        inputs,
         stages=tuple(stages),
         groups=tuple(groups),
-        params_before=count_params(model),
-        options=options.to_dict(),
         auto_leaves=auto_leaves,
-        input_shapes=tuple(tuple(x.shape) for x in inputs),
-        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs),
-        leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=sum(part.convs_without_shape for _, part in parts),
         notes=(head, *notes),
         submodules=status,
@@ -385,19 +383,36 @@ def _analyse(
         notes.append(f"shape propagation stopped at {shapes.failure}{lost}")
     if not groups and seen.branch_lengths:
         notes += nothing_to_share_hints(options, seen, finder)
-    return SharingPlan(
-        model=type(model).__name__,
+    return _new_plan(
+        model,
+        options,
+        leaf_modules,
+        shapes.inputs,
         stages=tuple(stages),
         groups=tuple(groups),
-        params_before=count_params(model),
-        options=options.to_dict(),
         auto_leaves=traced.auto_leaves,
-        input_shapes=tuple(tuple(x.shape) for x in shapes.inputs),
-        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in shapes.inputs),
-        leaf_modules=leaf_paths(model, leaf_modules),
         convs_without_shape=shapes.convs_without_shape,
         trace_stopped=traced.stopped,
         notes=tuple(notes),
+    )
+
+
+def _new_plan(
+    model: nn.Module,
+    options: SharingOptions,
+    leaf_modules: LeafSpec | None,
+    inputs: Sequence[Tensor],
+    **found: Any,
+) -> SharingPlan:
+    """A :class:`SharingPlan` of ``model`` with what the analysis ``found`` (stages, groups, notes, ...)."""
+    return SharingPlan(
+        model=type(model).__name__,
+        params_before=count_params(model),
+        options=options.to_dict(),
+        input_shapes=tuple(tuple(x.shape) for x in inputs),
+        input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs),
+        leaf_modules=leaf_paths(model, leaf_modules),
+        **found,
     )
 
 
