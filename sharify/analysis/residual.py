@@ -265,35 +265,32 @@ def _entry_before_chain(g: _Graph, first: _Add, block_path: str) -> bool:
     return sibling != block_path[len(container) + 1 :].split(".")[0]
 
 
-def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[Stage]]:
-    """Finds the residual blocks and stages of a traced graph whose nodes carry ``meta["val"]``.
-
-    Args:
-        graph: Graph traced from ``model`` with shapes propagated.
-        model: The traced model (used to tell convs apart from other leaf modules).
-
-    Returns:
-        All residual blocks in execution order, and the stages (including one-block stages).
-    """
-    g = _Graph(graph, model)
-    adds = [a for a in (_residual_add(g, i) for i in range(len(g.nodes))) if a is not None]
-    add_mask = sum(1 << a.node for a in adds)
-
-    # Nesting: block A is inside block B when A's add is on B's branch.
-    enclosing: dict[int, int | None] = {}
-    for k, a in enumerate(adds):
+def _nesting(adds: list[_Add]) -> list[int | None]:
+    """Which block each residual add lies inside: per add, the index of the innermost add whose branch holds it
+    (blocks nest: EDSR's global skip, Res2Net's hierarchical adds), else ``None``."""
+    enclosing: list[int | None] = []
+    for a in adds:
         outers = [j for j, b in enumerate(adds) if (b.branch >> a.node) & 1]
-        enclosing[k] = min(outers, key=lambda j: adds[j].node) if outers else None
+        enclosing.append(min(outers, key=lambda j: adds[j].node) if outers else None)
+    return enclosing
 
-    # Predecessor: latest residual add both operands depend on, within the same enclosing block.
+
+def _predecessors(adds: list[_Add], enclosing: list[int | None]) -> list[int | None]:
+    """Each block's previous block in its chain: the latest residual add both its operands depend on, inside the
+    same enclosing block (``enclosing``, from :func:`_nesting`), else ``None``."""
+    add_mask = sum(1 << a.node for a in adds)
     position = {a.node: k for k, a in enumerate(adds)}
-    predecessor: dict[int, int | None] = {}
-    for k, a in enumerate(adds):
-        scope = adds[enclosing[k]].branch if enclosing[k] is not None else -1  # type: ignore[index]
+    predecessor: list[int | None] = []
+    for a, outer in zip(adds, enclosing):
+        scope = adds[outer].branch if outer is not None else -1
         candidates = a.common & add_mask & scope
-        predecessor[k] = position[candidates.bit_length() - 1] if candidates else None
+        predecessor.append(position[candidates.bit_length() - 1] if candidates else None)
+    return predecessor
 
-    # Stages: union blocks with their predecessor when the output shapes agree.
+
+def _stage_runs(adds: list[_Add], predecessor: list[int | None]) -> list[list[int]]:
+    """The stages as lists of block indices: chains of consecutive blocks (each with its predecessor, from
+    :func:`_predecessors`) of one output shape, in execution order of their first blocks."""
     parent = list(range(len(adds)))
 
     def find(k: int) -> int:
@@ -302,19 +299,26 @@ def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[St
             k = parent[k]
         return k
 
-    for k, p in predecessor.items():
+    for k, p in enumerate(predecessor):
         if p is not None and adds[p].shape == adds[k].shape:
             parent[find(k)] = find(p)
     members: dict[int, list[int]] = {}
     for k in range(len(adds)):
         members.setdefault(find(k), []).append(k)
+    return sorted(members.values(), key=lambda ks: adds[ks[0]].node)
 
+
+def _blocks(
+    g: _Graph, adds: list[_Add], enclosing: list[int | None], predecessor: list[int | None], runs: list[list[int]]
+) -> list[Block]:
+    """The :class:`Block` of each residual add; its branch convs leave out those of nested multi-block stages."""
+    add_mask = sum(1 << a.node for a in adds)
     # A module whose forward performs exactly one residual add (at its nesting level) is that block.
-    scopes = [(module_path(g.nodes[a.node]), enclosing[k]) for k, a in enumerate(adds)]
-    sole_add_in_module = [scopes.count(scope) == 1 for scope in scopes]
-
-    # Convs owned by a nested multi-block stage are not candidates of the enclosing blocks.
-    in_multi_stage = [len(members[find(k)]) > 1 for k in range(len(adds))]
+    scopes = [(module_path(g.nodes[a.node]), outer) for a, outer in zip(adds, enclosing)]
+    in_multi_stage = [False] * len(adds)
+    for ks in runs:
+        for k in ks:
+            in_multi_stage[k] = len(ks) > 1
     blocks: list[Block] = []
     for k, a in enumerate(adds):
         own = a.branch
@@ -325,32 +329,57 @@ def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[St
             Block(
                 index=k,
                 add=g.nodes[a.node].name,
-                path=_block_path(g, a, add_mask, sole_add_in_module[k]),
+                path=_block_path(g, a, add_mask, scopes.count(scopes[k]) == 1),
                 convs=g.conv_paths(own),
                 shortcut_convs=g.conv_paths(a.shortcut),
                 output_shape=a.shape,
                 predecessor=predecessor[k],
             )
         )
+    return blocks
 
+
+def _has_entry(g: _Graph, first: _Add, pred: _Add | None, first_path: str) -> bool:
+    """Whether a non-residual entry block precedes the stage whose first residual add is ``first`` (of module
+    ``first_path``; ``pred``: its predecessor's add): convs between the two produce the stage's shape, or, at the
+    start of a chain, :func:`_entry_before_chain`."""
+    fork = first.common.bit_length() - 1  # latest node both operands depend on: the block input
+    if _shape(g.nodes[fork]) != first.shape:
+        return False
+    if pred is None:
+        return _entry_before_chain(g, first, first_path)
+    return bool(first.common & ~g.ancestors[pred.node] & g.conv_mask)
+
+
+def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[Stage]]:
+    """Finds the residual blocks and stages of a traced graph whose nodes carry ``meta["val"]``.
+
+    Composes the passes over the residual adds: :func:`_nesting`, :func:`_predecessors`, :func:`_stage_runs`,
+    then the blocks (:func:`_blocks`) and each stage's entry (:func:`_has_entry`).
+
+    Args:
+        graph: Graph traced from ``model`` with shapes propagated.
+        model: The traced model (used to tell convs apart from other leaf modules).
+
+    Returns:
+        All residual blocks in execution order, and the stages (including one-block stages).
+    """
+    g = _Graph(graph, model)
+    adds = [a for a in (_residual_add(g, i) for i in range(len(g.nodes))) if a is not None]
+    enclosing = _nesting(adds)
+    predecessor = _predecessors(adds, enclosing)
+    runs = _stage_runs(adds, predecessor)
+    blocks = _blocks(g, adds, enclosing, predecessor, runs)
     stages = []
-    for ks in sorted(members.values(), key=lambda ks: adds[ks[0]].node):
-        first = adds[ks[0]]
-        pred = predecessor[ks[0]]
-        has_entry = False
-        fork = first.common.bit_length() - 1  # latest node both operands depend on: the block input
+    for ks in runs:
         stage_blocks = tuple(blocks[k] for k in ks)
-        if pred is not None and _shape(g.nodes[fork]) == first.shape:
-            between = first.common & ~g.ancestors[adds[pred].node]
-            has_entry = bool(between & g.conv_mask)
-        elif pred is None and _shape(g.nodes[fork]) == first.shape:
-            has_entry = _entry_before_chain(g, first, stage_blocks[0].path)
+        pred = predecessor[ks[0]]
         stages.append(
             Stage(
                 path=common_prefix([b.path for b in stage_blocks]) if len(ks) > 1 else stage_blocks[0].path,
-                shape=first.shape,
+                shape=adds[ks[0]].shape,
                 blocks=stage_blocks,
-                has_entry=has_entry,
+                has_entry=_has_entry(g, adds[ks[0]], None if pred is None else adds[pred], stage_blocks[0].path),
             )
         )
     return blocks, stages

@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -171,6 +172,28 @@ def save(
         raise TypeError(f"save expects a torch.nn.Module, got {type(model).__name__}")
     path = _as_path(path, "save")
     _check_destination(path)
+    bare = _savable(model)
+    extra = _extra_metadata(metadata)
+    tensors, shapes, aliases = _tensors_to_store(bare.state_dict())
+    recipe = recipe_of(bare, source=None, aliases=aliases)
+    recipe = replace(
+        recipe,
+        source=resolve_source(bare, source, recipe, shapes),  # called here: its warnings point at save's caller
+        checksums={k: _checksum(v) for k, v in tensors.items()},
+    )
+    header = {"format": "pt", RECIPE_KEY: _recipe_text(recipe), **extra}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
+    return path
+
+
+def _savable(model: nn.Module) -> nn.Module:
+    """The bare model inside any wrapper (warning that it was unwrapped), if its ties are intact and it is eager.
+
+    Raises:
+        UnsupportedModelError: A TorchScript module.
+        TieError: The model's sharing is broken.
+    """
     bare, wrappers = unwrap(model)
     if wrappers:
         warnings.warn(
@@ -178,13 +201,18 @@ def save(
             "(keys without the wrapper's prefix), which loads with sharify.load into an unwrapped model; "
             "pass the bare model (e.g. ddp.module, compiled._orig_mod) to save without this warning",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # save's caller
         )
     if isinstance(bare, torch.jit.ScriptModule):
         raise UnsupportedModelError("got a TorchScript module; save the eager model (before torch.jit.script)")
     problems = verify(bare)
     if problems:
         raise TieError(f"cannot save {type(bare).__name__}: {problems[0]}; call sharify.retie(model) first")
+    return bare
+
+
+def _extra_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """The caller's header entries, checked: a mapping of str to str without sharify's reserved keys."""
     if metadata is not None and not isinstance(metadata, Mapping):
         raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
     extra = dict(metadata or {})
@@ -193,8 +221,17 @@ def save(
             raise TypeError(f"metadata must map str to str; got {k!r}: {type(v).__name__}")
         if k in _RESERVED:
             raise ValueError(f"metadata key {k!r} is reserved by sharify; use another name")
+    return extra
 
-    state = bare.state_dict()
+
+def _tensors_to_store(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]], dict[str, str]]:
+    """``(tensors, shapes, aliases)``: what the file stores of a state_dict (detached, on the CPU, contiguous;
+    the model's own ties once, views of one buffer as copies), every entry's shape, and the ties
+    (:func:`~sharify.io.aliases.find_aliases`) that load restores.
+
+    Raises:
+        ValueError: An entry is no tensor or is on the meta device.
+    """
     aliases, overlapping = find_aliases(state)  # the model's own ties: stored once, re-tied by load
     tensors: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -211,12 +248,15 @@ def save(
         del tensors[key]
     for key in overlapping:  # views of one buffer: stored as copies (loading copies into the model's own views)
         tensors[key] = tensors[key].clone()
-    recipe = recipe_of(bare, source=None, aliases=aliases)
-    recipe = replace(
-        recipe,
-        source=resolve_source(bare, source, recipe, shapes),
-        checksums={k: _checksum(v) for k, v in tensors.items()},
-    )
+    return tensors, shapes, aliases
+
+
+def _recipe_text(recipe: Recipe) -> str:
+    """The recipe as the header stores it (JSON), if :func:`load` can rebuild the model from it.
+
+    Raises:
+        ValueError: A shared group has no member left; the options are not JSON.
+    """
     empty = next((g for g in recipe.groups if not g.members), None)
     if empty is not None:
         raise ValueError(
@@ -224,13 +264,9 @@ def save(
             f"load could not rebuild it; delete `model.{empty.holder_prefix[:-1]}` or save before un-sharing"
         )
     try:
-        text = recipe.to_json()
+        return recipe.to_json()
     except TypeError as exc:
         raise ValueError(f"the sharing options {recipe.options} cannot be stored as JSON ({exc})") from exc
-    metadata = {"format": "pt", RECIPE_KEY: text, **extra}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    logger.info("saved %s (%d tensors, %d groups) to %s", type(bare).__name__, len(tensors), len(recipe.groups), path)
-    return path
 
 
 def _read_header(path: Path) -> tuple[Recipe, dict[str, tuple[int, ...]]]:

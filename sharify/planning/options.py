@@ -53,10 +53,10 @@ __all__ = [
     "ShareInit",
     "SharingOptions",
     "check_flag",
+    "check_method_and_init",
     "check_option_names",
     "option_fields",
     "option_flag",
-    "resolve_options",
     "selector_arg",
     "sharing_options",
 ]
@@ -374,17 +374,6 @@ def sharing_options(
     return SharingOptions(**{**base, **given})
 
 
-def resolve_options(preset: str | None = None, **explicit: Any) -> SharingOptions:
-    """``SharingOptions(preset=preset, **explicit)``, with an unknown keyword refused as :func:`sharify.sharify` does.
-
-    Raises:
-        TypeError: An unknown option or an option of the wrong type.
-        ValueError: Unknown preset, selector, method or init; a selector given twice; ranks missing or
-            not positive.
-    """
-    return sharing_options(None, preset, explicit, caller="resolve_options()")
-
-
 def _check_types(options: Mapping[str, Any]) -> None:
     """``TypeError`` for explicit options of the wrong type (``None`` = not given)."""
     for name, value in options.items():
@@ -418,7 +407,7 @@ def _resolve(preset: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
     method = merged["method"]
     if merged["init"] is None and method in METHODS:
         merged["init"] = _INITS[method][0]
-    _check_method_and_init(method, merged["init"])
+    check_method_and_init(method, merged["init"])
     merged["positions"] = _check_positions(merged["positions"])
     if method == "basis":
         for name in ("shared_rank", "unique_rank"):
@@ -470,7 +459,9 @@ def _check_rank(name: str, rank: Rank | None) -> None:
             )
 
 
-def _check_method_and_init(method: str, init: str) -> None:
+def check_method_and_init(method: object, init: object) -> None:
+    """``TypeError`` for a method or init that is no str, ``ValueError`` for one that does not exist."""
+    _check_types({"method": method, "init": init})
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")
     if init not in _INITS[method]:

@@ -43,8 +43,47 @@ def require_scipy() -> Callable[..., tuple[object, object]]:
 Read = Callable[[str, str], Tensor | None]
 
 
+Slots = Sequence[tuple[ChannelSlot | None, ChannelSlot | None]]
+Assign = Callable[..., tuple[object, object]]
+
+
+class _Permuted:
+    """The tensors alignment has permuted so far, over the model's (``read``), and the orders applied per conv."""
+
+    def __init__(self, read: Read) -> None:
+        self.read = read
+        self.values: dict[str, dict[str, Tensor]] = {}
+        self.orders: dict[str, dict[str, list[int]]] = {}
+
+    def get(self, path: str, name: str) -> Tensor | None:
+        """The tensor as alignment has left it so far."""
+        if name in self.values.get(path, {}):
+            return self.values[path][name]
+        return self.read(path, name)
+
+    def move(self, slot: ChannelSlot, order: Tensor) -> None:
+        """Permutes the channels of ``slot`` (producer's outputs, its BatchNorms, consumer's inputs) by ``order``."""
+        self._permute(slot.producer, "weight", order, 0)
+        self._permute(slot.producer, "bias", order, 0)
+        for norm in slot.norms:
+            for name in _NORM_TENSORS:
+                self._permute(norm, name, order, 0)
+        self._permute(slot.consumer, "weight", order, 1)
+        self._record(slot.producer, "out", order)
+        self._record(slot.consumer, "in", order)
+
+    def _permute(self, path: str, name: str, order: Tensor, dim: int) -> None:
+        t = self.get(path, name)
+        if t is not None:
+            self.values.setdefault(path, {})[name] = t.index_select(dim, order.to(t.device))
+
+    def _record(self, path: str, side: str, order: Tensor) -> None:
+        previous = self.orders.setdefault(path, {}).get(side)
+        self.orders[path][side] = (order if previous is None else torch.as_tensor(previous)[order]).tolist()
+
+
 def alignment(
-    groups: Sequence[tuple[Sequence[str], Sequence[tuple[ChannelSlot | None, ChannelSlot | None]]]], read: Read
+    groups: Sequence[tuple[Sequence[str], Slots]], read: Read
 ) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, list[int]]]]:
     """Permuted tensors that align the members of each group (nothing is modified).
 
@@ -58,64 +97,45 @@ def alignment(
         is the original's ``order[k]``), for the report.
     """
     assign = require_scipy()
-    values: dict[str, dict[str, Tensor]] = {}
-    orders: dict[str, dict[str, list[int]]] = {}
-
-    def get(path: str, name: str) -> Tensor | None:
-        if name in values.get(path, {}):
-            return values[path][name]
-        return read(path, name)
-
-    def permute(path: str, name: str, order: Tensor, dim: int) -> None:
-        t = get(path, name)
-        if t is not None:
-            values.setdefault(path, {})[name] = t.index_select(dim, order.to(t.device))
-
-    def record(path: str, side: str, order: Tensor) -> None:
-        previous = orders.setdefault(path, {}).get(side)
-        orders[path][side] = (order if previous is None else torch.as_tensor(previous)[order]).tolist()
-
-    def apply(slot: ChannelSlot, order: Tensor) -> None:
-        permute(slot.producer, "weight", order, 0)
-        permute(slot.producer, "bias", order, 0)
-        for norm in slot.norms:
-            for name in _NORM_TENSORS:
-                permute(norm, name, order, 0)
-        permute(slot.consumer, "weight", order, 1)
-        record(slot.producer, "out", order)
-        record(slot.consumer, "in", order)
-
+    state = _Permuted(read)
     done: set[ChannelSlot] = set()
     for members, slots in groups:
-        weights = [get(p, "weight") for p in members]
-        if any(w is None or w.is_meta for w in weights):
+        if any(w is None or w.is_meta for w in (state.get(p, "weight") for p in members)):
             continue  # a meta-device model has no values to align
         for _round in range(3):  # in and out permutations interact (bottleneck members have both)
             moved = False
             for side in (0, 1):
                 movable = [i for i, s in enumerate(slots) if s[side] is not None and s[side] not in done]
-                if not movable:
-                    continue
-                for _sweep in range(_MAX_SWEEPS):
-                    changed = False
-                    for i in movable:
-                        feats = [_channel_features(get(p, "weight"), side) for p in members]
-                        ref = torch.stack([f for j, f in enumerate(feats) if j != i]).mean(0)
-                        similarity = (feats[i] @ ref.T).cpu().numpy()
-                        _, cols = assign(similarity, maximize=True)
-                        order = torch.as_tensor(cols).argsort()  # new channel k <- old channel order[k]
-                        if torch.equal(order, torch.arange(len(order))):
-                            continue
-                        slot = slots[i][side]
-                        assert slot is not None
-                        apply(slot, order)
-                        changed = moved = True
-                    if not changed:
-                        break
+                moved |= _sweep(state, members, slots, side, movable, assign)
             if not moved:
                 break
         done.update(s for pair in slots for s in pair if s is not None)
-    return values, orders
+    return state.values, state.orders
+
+
+def _sweep(
+    state: _Permuted, members: Sequence[str], slots: Slots, side: int, movable: list[int], assign: Assign
+) -> bool:
+    """Permutes the ``side`` channels of each ``movable`` member to match the others, sweeping until none changes;
+    whether any did."""
+    moved = False
+    for _ in range(_MAX_SWEEPS):
+        changed = False
+        for i in movable:
+            feats = [_channel_features(state.get(p, "weight"), side) for p in members]
+            ref = torch.stack([f for j, f in enumerate(feats) if j != i]).mean(0)
+            similarity = (feats[i] @ ref.T).cpu().numpy()
+            _, cols = assign(similarity, maximize=True)
+            order = torch.as_tensor(cols).argsort()  # new channel k <- old channel order[k]
+            if torch.equal(order, torch.arange(len(order))):
+                continue
+            slot = slots[i][side]
+            assert slot is not None
+            state.move(slot, order)
+            changed = moved = True
+        if not changed:
+            break
+    return moved
 
 
 def _channel_features(weight: Tensor | None, side: int) -> Tensor:

@@ -1,9 +1,10 @@
 """Rewriting a model so that each sharing group reads one tensor: :func:`sharify` and :func:`unshare`.
 
 The rewrite works on the model's own module tree (no GraphModule): the result keeps its class and
-everything defined on it. It is transactional: the plan and every new tensor are computed before the
-first change, and if applying them fails the model is restored, so a caller's model is never left
-half-modified, even with ``inplace=True``.
+everything defined on it. It is two passes: :func:`compute_edits` computes every change from the model and the
+plan -- new tensors, holders, modules, folded BatchNorm values, alignment permutations -- as an :class:`Edits`,
+assigning nothing; :func:`apply_edits` makes them with one undo log and, if one fails, restores the model, so a
+caller's model is never left half-modified, even with ``inplace=True``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import copy
 import os
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -30,13 +33,13 @@ from ..layers import (
     is_shared_conv,
 )
 from ..planning.grouping import computed_tensor_reason
-from ..planning.options import SharingOptions, check_flag, resolve_options, sharing_options
+from ..planning.options import SharingOptions, check_flag, check_method_and_init, sharing_options
 from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, check_model, make_plan
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
 from .init import initial_tensors, scaled_tensors
 
-__all__ = ["apply_plan", "check_model", "sharify", "unshare"]
+__all__ = ["Attach", "Edits", "apply_edits", "apply_plan", "check_model", "compute_edits", "sharify", "unshare"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -149,6 +152,7 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 def _basis_modules(
     group: SharingGroup, convs: list[nn.Conv2d], init: str, weights: list[Tensor], biases: list[Tensor | None]
 ) -> tuple[SharedConvParams, list[BasisConv2d]]:
+    """The holder of a ``"basis"`` group and one new :class:`BasisConv2d` per member, reading it."""
     s, u = group.shared_rank, group.unique_rank
     modules = [BasisConv2d(c, s, u) for c in convs]
     for conv, module in zip(convs, modules):  # the new modules take the conv's mode and trainability
@@ -169,6 +173,8 @@ def _basis_modules(
             else:
                 nn.init.orthogonal_(shared)
     holder = SharedConvParams(shared, None, key=group.key, stage=group.stage, position=group.position, method="basis")
+    for module in modules:
+        attach_to_holder(module.shared, holder)  # new modules: no change to the model
     return holder, modules
 
 
@@ -236,8 +242,165 @@ def _assign(module: nn.Module, values: dict[str, Tensor]) -> None:
             getattr(module, name).copy_(value)
 
 
+class Attach(NamedTuple):
+    """A member conv to make read its group's holder (:func:`sharify.layers.attach_to_holder`)."""
+
+    path: str
+    holder: SharedConvParams
+    gain: Tensor | None  # per-output-channel gain the member keeps as its ``shared_gain`` parameter, if any
+    gain_trainable: bool  # the ``shared_gain``'s ``requires_grad``: that of the conv's weight
+
+
+@dataclass
+class Edits:
+    """Everything :func:`apply_plan` changes in a model, computed before the first change (:func:`compute_edits`).
+
+    Attributes:
+        store: The new store of shared tensors, holding every group's holder, to register as the model's
+            ``sharify_shared``.
+        attach: Member convs that become ``Shared<Class>`` modules reading their holder, in order.
+        replace: ``(path, new module)`` per member replaced by a new module (``method="basis"``).
+        assign: ``{module path: {tensor name: value}}``: values copied into existing tensors (the channel
+            alignment of members' neighbours, BatchNorms absorbing ``init="scaled"`` gains).
+    """
+
+    store: SharedStore
+    attach: list[Attach] = field(default_factory=list)
+    replace: list[tuple[str, nn.Module]] = field(default_factory=list)
+    assign: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+def _new_store(sharing: SharingPlan, init: str) -> SharedStore:
+    """An empty store recording the plan's options (with ``init``) and, if the plan has them, its analysis inputs."""
+    analysis = {
+        "input_shapes": [list(x) for x in sharing.input_shapes],
+        "input_dtypes": list(sharing.input_dtypes),
+        "leaf_modules": list(sharing.leaf_modules),
+    }
+    return SharedStore({**sharing.options, "init": init}, analysis if sharing.input_shapes else None)
+
+
+def _group_edits(
+    group: SharingGroup,
+    modules: dict[str, nn.Module],
+    weights: list[Tensor],
+    biases: list[Tensor | None],
+    init: str,
+    edits: Edits,
+) -> SharedConvParams:
+    """Adds one group's edits to ``edits``, from its members' current ``weights`` and ``biases``; returns its holder."""
+    convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
+    if group.method == "basis":
+        holder, bases = _basis_modules(group, convs, init, weights, biases)
+        edits.replace.extend(zip(group.members, bases))
+    elif init == "scaled":
+        weight, bias, gains = scaled_tensors(weights, biases)
+        holder = SharedConvParams(
+            weight, bias, key=group.key, stage=group.stage, position=group.position, init="scaled"
+        )
+        for path, conv, gain, norm in zip(group.members, convs, gains, group.norms or [None] * len(convs)):
+            trainable = conv.weight.requires_grad
+            if norm is None:
+                edits.attach.append(Attach(path, holder, gain, trainable))
+            else:  # the BatchNorm absorbs the gain: no extra parameter
+                edits.attach.append(Attach(path, holder, None, trainable))
+                bn = cast(nn.modules.batchnorm._BatchNorm, modules[norm])
+                edits.assign.setdefault(norm, {}).update(_fold_gain(bn, gain, edits.assign.get(norm, {})))
+    else:
+        weight, bias = initial_tensors(weights, biases, init)
+        holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
+        edits.attach.extend(Attach(p, holder, None, c.weight.requires_grad) for p, c in zip(group.members, convs))
+    _set_trainable(holder, group, convs)
+    return holder
+
+
+def compute_edits(model: nn.Module, sharing: SharingPlan, init: str) -> Edits:
+    """Every change :func:`apply_plan` makes to ``model`` for ``sharing``; nothing in ``model`` is modified.
+
+    The shared tensors are computed from the members' current tensors, after channel alignment (its permuted
+    tensors are not assigned, only read); the holders, store and new modules are new objects.
+    """
+    modules = dict(model.named_modules())
+    edits = Edits(_new_store(sharing, init))
+    # Channel alignment: permuted tensors of members and their neighbours (sharify.align), nothing assigned yet.
+    aligned, edits.store.alignment = _alignment(sharing, modules) if init not in ("random", "orthogonal") else ({}, {})
+    members = {p for g in sharing.groups for p in g.members}
+    edits.assign = {p: dict(values) for p, values in aligned.items() if p not in members}  # members' tensors go
+
+    def current(path: str, name: str) -> Tensor | None:  # a tensor as the rewrite sees it: aligned or as it is
+        return aligned.get(path, {}).get(name, getattr(modules[path], name))
+
+    for group in sharing.groups:
+        weights = [cast(Tensor, current(p, "weight")) for p in group.members]
+        biases = [current(p, "bias") for p in group.members]
+        edits.store.add_holder(_group_edits(group, modules, weights, biases, init, edits))
+    edits.store.train(model.training)  # the holders take the mode of the model they join
+    return edits
+
+
+def _restore_conv(conv: nn.Module, cls: type, params: dict[str, nn.Parameter | None]) -> None:
+    """Undoes :func:`~sharify.layers.attach_to_holder`, even a partial one: ``conv`` regains its class and tensors."""
+    conv.__dict__.pop("_sharify_holder", None)
+    conv.__class__ = cls
+    conv._parameters.clear()
+    conv._parameters.update(params)
+
+
+def apply_edits(model: nn.Module, edits: Edits) -> None:
+    """Makes ``edits`` in ``model``, all or nothing.
+
+    Before each change, its inverse goes into one undo log; on any exception the log is replayed in reverse and
+    the exception re-raised, so ``model`` is left as it was.
+    """
+    modules = dict(model.named_modules())
+    undo: list[Callable[[], object]] = []
+    try:
+        undo.append(partial(model._modules.pop, SHARED_STORE_NAME, None))
+        model.add_module(SHARED_STORE_NAME, edits.store)
+        for path, holder, gain, gain_trainable in edits.attach:
+            conv = modules[path]
+            undo.append(partial(_restore_conv, conv, type(conv), dict(conv._parameters)))
+            attach_to_holder(conv, holder, gain)
+            if gain is not None:
+                conv.get_parameter("shared_gain").requires_grad_(gain_trainable)
+        for path, module in edits.replace:
+            undo.append(partial(_set_module, model, path, modules[path]))
+            _set_module(model, path, module)
+        for path, values in edits.assign.items():
+            module = modules[path]
+            undo.append(partial(_assign, module, {k: getattr(module, k).detach().clone() for k in values}))
+            _assign(module, values)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+
+
+def _check_plan_fits(model: nn.Module, sharing: SharingPlan) -> None:
+    """Raises a :class:`~sharify.errors.SharifyError` unless every member of ``sharing`` is a conv of ``model``
+    with the group's signature that can still be shared."""
+    modules = dict(model.named_modules())
+    for group in sharing.groups:
+        for path in group.members:
+            conv = modules.get(path)
+            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != group.signature:
+                raise SharifyError(
+                    f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
+                    "make the plan from this model (sharify.plan(model))"
+                )
+            reason = computed_tensor_reason(conv)
+            if reason is not None:  # parametrized after the plan was made
+                raise SharifyError(
+                    f"the plan does not match the model: `{path}` cannot be a member: {reason}; make the plan from "
+                    "this model (sharify.plan(model) leaves such convs out)"
+                )
+
+
 def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, inplace: bool = False) -> ModelT:
     """Applies a :class:`~sharify.planning.plan.SharingPlan` made for ``model`` (or an identical model).
+
+    Every edit is computed first (:func:`compute_edits`), then made with one undo log (:func:`apply_edits`): if
+    making them fails, the model is restored, so it is never left half-modified, even with ``inplace=True``.
 
     Args:
         model: The model the plan was made for.
@@ -256,111 +419,19 @@ def apply_plan(model: ModelT, sharing: SharingPlan, *, init: str | None = None, 
     check_flag("inplace", inplace)
     init = init or sharing.options.get("init", "average")
     method = sharing.options.get("method", "share")
-    resolve_options(method=method, init=init, shared_rank=1 if method == "basis" else None,
-                    unique_rank=1 if method == "basis" else None)  # fmt: skip  # checks init for the method
+    check_method_and_init(method, init)
     if not sharing.groups:
         raise NothingToShareError(sharing.empty_reason())
-    modules = dict(model.named_modules())
-    for group in sharing.groups:
-        for path in group.members:
-            conv = modules.get(path)
-            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != group.signature:
-                raise SharifyError(
-                    f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
-                    "make the plan from this model (sharify.plan(model))"
-                )
-            reason = computed_tensor_reason(conv)
-            if reason is not None:  # parametrized after the plan was made
-                raise SharifyError(
-                    f"the plan does not match the model: `{path}` cannot be a member: {reason}; make the plan from "
-                    "this model (sharify.plan(model) leaves such convs out)"
-                )
+    _check_plan_fits(model, sharing)
     target = model if inplace else _deepcopy(model)
-    modules = dict(target.named_modules())
-
-    # Everything new is built before the first change to the model.
-    analysis = {
-        "input_shapes": [list(x) for x in sharing.input_shapes],
-        "input_dtypes": list(sharing.input_dtypes),
-        "leaf_modules": list(sharing.leaf_modules),
-    }
-    store = SharedStore({**sharing.options, "init": init}, analysis if sharing.input_shapes else None)
-    # Channel alignment: permuted tensors of members and their neighbours (sharify.align), nothing assigned yet.
-    aligned, store.alignment = _alignment(sharing, modules) if init not in ("random", "orthogonal") else ({}, {})
-
-    def current(path: str, name: str) -> Tensor | None:  # a tensor as the rewrite sees it: aligned or as it is
-        return aligned.get(path, {}).get(name, getattr(modules[path], name))
-
-    attach: list[tuple[nn.Module, SharedConvParams, Tensor | None]] = []  # existing convs to attach (with gain)
-    replace: list[tuple[str, nn.Module]] = []  # new modules to put in place of members
-    members = {p for g in sharing.groups for p in g.members}
-    # tensors to assign: what alignment moved (but the members' own, which go), BatchNorms absorbing "scaled" gains
-    assign = {p: {k: v for k, v in values.items() if p not in members} for p, values in aligned.items()}
-    for group in sharing.groups:
-        convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
-        weights = [cast(Tensor, current(p, "weight")) for p in group.members]
-        biases = [current(p, "bias") for p in group.members]
-        if group.method == "basis":
-            holder, bases = _basis_modules(group, convs, init, weights, biases)
-            for path, basis in zip(group.members, bases):
-                attach_to_holder(basis.shared, holder)  # a new module: no change to the model yet
-                replace.append((path, basis))
-        elif init == "scaled":
-            weight, bias, gains = scaled_tensors(weights, biases)
-            holder = SharedConvParams(
-                weight, bias, key=group.key, stage=group.stage, position=group.position, init="scaled"
-            )
-            for conv, gain, norm in zip(convs, gains, group.norms or [None] * len(convs)):
-                if norm is None:
-                    attach.append((conv, holder, gain))
-                else:  # the BatchNorm absorbs the gain: no extra parameter
-                    attach.append((conv, holder, None))
-                    bn = cast(nn.modules.batchnorm._BatchNorm, modules[norm])
-                    assign.setdefault(norm, {}).update(_fold_gain(bn, gain, assign.get(norm, {})))
-        else:
-            weight, bias = initial_tensors(weights, biases, init)
-            holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
-            attach.extend((c, holder, None) for c in convs)
-        _set_trainable(holder, group, convs)
-        store.add_holder(holder)
-    store.train(target.training)  # the holders take the mode of the model they join
-
+    edits = compute_edits(target, sharing, init)  # everything new is built before the first change to the model
     if isinstance(target, (nn.Sequential, nn.ModuleList)):
         warnings.warn(
             f"the root is an {type(target).__name__}: the store of shared tensors is appended as its last child "
             f"`{SHARED_STORE_NAME}` (an identity in forward), so len(model) and model[-1] change",
             stacklevel=2,
         )
-    saved: list[tuple[nn.Module, type, dict[str, nn.Parameter | None]]] = []
-    replaced: list[tuple[str, nn.Module]] = []
-    assigned: list[tuple[nn.Module, dict[str, Tensor]]] = []
-    try:
-        target.add_module(SHARED_STORE_NAME, store)
-        for conv, holder, member_gain in attach:
-            saved.append((conv, type(conv), dict(conv._parameters)))
-            trainable = cast(Tensor, conv.weight).requires_grad
-            attach_to_holder(conv, holder, member_gain)
-            if member_gain is not None:
-                conv.get_parameter("shared_gain").requires_grad_(trainable)
-        for path, module in replace:
-            replaced.append((path, modules[path]))
-            _set_module(target, path, module)
-        for path, values in assign.items():
-            module = modules[path]
-            assigned.append((module, {k: getattr(module, k).detach().clone() for k in values}))
-            _assign(module, values)
-    except BaseException:
-        for module, values in reversed(assigned):
-            _assign(module, values)
-        for path, original in reversed(replaced):
-            _set_module(target, path, original)
-        for conv, cls, params in reversed(saved):
-            conv.__dict__.pop("_sharify_holder", None)
-            conv.__class__ = cls
-            conv._parameters.clear()
-            conv._parameters.update(params)
-        target._modules.pop(SHARED_STORE_NAME, None)
-        raise
+    apply_edits(target, edits)
     return target
 
 

@@ -207,46 +207,66 @@ def _register(model: nn.Module, scope: str, holder: SharedConvParams) -> Callabl
     return fix
 
 
-def _check_members(model: nn.Module, registered: dict[str, _Holder], d: _Diagnosis) -> None:
-    """Every member conv must read the holder registered under its key."""
-    registered_ids = {id(e.holder) for e in registered.values()}
-    stores = shared_stores(model)
-    scopes = sorted(stores, key=lambda s: (-s.count(".") - bool(s), s))  # deepest first, the root last
-    # Members grouped by the holder object they read.
-    readers: dict[int, tuple[SharedConvParams, list[tuple[str, nn.Module]]]] = {}
+_Members = list[tuple[str, nn.Module]]
+
+
+def _readers(model: nn.Module) -> list[tuple[SharedConvParams, _Members]]:
+    """The member convs of ``model`` (with their paths), grouped by the holder object they read."""
+    readers: dict[int, tuple[SharedConvParams, _Members]] = {}
     for path, module in model.named_modules():
         if is_shared_conv(module):
             holder = module._sharify_holder
             readers.setdefault(id(holder), (holder, []))[1].append((path, module))
+    return list(readers.values())
 
+
+def _check_shapes(holder: SharedConvParams, members: _Members, d: _Diagnosis) -> None:
+    """Every member must fit the shape of the holder it reads (not fixable)."""
+    bad_shape = [p for p, m in members if not _compatible(holder, m)]
+    if bad_shape:
+        want, have = _expected_shape(members[0][1]), tuple(holder.weight.shape)
+        msg = f"`{bad_shape[0]}` expects a weight of shape {want} but its holder `{holder.key}` has {have}"
+        d.problems.append(msg)
+        d.unfixable.append(msg)
+
+
+def _check_copy(holder: SharedConvParams, members: _Members, target: _Holder, d: _Diagnosis) -> None:
+    """``members`` read ``holder``, a copy of the registered ``target``: re-pointed to ``target`` if they fit it."""
+    names = ", ".join(f"`{p}`" for p, _ in members)
+    d.problems.append(
+        f"{names} read a copy of shared group `{target.key}`, not the holder registered in the model "
+        f"(`{target.where}`): forward uses the copy while state_dict(), parameters() and optimizers "
+        "use the registered one (typical after `model.block = copy.deepcopy(model.block)` or replacing "
+        f"`model.{_STORE}`)"
+    )
+    if any(not _compatible(target.holder, m) for _, m in members):
+        d.unfixable.append(f"the registered `{target.key}` does not fit {names}")
+        return
+    differ = "" if _same_values(holder, target.holder) else " (the copy's values differed; kept the registered ones)"
+    message = f"re-pointed {names} to the registered holder `{target.key}`{differ}"
+    d.fixes.append((_repoint(members, target.holder), message))
+
+
+def _check_members(model: nn.Module, registered: dict[str, _Holder], d: _Diagnosis) -> None:
+    """Every member conv must read the holder registered under its key.
+
+    Members that read another holder either read a copy of a registered one (:func:`_check_copy`) or an orphan,
+    which is registered in the module its members' stage is in (once: other copies of it are re-pointed to it).
+    """
+    registered_ids = {id(e.holder) for e in registered.values()}
+    stores = shared_stores(model)
+    scopes = sorted(stores, key=lambda s: (-s.count(".") - bool(s), s))  # deepest first, the root last
     orphans: dict[str, SharedConvParams] = {}  # scoped key -> the orphan that will be registered
-    for holder, members in readers.values():
-        names = ", ".join(f"`{p}`" for p, _ in members)
-        paths = [p for p, _ in members]
-        bad_shape = [p for p, m in members if not _compatible(holder, m)]
-        if bad_shape:
-            want, have = _expected_shape(members[0][1]), tuple(holder.weight.shape)
-            msg = f"`{bad_shape[0]}` expects a weight of shape {want} but its holder `{holder.key}` has {have}"
-            d.problems.append(msg)
-            d.unfixable.append(msg)
+    for holder, members in _readers(model):
+        _check_shapes(holder, members, d)
         if id(holder) in registered_ids:
             continue
+        paths = [p for p, _ in members]
         target = _registered_for(paths, holder.key, registered, scopes)
         if target is not None:
-            d.problems.append(
-                f"{names} read a copy of shared group `{target.key}`, not the holder registered in the model "
-                f"(`{target.where}`): forward uses the copy while state_dict(), parameters() and optimizers "
-                "use the registered one (typical after `model.block = copy.deepcopy(model.block)` or replacing "
-                f"`model.{_STORE}`)"
-            )
-            if any(not _compatible(target.holder, m) for _, m in members):
-                d.unfixable.append(f"the registered `{target.key}` does not fit {names}")
-                continue
-            same = _same_values(holder, target.holder)
-            differ = "" if same else " (the copy's values differed; kept the registered ones)"
-            message = f"re-pointed {names} to the registered holder `{target.key}`{differ}"
-            d.fixes.append((_repoint(members, target.holder), message))
+            _check_copy(holder, members, target, d)
             continue
+        names = ", ".join(f"`{p}`" for p in paths)
         home = _home(paths, holder, scopes)
         where = _where(home, holder.key)
         d.problems.append(

@@ -170,21 +170,7 @@ def build_state(
         augment=config.augment,
         eval_batch_size=config.eval_batch_size,
     )
-    optimizer = create_optimizer(
-        module,
-        opt=config.opt,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        momentum=config.momentum,
-        layer_decay=config.layer_decay,
-    )
-    updates_per_epoch = -(-len(loaders.train) // config.accum_steps)
-    scheduler = create_scheduler(
-        optimizer,
-        total_updates=updates_per_epoch * config.epochs,
-        min_lr=config.min_lr,
-        warmup_updates=round(config.warmup_epochs * updates_per_epoch),
-    )
+    optimizer, scheduler = _optimization(module, config, len(loaders.train))
     amp = resolve_amp(config.amp, ctx.device)
     ema = None
     if config.ema_decay is not None:
@@ -208,6 +194,26 @@ def build_state(
         params=sum(p.numel() for p in module.parameters()),
         checkpoint=checkpoint,
     )
+
+
+def _optimization(module: nn.Module, config: FinetuneConfig, batches_per_epoch: int) -> tuple[Any, Any]:
+    """The optimizer (timm's, shared-aware layer decay) and its warm-up + cosine schedule over the run's updates."""
+    optimizer = create_optimizer(
+        module,
+        opt=config.opt,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        layer_decay=config.layer_decay,
+    )
+    updates_per_epoch = -(-batches_per_epoch // config.accum_steps)
+    scheduler = create_scheduler(
+        optimizer,
+        total_updates=updates_per_epoch * config.epochs,
+        min_lr=config.min_lr,
+        warmup_updates=round(config.warmup_epochs * updates_per_epoch),
+    )
+    return optimizer, scheduler
 
 
 def resume_state(state: TrainingState) -> None:
