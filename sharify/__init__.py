@@ -20,6 +20,7 @@ Papers:
 """
 
 from ._version import __version__
+from .deploy import fold_batchnorm, quantize_int8
 from .errors import (
     AlreadySharifiedError,
     CheckpointError,
@@ -70,11 +71,13 @@ __all__ = [
     "UntraceableError",
     "__version__",
     "apply_plan",
+    "fold_batchnorm",
     "is_shared_conv",
     "load",
     "load_unshared_state_dict",
     "orthogonality_loss",
     "plan",
+    "quantize_int8",
     "read_recipe",
     "report",
     "retie",

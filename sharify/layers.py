@@ -140,6 +140,8 @@ class SharedConvMixin:
 
     _sharify_base: type[nn.Module]
     _sharify_holder: SharedConvParams
+    #: Parameters a member owns only while it reads the holder: :func:`detach_from_holder` drops them.
+    _sharify_member_parameters: tuple[str, ...] = ("shared_gain",)
 
     @property
     def weight(self) -> Tensor:
@@ -152,6 +154,10 @@ class SharedConvMixin:
         b = self._sharify_holder.bias
         gain = self._parameters.get("shared_gain")  # type: ignore[attr-defined]
         return b if b is None or gain is None else b * gain
+
+    def _sharify_detached_tensors(self) -> dict[str, Tensor | None]:
+        """What the member computes with, as the tensors of an ordinary conv (its weight and bias, gain applied)."""
+        return {"weight": self.weight, "bias": self.bias}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("weight", "bias") and "_sharify_holder" in self.__dict__:
@@ -219,9 +225,10 @@ def attach_to_holder(conv: nn.Module, holder: SharedConvParams, gain: Tensor | N
 def detach_from_holder(conv: nn.Module) -> None:
     """Inverse of :func:`attach_to_holder`: ``conv`` gets its own copies of the tensors it computes with."""
     with torch.no_grad():
-        values = {name: getattr(conv, name) for name in ("weight", "bias")}  # gain applied
+        values = conv._sharify_detached_tensors()  # type: ignore[operator]  # gain (and a folded BatchNorm) applied
     holder: SharedConvParams = conv.__dict__.pop("_sharify_holder")
-    conv._parameters.pop("shared_gain", None)
+    for name in conv._sharify_member_parameters:  # type: ignore[union-attr]
+        conv._parameters.pop(name, None)
     conv.__class__ = conv._sharify_base  # type: ignore[assignment]
     for name, value in values.items():
         grad = getattr(holder, name) is not None and getattr(holder, name).requires_grad

@@ -12,9 +12,13 @@ groups it is ``diag(a_i) W_shared`` with the member's per-channel gains. After `
 has its channels in the order the alignment gave them (what the member's block computes with).
 
 For deployment it also gives ``params_after_folding``: what remains once each BatchNorm is folded
-into the conv before it (:mod:`sharify.analysis.folding`): a member followed by its block's BatchNorm needs
-its own folded weight. The BatchNorm -> bias conversion itself is not counted: it changes the
-original and the sharified model by the same amount.
+into the conv before it by :func:`sharify.fold_batchnorm`, which keeps every shared tensor once. A member
+followed by a BatchNorm (:mod:`sharify.analysis.folding`) then keeps a per-output-channel scale and bias where
+torch's usual fusion keeps a bias, so it costs ``C_out`` more than the folded original; a filter-basis conv's
+BatchNorm folds into its 1x1 coefficients, which saves its ``2 (s + u)`` parameters. The count is on the
+basis of ``params_before``: the BatchNorm -> bias conversion of a conv, the same in the original and the
+sharified model, is not counted, so ``params_before - params_after_folding`` is exactly what the folded
+shared model saves against the original folded with torch's fusion (``fuse_conv_bn_eval``).
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from torch import nn
 
 from ._wrappers import unwrap
 from .analysis.folding import bn_folded_members
+from .deploy.batchnorm import basis_norm_foldable
 from .errors import TieError
 from .layers import SharedConvParams, is_shared_conv, scoped_key, shared_groups, shared_stores
 from .planning.plan import count_params
+from .rewrite.basis import BasisConv2d
 from .rewrite.verify import verify
 
 __all__ = ["GroupReport", "ParameterReport", "report"]
@@ -52,18 +58,14 @@ class GroupReport:
     dissimilarity: float | None
     #: Members whose output goes straight into a BatchNorm (``None``: the model could not be traced).
     folded: int | None = None
+    #: Parameters after :func:`sharify.fold_batchnorm` (``None``: the model could not be traced): the shared
+    #: tensor once, plus ``C_out`` for each folded member (its scale; its bias replaces the BatchNorm's as
+    #: torch's fusion's does), minus the BatchNorms that filter-basis convs fold into their coefficients.
+    params_after_folding: int | None = None
 
     @property
     def saved(self) -> int:
         return self.params_before - self.params_after
-
-    @property
-    def params_after_folding(self) -> int | None:
-        """Parameters after conv-BN folding: each folded member needs its own copy of the shared tensor;
-        the shared one stays only while some member is not folded."""
-        if self.folded is None:
-            return None
-        return self.params_after + self.folded * self.size - (self.size if self.folded == len(self.members) else 0)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class ParameterReport:
     params_before: int
     params_after: int
     groups: tuple[GroupReport, ...]
-    #: Parameters left after folding every BatchNorm into the conv before it (``None``: not traceable).
+    #: Parameters left after :func:`sharify.fold_batchnorm`, on the basis of ``params_before`` (``None``: the
+    #: model could not be traced; see the module docstring).
     params_after_folding: int | None = None
 
     @property
@@ -92,7 +95,7 @@ class ParameterReport:
 
     @property
     def reduction_after_folding(self) -> float | None:
-        """Fraction of the original parameters still saved after conv-BN folding."""
+        """Fraction of the original parameters still saved after conv-BN folding (both models folded)."""
         if self.params_after_folding is None or not self.params_before:
             return None
         return (self.params_before - self.params_after_folding) / self.params_before
@@ -121,9 +124,7 @@ class ParameterReport:
             "params_after_folding": self.params_after_folding,
             "reduction_after_folding": self.reduction_after_folding,
             "stages": self.stages(),
-            "groups": [
-                {**asdict(g), "saved": g.saved, "params_after_folding": g.params_after_folding} for g in self.groups
-            ],
+            "groups": [{**asdict(g), "saved": g.saved} for g in self.groups],
         }
 
     def to_json(self) -> str:
@@ -187,8 +188,8 @@ class ParameterReport:
         members = sum(len(g.members) for g in self.groups)
         return [
             f"after conv-BN folding (deployment): {self.params_after_folding:,} parameters "
-            f"({-self.reduction_after_folding:+.1%}); {folded} of {members} shared convs feed a BatchNorm "
-            "and get their own folded weight"
+            f"({-self.reduction_after_folding:+.1%}); {folded} of {members} shared convs feed a BatchNorm, "
+            "folded into a per-member scale and bias (sharify.fold_batchnorm)"
         ]
 
     def to_markdown(self) -> str:
@@ -323,6 +324,25 @@ def _check_related(original: nn.Module, shared: nn.Module) -> None:
     )
 
 
+def _with_folding(shared: nn.Module, groups: list[GroupReport]) -> tuple[list[GroupReport], int | None]:
+    """The groups with what :func:`sharify.fold_batchnorm` keeps of each, and the model's parameters after it."""
+    folded = bn_folded_members(shared)
+    if folded is None:
+        return groups, None
+    out = []
+    for g in groups:
+        n = sum(p in folded for p in g.members)
+        after = g.params_after + n * g.shape[0]  # a scale per folded member
+        for path in g.members:
+            basis = shared.get_submodule(path)
+            if isinstance(basis, BasisConv2d) and basis_norm_foldable(basis):  # its BatchNorm folds away
+                after -= sum(p.numel() for p in basis.norm.parameters())
+        out.append(replace(g, folded=n, params_after_folding=after))
+    gains = [shared.get_submodule(p)._parameters.get("shared_gain") for p in folded]  # absorbed into the scales
+    extra = sum((g.params_after_folding or 0) - g.params_after for g in out)
+    return out, count_params(shared) + extra - sum(g.numel() for g in gains if g is not None)
+
+
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     """Compares a sharified model with the original it was made from.
 
@@ -382,12 +402,7 @@ def report(original: nn.Module, shared: nn.Module) -> ParameterReport:
     scopes = {scoped_key(scope, k): scope for scope, store in shared_stores(shared).items() for k in store.holders()}
     groups = [_group_report(original, shared, k, h, m, alignment) for k, (h, m) in shared_groups(shared).items()]
     groups = [replace(g, stage=scoped_key(scopes.get(g.key, ""), g.stage)) for g in groups]  # stage path in `shared`
-    folded = bn_folded_members(shared)
-    after_folding = None
-    if folded is not None:
-        counts = {k: sum(p in folded for p in paths) for k, (_, paths) in shared_groups(shared).items()}
-        groups = [replace(g, folded=counts.get(g.key, 0)) for g in groups]
-        after_folding = count_params(shared) + sum((g.params_after_folding or 0) - g.params_after for g in groups)
+    groups, after_folding = _with_folding(shared, groups)
     return ParameterReport(
         model=type(shared).__name__,
         params_before=count_params(original),

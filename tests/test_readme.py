@@ -99,7 +99,7 @@ def test_readme_command_sharify_report_resnet50_prints_the_table() -> None:
     ]
     assert all(0.5 < float(r[6]) < 1 for r in rows[11:15])  # dissimilarity of independent random members
     assert rows[16] == ["total", "(model)", "25,557,032", "20,469,800", "5,087,232", "(-19.9%)"]
-    assert lines[17].startswith("after conv-BN folding (deployment): 25,557,032 parameters")
+    assert lines[17].startswith("after conv-BN folding (deployment): 20,472,680 parameters (-19.9%)")
 
 
 def test_cli_report_resnet50_json_and_resnet18_markdown(capsys: pytest.CaptureFixture[str]) -> None:

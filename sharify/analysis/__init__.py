@@ -7,8 +7,9 @@ or meta tensors (:mod:`~sharify.analysis.shapes`), the residual blocks and the s
 (:mod:`~sharify.analysis.residual`), and, for the rewrite's channel alignment, each conv's freely permutable
 channels (:mod:`~sharify.analysis.channels`). A model whose own forward cannot be traced (a detector) is
 analysed part by part, each part with the inputs a recorded run gave it (:mod:`~sharify.analysis.descend`).
-:mod:`~sharify.analysis.folding` reads a sharified model's conv -> BatchNorm pairs for the report. Nothing
-here modifies the model; nothing here knows the sharing rule (that is :mod:`sharify.planning`).
+:mod:`~sharify.analysis.folding` finds the conv -> BatchNorm pairs (for the report and
+:func:`sharify.fold_batchnorm`). Nothing here modifies the model; nothing here knows the sharing rule (that is
+:mod:`sharify.planning`).
 """
 
 from .analyse import Analysis, analyse

@@ -1,7 +1,8 @@
 """ParameterReport.params_after_folding: what sharing still saves once each BatchNorm is folded into its conv.
 
-The figure is checked against real folding: torch's ``fuse_conv_bn_eval`` applied to the conv -> BN pairs that
-torch.fx finds in the original model, counting the distinct tensors the folded models compute with.
+The figure is checked against real folding: :func:`sharify.fold_batchnorm` on the shared model (the shared
+tensor kept once, a scale and bias per folded member) against torch's ``fuse_conv_bn_eval`` applied to the
+conv -> BN pairs that torch.fx finds in the original model, counting the parameters of both folded models.
 """
 
 from __future__ import annotations
@@ -69,16 +70,19 @@ def test_params_after_folding_matches_real_folding(build, example, all_folded):
     r = sharify.report(original, shared)
 
     pairs = _conv_bn_pairs(original)
-    folded_original, folded_shared = _fold(original, pairs), _fold(shared, pairs)
+    folded_original, folded_shared = _fold(original, pairs), sharify.fold_batchnorm(shared)
     with torch.no_grad():
         assert torch.allclose(folded_shared(example), shared(example), atol=1e-4)  # the folding is real
     saved_after_folding = _deployed_params(folded_original) - _deployed_params(folded_shared)
     assert r.params_before - r.params_after_folding == saved_after_folding
 
-    if all_folded:  # every shared conv2 feeds bn2: folding re-materialises every member
-        assert r.params_after_folding == r.params_before and r.reduction_after_folding == 0
+    if all_folded:  # every shared conv2 feeds bn2: each member keeps a scale (its bias replaces the BN's)
         assert all(g.folded == len(g.members) for g in r.groups)
-    else:  # conv2 feeds the addition: the saving survives folding
+        scales = sum(g.folded * g.shape[0] for g in r.groups)
+        assert r.params_after_folding == r.params_after + scales < r.params_before
+        # torch's own fusion on the shared model gives every member its own weight: nothing saved
+        assert _deployed_params(_fold(shared, pairs)) == _deployed_params(folded_original)
+    else:  # conv2 feeds the addition: nothing to fold into the members
         assert r.params_after_folding == r.params_after < r.params_before
         assert all(g.folded == 0 for g in r.groups)
 
@@ -87,20 +91,26 @@ def test_report_shows_both_numbers():
     original = torchvision.models.resnet18()
     r = sharify.report(original, sharify.sharify(original))
     line = (
-        f"after conv-BN folding (deployment): {r.params_after_folding:,} parameters (-0.0%); 8 of 8 shared convs "
-        "feed a BatchNorm and get their own folded weight"
+        f"after conv-BN folding (deployment): {r.params_after_folding:,} parameters (-26.8%); 8 of 8 shared convs "
+        "feed a BatchNorm, folded into a per-member scale and bias (sharify.fold_batchnorm)"
     )
     assert str(r).endswith(line) and r.to_markdown().endswith(line)
     data = r.to_dict()
-    assert data["params_after_folding"] == r.params_before and data["reduction_after_folding"] == 0.0
-    assert data["groups"][0]["folded"] == 2 and data["groups"][0]["params_after_folding"] == 2 * 64 * 64 * 9
+    assert data["params_after_folding"] == r.params_after + 2 * (64 + 128 + 256 + 512)
+    assert data["groups"][0]["folded"] == 2 and data["groups"][0]["params_after_folding"] == 64 * 64 * 9 + 2 * 64
 
 
-def test_filter_basis_members_feed_a_concatenation_not_a_batchnorm():
+def test_filter_basis_members_feed_a_concatenation_and_their_batchnorm_folds_into_the_coefficients():
     original = torchvision.models.resnet18()
-    r = sharify.report(original, sharify.sharify(original, method="basis", shared_rank=8, unique_rank=1))
-    assert all(g.folded == 0 for g in r.groups)  # shared basis -> cat -> BatchNorm -> 1x1: nothing to re-materialise
-    assert r.params_after_folding == r.params_after < r.params_before
+    shared = sharify.sharify(original, method="basis", shared_rank=8, unique_rank=1)
+    r = sharify.report(original, shared)
+    assert all(g.folded == 0 for g in r.groups)  # shared basis -> cat -> BatchNorm -> 1x1: no member feeds a BN
+    norms = sum(2 * m.norm.num_features for m in shared.modules() if isinstance(m, sharify.BasisConv2d))
+    assert r.params_after_folding == r.params_after - norms < r.params_before
+    folded_original = _fold(original, _conv_bn_pairs(original))
+    assert _deployed_params(folded_original) - _deployed_params(sharify.fold_batchnorm(shared)) == (
+        r.params_before - r.params_after_folding
+    )
 
 
 def test_post_training_quantization_gives_every_member_its_own_int8_weight():
