@@ -117,8 +117,8 @@ def test_every_loaded_sharify_module_is_from_this_checkout() -> None:
 def test_readme_how_it_works_names_every_module_of_the_pipeline() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
     section = readme.split("## How it works", 1)[1].split("\n## ", 1)[0]
-    for sub in ("analysis", "planning", "rewrite", "io"):
+    for sub in ("analysis", "planning", "rewrite", "io", "deploy"):
         assert f"sharify/{sub}/" in section or f"{sub}/" in section, sub
         for path in sorted((PACKAGE / sub).glob("*.py")):
-            if path.name != "__init__.py":
+            if not path.name.startswith("_"):  # __init__ and private helpers
                 assert f"`{path.name}`" in section or f" {path.name}" in section, f"{sub}/{path.name}"

@@ -56,6 +56,37 @@ def test_readme_foreign_models_example_runs(tmp_path: Path, monkeypatch: pytest.
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), det.state_dict().values()))
 
 
+def test_readme_deploy_example_runs() -> None:
+    namespace: dict[str, object] = {}
+    block = next(b for b in _blocks("python") if "sharify.fold_batchnorm(" in b)
+    exec(compile(block, "README.md", "exec"), namespace)
+    folded, int8 = namespace["folded"], namespace["int8"]
+    holders = [m for m in int8.modules() if type(m).__name__ == "Int8SharedConvParams"]  # type: ignore[union-attr]
+    assert holders and len(holders) == len(sharify.shared_groups(folded))  # type: ignore[arg-type]
+
+
+@pytest.mark.results
+def test_readme_deploy_figures_are_the_committed_benchmarks() -> None:
+    section = README.read_text().split("## Deploying a shared model", 1)[1].split("\n## ", 1)[0]
+    folding = (README.parent / "benchmarks/results/folding.md").read_text()
+    for row in re.findall(r"^  \| (?:torchvision|CIFAR)[^\n]*", section, flags=re.M):
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        name = cells[0].replace("`dsfb-basis` S48U1", "filter basis (dsfb-basis S48U1)")
+        line = next(line for line in folding.splitlines() if line.startswith(f"| {name}"))
+        assert [c.strip() for c in line.strip("|").split("|")][1:] == cells[1:], name
+    speed = (README.parent / "benchmarks/results/deploy_folding.md").read_text()
+    ratios = re.findall(
+        r"\| (resnet\d+) \| \S+ \| (True|False) \| `torch_fused_original` \| [\d.]+ \| [\d.]+ \| ([\d.]+) \|", speed
+    )
+    by = {(m, c): r for m, c, r in ratios}
+    assert f"{by['resnet18', 'False']} / {by['resnet50', 'False']} eager" in " ".join(section.split())
+    assert f"{by['resnet18', 'True']} / {by['resnet50', 'True']} under" in " ".join(section.split())
+    for model, original, shared in re.findall(
+        r"\| (resnet\d+) \| [^|]+ \| [^|]+ \| ([\d.]+) / ([\d.]+) \([\d.]+\) MiB \| [^|]+ \|$", speed, flags=re.M
+    ):
+        assert f"{model} {original} -> {shared} MiB" in " ".join(section.split()), model
+
+
 def test_readme_commands_are_the_ci_commands() -> None:
     commands = [b.strip() for b in _blocks("bash")]
     assert "python -m pip install -e . && sharify report resnet50" in commands
