@@ -20,10 +20,12 @@ Papers:
 """
 
 from ._version import __version__
+from .deploy.onnx import export_onnx
 from .errors import (
     AlreadySharifiedError,
     CheckpointError,
     ExampleInputsError,
+    ExportError,
     NothingToShareError,
     PretrainedWeightsError,
     RecipeMismatchError,
@@ -51,6 +53,7 @@ __all__ = [
     "CheckpointError",
     "ConvSignature",
     "ExampleInputsError",
+    "ExportError",
     "GroupRecipe",
     "GroupReport",
     "ModelSource",
@@ -70,6 +73,7 @@ __all__ = [
     "UntraceableError",
     "__version__",
     "apply_plan",
+    "export_onnx",
     "is_shared_conv",
     "load",
     "load_unshared_state_dict",

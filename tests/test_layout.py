@@ -20,6 +20,7 @@ RANKS = {
     "sharify.planning": 2,
     "sharify.rewrite": 3,
     "sharify.io": 4,
+    "sharify.deploy": 4,
     "sharify.report": 5,
     "sharify.train": 6,
     "sharify.cli": 7,
@@ -92,7 +93,7 @@ def test_no_module_getattr_shims() -> None:
 
 
 def test_subpackages_say_what_they_read_and_produce() -> None:
-    for sub in ("analysis", "planning", "rewrite", "io", "train"):
+    for sub in ("analysis", "planning", "rewrite", "io", "deploy", "train"):
         doc = ast.get_docstring(ast.parse((PACKAGE / sub / "__init__.py").read_text()))
         assert doc and len(doc.split()) > 30, sub
 
