@@ -20,11 +20,12 @@ Papers:
 """
 
 from ._version import __version__
-from .deploy import fold_batchnorm, quantize_int8
+from .deploy import export_onnx, fold_batchnorm, quantize_int8
 from .errors import (
     AlreadySharifiedError,
     CheckpointError,
     ExampleInputsError,
+    ExportError,
     NothingToShareError,
     PretrainedWeightsError,
     RecipeMismatchError,
@@ -52,6 +53,7 @@ __all__ = [
     "CheckpointError",
     "ConvSignature",
     "ExampleInputsError",
+    "ExportError",
     "GroupRecipe",
     "GroupReport",
     "ModelSource",
@@ -71,6 +73,7 @@ __all__ = [
     "UntraceableError",
     "__version__",
     "apply_plan",
+    "export_onnx",
     "fold_batchnorm",
     "is_shared_conv",
     "load",

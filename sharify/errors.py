@@ -13,6 +13,7 @@ __all__ = [
     "AlreadySharifiedError",
     "CheckpointError",
     "ExampleInputsError",
+    "ExportError",
     "NothingToShareError",
     "PretrainedWeightsError",
     "RecipeMismatchError",
@@ -61,3 +62,8 @@ class RecipeMismatchError(CheckpointError):
 
 class TieError(SharifyError):
     """The sharing of a model is broken in a way :func:`sharify.retie` cannot repair."""
+
+
+class ExportError(SharifyError):
+    """An exported file (ONNX, ``torch.export``) does not keep the sharing: a shared tensor is stored more than
+    once, or is missing, or the exported model's outputs differ from the PyTorch model's."""

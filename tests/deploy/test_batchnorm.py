@@ -18,10 +18,10 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import PreActResNet, cifar_resnet, wide_resnet
 from sharify.analysis.folding import conv_bn_pairs
 from sharify.analysis.tracing import trace
 from tests.conftest import state_equal
+from tests.nets import PreActResNet, cifar_resnet, wide_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ from safetensors.torch import save
 from torch import nn
 
 import sharify
-from benchmarks.cifar_models import cifar_resnet
 from sharify.deploy.int8 import dequantize, quantize_weight
 from tests.conftest import state_equal
+from tests.nets import cifar_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
