@@ -56,13 +56,35 @@ def test_readme_foreign_models_example_runs(tmp_path: Path, monkeypatch: pytest.
     assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), det.state_dict().values()))
 
 
-def test_readme_deploy_example_runs() -> None:
+def test_readme_deploy_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {}
     block = next(b for b in _blocks("python") if "sharify.fold_batchnorm(" in b)
     exec(compile(block, "README.md", "exec"), namespace)
     folded, int8 = namespace["folded"], namespace["int8"]
     holders = [m for m in int8.modules() if type(m).__name__ == "Int8SharedConvParams"]  # type: ignore[union-attr]
     assert holders and len(holders) == len(sharify.shared_groups(folded))  # type: ignore[arg-type]
+    assert (tmp_path / "resnet18_shared.onnx").stat().st_size < 0.75 * 46.8e6  # checked by export_onnx itself
+
+
+@pytest.mark.results
+def test_readme_onnx_figures_are_the_committed_deploy_benchmark() -> None:
+    deploy = (README.parent / "benchmarks/results/deploy.md").read_text()
+    rows = _table_after("- **ONNX and `torch.export`**", "model")
+    assert [r[0] for r in rows] == ["resnet18", "resnet34", "resnet50", "wrn-40-4", "resnet34-dsfb-basis"]
+    for model, fraction, onnx, pt2, safetensors, latency in rows:
+        line = next(x for x in deploy.splitlines() if x.startswith(f"| {model} | 3x"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == fraction, model
+        assert cells[5].startswith(f"{safetensors} = "), model
+        assert cells[6].startswith(f"{onnx.replace(' (', ' = ').rstrip(')')}"), model
+        assert cells[7].startswith(f"{pt2} = "), model
+        ratios = [
+            next(x for x in deploy.splitlines() if x.startswith(f"| {model} | shared | {b} |")).split("|")[6].strip()
+            for b in (1, 8)
+        ]
+        assert latency == " / ".join(ratios), model
 
 
 @pytest.mark.results
@@ -173,7 +195,7 @@ def test_cli_errors_are_one_line_with_exit_code(argv: list[str], message: str, c
 def _table_after(heading: str, first_column: str) -> list[list[str]]:
     """Rows (cells) of the first markdown table under ``heading`` whose header starts with ``first_column``."""
     section = README.read_text().split(heading, 1)[1]
-    lines = section.splitlines()
+    lines = [line.strip() for line in section.splitlines()]  # tables may be indented under a list item
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
     rows = []
     for line in lines[start + 2 :]:
