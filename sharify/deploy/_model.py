@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -13,6 +11,7 @@ from torch import Tensor, nn
 
 from .._wrappers import unwrap
 from ..analysis.shapes import as_inputs
+from ..analysis.tracing import eval_mode
 from ..errors import ExampleInputsError, UnsupportedModelError
 from ..layers import shared_stores
 
@@ -92,18 +91,6 @@ def export_program(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: 
     shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
     with eval_mode(model), torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
         return torch.export.export(model, inputs, dynamic_shapes=shapes)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Puts every module of ``model`` in eval mode for the block, then restores each one's own mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def reference_outputs(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ExportError
+from ..errors import ExampleInputsError, ExportError
 from ..io.atomic import atomic_write
 from ._copies import TensorCopies, copies_message, find_copies
 from ._model import (
@@ -258,6 +259,19 @@ def _keep_shared(node: Any) -> bool | None:
     return None  # the optimizer's own rules
 
 
+def _check_inputs_fit(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+    """``ExampleInputsError`` when ``model`` cannot run on ``inputs`` at all (eval mode, no gradients)."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+        raise ExampleInputsError(
+            f"{type(model).__name__} cannot run on example inputs of shape {shapes} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); pass example_inputs the model accepts"
+        ) from exc
+
+
 def _export(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> Any:
     optimizer = _import("onnxscript.optimizer", "export_onnx")
     shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
@@ -269,7 +283,9 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -
         if program is None:  # only the legacy exporter writes without returning a program
             raise RuntimeError("torch.onnx.export returned no ONNXProgram")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _check_inputs_fit(model, inputs)  # a forward that fails on the inputs is the clearer error
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's exporter colours its messages
+        first = text.splitlines()[0] if text else type(exc).__name__
         hint = "; try dynamic_batch=False" if dynamic_batch else ""
         raise ExportError(
             f"torch.onnx.export(..., dynamo=True) cannot export {type(model).__name__}: {first}{hint}; the model "

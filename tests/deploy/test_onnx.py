@@ -158,3 +158,10 @@ def test_check_names_a_missing_shared_tensor(exported: Path) -> None:
     other = sharify.sharify(_stats(cifar_resnet(14, width=8)), example_inputs=X)
     with pytest.raises(sharify.ExportError, match=r"stores no copy of 3 shared tensors \(`sharify_shared.layer1"):
         check_onnx(other, exported, run=False)
+
+
+def test_example_inputs_the_model_cannot_run_are_named(models: tuple[nn.Module, nn.Module], tmp_path: Path) -> None:
+    _, shared = models
+    with pytest.raises(sharify.ExampleInputsError, match=r"cannot run on example inputs of shape \(2, 5, 32, 32\)"):
+        sharify.export_onnx(shared, tmp_path / "m.onnx", torch.randn(2, 5, 32, 32))
+    assert not (tmp_path / "m.onnx").exists()
