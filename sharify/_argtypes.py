@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["OutputError", "finite_float", "positive_int", "write_stdout"]
+__all__ = ["OutputError", "delta_rank_arg", "finite_float", "fraction_arg", "positive_int", "write_stdout"]
 
 
 class OutputError(OSError):
@@ -28,7 +28,27 @@ def finite_float(text: str) -> float:
     return value
 
 
-positive_int.__name__ = "positive integer"  # argparse names the type in "invalid <name> value"
+def delta_rank_arg(text: str) -> int | str:
+    """An argparse type: ``"full"`` or an integer >= 0."""
+    if text == "full":
+        return text
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 0 or "full", got {text}')
+    return value
+
+
+def fraction_arg(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+positive_int.__name__ = "positive integer"
+delta_rank_arg.__name__ = "rank"
+fraction_arg.__name__ = "fraction"  # argparse names the type in "invalid <name> value"
 finite_float.__name__ = "number"
 
 

@@ -24,7 +24,7 @@ it becomes an instance of its original class again with its own copies of the te
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from ._wrappers import unwrap
 
 __all__ = [
+    "DELTA_PARAMETERS",
+    "Delta",
     "SHARED_STORE_NAME",
     "SharedConv2d",
     "SharedConvMixin",
@@ -46,6 +48,8 @@ __all__ = [
 
 #: Attribute under which the store of shared tensors is registered on the model's root.
 SHARED_STORE_NAME = "sharify_shared"
+#: The parameters of a member's low-rank delta (relaxed sharing, ``delta_rank``): see :class:`SharedConvMixin`.
+DELTA_PARAMETERS: tuple[str, ...] = ("delta_b", "delta_a", "delta_bias")
 
 
 class SharedConvParams(nn.Module):
@@ -136,24 +140,44 @@ class SharedConvMixin:
 
     A member may own a ``shared_gain`` parameter (one value per output channel, ``init="scaled"``
     where no BatchNorm follows to absorb it): it then computes with ``gain * shared weight``.
+
+    With ``delta_rank`` (relaxed sharing) a member also owns a low-rank delta: ``delta_b`` of shape
+    ``(out, r)`` and ``delta_a`` of shape ``(r, in/groups * kh * kw)``, and, when the convs have a bias,
+    ``delta_bias`` (``out``). It then computes with ``gain * (W + (delta_b @ delta_a).view_as(W))`` and
+    ``gain * (b + delta_bias)``: the sum is materialised once per forward (a ``(out, r) @ (r, d)`` product,
+    small next to the convolution), never as extra convolutions over the activations.
     """
 
     _sharify_base: type[nn.Module]
     _sharify_holder: SharedConvParams
     #: Parameters a member owns only while it reads the holder: :func:`detach_from_holder` drops them.
-    _sharify_member_parameters: tuple[str, ...] = ("shared_gain",)
+    _sharify_member_parameters: tuple[str, ...] = ("shared_gain", *DELTA_PARAMETERS)
 
     @property
     def weight(self) -> Tensor:
         w = self._sharify_holder.weight
-        gain = self._parameters.get("shared_gain")  # type: ignore[attr-defined]
+        params = self._parameters  # type: ignore[attr-defined]
+        up, down = params.get("delta_b"), params.get("delta_a")
+        if up is not None and down is not None:
+            w = w + (up @ down).view_as(w)
+        gain = params.get("shared_gain")
         return w if gain is None else w * gain.view(-1, *([1] * (w.dim() - 1)))
 
     @property
     def bias(self) -> Tensor | None:
         b = self._sharify_holder.bias
-        gain = self._parameters.get("shared_gain")  # type: ignore[attr-defined]
+        params = self._parameters  # type: ignore[attr-defined]
+        delta = params.get("delta_bias")
+        if b is not None and delta is not None:
+            b = b + delta
+        gain = params.get("shared_gain")
         return b if b is None or gain is None else b * gain
+
+    @property
+    def delta_rank(self) -> int:
+        """Rank of the member's own low-rank delta (0: the member computes with the shared weight alone)."""
+        down = self._parameters.get("delta_a")  # type: ignore[attr-defined]
+        return 0 if down is None else int(down.shape[0])
 
     def _sharify_detached_tensors(self) -> dict[str, Tensor | None]:
         """What the member computes with, as the tensors of an ordinary conv (its weight and bias, gain applied)."""
@@ -205,19 +229,36 @@ def is_shared_conv(module: nn.Module) -> bool:
     return isinstance(module, SharedConvMixin)
 
 
-def attach_to_holder(conv: nn.Module, holder: SharedConvParams, gain: Tensor | None = None) -> None:
+class Delta(NamedTuple):
+    """A member's low-rank delta: ``up @ down`` (``(out, r) @ (r, d)``) added to the shared weight viewed as
+    ``(out, d)``, and ``bias`` (``out``, or ``None`` when the convs have none) added to the shared bias."""
+
+    up: Tensor
+    down: Tensor
+    bias: Tensor | None
+
+
+def attach_to_holder(
+    conv: nn.Module, holder: SharedConvParams, gain: Tensor | None = None, delta: Delta | None = None
+) -> None:
     """Makes ``conv`` a member of ``holder``'s group; its own weight and bias are dropped.
 
     Args:
         conv: The conv (its class is swapped to ``Shared<Class>``).
         holder: The group's holder.
         gain: Optional per-output-channel gain the member applies to the shared tensors.
+        delta: Optional low-rank delta the member adds to the shared tensors (before the gain).
     """
     base = type(conv)
     del conv._parameters["weight"]
     del conv._parameters["bias"]
     if gain is not None:
         conv._parameters["shared_gain"] = nn.Parameter(gain)
+    if delta is not None:
+        conv._parameters["delta_b"] = nn.Parameter(delta.up)
+        conv._parameters["delta_a"] = nn.Parameter(delta.down)
+        if delta.bias is not None:
+            conv._parameters["delta_bias"] = nn.Parameter(delta.bias)
     conv.__class__ = shared_class(base)
     conv.__dict__["_sharify_holder"] = holder
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -62,6 +62,11 @@ class GroupReport:
     #: tensor once, plus ``C_out`` for each folded member (its scale; its bias replaces the BatchNorm's as
     #: torch's fusion's does), minus the BatchNorms that filter-basis convs fold into their coefficients.
     params_after_folding: int | None = None
+    #: Rank of the members' low-rank deltas (relaxed sharing; 0: none).
+    delta_rank: int = 0
+    #: Per member, the share of ``||W_i - W_shared||^2`` (gains applied) its delta recovers (``None``: no deltas,
+    #: or the original's weights are not comparable).
+    delta_captured: tuple[float, ...] | None = None
 
     @property
     def saved(self) -> int:
@@ -146,6 +151,14 @@ class ParameterReport:
 
     _HEADER = ("group", "members", "weight", "params before", "params after", "saved", "dissimilarity")
 
+    @property
+    def _relaxed(self) -> bool:
+        return any(g.delta_rank for g in self.groups)
+
+    @property
+    def _header(self) -> tuple[str, ...]:
+        return (*self._HEADER, "delta rank: captured") if self._relaxed else self._HEADER
+
     def _rows(self) -> list[list[str]]:
         rows = []
         for g in self.groups:
@@ -154,8 +167,11 @@ class ParameterReport:
                 [g.key, str(len(g.members)), "x".join(map(str, g.shape)), f"{g.params_before:,}",
                  f"{g.params_after:,}", f"{g.saved:,}", d]
             )  # fmt: skip
+            if self._relaxed:
+                share = "" if g.delta_captured is None else ": " + " ".join(f"{c:.0%}" for c in g.delta_captured)
+                rows[-1].append(f"{g.delta_rank}{share}" if g.delta_rank else "-")
         rows.append(["total (model)", "", "", f"{self.params_before:,}", f"{self.params_after:,}",
-                     self._of_model(self.saved), ""])  # fmt: skip
+                     self._of_model(self.saved), "", *([""] if self._relaxed else [])])  # fmt: skip
         return rows
 
     @staticmethod
@@ -178,7 +194,7 @@ class ParameterReport:
         lines = [f"{self.model}: {self.params_before:,} -> {self.params_after:,} parameters ({-self.reduction:+.1%})"]
         if self.groups:
             lines += [*self._text_table(self._STAGE_HEADER, self._stage_rows(), total=False), ""]
-        lines += self._text_table(self._HEADER, self._rows(), total=True)
+        lines += self._text_table(self._header, self._rows(), total=True)
         return "\n".join([*lines, *self._folding_lines()])
 
     def _folding_lines(self) -> list[str]:
@@ -201,7 +217,7 @@ class ParameterReport:
             ]
 
         lines = [*table(self._STAGE_HEADER, self._stage_rows()), ""] if self.groups else []
-        lines += table(self._HEADER, self._rows())
+        lines += table(self._header, self._rows())
         folding = self._folding_lines()
         return "\n".join([*lines, "", *folding] if folding else lines)
 
@@ -257,6 +273,8 @@ def _group_report(
     def numel(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
+    delta: tuple[int, tuple[float, ...] | None] = (0, None)
+
     if holder.method == "basis":  # members are the `.shared` convs of BasisConv2d modules
         paths = [m.rpartition(".")[0] for m in members]
         bases = [shared.get_submodule(p) for p in paths]
@@ -265,12 +283,18 @@ def _group_report(
         error = _relative_error(original, paths, [b.effective_weight() for b in bases], alignment)  # type: ignore[operator]
     else:
         paths = members
+        convs = [shared.get_submodule(p) for p in paths]
         before = numel(holder) * len(members)
-        after = numel(holder)
-        computed: list[torch.Tensor] = [holder.weight] * len(paths)
+        after = numel(holder) + sum(p.numel() for c in convs for p in c._parameters.values() if p is not None)
+        computed = [cast(torch.Tensor, c.weight) for c in convs]  # the shared weight, with gains and deltas
+        base: list[torch.Tensor] = [holder.weight] * len(paths)
         if holder.init == "scaled":  # members apply per-channel gains (maybe folded into their BatchNorm)
-            computed = [_with_best_gains(original, p, holder.weight, alignment) for p in paths]
+            computed = [_with_best_gains(original, p, w, alignment) for p, w in zip(paths, computed)]
+            base = [_with_best_gains(original, p, holder.weight, alignment) for p in paths]
         error = _relative_error(original, paths, computed, alignment)
+        ranks = [int(getattr(c, "delta_rank", 0)) for c in convs]
+        if any(ranks):
+            delta = (max(ranks), _captured(original, paths, base, computed, alignment))
     return GroupReport(
         key=key,
         stage=holder.stage,
@@ -281,7 +305,30 @@ def _group_report(
         params_before=before,
         params_after=after,
         dissimilarity=error,
+        delta_rank=delta[0],
+        delta_captured=delta[1],
     )
+
+
+def _captured(
+    original: nn.Module,
+    members: list[str],
+    base: list[torch.Tensor],
+    computed: list[torch.Tensor],
+    alignment: Alignment,
+) -> tuple[float, ...] | None:
+    """Per member, ``1 - ||W_i - computed_i||^2 / ||W_i - base_i||^2``: the share of what the shared weight alone
+    (``base``) misses of the original member that its delta (``computed``) recovers."""
+    out = []
+    with torch.no_grad():
+        for path, b, c in zip(members, base, computed):
+            w = _original_weight(original, path, alignment)
+            if w is None or c.is_meta or w.shape != c.shape:
+                return None
+            missed = (w.double() - b.double()).square().sum().item()
+            left = (w.double() - c.double()).square().sum().item()
+            out.append(1.0 - left / missed if missed else 1.0)
+    return tuple(out)
 
 
 def _sharing_scopes(shared: nn.Module) -> set[str]:
@@ -334,13 +381,15 @@ def _with_folding(shared: nn.Module, groups: list[GroupReport]) -> tuple[list[Gr
         n = sum(p in folded for p in g.members)
         after = g.params_after + n * g.shape[0]  # a scale per folded member
         for path in g.members:
-            basis = shared.get_submodule(path)
-            if isinstance(basis, BasisConv2d) and basis_norm_foldable(basis):  # its BatchNorm folds away
-                after -= sum(p.numel() for p in basis.norm.parameters())
+            member = shared.get_submodule(path)
+            if isinstance(member, BasisConv2d) and basis_norm_foldable(member):  # its BatchNorm folds away
+                after -= sum(p.numel() for p in member.norm.parameters())
+            gain = member._parameters.get("shared_gain")
+            if path in folded and gain is not None:  # absorbed into the member's scale
+                after -= gain.numel()
         out.append(replace(g, folded=n, params_after_folding=after))
-    gains = [shared.get_submodule(p)._parameters.get("shared_gain") for p in folded]  # absorbed into the scales
     extra = sum((g.params_after_folding or 0) - g.params_after for g in out)
-    return out, count_params(shared) + extra - sum(g.numel() for g in gains if g is not None)
+    return out, count_params(shared) + extra
 
 
 def report(original: nn.Module, shared: nn.Module) -> ParameterReport:

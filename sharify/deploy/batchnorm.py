@@ -57,7 +57,7 @@ class FoldedConvMixin(SharedConvMixin):
     becomes an ordinary conv with the folded weight and bias, as torch's fusion would have made it.
     """
 
-    _sharify_member_parameters = ("shared_gain", "fold_scale", "fold_bias")
+    _sharify_member_parameters = (*SharedConvMixin._sharify_member_parameters, "fold_scale", "fold_bias")
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         y = super().forward(*args, **kwargs)  # type: ignore[misc]

@@ -104,12 +104,16 @@ def _format_hint(path: Path) -> str:
     """What a file that safetensors cannot read is, and how to read it."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         head = b"?"
     if not head:
         return "it is empty (0 bytes): it was not written completely; save the model again with sharify.save"
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip archive, or a legacy pickle
+    # A safetensors file starts with its header's length (8 bytes, little-endian; the first may be 0x80) and the
+    # header's "{"; torch.save writes a zip archive, or a legacy pickle (0x80, then the protocol 2-5).
+    safetensors = head[8:9] == b"{"
+    pickle = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if not safetensors and (head.startswith(b"PK\x03\x04") or pickle):
         return (
             "it is a torch.save file (a pickle), not a safetensors file: load an original (unshared) checkpoint with "
             "sharify.load_unshared_state_dict(shared, torch.load(path, weights_only=True)), a sharified model's "

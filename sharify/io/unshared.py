@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .._paths import names_by_identity
 from .._wrappers import strip_wrapper_prefixes, unwrap
 from ..layers import SHARED_STORE_NAME, SharedConvParams, SharedStore, shared_groups
+from ..rewrite.delta import MemberTarget, svd_delta
 from ..rewrite.init import check_init, initial_tensors
 
 __all__ = ["EMA_KEYS", "WEIGHT_KEYS", "checkpoint_weights", "load_state", "load_unshared_state_dict", "meta_gap"]
@@ -168,7 +169,26 @@ def _fold_groups(bare: nn.Module, weights: dict[str, Tensor], init: str, strict:
         folded[prefix + "weight"] = weight
         if bias is not None:
             folded[prefix + "bias"] = bias
+        folded.update(_refit_deltas(bare, members, popped, weight, bias))
     return folded
+
+
+def _refit_deltas(
+    bare: nn.Module, members: list[str], popped: dict[str, list[Tensor | None]], weight: Tensor, bias: Tensor | None
+) -> dict[str, Tensor]:
+    """Each member's low-rank delta (relaxed sharing) re-fitted to the loaded weights: the truncated SVD, at the
+    member's rank, of what the new shared tensor misses of its checkpoint weight (see :mod:`sharify.rewrite.delta`)."""
+    out: dict[str, Tensor] = {}
+    biases = popped.get("bias") or [None] * len(members)
+    for path, w, b in zip(members, popped["weight"], biases):
+        rank = getattr(bare.get_submodule(path), "delta_rank", 0)
+        if not rank or w is None:
+            continue
+        delta = svd_delta(MemberTarget.of(w, b, None), weight, bias, rank)
+        out.update({f"{path}.delta_b": delta.up, f"{path}.delta_a": delta.down})
+        if delta.bias is not None:
+            out[f"{path}.delta_bias"] = delta.bias
+    return out
 
 
 def _check_fits(bare: nn.Module, weights: Mapping[str, Tensor], strict: bool) -> None:
@@ -214,7 +234,8 @@ def load_unshared_state_dict(
         shared: A model returned by :func:`sharify.sharify` (or that model wrapped in DDP, DataParallel
             or ``torch.compile``: the state_dict is loaded into the model inside).
         state_dict: State dict of the original, unshared model (or a training checkpoint holding one).
-        init: How to combine the members: ``"average"`` or ``"first"`` (``"random"`` ignores them).
+        init: How to combine the members: ``"average"`` or ``"first"`` (``"random"`` ignores them). Members with a
+            low-rank delta (``delta_rank``) get theirs re-fitted to the loaded weights, at their rank.
         strict: As in ``nn.Module.load_state_dict``: with ``False``, keys only one side has are
             skipped, and a group with a member missing keeps its current tensors. Shapes must match.
 

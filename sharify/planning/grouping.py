@@ -19,7 +19,16 @@ from .._paths import module_paths, names_by_identity
 from ..analysis.channels import channel_slots
 from ..analysis.residual import Block, Stage
 from .options import _ALIASES, Selector, SharingOptions
-from .rules import ConvSignature, SharingGroup, basis_ranks, group_key, is_depthwise, is_spatial, select
+from .rules import (
+    ConvSignature,
+    SharingGroup,
+    basis_ranks,
+    delta_rank_of,
+    group_key,
+    is_depthwise,
+    is_spatial,
+    select,
+)
 
 __all__ = ["GroupFinder", "Seen", "check_indices", "computed_tensor_reason", "nothing_to_share_hints"]
 
@@ -173,8 +182,11 @@ class GroupFinder:
             else ()
         )
         unique_stage = self.stage_paths.count(stage.path) == 1
+        key = group_key(stage, unique_stage, first_block, first_path, label, taken)
+        row = conv.weight.numel() // sig.out_channels
+        delta = delta_rank_of(options, stage.path, key, sig.out_channels, row) if options.method == "share" else 0
         return SharingGroup(
-            key=group_key(stage, unique_stage, first_block, first_path, label, taken),
+            key=key,
             stage=stage.path,
             position=label,
             signature=sig,
@@ -187,13 +199,15 @@ class GroupFinder:
             norms=norms,
             slots=slots,
             gains=sig.out_channels * norms.count(None) if options.init == "scaled" else 0,
+            delta_rank=delta,
         )
 
     def would_share(self, options: SharingOptions, **changes: Any) -> list[SharingGroup]:
         """The groups whole-conv sharing would form with ``changes`` applied to ``options``."""
         trial = dataclasses.replace(
-            options, method="share", shared_rank=None, unique_rank=None, init="average", align=False, **changes
-        )
+            options, method="share", shared_rank=None, unique_rank=None, init="average", align=False, delta_rank=0,
+            param_budget=None, **changes,
+        )  # fmt: skip
         return self.groups(trial)[0]
 
 

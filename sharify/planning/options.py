@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from .._argtypes import positive_int
+from .._argtypes import delta_rank_arg, fraction_arg, positive_int
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -45,6 +46,7 @@ __all__ = [
     "PRESETS",
     "SELECTORS",
     "BasisInit",
+    "DeltaRank",
     "Init",
     "Method",
     "NamedSelector",
@@ -80,6 +82,10 @@ _INITS: dict[str, tuple[str, ...]] = {"share": get_args(ShareInit), "basis": get
 #: :func:`sharify.planning.rules.scaled_rank`). A mapping gives the absolute number of filters per stage path, one
 #: entry for every stage that holds groups; keys that are no stage path are refused.
 Rank = int | Mapping[str, int]
+#: A low-rank delta's rank (relaxed sharing): an int (0: none), ``"full"`` (``min(out, in/groups * kh * kw)``,
+#: which reproduces every member exactly), or ``{stage path or group key: int or "full"}``; a group's own key
+#: takes precedence over its stage's path, and a group in neither gets no delta.
+DeltaRank = int | Literal["full"] | Mapping[str, int | Literal["full"]]
 
 #: The named variants of the papers (the table above): the values they give the options they set.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -234,6 +240,37 @@ class SharingOptions:
             action="store_true",
         ),
     )
+    delta_rank: DeltaRank = field(
+        default=_UNSET,
+        metadata=_meta(
+            0,
+            doc='``method="share"`` only: relaxed sharing. Each member computes with ``W_shared + B_i @ A_i`` (the '
+            "weight viewed as ``(out, in/groups * kh * kw)``; ``B_i`` is ``(out, r)``, ``A_i`` is ``(r, in/groups * "
+            "kh * kw)``), a low-rank delta it owns, initialised from the truncated SVD of what the shared weight "
+            'misses of it (after ``align`` and ``init``; with ``init="scaled"``, of the member\'s weight divided by '
+            'its gains); with a bias, each member also owns the difference of its bias. ``"full"`` '
+            "reproduces the original model exactly; the error falls with the rank. Costs ``r * (out + in/groups * "
+            'kh * kw)`` parameters per member (+ ``out`` with a bias). An int, ``"full"``, or ``{stage path or group '
+            'key: int or "full"}``. Not with ``param_budget``.',
+            help='relaxed sharing: rank of each member\'s low-rank delta (int or "full")',
+            type=delta_rank_arg,
+            metavar="RANK",
+        ),
+    )
+    param_budget: float | None = field(
+        default=_UNSET,
+        metadata=_meta(
+            doc='``method="share"`` only: a fraction of the original model\'s parameters (e.g. ``0.7``) to spend. '
+            "The members get low-rank deltas (as ``delta_rank``) whose per-group ranks capture the most of what "
+            "sharing misses (each member's squared error relative to its own weight, summed) within the budget, "
+            "chosen greedily from the singular values when the model is sharified. A budget below what full "
+            "sharing reaches is refused with the smallest possible figure. The sharified model records the ranks "
+            "chosen (its options' ``delta_rank``), not the budget. Not with ``delta_rank``.",
+            help="relaxed sharing: fraction of the original's parameters to keep (chooses delta ranks)",
+            type=fraction_arg,
+            metavar="FRACTION",
+        ),
+    )
     preset: str | None = field(
         default=_UNSET,
         metadata=_meta(
@@ -254,7 +291,7 @@ class SharingOptions:
         """JSON-ready (mappings of ranks become dicts); :meth:`from_dict` reads it back."""
         d = asdict(self)
         d["positions"] = list(self.positions)
-        for k in ("shared_rank", "unique_rank"):
+        for k in ("shared_rank", "unique_rank", "delta_rank"):
             if isinstance(d[k], Mapping):
                 d[k] = dict(d[k])
         return d
@@ -368,6 +405,10 @@ def sharing_options(
     if not given:
         return options
     base = {f.name: getattr(options, f.name) for f in fields(options)}
+    if "param_budget" in given:
+        base.pop("delta_rank")  # a budget chooses the ranks itself
+    if "delta_rank" in given:
+        base.pop("param_budget")
     if given.get("method", options.method) != options.method:
         for name in ("init", "shared_rank", "unique_rank"):
             base.pop(name)  # they belong to the old method; the new method's defaults apply unless given
@@ -385,6 +426,16 @@ def _check_types(options: Mapping[str, Any]) -> None:
             raise TypeError(f"{name} must be a str, got {_got(value)}")
         elif name in ("shared_rank", "unique_rank") and not (isinstance(value, (int, Mapping)) and value is not True):
             raise TypeError(f"{name} must be an int or a mapping of stage path -> int, got {_got(value)}")
+        elif name == "delta_rank" and not (
+            (isinstance(value, (int, Mapping)) and value is not True and value is not False) or value == "full"
+        ):
+            raise TypeError(
+                f'delta_rank must be an int, "full" or a mapping of stage path / group key -> rank, got {_got(value)}'
+            )
+        elif name == "param_budget" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(
+                f"param_budget must be a fraction of the original's parameters (a float), got {_got(value)}"
+            )
         elif name == "positions" and (isinstance(value, bool) or not isinstance(value, (str, int, list, tuple))):
             raise TypeError(f"positions must be a selector or a list/tuple of selectors, got {_got(value)}")
 
@@ -414,12 +465,39 @@ def _resolve(preset: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
             _check_rank(name, merged[name])
     elif merged["shared_rank"] is not None or merged["unique_rank"] is not None:
         raise ValueError("shared_rank/unique_rank only apply to method='basis'")
+    _check_relaxed(merged, given)
     if merged["align"] and merged["init"] in ("random", "orthogonal"):
         raise ValueError(
             f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "
             "does not use the members' weights: use init='average', 'scaled' or 'first' ('svd' for method='basis')"
         )
     return merged
+
+
+def _check_relaxed(merged: dict[str, Any], given: Mapping[str, Any]) -> None:
+    """Checks ``delta_rank`` and ``param_budget`` (relaxed sharing) against each other and the method."""
+    delta, budget = merged["delta_rank"], merged["param_budget"]
+    if merged["method"] != "share" and (delta or budget is not None):
+        name = "delta_rank" if delta else "param_budget"
+        raise ValueError(
+            f"{name} relaxes whole-conv sharing (method='share'); method={merged['method']!r} shares a filter basis, "
+            "whose members already own their unique filters: drop it or use method='share'"
+        )
+    if budget is not None and given.get("delta_rank"):
+        raise ValueError(
+            "param_budget chooses the delta ranks; pass either param_budget (a fraction of the original's "
+            "parameters) or delta_rank (explicit ranks), not both"
+        )
+    if budget is not None and not (math.isfinite(budget) and 0 < budget <= 1):
+        raise ValueError(f"param_budget must be a fraction of the original's parameters in (0, 1], got {budget!r}")
+    ranks = delta.values() if isinstance(delta, Mapping) else [delta]
+    if isinstance(delta, Mapping) and not all(isinstance(k, str) for k in delta):
+        raise TypeError(f"the keys of delta_rank must be stage paths or group keys (str), got {list(delta)!r}")
+    for r in ranks:
+        if r != "full" and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f'a delta_rank is an int >= 0 or "full", got {r!r} (delta_rank={delta!r})')
+    if isinstance(delta, Mapping):
+        merged["delta_rank"] = dict(delta)
 
 
 def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector, ...]:

@@ -13,22 +13,26 @@ from typing import Any
 
 from ..analysis.descend import join_path, prefixed_stage
 from ..analysis.residual import Stage
-from .options import Rank, SharingOptions
+from .options import SharingOptions
 from .rules import SharingGroup
 
 __all__ = ["part_options", "prefixed"]
 
 
 def part_options(options: SharingOptions, path: str) -> SharingOptions:
-    """``options`` for the submodule at ``path``: rank mappings keyed by root-relative stage paths made relative."""
+    """``options`` for the submodule at ``path``: rank mappings keyed by root-relative stage paths (and group keys)
+    made relative."""
 
-    def relative(rank: Rank | None) -> Rank | None:
+    def relative(rank: Any) -> Any:
         if not isinstance(rank, Mapping):
             return rank
         return {k[len(path) + 1 :]: v for k, v in rank.items() if k.startswith(path + ".")}
 
     return dataclasses.replace(
-        options, shared_rank=relative(options.shared_rank), unique_rank=relative(options.unique_rank)
+        options,
+        shared_rank=relative(options.shared_rank),
+        unique_rank=relative(options.unique_rank),
+        delta_rank=relative(options.delta_rank),
     )
 
 

@@ -13,6 +13,7 @@ to the model and :attr:`SharingPlan.submodules` says which submodules were analy
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from .grouping import GroupFinder, check_indices, nothing_to_share_hints
 from .leaves import resolve_leaf_modules
 from .options import SharingOptions, sharing_options
 from .parts import part_options, prefixed
-from .rules import ConvSignature, SharingGroup, check_rank_stages
+from .rules import ConvSignature, SharingGroup, check_delta_keys, check_rank_stages
 
 __all__ = ["ConvSignature", "SharingGroup", "SharingPlan", "count_params", "leaf_paths", "make_plan", "plan"]
 
@@ -404,7 +405,18 @@ def _new_plan(
     inputs: Sequence[Tensor],
     **found: Any,
 ) -> SharingPlan:
-    """A :class:`SharingPlan` of ``model`` with what the analysis ``found`` (stages, groups, notes, ...)."""
+    """A :class:`SharingPlan` of ``model`` with what the analysis ``found`` (stages, groups, notes, ...).
+
+    Raises:
+        ValueError: A ``delta_rank`` mapping key that names no stage or group; a ``param_budget`` below what
+            full sharing reaches.
+    """
+    groups: tuple[SharingGroup, ...] = found.get("groups", ())
+    stages: tuple[Stage, ...] = found.get("stages", ())
+    check_delta_keys(options, [s.path for s in stages], [g.key for g in groups])
+    if options.param_budget is not None and groups:
+        note = _check_budget(options.param_budget, count_params(model), groups)
+        found["notes"] = (*found.get("notes", ()), note)
     return SharingPlan(
         model=type(model).__name__,
         params_before=count_params(model),
@@ -413,6 +425,24 @@ def _new_plan(
         input_dtypes=tuple(str(x.dtype).removeprefix("torch.") for x in inputs),
         leaf_modules=leaf_paths(model, leaf_modules),
         **found,
+    )
+
+
+def _check_budget(budget: float, before: int, groups: Sequence[SharingGroup]) -> str:
+    """The plan's note on ``param_budget``; ``ValueError`` when full sharing alone exceeds the budget."""
+    full = before - sum(g.params_saved for g in groups)
+    allowed = math.floor(budget * before)
+    if full > allowed:
+        smallest = math.ceil(full / before * 10_000) / 10_000
+        raise ValueError(
+            f"param_budget={budget} allows {allowed:,} of the original's {before:,} parameters, but sharing every "
+            f"group fully already leaves {full:,} ({full / before:.2%}); the smallest possible budget here is "
+            f"{smallest} (share more -- other positions, or skip_first_block=False -- to go lower)"
+        )
+    return (
+        f"param_budget={budget}: each group's delta rank is chosen from the weights when the plan is applied, "
+        f"spending at most {allowed - full:,} parameters on deltas ({allowed:,} in all); params_after counts full "
+        "sharing"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +22,10 @@ __all__ = [
     "ConvSignature",
     "SharingGroup",
     "basis_ranks",
+    "check_delta_keys",
     "check_rank_stages",
+    "delta_rank_of",
+    "delta_size",
     "group_key",
     "is_depthwise",
     "is_spatial",
@@ -93,6 +97,7 @@ class SharingGroup:
             the members.
         gains: Parameters ``init="scaled"`` adds as per-channel gains of members without such a
             BatchNorm (0 otherwise).
+        delta_rank: Rank of each member's low-rank delta (relaxed sharing; 0: none).
     """
 
     key: str
@@ -108,6 +113,7 @@ class SharingGroup:
     norms: tuple[str | None, ...] = ()
     slots: tuple[tuple[ChannelSlot | None, ChannelSlot | None], ...] = ()
     gains: int = 0
+    delta_rank: int = 0
 
     @property
     def size(self) -> int:
@@ -122,10 +128,21 @@ class SharingGroup:
         return self.size
 
     @property
+    def row_size(self) -> int:
+        """Elements of one output channel's filter: ``in/groups * kh * kw`` (the weight viewed as ``(out, d)``)."""
+        return self.weight_numel // self.signature.out_channels
+
+    @property
+    def max_delta_rank(self) -> int:
+        """The rank of ``delta_rank="full"``: ``min(out, in/groups * kh * kw)``."""
+        return min(self.signature.out_channels, self.row_size)
+
+    @property
     def member_size(self) -> int:
-        """Parameters each member keeps for itself: none, or its unique basis, BatchNorm and 1x1 coefficients."""
+        """Parameters each member keeps for itself: none, its low-rank delta (``r * (out + d)``, plus ``out``
+        with a bias), or its unique basis, BatchNorm and 1x1 coefficients."""
         if self.method != "basis":
-            return 0
+            return delta_size(self.delta_rank, self.signature.out_channels, self.row_size, self.bias_numel)
         rank = self.shared_rank + self.unique_rank
         unique = self.unique_rank * self.weight_numel // self.signature.out_channels
         return unique + 2 * rank + rank * self.signature.out_channels + self.bias_numel
@@ -136,6 +153,37 @@ class SharingGroup:
         the shared basis and each member's unique basis, BatchNorm and coefficients."""
         n = len(self.members)
         return n * self.size - self.shared_size - n * self.member_size - self.gains
+
+
+def delta_size(rank: int, out: int, row: int, bias_numel: int) -> int:
+    """Parameters of one member's low-rank delta of rank ``rank``: ``rank * (out + row)``, plus its bias delta
+    (``bias_numel``) when ``rank > 0``."""
+    return rank * (out + row) + (bias_numel if rank else 0)
+
+
+def delta_rank_of(options: SharingOptions, stage: str, key: str, out: int, row: int) -> int:
+    """The delta rank of a group (key ``key`` in stage ``stage``) of convs with ``out`` outputs and ``row``
+    elements per filter: the group's own entry of a ``delta_rank`` mapping, else its stage's, else 0; ``"full"``
+    and ranks above ``min(out, row)`` are ``min(out, row)``."""
+    rank: Any = options.delta_rank
+    if isinstance(rank, Mapping):
+        rank = rank.get(key, rank.get(stage, 0))
+    full = min(out, row)
+    return full if rank == "full" else min(int(rank), full)
+
+
+def check_delta_keys(options: SharingOptions, stages: Sequence[str], keys: Sequence[str]) -> None:
+    """Refuses a ``delta_rank`` mapping with keys that are neither a stage path nor a group key of the plan."""
+    rank = options.delta_rank
+    if not isinstance(rank, Mapping):
+        return
+    unknown = [k for k in rank if k not in stages and k not in keys]
+    if unknown:
+        raise ValueError(
+            f"delta_rank has entries for {', '.join(map(repr, unknown))}, which are neither stage paths nor group "
+            f"keys of this model; stage paths: {_stage_list(stages)}; group keys: "
+            f"{', '.join(map(repr, keys)) or '(none)'}"
+        )
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:

@@ -10,6 +10,7 @@ caller's model is never left half-modified, even with ``inplace=True``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import warnings
@@ -26,6 +27,7 @@ from ..analysis.tracing import LeafSpec
 from ..errors import NothingToShareError, SharifyError, UnsupportedModelError
 from ..layers import (
     SHARED_STORE_NAME,
+    Delta,
     SharedConvParams,
     SharedStore,
     attach_to_holder,
@@ -37,6 +39,7 @@ from ..planning.options import SharingOptions, check_flag, check_method_and_init
 from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, check_model, make_plan
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
+from .delta import GroupSpectra, MemberTarget, budget_ranks, spectrum, svd_delta
 from .init import initial_tensors, scaled_tensors
 
 __all__ = ["Attach", "Edits", "apply_edits", "apply_plan", "check_model", "compute_edits", "sharify", "unshare"]
@@ -248,7 +251,8 @@ class Attach(NamedTuple):
     path: str
     holder: SharedConvParams
     gain: Tensor | None  # per-output-channel gain the member keeps as its ``shared_gain`` parameter, if any
-    gain_trainable: bool  # the ``shared_gain``'s ``requires_grad``: that of the conv's weight
+    gain_trainable: bool  # the ``requires_grad`` of its own parameters (gain, delta): that of the conv's weight
+    delta: Delta | None = None  # its low-rank delta (relaxed sharing), if any
 
 
 @dataclass
@@ -287,9 +291,11 @@ def _group_edits(
     biases: list[Tensor | None],
     init: str,
     edits: Edits,
-) -> SharedConvParams:
-    """Adds one group's edits to ``edits``, from its members' current ``weights`` and ``biases``; returns its holder."""
+) -> tuple[SharedConvParams, list[Tensor] | None]:
+    """Adds one group's edits to ``edits``, from its members' current ``weights`` and ``biases``; returns its holder
+    and, with ``init="scaled"``, the members' gains (kept or folded into their BatchNorm)."""
     convs = [cast(nn.Conv2d, modules[p]) for p in group.members]
+    gains: list[Tensor] | None = None
     if group.method == "basis":
         holder, bases = _basis_modules(group, convs, init, weights, biases)
         edits.replace.extend(zip(group.members, bases))
@@ -311,7 +317,54 @@ def _group_edits(
         holder = SharedConvParams(weight, bias, key=group.key, stage=group.stage, position=group.position)
         edits.attach.extend(Attach(p, holder, None, c.weight.requires_grad) for p, c in zip(group.members, convs))
     _set_trainable(holder, group, convs)
-    return holder
+    return holder, gains
+
+
+class _Relaxed(NamedTuple):
+    """A ``method="share"`` group as the deltas need it: its holder and each member's target."""
+
+    group: SharingGroup
+    holder: SharedConvParams
+    targets: list[MemberTarget]
+
+
+def _delta_ranks(sharing: SharingPlan, relaxed: list[_Relaxed]) -> dict[str, int]:
+    """Each group's delta rank: the plan's, or with ``param_budget`` chosen from the members' spectra."""
+    budget = sharing.options.get("param_budget")
+    if budget is None:
+        return {r.group.key: r.group.delta_rank for r in relaxed}
+    if any(r.holder.weight.is_meta for r in relaxed):
+        raise ValueError(
+            "param_budget chooses the delta ranks from the members' weights, but the model is on the meta device; "
+            "sharify the model with its weights, or pass the ranks as delta_rank={group key: rank}"
+        )
+    available = math.floor(budget * sharing.params_before) - sharing.params_after
+    spectra = []
+    for r in relaxed:
+        found = [spectrum(t, r.holder.weight) for t in r.targets]
+        g = r.group
+        spectra.append(GroupSpectra(g.key, [v for v, _ in found], [s for _, s in found], g.signature.out_channels,
+                                    g.row_size, g.bias_numel))  # fmt: skip
+    return budget_ranks(spectra, available)
+
+
+def _delta_edits(edits: Edits, relaxed: list[_Relaxed], ranks: dict[str, int]) -> None:
+    """Gives each member of a group with a delta rank its :func:`~sharify.rewrite.delta.svd_delta`."""
+    deltas: dict[str, Delta] = {}
+    for r in relaxed:
+        rank = ranks.get(r.group.key, 0)
+        if not rank:
+            continue
+        shared, bias = r.holder.weight, r.holder.bias
+        for path, target in zip(r.group.members, r.targets):
+            if shared.is_meta:  # shapes only (a model built on the meta device, to be loaded)
+                out, row = r.group.signature.out_channels, r.group.row_size
+                empty = partial(torch.empty, device="meta", dtype=shared.dtype)
+                deltas[path] = Delta(empty(out, rank), empty(rank, row), None if bias is None else empty(out))
+            else:
+                with torch.no_grad():
+                    deltas[path] = svd_delta(target, shared, bias, rank)
+    edits.attach = [a._replace(delta=deltas.get(a.path)) for a in edits.attach]
 
 
 def compute_edits(model: nn.Module, sharing: SharingPlan, init: str) -> Edits:
@@ -330,10 +383,21 @@ def compute_edits(model: nn.Module, sharing: SharingPlan, init: str) -> Edits:
     def current(path: str, name: str) -> Tensor | None:  # a tensor as the rewrite sees it: aligned or as it is
         return aligned.get(path, {}).get(name, getattr(modules[path], name))
 
+    relaxed: list[_Relaxed] = []
     for group in sharing.groups:
         weights = [cast(Tensor, current(p, "weight")) for p in group.members]
         biases = [current(p, "bias") for p in group.members]
-        edits.store.add_holder(_group_edits(group, modules, weights, biases, init, edits))
+        holder, gains = _group_edits(group, modules, weights, biases, init, edits)
+        edits.store.add_holder(holder)
+        if group.method == "share":
+            per_member: list[Tensor | None] = list(gains) if gains else [None] * len(weights)
+            relaxed.append(
+                _Relaxed(group, holder, [MemberTarget.of(w, b, a) for w, b, a in zip(weights, biases, per_member)])
+            )
+    ranks = _delta_ranks(sharing, relaxed)
+    _delta_edits(edits, relaxed, ranks)
+    if sharing.options.get("param_budget") is not None:  # the model records the ranks chosen, which load repeats
+        edits.store.options.update(delta_rank={k: r for k, r in ranks.items() if r}, param_budget=None)
     edits.store.train(model.training)  # the holders take the mode of the model they join
     return edits
 
@@ -357,12 +421,14 @@ def apply_edits(model: nn.Module, edits: Edits) -> None:
     try:
         undo.append(partial(model._modules.pop, SHARED_STORE_NAME, None))
         model.add_module(SHARED_STORE_NAME, edits.store)
-        for path, holder, gain, gain_trainable in edits.attach:
+        for path, holder, gain, trainable, delta in edits.attach:
             conv = modules[path]
             undo.append(partial(_restore_conv, conv, type(conv), dict(conv._parameters)))
-            attach_to_holder(conv, holder, gain)
-            if gain is not None:
-                conv.get_parameter("shared_gain").requires_grad_(gain_trainable)
+            attach_to_holder(conv, holder, gain, delta)
+            for name in conv._sharify_member_parameters:  # a member now
+                own = conv._parameters.get(name)
+                if own is not None:
+                    own.requires_grad_(trainable)
         for path, module in edits.replace:
             undo.append(partial(_set_module, model, path, modules[path]))
             _set_module(model, path, module)

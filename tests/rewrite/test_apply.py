@@ -77,11 +77,11 @@ def test_failure_during_rewrite_restores_the_model(monkeypatch) -> None:
     calls = {"n": 0}
     real = layers.attach_to_holder
 
-    def flaky(conv, holder, gain=None):
+    def flaky(conv, holder, gain=None, delta=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("injected failure")
-        real(conv, holder, gain)
+        real(conv, holder, gain, delta)
 
     monkeypatch.setattr("sharify.rewrite.apply.attach_to_holder", flaky)
     with pytest.raises(RuntimeError, match="injected"):
