@@ -23,6 +23,7 @@ from sharify.errors import SharifyError
 from tests.conftest import perturb
 from tests.nets import NormFreeNet, RandomNet, TinyNet, cifar_resnet
 from tests.planning.test_properties import net_specs
+from tests.rewrite.test_wrappers import process_group as process_group  # the fixture
 
 
 class GroupedBlock(nn.Module):
@@ -269,3 +270,29 @@ def test_a_plan_for_a_budget_refuses_to_be_applied_without_weights() -> None:
         with torch.device("meta"):
             meta = TinyNet()
         sharify.apply_plan(meta, plan)
+
+
+def test_ddp_compile_and_ema_train_the_deltas(process_group) -> None:
+    """The wrappers a training codebase adds: one DDP step moves the shared weight and every delta; a compiled
+    relaxed model computes what the eager one does; timm's EMA averages the deltas too."""
+    from timm.utils import ModelEmaV3
+
+    shared = sharify.sharify(TinyNet(), delta_rank=2)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(torch.compile(shared)(x), shared(x), rtol=1e-4, atol=1e-5)
+    ema = ModelEmaV3(shared, decay=0.5)
+    ddp = nn.parallel.DistributedDataParallel(shared)
+    before = {n: p.detach().clone() for n, p in shared.named_parameters()}
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    ddp(x).square().mean().backward()
+    opt.step()
+    moved = [n for n, p in shared.named_parameters() if not torch.equal(before[n], p)]
+    assert "sharify_shared.layer1.conv2.weight" in moved and all(
+        n in moved for n in before if n.endswith(("delta_a", "delta_b"))
+    )
+    assert sharify.verify(ddp) == []
+    ema.update(shared)
+    member = ema.module.layer1[1].conv2
+    torch.testing.assert_close(
+        member.delta_a, 0.5 * before["layer1.1.conv2.delta_a"] + 0.5 * shared.layer1[1].conv2.delta_a
+    )
