@@ -13,8 +13,7 @@ Example:
     >>> data = load_data("fashion-mnist", subset=512)  # doctest: +SKIP
     >>> original, shared = prepare_model("timm:resnet18", num_classes=10, in_chans=1)  # doctest: +SKIP
     >>> result = finetune(shared, data, out="runs/demo", epochs=1, original=original)  # doctest: +SKIP
-    >>> # or taught by the unshared original as well as by the labels (sharify.train.distill):
-    >>> kd = finetune(shared, data, out="runs/kd", original=original, teacher=original, distill=True)  # doctest: +SKIP
+    >>> # or, taught by the original as well (sharify.train.distill): finetune(..., teacher=original, distill=True)
 """
 
 from .batchnorm import recalibrate_batchnorm

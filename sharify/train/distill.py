@@ -14,16 +14,18 @@ squared difference between the stages' outputs (FitNets' hint loss, Romero et al
 stage). The stages are read from the sharified model's holders (:func:`stage_paths`), and both models'
 stage modules are hooked by path.
 
-The teacher (:func:`place_teacher`) runs in eval mode without gradients, on the student's device, in its
-memory format and under the same autocast; it is never updated, never in the optimizer, the EMA or a
-checkpoint, and never wrapped in DDP: each process holds its own copy (rank 0's weights). With
-``compile`` it is compiled too (an inference graph, compiled once).
+The teacher (:func:`place_teacher`) runs in eval mode without gradients (:func:`frozen`; its mode and
+``requires_grad`` flags are restored when the run ends), on the student's device, in its memory format
+and under the same autocast; it is never updated, never in the optimizer, the EMA or a checkpoint, and
+never wrapped in DDP: each process holds its own copy (rank 0's weights). With ``compile`` it is compiled
+too (an inference graph, compiled once).
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -35,7 +37,16 @@ from ..layers import scoped_key, shared_stores
 from .config import FinetuneConfig
 from .distributed import DistContext, broadcast_from_main
 
-__all__ = ["DistillLoss", "Distiller", "check_teacher", "distillation_loss", "place_teacher", "stage_paths"]
+__all__ = [
+    "DistillLoss",
+    "Distiller",
+    "check_teacher",
+    "distillation_loss",
+    "frozen",
+    "place_teacher",
+    "stage_paths",
+    "teacher_fingerprint",
+]
 
 
 class DistillLoss(NamedTuple):
@@ -150,12 +161,33 @@ def check_teacher(model: nn.Module, teacher: nn.Module | None, config: FinetuneC
                 ) from None
 
 
+@contextmanager
+def frozen(teacher: nn.Module | None) -> Iterator[None]:
+    """``teacher`` in eval mode with ``requires_grad`` off inside the block; its mode and flags restored after.
+
+    A no-op for ``None``. Restoring matters to the caller's unshared original: sharifying it again after a
+    distilling run must give a trainable copy.
+    """
+    if not isinstance(teacher, nn.Module):  # None, or a bad value check_teacher names
+        yield
+        return
+    was_training = teacher.training
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    teacher.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        teacher.train(was_training)
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def place_teacher(teacher: nn.Module, config: FinetuneConfig, ctx: DistContext) -> nn.Module:
-    """``teacher`` (in place) on the device, in ``config``'s memory format, eval mode, frozen, with rank 0's weights."""
+    """``teacher`` (in place) on the device, in ``config``'s memory format, with rank 0's weights; eval mode."""
     teacher.to(ctx.device)
     if config.channels_last:
         teacher.to(memory_format=torch.channels_last)
-    teacher.eval().requires_grad_(False)
+    teacher.eval()
     broadcast_from_main([*teacher.parameters(), *teacher.buffers()], ctx)
     return teacher
 

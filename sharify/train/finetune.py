@@ -56,7 +56,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import intact_checkpoint, latest_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
-from .distill import Distiller, check_teacher, teacher_fingerprint
+from .distill import Distiller, check_teacher, frozen, teacher_fingerprint
 from .distributed import (
     DistContext,
     all_gather_objects,
@@ -115,9 +115,9 @@ def finetune(
         config: Run settings; ``overrides`` replace single fields (``finetune(m, d, epochs=2, out=...)``).
         original: The unshared model ``model`` was made from; enables ``report.json``/``report.md``.
         teacher: With ``distill=True``, the model to distil from: normally ``original``, the unshared model with
-            the weights ``model`` was made from (:mod:`sharify.train.distill`). It is moved to the device, put in
-            eval mode and frozen (``requires_grad_(False)``) in place, and never updated; pass the same one again
-            to ``resume``.
+            the weights ``model`` was made from (:mod:`sharify.train.distill`). It is moved to the device (in
+            place) and runs in eval mode without gradients, never updated; its mode and ``requires_grad`` flags
+            are restored at the end. Pass the same one again to ``resume``.
         on_update: Called as ``on_update(epoch, num_updates)`` after every optimizer update.
         setup: How the caller made the model and data (``sharify finetune`` passes its model, data and
             sharing options); JSON-able values. Saved in ``config.json`` and the checkpoints with what
@@ -150,7 +150,8 @@ def finetune(
     created_group = not torch.distributed.is_initialized()
     ctx = init_distributed(config.device)
     try:
-        return _run(model, bundle, config, ctx, _Models(original, teacher), on_update, setup or {})
+        with frozen(teacher):
+            return _run(model, bundle, config, ctx, _Models(original, teacher), on_update, setup or {})
     finally:
         if created_group:
             cleanup(ctx)

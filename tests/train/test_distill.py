@@ -101,12 +101,16 @@ def test_teacher_is_frozen_untouched_and_outside_optimizer_ema_and_checkpoints(
         optimizers.append(create(*args, **kwargs))
         return optimizers[-1]
 
+    def check_frozen(epoch: int, update: int) -> None:
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
     monkeypatch.setattr(state_module, "create_optimizer", recording)
     cfg = _config(tmp_path, epochs=1, ema_decay=0.9, eval_before=True, distill=True, distill_features=True)
-    result = finetune(student, data_dir, cfg, original=teacher, teacher=teacher)
+    result = finetune(student, data_dir, cfg, original=teacher, teacher=teacher, on_update=check_frozen)
 
     assert _same_state(teacher, before)  # bit-identical: BatchNorm statistics included (eval mode)
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # as the caller left it
+    assert all(p.requires_grad for p in sharify.sharify(teacher, example_inputs=EXAMPLE).parameters())
     trained = {id(p) for group in optimizers[0].param_groups for p in group["params"]}
     assert trained == {id(p) for p in student.parameters()} and not trained & {id(p) for p in teacher.parameters()}
     saved = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))  # type: ignore[operator]
