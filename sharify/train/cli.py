@@ -33,6 +33,7 @@ def add_finetune_options(p: argparse.ArgumentParser) -> None:
     _add_model_options(p)
     _add_data_options(p)
     _add_training_options(p)
+    _add_distill_options(p)
     _add_hardware_options(p)
     _add_output_options(p)
 
@@ -91,6 +92,25 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def _add_distill_options(p: argparse.ArgumentParser) -> None:
+    """The distillation options: learn from the unshared original's outputs too (:mod:`sharify.train.distill`)."""
+    g = p.add_argument_group("distillation (from the unshared original; see FinetuneConfig)")
+    g.add_argument(
+        "--distill",
+        action="store_true",
+        help="loss (1-A)*CE + A*T^2*KL(original/T || model/T): the original (--checkpoint/--pretrained, frozen, "
+        "eval mode) teaches the sharified model; one extra forward per batch",
+    )
+    g.add_argument("--distill-temperature", type=finite_float, metavar="T", help="softmax temperature (default 4)")
+    g.add_argument("--distill-weight", type=finite_float, metavar="A", help="weight of the KL term in [0, 1] (0.9)")
+    g.add_argument(
+        "--distill-features",
+        action="store_true",
+        help="also match the outputs of the residual stages holding shared groups (mean squared error)",
+    )
+    g.add_argument("--distill-feature-weight", type=finite_float, metavar="B", help="weight of that term (default 1)")
+
+
 def _add_hardware_options(p: argparse.ArgumentParser) -> None:
     """The hardware options: device, mixed precision, memory format, compilation, SyncBatchNorm."""
     g = p.add_argument_group("hardware")
@@ -135,7 +155,7 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     from .errors import CheckpointError
     from .finetune import FinetuneConfig, finetune
     from .loaders import model_in_chans
-    from .model import prepare_model
+    from .model import prepare_models
     from .rng import seed_everything
 
     rank = int(os.environ.get("RANK", "0"))
@@ -153,7 +173,7 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
     seed_everything(args.seed)
     data = load_data(args.data, root=args.data_root, subset=args.subset, val_subset=args.val_subset, seed=args.seed)
     size = (args.image_size,) * 2 if args.image_size else data.image_size
-    original, model = prepare_model(
+    original, model, new_head = prepare_models(
         args.model,
         num_classes=args.num_classes or data.num_classes,
         in_chans=args.in_chans or data.in_chans,
@@ -169,9 +189,16 @@ def run_finetune(args: argparse.Namespace, sharing: dict[str, Any]) -> int:
             f"--in-chans {args.in_chans} has no effect with --checkpoint: the model takes the checkpoint's "
             f"{model_in_chans(original)} input channels; drop --in-chans (the data is converted to fit)"
         )
+    if config.distill and config.distill_weight > 0 and new_head:
+        raise ValueError(
+            f"--distill: the original's classifier was replaced for {args.num_classes or data.num_classes} classes "
+            "(the weights loaded have another head), so its outputs are random and teach nothing; distil from an "
+            "original trained on these classes, or match only the stage outputs: --distill-weight 0 --distill-features"
+        )
     own = {f.name for f in fields(FinetuneConfig)} | {"func", "command", "debug"}
     setup = {k: v for k, v in vars(args).items() if k not in own}  # model, data and sharing options
-    result = finetune(model, data, config, original=original if args.share else None, setup=setup)
+    teacher = original if config.distill else None  # rebuilt the same way on --resume (same options, same --seed)
+    result = finetune(model, data, config, original=original if args.share else None, teacher=teacher, setup=setup)
     if rank == 0 and not args.quiet:
         final = result.final
         write_stdout(
@@ -217,8 +244,34 @@ def check_combinations(args: argparse.Namespace) -> None:
             f"--data-root is the directory of fashion-mnist/cifar files; with --data {args.data} (a directory) it "
             "is not used; drop it"
         )
+    _check_distill(args)
     if args.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise ValueError("--sync-bn synchronises BatchNorm between torchrun processes; with one process drop it")
+
+
+def _check_distill(args: argparse.Namespace) -> None:
+    """Refuses distillation options without ``--distill``, and ``--distill`` without a trained original."""
+    for flag, needed in (
+        ("distill_temperature", "distill"),
+        ("distill_weight", "distill"),
+        ("distill_features", "distill"),
+        ("distill_feature_weight", "distill_features"),
+    ):
+        if getattr(args, flag, None) not in (None, False) and not getattr(args, needed):
+            name, needed_flag = (f"--{n.replace('_', '-')}" for n in (flag, needed))
+            raise ValueError(f"{name} has no effect without {needed_flag}; pass {needed_flag} or drop {name}")
+    if not args.distill:
+        return
+    if not args.share:
+        raise ValueError(
+            "--distill teaches the sharified model with the unshared original; with --no-sharify the model trained "
+            "is the original itself; drop --distill or --no-sharify"
+        )
+    if not (args.checkpoint or args.pretrained):
+        raise ValueError(
+            "--distill learns from the original model, which without --checkpoint or --pretrained has random "
+            "weights; pass the trained original with --checkpoint PATH (or --pretrained)"
+        )
 
 
 def _named_data(spec: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,6 +41,21 @@ class FinetuneConfig:
         ema_decay: Keep a timm ``ModelEmaV3`` with this decay, or ``None``.
         bn_recalibrate: Before training, re-estimate BatchNorm statistics on this many images (0: off).
         lambda_r: Weight of ``sharify.orthogonality_loss`` (filter-basis models; needs that function).
+        distill: Distil from a teacher (:func:`~sharify.train.finetune`'s ``teacher``; ``sharify finetune``: the
+            unshared original the shared model was made from): the loss becomes
+            ``(1 - distill_weight) * CE + distill_weight * T**2 * KL(softmax(teacher / T) || softmax(student / T))``
+            (Hinton et al., 2015), ``T = distill_temperature``, plus the stage term of ``distill_features``.
+            Costs one forward of the teacher per micro-batch (no backward).
+        distill_temperature: Softmax temperature ``T`` of the distillation term (> 0; 4, the common CIFAR
+            setting of Tian et al., ICLR 2020, is the default).
+        distill_weight: Weight ``alpha`` in [0, 1] of the distillation term; the cross-entropy with the labels
+            gets ``1 - alpha``. The default 0.9 is Tian et al.'s (``0.1 * CE + 0.9 * KD``). ``0`` trains on the
+            labels alone and only logs the distance to the teacher (``train_kd``).
+        distill_features: Also match the output of every residual stage that holds a shared group (the
+            ``stage`` of each holder, e.g. ``layer1``..``layer4`` of a ResNet): the mean over those stages of
+            the mean squared difference between student and teacher outputs, weighted by
+            ``distill_feature_weight`` and added to the loss.
+        distill_feature_weight: Weight of the stage term of ``distill_features`` (>= 0).
         sync_bn: Convert BatchNorm to SyncBatchNorm under DDP (CUDA devices only; refused elsewhere).
         image_size: Input size (default: native size of small images, else the model's data config).
         augment: Random crop/flip (small images) or timm's train transform; off for exact comparisons.
@@ -98,6 +113,11 @@ class FinetuneConfig:
     ema_decay: float | None = None
     bn_recalibrate: int = 0
     lambda_r: float = 0.0
+    distill: bool = False
+    distill_temperature: float = 4.0
+    distill_weight: float = 0.9
+    distill_features: bool = False
+    distill_feature_weight: float = 1.0
     sync_bn: bool = False
     image_size: int | None = None
     augment: bool = True
@@ -129,6 +149,7 @@ class FinetuneConfig:
             )
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} exceeds --lr {self.lr}; the schedule decays from --lr to it")
+        self._validate_distill()
         if self.resume_fallback and not self.resume:
             raise ValueError("--resume-fallback chooses the checkpoint --resume continues from; pass --resume too")
         out = Path(self.out)
@@ -144,6 +165,19 @@ class FinetuneConfig:
                 f"--sync-bn needs CUDA devices (SyncBatchNorm synchronises over NCCL), not --device {self.device} "
                 "here; drop --sync-bn on CPU, where each process keeps its own BatchNorm statistics"
             )
+
+    def _validate_distill(self) -> None:
+        """Refuses bad distillation settings, and distillation settings that would do nothing."""
+        _check("distill_temperature", self.distill_temperature, lambda v: v > 0, "> 0")
+        _check("distill_weight", self.distill_weight, lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check("distill_feature_weight", self.distill_feature_weight, lambda v: v >= 0, ">= 0")
+        defaults = {f.name: f.default for f in fields(self)}
+        needs = {"distill_temperature": "distill", "distill_weight": "distill", "distill_features": "distill"}
+        needs["distill_feature_weight"] = "distill_features"
+        for name, needed in needs.items():
+            if getattr(self, name) != defaults[name] and not getattr(self, needed):
+                flag, needed_flag = (f"--{n.replace('_', '-')}" for n in (name, needed))
+                raise ValueError(f"{flag} has no effect without {needed_flag}; pass {needed_flag} or drop {flag}")
 
 
 def _check(name: str, value: float | None, ok: Callable[[float], bool], wanted: str) -> None:

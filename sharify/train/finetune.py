@@ -6,7 +6,9 @@ into ``config.out``:
 * ``report.json`` / ``report.md``: the parameter report, when the unshared ``original`` is given;
 * ``metrics.jsonl``: one JSON line per epoch (``epoch``, ``train_loss``, ``val_loss``, ``top1``,
   ``top5``, ``ema_top1``/``ema_top5`` with EMA, ``lr``, ``images_per_s``, ``epoch_seconds``,
-  ``params``); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update.
+  ``params``; with ``distill`` also ``train_ce``, ``train_kd`` and ``train_feat``, the epoch's mean of
+  each loss term); with ``eval_before`` an ``epoch: 0`` line holds the accuracy before any update (and,
+  with ``distill``, the teacher's: ``teacher_top1``, ``teacher_top5``, ``teacher_val_loss``).
   ``images_per_s`` counts the training images of all ranks over the epoch's training time (data
   loading included, evaluation not); the first epoch's also includes one-time warm-up --
   ``torch.compile`` compiling the model, cuDNN autotuning -- so compare later epochs for speed;
@@ -22,7 +24,8 @@ With ``resume=True`` the run continues after the newest checkpoint (whose checks
 ``resume_fallback=True`` a corrupt one is skipped for the newest intact one) with the same optimizer,
 schedule, grad scaler, EMA, RNG and metrics as if it had never stopped. The settings must be the
 checkpoint's, except those of :attr:`FinetuneConfig.RESUME_MAY_CHANGE` (speed, memory, logging,
-retention) and a larger ``epochs`` (:mod:`sharify.train.resume`). Under ``torchrun`` every
+retention) and a larger ``epochs`` (:mod:`sharify.train.resume`); a distilling run must be given the
+same teacher (a CRC-32 of its state_dict is saved with the setup). Under ``torchrun`` every
 process calls :func:`finetune`; rank 0 logs and writes files. Every rank starts from rank 0's model
 and, before each evaluation, takes rank 0's BatchNorm statistics and EMA weights, so the reduced
 validation metrics are those of the model rank 0 saves.
@@ -53,6 +56,7 @@ from .batchnorm import recalibrate_batchnorm
 from .checkpoint import intact_checkpoint, latest_checkpoint, save_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle, load_data
+from .distill import Distiller, check_teacher, frozen, teacher_fingerprint
 from .distributed import (
     DistContext,
     all_gather_objects,
@@ -98,6 +102,7 @@ def finetune(
     config: FinetuneConfig | None = None,
     *,
     original: nn.Module | None = None,
+    teacher: nn.Module | None = None,
     on_update: Callable[[int, int], None] | None = None,
     setup: Mapping[str, Any] | None = None,
     **overrides: Any,
@@ -109,6 +114,10 @@ def finetune(
         data: A :class:`DataBundle` (see :func:`sharify.train.load_data`) or a spec for ``load_data``.
         config: Run settings; ``overrides`` replace single fields (``finetune(m, d, epochs=2, out=...)``).
         original: The unshared model ``model`` was made from; enables ``report.json``/``report.md``.
+        teacher: With ``distill=True``, the model to distil from: normally ``original``, the unshared model with
+            the weights ``model`` was made from (:mod:`sharify.train.distill`). It is moved to the device (in
+            place) and runs in eval mode without gradients, never updated; its mode and ``requires_grad`` flags
+            are restored at the end. Pass the same one again to ``resume``.
         on_update: Called as ``on_update(epoch, num_updates)`` after every optimizer update.
         setup: How the caller made the model and data (``sharify finetune`` passes its model, data and
             sharing options); JSON-able values. Saved in ``config.json`` and the checkpoints with what
@@ -122,7 +131,8 @@ def finetune(
         DataError: The data does not fit the model (class count, channels).
         CheckpointError: ``resume`` with a missing, corrupt or mismatching checkpoint, or with settings
             that differ from those of the run that wrote it (see the module docstring).
-        ValueError: Bad settings, or ``out`` holds a run's checkpoints and ``resume`` is off.
+        ValueError: Bad settings, or ``out`` holds a run's checkpoints and ``resume`` is off; ``distill`` without
+            a ``teacher`` or the reverse, or a teacher sharing parameters with ``model``.
 
     Example:
         >>> import sharify
@@ -132,6 +142,7 @@ def finetune(
         >>> result = finetune(shared, data, out="runs/demo", epochs=1, original=original)  # doctest: +SKIP
         >>> 0.0 <= result.final["top1"] <= 100.0  # doctest: +SKIP
         True
+        >>> # or, taught by the unshared original as well: finetune(shared, data, teacher=original, distill=True)
     """
     config = replace(config or FinetuneConfig(), **overrides)
     config.validate()
@@ -139,10 +150,18 @@ def finetune(
     created_group = not torch.distributed.is_initialized()
     ctx = init_distributed(config.device)
     try:
-        return _run(model, bundle, config, ctx, original, on_update, setup or {})
+        with frozen(teacher):
+            return _run(model, bundle, config, ctx, _Models(original, teacher), on_update, setup or {})
     finally:
         if created_group:
             cleanup(ctx)
+
+
+class _Models(NamedTuple):
+    """The unshared models a run may be given besides the one it trains (see :func:`finetune`)."""
+
+    original: nn.Module | None
+    teacher: nn.Module | None
 
 
 def _run(
@@ -150,12 +169,12 @@ def _run(
     bundle: DataBundle,
     config: FinetuneConfig,
     ctx: DistContext,
-    original: nn.Module | None,
+    models: _Models,
     on_update: Callable[[int, int], None] | None,
     setup: Mapping[str, Any],
 ) -> FinetuneResult:
-    """The passes of a run: prepare, build, resume or start, the epochs, finish."""
-    prepared = _prepare(module, bundle, config, ctx, original, setup)
+    """The passes of a run: prepare, build, resume or start, the epochs (then distillation hooks removed), finish."""
+    prepared = _prepare(module, bundle, config, ctx, models, setup)
     state = build_state(
         module,
         bundle,
@@ -165,12 +184,18 @@ def _run(
         settings=prepared.settings,
         setup=prepared.setup,
         checkpoint=prepared.checkpoint,
+        teacher=models.teacher,
     )
     if config.resume:
         _resume(state)
     else:
         _start(state)
-    _train(state, _trainer(state, on_update))
+    trainer = _trainer(state, on_update)
+    try:
+        _train(state, trainer)
+    finally:
+        if trainer.distiller is not None:
+            trainer.distiller.remove_hooks()
     return _finish(state)
 
 
@@ -188,18 +213,19 @@ def _prepare(
     bundle: DataBundle,
     config: FinetuneConfig,
     ctx: DistContext,
-    original: nn.Module | None,
+    models: _Models,
     setup: Mapping[str, Any],
 ) -> _Prepared:
     """Checks the model, data and checkpoints before anything is built; rank 0 writes ``config.json`` and the report.
 
     Raises:
         DataError: The classifier does not fit the data's classes.
-        ValueError: ``lambda_r`` without filter bases; checkpoints in ``out`` without ``resume``; ``out`` not
-            creatable.
+        ValueError: ``lambda_r`` without filter bases; a teacher that cannot teach (:func:`check_teacher`);
+            checkpoints in ``out`` without ``resume``; ``out`` not creatable.
         CheckpointError: ``resume`` without a (intact) checkpoint, or with other settings than it was saved with.
     """
     _check_model(module, bundle, config)
+    check_teacher(module, models.teacher, config)
     out = Path(config.out)
     existing = intact_checkpoint(out, fallback=config.resume_fallback) if config.resume else latest_checkpoint(out)
     if existing is not None and not config.resume:
@@ -212,6 +238,8 @@ def _prepare(
             "start the run without --resume"
         )
     settings, described = config_settings(config), run_setup(bundle, ctx, setup)
+    if models.teacher is not None:  # resume must be taught by the same teacher
+        described["teacher"] = teacher_fingerprint(models.teacher)
     if existing is not None:
         check_resumable(existing, settings, described)
     if ctx.is_main:
@@ -222,8 +250,8 @@ def _prepare(
                 f"cannot create the output directory {out} ({exc.strerror or exc}); pass another --out"
             ) from exc
         write_config(out, settings, described)
-        if original is not None and shared_groups(module):
-            write_report(out, original, module)
+        if models.original is not None and shared_groups(module):
+            write_report(out, models.original, module)
     return _Prepared(out, settings, described, existing)
 
 
@@ -260,6 +288,9 @@ def _start(state: TrainingState) -> None:
         _recalibrate(state)
     if config.eval_before:
         first = {"epoch": 0, **state.evaluate(state.module), "params": state.params}
+        if state.teacher is not None:
+            taught = state.evaluate(state.teacher, desc="val (teacher)")
+            first.update({f"teacher_{k}": taught[k] for k in ("top1", "top5", "val_loss")})
         state.metrics.append(first)
         if ctx.is_main:
             append_metrics(state.out / "metrics.jsonl", first)
@@ -292,9 +323,11 @@ def _trainer(state: TrainingState, on_update: Callable[[int, int], None] | None)
     """The :class:`~sharify.train.loop.Trainer` of ``state``, its model wrapped in DDP and compiled as asked.
 
     DDP wraps the model only now, after the EMA copy and the first evaluation: it syncs the weights when it
-    wraps, and every rank already holds rank 0's.
+    wraps, and every rank already holds rank 0's. The teacher's :class:`~sharify.train.distill.Distiller` hooks
+    the stages before the model is compiled; the teacher is not wrapped (each rank runs its own copy).
     """
     config, ctx, module = state.config, state.ctx, state.module
+    distiller = Distiller(module, state.teacher, config) if state.teacher is not None else None
     train_model: nn.Module = module
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -319,6 +352,7 @@ def _trainer(state: TrainingState, on_update: Callable[[int, int], None] | None)
         num_classes=state.bundle.num_classes,
         num_updates=state.num_updates,
         on_update=on_update,
+        distiller=distiller,
     )
 
 

@@ -3,7 +3,8 @@
 :class:`Trainer` bundles what a training step needs (model, optimizer, schedule, grad scaler, EMA,
 regulariser) with the run's :class:`~sharify.train.FinetuneConfig`, which sets the loss, autocast,
 accumulation, clipping and memory format. :meth:`Trainer.train_epoch` runs the micro-batches of one
-epoch: forward under autocast, loss (+ ``lambda_r`` * the regulariser) divided by the number of
+epoch: forward under autocast, loss (cross-entropy, or with a :class:`~sharify.train.distill.Distiller` the
+distillation loss against its teacher; + ``lambda_r`` * the regulariser) divided by the number of
 micro-batches in its update (``accum_steps``, or fewer in an epoch's last update), backward (with DDP
 gradient synchronisation only on the micro-batch that updates, except under ``static_graph``, where
 every micro-batch synchronises), optional gradient clipping, optimizer step through the
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import FinetuneConfig
+from .distill import Distiller
 from .distributed import DistContext, all_reduce_sum
 from .errors import DataError
 
@@ -105,6 +107,7 @@ class Trainer:
         num_classes: The data's classes: the first batch's logits must have at least as many.
         num_updates: Optimizer updates so far (the schedule's position); counts on.
         on_update: Called as ``on_update(epoch, num_updates)`` after every update.
+        distiller: The teacher and distillation loss (``config.distill``), or ``None`` for the cross-entropy.
     """
 
     model: nn.Module
@@ -119,9 +122,11 @@ class Trainer:
     num_classes: int | None = None
     num_updates: int = 0
     on_update: Callable[[int, int], None] | None = None
+    distiller: Distiller | None = None
     criterion: nn.Module = field(init=False)
     autocast: Callable[[], AbstractContextManager[Any]] = field(init=False)
     show_progress: bool = field(init=False)
+    _term_sums: dict[str, Tensor] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.config.label_smoothing)
@@ -158,6 +163,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.module, step=self.num_updates)
 
+    def _loss(self, images: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        """The cross-entropy, or the distillation loss (its terms summed, weighted by images, for the epoch)."""
+        if self.distiller is None:
+            return self.criterion(logits, labels)
+        loss, terms = self.distiller.loss(images, logits, labels)
+        for name, value in terms.items():
+            total = self._term_sums.setdefault(name, torch.zeros((), device=logits.device, dtype=torch.float64))
+            total += value.detach().double() * len(labels)
+        return loss
+
     def _micro_batch(self, i: int, batches: int, images: Tensor, labels: Tensor, epoch: int) -> Tensor:
         """Forward and backward of micro-batch ``i`` of ``batches``; the update when it is its group's last.
 
@@ -176,7 +191,7 @@ class Trainer:
                 logits = self.model(images)
                 if i == 0:
                     _check_logits(logits, self.num_classes)
-                loss = self.criterion(logits, labels)
+                loss = self._loss(images, logits, labels)
             if self.config.lambda_r and self.regulariser is not None:
                 loss = loss + self.config.lambda_r * self.regulariser(self.module)
             scaled = loss / group  # the update's gradient: the mean over its micro-batches
@@ -193,6 +208,9 @@ class Trainer:
     def train_epoch(self, loader: Any, epoch: int, epochs: int) -> dict[str, float]:
         """Trains one epoch; returns global ``train_loss``, ``train_images``, ``train_seconds``, ``images_per_s``.
 
+        With a :attr:`distiller` also the epoch's mean of each loss term: ``train_ce``, ``train_kd`` and, with
+        ``distill_features``, ``train_feat`` (see :meth:`~sharify.train.distill.Distiller.loss`).
+
         ``images_per_s`` is over the whole epoch, data loading included, so one-time warm-up in the
         first epoch (``torch.compile`` compiling the model, cuDNN benchmarking) lowers that epoch's figure.
         """
@@ -203,6 +221,7 @@ class Trainer:
         bar = _progress(loader, f"epoch {epoch}/{epochs}", self.show_progress)
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        self._term_sums.clear()
         for i, (images, labels) in enumerate(bar):
             loss = self._micro_batch(i, batches, images, labels, epoch)
             loss_sum += loss.detach().double() * len(labels)
@@ -218,7 +237,10 @@ class Trainer:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        total_loss, total = all_reduce_sum([float(loss_sum), float(seen)], self.ctx)
+        names = list(self._term_sums)
+        total_loss, total, *terms = all_reduce_sum(
+            [float(loss_sum), float(seen), *(float(self._term_sums[k]) for k in names)], self.ctx
+        )
         seconds = max(all_reduce_sum([seconds], self.ctx)[0] / self.ctx.world_size, 1e-9)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"training loss is {total_loss} in epoch {epoch}; lower --lr or use --amp bf16")
@@ -227,6 +249,7 @@ class Trainer:
             "train_images": int(total),
             "train_seconds": seconds,
             "images_per_s": total / seconds,
+            **{name: value / max(total, 1) for name, value in zip(names, terms)},
         }
 
 

@@ -15,7 +15,7 @@ import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from ..io.zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name, 
 from ..rewrite.apply import sharify
 from .errors import CheckpointError
 
-__all__ = ["classifier", "load_weights_file", "prepare_model", "replace_head"]
+__all__ = ["PreparedModels", "classifier", "load_weights_file", "prepare_model", "prepare_models", "replace_head"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +53,24 @@ def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return None
 
 
-def replace_head(model: nn.Module, num_classes: int) -> None:
+def replace_head(model: nn.Module, num_classes: int) -> bool:
     """Gives ``model`` a freshly initialised classifier with ``num_classes`` outputs (in place).
 
     Uses timm's ``reset_classifier`` when present, else replaces the final ``nn.Linear`` found by
     :func:`classifier`.
+
+    Returns:
+        Whether the classifier was replaced (``False``: it already had ``num_classes`` outputs).
 
     Raises:
         ValueError: No classifier was found.
     """
     found = classifier(model)
     if found is not None and found[1].out_features == num_classes:
-        return
+        return False
     if hasattr(model, "reset_classifier"):
         model.reset_classifier(num_classes)  # type: ignore[operator]
-        return
+        return True
     if found is None:
         raise ValueError(
             f"cannot find the classifier of {type(model).__name__} to replace it; "
@@ -78,6 +81,7 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
         old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
     )
     model.set_submodule(path, new)
+    return True
 
 
 def _first_line(exc: BaseException) -> str:
@@ -210,6 +214,48 @@ def prepare_model(
         >>> sum(p.numel() for p in shared.parameters()) < sum(p.numel() for p in original.parameters())
         True
     """
+    prepared = prepare_models(
+        model,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        checkpoint_ema=checkpoint_ema,
+        share=share,
+        sharing=sharing,
+        input_size=input_size,
+    )
+    return prepared.original, prepared.model
+
+
+class PreparedModels(NamedTuple):
+    """What :func:`prepare_models` returns: :func:`prepare_model`'s pair, and whether the head is new."""
+
+    original: nn.Module
+    model: nn.Module
+    #: The original's classifier was replaced by a freshly initialised one for ``num_classes`` (the weights
+    #: loaded had another head): its outputs are random until trained, so it cannot teach (``--distill``).
+    new_head: bool
+
+
+def prepare_models(
+    model: str | ModelSource | nn.Module,
+    *,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_ema: bool = False,
+    share: bool = True,
+    sharing: Mapping[str, Any] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> PreparedModels:
+    """:func:`prepare_model` (same arguments), also saying whether the original's classifier is a new one.
+
+    Raises:
+        CheckpointError: The checkpoint is missing, corrupt or of another architecture.
+        ValueError: A torchvision model that is not an image classifier.
+    """
     state = load_weights_file(checkpoint, ema=checkpoint_ema) if checkpoint is not None else None
     if isinstance(model, nn.Module):
         import copy
@@ -239,19 +285,20 @@ def prepare_model(
                     net, _ = build_model(source, num_classes=n)
     if state is not None:
         _load_original(net, state, Path(checkpoint))  # type: ignore[arg-type]
+    new_head = False
     if num_classes is not None:
-        replace_head(net, num_classes)
+        new_head = replace_head(net, num_classes)
         recorded = getattr(net, SOURCE_ATTR, None)
         if isinstance(recorded, ModelSource) and recorded.kwargs.get("num_classes") != num_classes:
             # the model was built with another head (checkpoint's, pretrained): sharify.load rebuilds this one
             kwargs = {**recorded.kwargs, "num_classes": num_classes}
             setattr(net, SOURCE_ATTR, dataclasses.replace(recorded, kwargs=kwargs))
     if not share:
-        return net, net
+        return PreparedModels(net, net, new_head)
     kwargs = dict(sharing or {})
     if input_size is not None and kwargs.get("example_inputs") is None:
         from .loaders import model_in_chans
 
         kwargs["example_inputs"] = torch.zeros(1, model_in_chans(net) or 3, *input_size)
     shared = sharify(net, **kwargs)
-    return net, shared
+    return PreparedModels(net, shared, new_head)

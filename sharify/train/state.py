@@ -2,10 +2,11 @@
 
 :func:`build_state` places the model (device, memory format, activation checkpointing, SyncBatchNorm,
 rank 0's weights on every rank) and builds what trains it -- loaders, optimizer, cosine schedule, grad
-scaler, EMA -- into one :class:`TrainingState`, which :func:`~sharify.train.finetune` then hands from
-pass to pass. :func:`resume_state` restores a checkpoint into it (weights, EMA, optimizer, schedule,
-scaler, RNG, metrics); :meth:`TrainingState.checkpoint_state` is the inverse, what the next checkpoint
-saves besides the weights.
+scaler, EMA, the frozen distillation teacher -- into one :class:`TrainingState`, which
+:func:`~sharify.train.finetune` then hands from pass to pass. :func:`resume_state` restores a checkpoint
+into it (weights, EMA, optimizer, schedule, scaler, RNG, metrics; never the teacher, which the caller
+passes again); :meth:`TrainingState.checkpoint_state` is the inverse, what the next checkpoint saves
+besides the weights.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import FinetuneConfig
 from .data import DataBundle
+from .distill import place_teacher
 from .distributed import DistContext, broadcast_from_main
 from .loaders import Loaders, build_loaders
 from .loop import autocast_context, evaluate, progress_shown, resolve_amp
@@ -46,6 +48,7 @@ class TrainingState:
         settings: ``config`` as JSON values (``config.json``, the checkpoints; compared on resume).
         setup: What the run trains on beyond the config (:func:`~sharify.train.resume.run_setup`).
         module: The bare model, on its device.
+        teacher: The distillation teacher, placed (:func:`~sharify.train.distill.place_teacher`), or ``None``.
         loaders: Train and validation loaders of this process.
         optimizer: The optimizer.
         scheduler: The timm cosine schedule, stepped per update.
@@ -73,6 +76,7 @@ class TrainingState:
     ema: Any
     autocast: Callable[[], AbstractContextManager[Any]]
     params: int
+    teacher: nn.Module | None = None
     checkpoint: Path | None = None
     epoch: int = 0
     num_updates: int = 0
@@ -144,6 +148,7 @@ def build_state(
     settings: dict[str, Any],
     setup: dict[str, Any],
     checkpoint: Path | None,
+    teacher: nn.Module | None = None,
 ) -> TrainingState:
     """Seeds this rank, places ``module`` (:func:`place_model`) and builds what trains it, at epoch 0.
 
@@ -156,6 +161,7 @@ def build_state(
         settings: ``config`` as JSON values.
         setup: What the run trains on beyond the config.
         checkpoint: The checkpoint to resume from (:func:`resume_state`), or ``None``.
+        teacher: The distillation teacher (``config.distill``), placed like the model but frozen, or ``None``.
     """
     seed_everything(config.seed + ctx.rank)
     module = place_model(module, config, ctx)
@@ -192,6 +198,7 @@ def build_state(
         ema=ema,
         autocast=autocast_context(amp, ctx.device),
         params=sum(p.numel() for p in module.parameters()),
+        teacher=place_teacher(teacher, config, ctx) if teacher is not None else None,
         checkpoint=checkpoint,
     )
 
