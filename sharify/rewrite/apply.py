@@ -39,7 +39,7 @@ from ..planning.options import SharingOptions, check_flag, check_method_and_init
 from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, check_model, make_plan
 from .align import alignment
 from .basis import BasisConv2d, svd_bases
-from .delta import GroupSpectra, MemberTarget, budget_ranks, spectrum, svd_delta
+from .delta import Decomposition, GroupSpectra, MemberTarget, budget_ranks
 from .init import initial_tensors, scaled_tensors
 
 __all__ = ["Attach", "Edits", "apply_edits", "apply_plan", "check_model", "compute_edits", "sharify", "unshare"]
@@ -321,11 +321,19 @@ def _group_edits(
 
 
 class _Relaxed(NamedTuple):
-    """A ``method="share"`` group as the deltas need it: its holder and each member's target."""
+    """A ``method="share"`` group as the deltas need it: its holder, each member's target, and (filled when a rank
+    is needed) the SVD of what the shared weight misses of each member."""
 
     group: SharingGroup
     holder: SharedConvParams
     targets: list[MemberTarget]
+    decompositions: list[Decomposition]
+
+    def decompose(self) -> list[Decomposition]:
+        if not self.decompositions:
+            with torch.no_grad():
+                self.decompositions.extend(Decomposition.of(t, self.holder.weight) for t in self.targets)
+        return self.decompositions
 
 
 def _delta_ranks(sharing: SharingPlan, relaxed: list[_Relaxed]) -> dict[str, int]:
@@ -341,29 +349,29 @@ def _delta_ranks(sharing: SharingPlan, relaxed: list[_Relaxed]) -> dict[str, int
     available = math.floor(budget * sharing.params_before) - sharing.params_after
     spectra = []
     for r in relaxed:
-        found = [spectrum(t, r.holder.weight) for t in r.targets]
-        g = r.group
-        spectra.append(GroupSpectra(g.key, [v for v, _ in found], [s for _, s in found], g.signature.out_channels,
-                                    g.row_size, g.bias_numel))  # fmt: skip
+        found, g = r.decompose(), r.group
+        spectra.append(GroupSpectra(g.key, [d.values for d in found], [d.scale for d in found],
+                                    g.signature.out_channels, g.row_size, g.bias_numel))  # fmt: skip
     return budget_ranks(spectra, available)
 
 
 def _delta_edits(edits: Edits, relaxed: list[_Relaxed], ranks: dict[str, int]) -> None:
-    """Gives each member of a group with a delta rank its :func:`~sharify.rewrite.delta.svd_delta`."""
+    """Gives each member of a group with a delta rank its truncated SVD delta (:mod:`sharify.rewrite.delta`)."""
     deltas: dict[str, Delta] = {}
     for r in relaxed:
         rank = ranks.get(r.group.key, 0)
         if not rank:
             continue
         shared, bias = r.holder.weight, r.holder.bias
-        for path, target in zip(r.group.members, r.targets):
-            if shared.is_meta:  # shapes only (a model built on the meta device, to be loaded)
-                out, row = r.group.signature.out_channels, r.group.row_size
-                empty = partial(torch.empty, device="meta", dtype=shared.dtype)
-                deltas[path] = Delta(empty(out, rank), empty(rank, row), None if bias is None else empty(out))
-            else:
-                with torch.no_grad():
-                    deltas[path] = svd_delta(target, shared, bias, rank)
+        if shared.is_meta:  # shapes only (a model built on the meta device, to be loaded)
+            out, row = r.group.signature.out_channels, r.group.row_size
+            empty = partial(torch.empty, device="meta", dtype=shared.dtype)
+            deltas.update((p, Delta(empty(out, rank), empty(rank, row), None if bias is None else empty(out)))
+                          for p in r.group.members)  # fmt: skip
+            continue
+        with torch.no_grad():
+            for path, target, found in zip(r.group.members, r.targets, r.decompose()):
+                deltas[path] = found.delta(rank, target, shared, bias)
     edits.attach = [a._replace(delta=deltas.get(a.path)) for a in edits.attach]
 
 
@@ -392,7 +400,7 @@ def compute_edits(model: nn.Module, sharing: SharingPlan, init: str) -> Edits:
         if group.method == "share":
             per_member: list[Tensor | None] = list(gains) if gains else [None] * len(weights)
             relaxed.append(
-                _Relaxed(group, holder, [MemberTarget.of(w, b, a) for w, b, a in zip(weights, biases, per_member)])
+                _Relaxed(group, holder, [MemberTarget.of(w, b, a) for w, b, a in zip(weights, biases, per_member)], [])
             )
     ranks = _delta_ranks(sharing, relaxed)
     _delta_edits(edits, relaxed, ranks)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..layers import Delta
 from ..planning.rules import delta_size
 
-__all__ = ["MemberTarget", "budget_ranks", "residual", "spectrum", "svd_delta"]
+__all__ = ["Decomposition", "GroupSpectra", "MemberTarget", "budget_ranks", "residual", "svd_delta"]
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,34 @@ def residual(target: MemberTarget, shared: Tensor) -> Tensor:
     return (target.weight.double() - shared.detach().double()).flatten(1)
 
 
-def spectrum(target: MemberTarget, shared: Tensor) -> tuple[Tensor, float]:
-    """The singular values of :func:`residual` (descending, float64) and ``||T_i||^2`` (the error's scale)."""
-    values = torch.linalg.svdvals(residual(target, shared))
-    return values, float(target.weight.double().square().sum())
+@dataclass(frozen=True)
+class Decomposition:
+    """The SVD ``U diag(S) V^T`` of a member's :func:`residual` (float64), computed once for choosing its rank and
+    making its delta, and ``||T_i||^2``, the scale of its error."""
+
+    u: Tensor
+    values: Tensor
+    vh: Tensor
+    scale: float
+
+    @classmethod
+    def of(cls, target: MemberTarget, shared: Tensor) -> Decomposition:
+        u, s, vh = torch.linalg.svd(residual(target, shared), full_matrices=False)
+        return cls(u, s, vh, float(target.weight.double().square().sum()))
+
+    def delta(self, rank: int, target: MemberTarget, shared: Tensor, shared_bias: Tensor | None) -> Delta:
+        """The rank-``rank`` delta in ``shared``'s dtype: ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T`` (a zero
+        singular value keeps ``A``'s unit row and a zero ``B`` column), and the bias difference."""
+        u, s, vh = self.u[:, :rank], self.values[:rank], self.vh[:rank]
+        root = s.sqrt()
+        zero = s <= s.max().clamp_min(1e-300) * 1e-12 if s.numel() else s.bool()
+        up = torch.where(zero, torch.zeros_like(u), u * root)
+        down = torch.where(zero[:, None], vh, root[:, None] * vh)
+        bias = None
+        if shared_bias is not None and target.bias is not None:
+            bias = (target.bias.double() - shared_bias.detach().double()).to(shared_bias.dtype)
+        dtype = shared.dtype
+        return Delta(up.to(dtype).contiguous(), down.to(dtype).contiguous(), bias)
 
 
 def svd_delta(target: MemberTarget, shared: Tensor, shared_bias: Tensor | None, rank: int) -> Delta:
@@ -77,17 +101,7 @@ def svd_delta(target: MemberTarget, shared: Tensor, shared_bias: Tensor | None, 
     Returns:
         ``Delta(up (out, rank), down (rank, d), bias)``; ``bias`` is ``T_i``'s bias minus the shared one.
     """
-    u, s, vh = torch.linalg.svd(residual(target, shared), full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    root = s.sqrt()
-    zero = s <= s.max().clamp_min(1e-300) * 1e-12 if s.numel() else s.bool()
-    up = torch.where(zero, torch.zeros_like(u), u * root)
-    down = torch.where(zero[:, None], vh, root[:, None] * vh)
-    bias = None
-    if shared_bias is not None and target.bias is not None:
-        bias = (target.bias.double() - shared_bias.detach().double()).to(shared_bias.dtype)
-    dtype = shared.dtype
-    return Delta(up.to(dtype).contiguous(), down.to(dtype).contiguous(), bias)
+    return Decomposition.of(target, shared).delta(rank, target, shared, shared_bias)
 
 
 @dataclass(frozen=True)

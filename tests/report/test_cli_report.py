@@ -81,3 +81,17 @@ def test_report_takes_torchvision_detectors_without_downloading(
 def test_unknown_model_name_lists_all_torchvision_tasks() -> None:
     with pytest.raises(ValueError, match=r"not a torchvision model \(classification, detection, .*did you mean"):
         sharify.io.zoo.resolve_model_name("fasterrcnn_resnet51_fpn")
+
+
+def test_report_with_a_parameter_budget_shows_the_chosen_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "tv:resnet18", "--param-budget", "0.8", "--init", "scaled", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["params_after"] <= 0.8 * data["params_before"]
+    ranks = {g["key"]: g["delta_rank"] for g in data["groups"]}
+    assert set(ranks) == {"layer1.conv2", "layer2.conv2", "layer3.conv2", "layer4.conv2"} and any(ranks.values())
+    for g in data["groups"]:
+        assert (g["delta_captured"] is None) == (g["delta_rank"] == 0)
+        assert all(0 <= c <= 1 for c in g["delta_captured"] or ())
+    # below full sharing: the smallest possible budget is named, exit status 2 with the message on stderr
+    assert main(["report", "tv:resnet18", "--param-budget", "0.5"]) != 0
+    assert "smallest possible budget here is 0.732" in capsys.readouterr().err

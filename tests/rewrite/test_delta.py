@@ -196,6 +196,17 @@ def test_bad_relaxed_options_are_refused_before_anything_changes(options, error,
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
 
 
+def test_the_report_shows_each_groups_rank_and_what_its_deltas_capture() -> None:
+    net = perturb(TinyNet())
+    text = str(sharify.report(net, sharify.sharify(net, delta_rank={"layer1": 2})))
+    assert "delta rank: captured" in text
+    row = next(line for line in text.splitlines() if line.startswith("layer1.conv2 "))
+    assert row.split()[-3] == "2:" and all(c.endswith("%") for c in row.split()[-2:])
+    assert next(line for line in text.splitlines() if line.startswith("layer2.conv2 ")).split()[-1] == "-"
+    plain = str(sharify.report(net, sharify.sharify(net)))
+    assert "delta rank" not in plain
+
+
 def test_rank_mapping_by_stage_and_by_group_key() -> None:
     net = TinyNet()
     plan = sharify.plan(net, delta_rank={"layer1": 2, "layer2.conv2": "full"})
