@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import RecipeMismatchError, SharifyError
 from ..planning.plan import ConvSignature, SharingGroup, SharingPlan, count_params
+from ..planning.rules import delta_rank_of
 from ..rewrite.apply import apply_plan, sharify
 from .recipe import GroupRecipe, Recipe, analysis_kwargs, groups_of, store_prefix
 
@@ -172,9 +173,11 @@ def check_fits(
 
 def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
     groups = []
+    rank = (recipe.options or {}).get("delta_rank") or 0
     for g in recipe.groups:
         conv = model.get_submodule(g.members[0])
         assert isinstance(conv, nn.Conv2d)  # check_fits ran first
+        row = conv.weight.numel() // conv.out_channels
         groups.append(
             SharingGroup(
                 key=g.key,
@@ -184,6 +187,7 @@ def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
                 members=g.members,
                 weight_numel=conv.weight.numel(),
                 bias_numel=0 if conv.bias is None else conv.bias.numel(),
+                delta_rank=delta_rank_of(rank, g.stage, g.key, conv.out_channels, row),
             )
         )
     options = {k: v for k, v in (recipe.options or {}).items() if k != "init"}

@@ -184,7 +184,11 @@ class GroupFinder:
         unique_stage = self.stage_paths.count(stage.path) == 1
         key = group_key(stage, unique_stage, first_block, first_path, label, taken)
         row = conv.weight.numel() // sig.out_channels
-        delta = delta_rank_of(options, stage.path, key, sig.out_channels, row) if options.method == "share" else 0
+        delta = (
+            delta_rank_of(options.delta_rank, stage.path, key, sig.out_channels, row)
+            if options.method == "share"
+            else 0
+        )
         return SharingGroup(
             key=key,
             stage=stage.path,

@@ -161,11 +161,10 @@ def delta_size(rank: int, out: int, row: int, bias_numel: int) -> int:
     return rank * (out + row) + (bias_numel if rank else 0)
 
 
-def delta_rank_of(options: SharingOptions, stage: str, key: str, out: int, row: int) -> int:
+def delta_rank_of(rank: Any, stage: str, key: str, out: int, row: int) -> int:
     """The delta rank of a group (key ``key`` in stage ``stage``) of convs with ``out`` outputs and ``row``
-    elements per filter: the group's own entry of a ``delta_rank`` mapping, else its stage's, else 0; ``"full"``
-    and ranks above ``min(out, row)`` are ``min(out, row)``."""
-    rank: Any = options.delta_rank
+    elements per filter, given the ``delta_rank`` option ``rank``: the group's own entry of a mapping, else its
+    stage's, else 0; ``"full"`` and ranks above ``min(out, row)`` are ``min(out, row)``."""
     if isinstance(rank, Mapping):
         rank = rank.get(key, rank.get(stage, 0))
     full = min(out, row)

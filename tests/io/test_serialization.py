@@ -434,3 +434,18 @@ def test_round_trip_scaled_init(tmp_path, monkeypatch):
         sharify.RecipeMismatchError, match=r"does not rebuild the file's groups: it fails \(cannot trace\)"
     ):
         sharify.load(path, OneStageNet())
+
+
+def test_round_trip_relaxed_sharing_also_from_the_recorded_groups(tmp_path, monkeypatch):
+    """delta_rank members own their deltas; a budget's chosen ranks are recorded, so load rebuilds the same
+    shapes, also when the analysis cannot be repeated and the recorded groups are applied directly."""
+    x = torch.randn(2, 3, 16, 16)
+    shared = perturb(sharify.sharify(OneStageNet(), example_inputs=x[:1], param_budget=0.95))
+    recipe_ranks = shared.sharify_shared.options["delta_rank"]
+    assert recipe_ranks and shared.sharify_shared.options["param_budget"] is None
+    path = sharify.save(shared, tmp_path / "relaxed.safetensors")
+    assert "blocks.0.conv2.delta_a" in load_file(path)
+    assert sharify.read_recipe(path).options["delta_rank"] == recipe_ranks
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
+    monkeypatch.setattr(reapply, "sharify", _untraceable)
+    _assert_identical(shared, sharify.load(path, OneStageNet()), x)
