@@ -6,7 +6,14 @@ model (average init + BatchNorm re-calibration), evaluates it before any update 
 the same number of epochs. Writes ``results/finetune_smoke.json`` and ``.md`` (timings, accuracy,
 parameters) so the accuracy study can budget its runs.
 
+``--distill`` adds fine-tunes of the same sharified start taught by the trained baseline
+(``distill=True``, then also ``distill_features=True``) and writes ``results/finetune_smoke_distill.*``:
+the cost of the teacher's extra forward in training images/s. On a shared machine one epoch's rate
+is noisy, so the plain and the two distilled fine-tunes run ``--repeats`` times, interleaved, and the
+table gives each one's median rate (accuracy from the first repeat).
+
     python -m benchmarks.finetune_smoke --subset 5000 --epochs 1
+    python -m benchmarks.finetune_smoke --subset 2000 --epochs 1 --baseline-epochs 4 --workers 0 --distill
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +44,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on CPU too)")
+    p.add_argument("--baseline-epochs", type=int, help="epochs of the baseline (default: --epochs)")
+    p.add_argument("--distill", action="store_true", help="also fine-tune with distillation from the baseline")
+    p.add_argument("--repeats", type=int, default=3, help="with --distill: interleaved repeats of each fine-tune")
     p.add_argument("--out", default="runs/finetune_smoke")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -57,22 +70,15 @@ def main() -> None:
 
     baseline = cifar_resnet(20, num_classes=10, in_chans=1)
     tic = time.perf_counter()
-    base = finetune(baseline, data, out=out / "baseline", **common)
+    base = finetune(baseline, data, out=out / "baseline", **{**common, "epochs": args.baseline_epochs or args.epochs})
     base_s = time.perf_counter() - tic
 
     tic = time.perf_counter()
     shared = sharify.sharify(base.model.cpu(), example_inputs=torch.zeros(1, 1, 28, 28))
     sharify_s = time.perf_counter() - tic
+    tune = {**common, "lr": 0.02, "bn_recalibrate": 512, "eval_before": True, "original": base.model}
     tic = time.perf_counter()
-    tuned = finetune(
-        shared,
-        data,
-        out=out / "shared",
-        original=base.model,
-        bn_recalibrate=512,
-        eval_before=True,
-        **{**common, "lr": 0.02},
-    )
+    tuned = finetune(shared, data, out=out / "shared", **tune)
     tune_s = time.perf_counter() - tic
 
     result = {
@@ -82,6 +88,7 @@ def main() -> None:
         "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()},
         "subset": args.subset,
         "epochs": args.epochs,
+        "baseline_epochs": args.baseline_epochs or args.epochs,
         "batch_size": args.batch_size,
         "workers": args.workers,
         "data_load_s": round(load_s, 2),
@@ -102,8 +109,12 @@ def main() -> None:
             "train_images_per_s": round(tuned.final["images_per_s"], 1),
         },
     }
+    if args.distill:
+        base_epochs = args.baseline_epochs or args.epochs
+        result["command"] += f" --baseline-epochs {base_epochs} --distill --repeats {args.repeats}"
+        result["distilled"] = _distilled(base.model, data, out, tune, args.repeats)
     RESULTS.mkdir(exist_ok=True)
-    name = "finetune_smoke" + ("_channels_last" if args.channels_last else "")
+    name = "finetune_smoke" + ("_channels_last" if args.channels_last else "") + ("_distill" if args.distill else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     b, s = result["baseline"], result["shared"]
     md = (
@@ -114,14 +125,67 @@ def main() -> None:
         f"1-min load average at start {result['load_average_at_start']} on a shared machine).\n\n"
         "| run | params | top-1 before | top-1 after | wall time (s) | s / epoch | train img/s |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
-        f"| baseline from scratch, {args.epochs} epoch(s) | {b['params']:,} | - | {b['top1']:.2f} | {b['wall_s']} | "
+        f"| baseline from scratch, {result['baseline_epochs']} epoch(s) | {b['params']:,} | - | {b['top1']:.2f} | "
+        f"{b['wall_s']} | "
         f"{', '.join(map(str, b['epoch_s']))} | {b['train_images_per_s']} |\n"
         f"| sharified (average + BN recal.), {args.epochs} epoch(s) | {s['params']:,} | "
         f"{s['top1_before_finetune']:.2f} | "
         f"{s['top1']:.2f} | {s['wall_s']} | {', '.join(map(str, s['epoch_s']))} | {s['train_images_per_s']} |\n"
     )
+    for label, d in result.get("distilled", {}).items():
+        md += (
+            f"| sharified, {label}, {args.epochs} epoch(s) | {d['params']:,} | {d['top1_before_finetune']:.2f} | "
+            f"{d['top1']:.2f} | {d['wall_s']} | {', '.join(map(str, d['epoch_s']))} | {d['train_images_per_s']} |\n"
+        )
+    if "distilled" in result:
+        md += (
+            f"\nThe last three rows start from the same sharified model as the row above them; the `--distill` rows "
+            "are taught by the baseline (`distill=True`: T = 4, weight 0.9; `distill_features=True`: also the "
+            "stage outputs' mean squared error, weight 1) and their training img/s include the teacher's forward. "
+            f"Each of the three ran {args.repeats} times, interleaved; img/s is the median (all runs: "
+            + "; ".join(f"{k}: {v['train_images_per_s_runs']}" for k, v in result["distilled"].items())
+            + "), the other columns are the first run's.\n"
+        )
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
+
+
+def _distilled(
+    teacher: torch.nn.Module, data: Any, out: Path, tune: dict[str, Any], repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Fine-tunes fresh sharified copies of ``teacher``: untaught, taught by its logits, by its logits and stages.
+
+    Each runs ``repeats`` times, interleaved; the rows hold the first repeat's figures and the median rate.
+    """
+    variants = {
+        "no teacher (repeated)": {},
+        "--distill": {"teacher": teacher, "distill": True},
+        "--distill --distill-features": {"teacher": teacher, "distill": True, "distill_features": True},
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    for r in range(repeats):
+        for label, extra in variants.items():
+            shared = sharify.sharify(teacher.cpu(), example_inputs=torch.zeros(1, 1, 28, 28))
+            tic = time.perf_counter()
+            name = re.sub(r"\W+", "_", label).strip("_") + f"-{r}"
+            run = finetune(shared, data, out=out / name, **tune, **extra)
+            rate = round(run.final["images_per_s"], 1)
+            if r:
+                rows[label]["train_images_per_s_runs"].append(rate)
+                continue
+            rows[label] = {
+                "params": run.final["params"],
+                "top1_before_finetune": round(run.metrics[0]["top1"], 2),
+                "teacher_top1": round(run.metrics[0].get("teacher_top1", float("nan")), 2),
+                "top1": round(run.final["top1"], 2),
+                "wall_s": round(time.perf_counter() - tic, 1),
+                "epoch_s": [round(m["epoch_seconds"], 1) for m in run.metrics[1:]],
+                "train_images_per_s_runs": [rate],
+                **{k: round(run.final[k], 4) for k in ("train_ce", "train_kd", "train_feat") if k in run.final},
+            }
+    for row in rows.values():
+        row["train_images_per_s"] = statistics.median(row["train_images_per_s_runs"])
+    return rows
 
 
 if __name__ == "__main__":
