@@ -2,7 +2,7 @@
 
     python -m benchmarks.pareto                  # the full front (see --help for the budget's defaults)
     python -m benchmarks.pareto --smoke          # every step on a tiny subset, in a few minutes
-    python -m benchmarks.pareto --from-json benchmarks/results/pareto/pareto.json   # table and plot only
+    python -m benchmarks.pareto --from-json A/pareto.json B/pareto.json --out DIR   # table and plot only
 
 For each depth (``--depths``; He et al.'s CIFAR ResNets, 3 stages of ``--width``/2x/4x channels, 1 input
 channel, Fashion-MNIST from the Debian package), one command:
@@ -281,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="every step on a tiny subset (a test, not a result)")
-    p.add_argument("--from-json", type=Path, default=None, help="rewrite the table and plot from a pareto.json")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="rewrite the table and plot from pareto.json files (e.g. one per depth), no training")  # fmt: skip
     return p
 
 
@@ -292,28 +293,43 @@ def smoke(args: argparse.Namespace) -> None:
     args.scratch_at = ["param_budget=0.8"]
 
 
+def merge(payloads: list[dict[str, Any]]) -> dict[str, Any]:
+    """One payload of several runs (e.g. one per depth, each with its own data budget): their rows, and each run's
+    command, commit, data and settings as a ``part`` that its rows point to."""
+    parts: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for payload in payloads:
+        offset = len(parts)
+        parts += payload.get("parts", [payload])
+        rows += [{**r, "part": r.get("part", 0) + offset} for r in payload["rows"]]
+    keep = ("command", "seconds", "git_commit", "machine", "data", "args")
+    return {"parts": [{k: p[k] for k in keep if k in p} for p in parts], "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.from_json is not None:
-        write_report(json.loads(args.from_json.read_text()), args.out)
+    if args.from_json:
+        write_report(merge([json.loads(Path(f).read_text()) for f in args.from_json]), args.out)
         return 0
     if args.smoke:
         smoke(args)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     bench = Bench(args)
-    rows = [row for depth in args.depths for row in run_depth(bench, depth)]
-    payload = {
-        "command": "python -m benchmarks.pareto " + " ".join(sys.argv[1:] if argv is None else argv),
-        "seconds": time.perf_counter() - start, "git_commit": git_commit(), "machine": _machine(),
-        "data": {"source": str(bench.data.source), "train_images": len(bench.data.train),
-                 "val_images": len(bench.data.val)},
-        "args": {k: str(v) for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows],
-    }  # fmt: skip
+    rows: list[Row] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "pareto.json").write_text(json.dumps(payload, indent=2, default=str))
-    write_report(json.loads(json.dumps(payload, default=str)), args.out)
-    print(f"wrote {args.out}/pareto.json, pareto.md, pareto.png in {payload['seconds']:.0f} s")
+    for depth in args.depths:
+        rows += run_depth(bench, depth)
+        payload = {  # written after every depth, so a long run keeps what it finished
+            "command": "python -m benchmarks.pareto " + " ".join(sys.argv[1:] if argv is None else argv),
+            "seconds": time.perf_counter() - start, "git_commit": git_commit(), "machine": _machine(),
+            "data": {"source": str(bench.data.source), "train_images": len(bench.data.train),
+                     "val_images": len(bench.data.val)},
+            "args": {k: str(v) for k, v in vars(args).items()}, "rows": [asdict(r) for r in rows],
+        }  # fmt: skip
+        (args.out / "pareto.json").write_text(json.dumps(payload, indent=2, default=str))
+    write_report(merge([json.loads((args.out / "pareto.json").read_text())]), args.out)
+    print(f"wrote {args.out}/pareto.json, pareto.md, pareto.png in {time.perf_counter() - start:.0f} s")
     return 0
 
 

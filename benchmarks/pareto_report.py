@@ -103,22 +103,31 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _part_line(part: dict[str, Any]) -> str:
+    data, args = part["data"], part["args"]
+    return (
+        f"Command: `{part['command']}` ({part['seconds'] / 60:.0f} min; git commit `{part['git_commit']}`). "
+        f"Fashion-MNIST ({data['source']}): {data['train_images']:,} training and {data['val_images']:,} test "
+        f"images; baseline {args['baseline_epochs']} epochs at lr {args['lr']}, every fine-tune "
+        f"{args['finetune_epochs']} epochs at lr {args['finetune_lr']}; seed {args['seed']}."
+    )
+
+
 def write_report(payload: dict[str, Any], out: Path) -> None:
-    """Writes ``pareto.md`` and ``pareto.png`` in ``out`` from a ``pareto.json`` payload."""
+    """Writes ``pareto.md`` and ``pareto.png`` in ``out`` from a (merged) ``pareto.json`` payload."""
     out.mkdir(parents=True, exist_ok=True)
-    data, args = payload["data"], payload["args"]
     lines = [
         "# Accuracy per parameter: sharify against Torch-Pruning and smaller nets from scratch",
         "",
-        f"Command: `{payload['command']}` ({payload['seconds'] / 60:.0f} min; git commit `{payload['git_commit']}`).",
-        f"Fashion-MNIST ({data['source']}): {data['train_images']:,} training and {data['val_images']:,} test "
-        f"images; baseline {args['baseline_epochs']} epochs, every fine-tune {args['finetune_epochs']} epochs at lr "
-        f"{args['finetune_lr']}; seed {args['seed']}. Top-1 in %. One seed: differences of a few tenths are noise.",
+        "Top-1 in % on the test images; one seed, so differences of a few tenths are noise. Every row of a depth "
+        "starts from that depth's one trained baseline and uses one fine-tune schedule.",
         "",
     ]
     for depth in sorted({r["depth"] for r in payload["rows"]}):
         rows = [r for r in payload["rows"] if r["depth"] == depth]
         base = next(r for r in rows if r["method"] == "baseline")
-        lines += [f"## ResNet-{depth}", "", *_table(rows, base["params"]), "", "Targets:", "", *targets(rows), ""]
+        part = payload["parts"][base.get("part", 0)]
+        lines += [f"## ResNet-{depth}", "", _part_line(part), "", *_table(rows, base["params"]), "", "Targets:", "",
+                  *targets(rows), ""]  # fmt: skip
     (out / "pareto.md").write_text("\n".join(lines))
     _plot(payload, out / "pareto.png")

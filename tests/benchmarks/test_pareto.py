@@ -39,4 +39,5 @@ def test_pareto_smoke(tmp_path: Path) -> None:
     assert "| full, all_spatial | sharify |" in table and "Targets:" in table
     assert (out / "pareto.png").stat().st_size > 10_000
     assert payload["git_commit"] and payload["command"].startswith("python -m benchmarks.pareto --smoke")
+    assert "Command: `python -m benchmarks.pareto --smoke" in table
     assert any(line.startswith("- after fine-tuning at param_budget=0.8") for line in targets(payload["rows"]))
