@@ -282,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--smoke", action="store_true", help="every step on a tiny subset (a test, not a result)")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
-                   help="rewrite the table and plot from pareto.json files (e.g. one per depth), no training")  # fmt: skip
+                   help="table and plot from pareto.json files (e.g. one per depth), no training")  # fmt: skip
     return p
 
 
