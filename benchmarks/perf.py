@@ -3,6 +3,7 @@
     python -m benchmarks.perf                       # full run (CPU here: ~30-60 min with compile)
     python -m benchmarks.perf --quick               # resnet50 only, eager, fewer repeats
     python -m benchmarks.perf --device cuda --amp bf16 --channels-last --compile   # on a GPU machine
+    python -m benchmarks.perf --quick --delta-only --out benchmarks/results/perf_delta   # relaxed sharing only
 
 Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B, B A, ...):
 the median over ``--repeats`` timed rounds (the order alternating) of each round's ratio, after warm-up,
@@ -12,8 +13,11 @@ of two training steps of each model built alone from the meta device (CUDA alloc
 the growth of the peak resident set of a fresh subprocess per model, measured from after its imports --
 the high-water mark is reset through ``/proc/self/clear_refs`` -- with malloc mapping large blocks on
 their own so the resident set follows the live tensors). The ``sharify()`` wall time covers trace +
-fake-tensor shape propagation + rewrite. Results go to
-``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
+fake-tensor shape propagation + rewrite. Relaxed sharing (``delta_rank``, ``param_budget``; target >= 0.97) is
+measured in two implementations timed in the same rounds as the original: the library's (``W + B @ A``
+materialised once per forward) and a reference applying the delta to the activations as two more convolutions
+(:mod:`benchmarks.delta_reference`). Results go to
+``benchmarks/results/perf.md`` and ``perf.json`` (or ``--out``) with the machine and versions.
 """
 
 from __future__ import annotations
