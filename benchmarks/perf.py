@@ -227,6 +227,21 @@ def _print_row(r: dict[str, Any], label: str) -> None:
           f"ratio {r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})", flush=True)  # fmt: skip
 
 
+def step_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
+    """FLOPs of one call of :func:`_step_fn` (forward, plus backward for a training step; the optimizer's
+    elementwise update is not counted), by ``torch.utils.flop_counter``: exact, and immune to the machine's noise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).train(train)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            model(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return int(counter.get_total_flops())
+
+
 def delta_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The relaxed-sharing options measured: ``{"delta_rank": r}`` per rank, then ``{"param_budget": f}``."""
     return [{"delta_rank": r} for r in args.delta_ranks] + [{"param_budget": f} for f in args.delta_budgets]
@@ -265,14 +280,17 @@ def delta_speed(
         for train, times in _timed_modes(models, xin, args, device):
             t = {k: statistics.median(v) for k, v in times.items()}
             versus = ratio_stats(times["materialised"], times["activations"], 1.0)
+            flops = {k: step_flops(m, x.cpu(), train) for k, m in (("original", original), ("materialised", shared),
+                                                                   ("activations", reference))}  # fmt: skip
             for impl in ("materialised", "activations"):
                 rows.append({
                     **base, "mode": "train step" if train else "inference", "channels_last": channels_last,
                     "compile": compiled, "implementation": impl, "original_img_s": shape[0] / t["original"],
                     "shared_img_s": shape[0] / t[impl], **ratio_stats(times["original"], times[impl], DELTA_TARGET),
                     "original_step_s": t["original"], "repeats": args.repeats, "warmup": args.warmup,
+                    "original_flops": flops["original"], "shared_flops": flops[impl],
                 })  # fmt: skip
-                _print_row(rows[-1], f"{base['sharing']} {impl}")
+                _print_row(rows[-1], f"{base['sharing']} {impl} (FLOPs x{flops[impl] / flops['original']:.4f})")
             rows[-1]["vs_materialised"] = {"ratio": versus["ratio"], "ratio_ci95": versus["ratio_ci95"]}
     return rows
 
@@ -575,10 +593,13 @@ def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
              "(`benchmarks/delta_reference.py`: the shared convolution plus a kh x kw conv with `A` (r output "
              "channels) and a 1x1 conv with `B` over the activations). *act / mat* is the paired throughput ratio "
              "of the two (> 1: the activations are faster), with its 95% CI. Both compute the same function: "
-             "*max diff* is their largest output difference relative to the largest output (eval mode).", "",
+             "*max diff* is their largest output difference relative to the largest output (eval mode). *FLOPs* "
+             "is the step's FLOP count relative to the original's (`torch.utils.flop_counter`, forward + backward "
+             "for a training step): exact, so it shows what the implementation costs where the timings' noise "
+             "hides it.", "",
              "| model | sharing | params | mode | batch | channels_last | compile | precision | implementation "
-             "| original | shared | ratio | ratio IQR | 95% CI of the ratio | target | act / mat | max diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| original | shared | ratio | ratio IQR | 95% CI of the ratio | target | act / mat | FLOPs | max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         ci, vs = r["ratio_ci95"], r.get("vs_materialised")
         versus = f"{vs['ratio']:.3f} ({vs['ratio_ci95'][0]:.3f}-{vs['ratio_ci95'][1]:.3f})" if vs else "-"
@@ -587,7 +608,7 @@ def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"| {'x'.join(map(str, r['batch']))} | {r['channels_last']} | {r['compile']} | {r['amp']} "
             f"| {r['implementation']} | {r['original_img_s']:.1f} | {r['shared_img_s']:.1f} | {r['ratio']:.3f} "
             f"| {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | {r['verdict']} | {versus} "
-            f"| {r['max_rel_difference']:.1e} |"
+            f"| {r['shared_flops'] / r['original_flops']:.4f} | {r['max_rel_difference']:.1e} |"
         )
     for impl in ("materialised", "activations"):
         verdicts = [r["verdict"] for r in rows if r["implementation"] == impl]

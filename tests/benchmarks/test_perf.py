@@ -128,12 +128,14 @@ def test_delta_only_run_measures_both_implementations(tmp_path: Path) -> None:
         # both implementations compute the same function, and each row times the original of its own rounds
         assert r["max_rel_difference"] < 1e-5 and r["members_with_delta"] > 0 and r["shared_img_s"] > 0
         assert ("vs_materialised" in r) == (r["implementation"] == "activations")
+        assert r["shared_flops"] > r["original_flops"] > 0  # the delta costs FLOPs in either implementation
     budget = next(r for r in rows if r["sharing"] == "param_budget=0.9")
     rank = next(r for r in rows if r["sharing"] == "delta_rank=2")
     assert rank["param_fraction"] < budget["param_fraction"] <= 0.9
     text = (tmp_path / "perf.md").read_text()
     assert "## Throughput" not in text and "## Memory" not in text and "## sharify() wall time" not in text
-    assert "| wrn-16-1 | param_budget=0.9 |" in text and delta_summary_problems(rows, text) == []
+    assert "| wrn-16-1 | param_budget=0.9 |" in text and "| FLOPs |" in text
+    assert delta_summary_problems(rows, text) == []
 
 
 def test_interleaved_alternates_the_order_every_round() -> None:
