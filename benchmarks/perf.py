@@ -3,6 +3,7 @@
     python -m benchmarks.perf                       # full run (CPU here: ~30-60 min with compile)
     python -m benchmarks.perf --quick               # resnet50 only, eager, fewer repeats
     python -m benchmarks.perf --device cuda --amp bf16 --channels-last --compile   # on a GPU machine
+    python -m benchmarks.perf --quick --delta-only --out benchmarks/results/perf_delta   # relaxed sharing only
 
 Every speed figure is a ratio sharified/original of throughputs measured interleaved (A B, B A, ...):
 the median over ``--repeats`` timed rounds (the order alternating) of each round's ratio, after warm-up,
@@ -12,8 +13,11 @@ of two training steps of each model built alone from the meta device (CUDA alloc
 the growth of the peak resident set of a fresh subprocess per model, measured from after its imports --
 the high-water mark is reset through ``/proc/self/clear_refs`` -- with malloc mapping large blocks on
 their own so the resident set follows the live tensors). The ``sharify()`` wall time covers trace +
-fake-tensor shape propagation + rewrite. Results go to
-``benchmarks/results/perf.md`` and ``perf.json`` with the machine and versions.
+fake-tensor shape propagation + rewrite. Relaxed sharing (``delta_rank``, ``param_budget``; target >= 0.97) is
+measured in two implementations timed in the same rounds as the original: the library's (``W + B @ A``
+materialised once per forward) and a reference applying the delta to the activations as two more convolutions
+(:mod:`benchmarks.delta_reference`). Results go to
+``benchmarks/results/perf.md`` and ``perf.json`` (or ``--out``) with the machine and versions.
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ from torch import nn
 
 import sharify
 from benchmarks.cifar_models import wide_resnet
+from benchmarks.delta_reference import ActivationDelta, activation_delta, max_difference
 
 RESULTS = Path(__file__).parent / "results"
 #: Throughput target of the issue: sharified / original >= 0.98.
 TARGET_RATIO = 0.98
+#: Throughput target of relaxed sharing (``delta_rank``, ``param_budget``): sharified / original >= 0.97.
+DELTA_TARGET = 0.97
 
 
 def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -137,47 +144,154 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def ratio_stats(base: list[float], other: list[float], target: float = TARGET_RATIO) -> dict[str, Any]:
+    """Throughput ratio ``other / base`` from seconds per call timed in the same rounds (:func:`interleaved`).
+
+    The two calls of a round run back to back, so a round's ratio cancels the machine's slow drifts (steal time
+    of a shared VM, thermal state); the figure is the median of those paired ratios, its interquartile range
+    the noise (one that contains 1 is no difference), with the 95 % interval of the median and the
+    :func:`verdict` against ``target``.
+    """
+    paired = [b / o for b, o in zip(base, other, strict=True)]
+    ratio, (q1, q3), ci = statistics.median(paired), _quartiles(paired), median_ci(paired)
+    return {
+        "ratio": ratio,
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+        "ratio_ci95": list(ci),
+        "verdict": verdict(ratio, ci, target),
+    }
+
+
+def _variants(args: argparse.Namespace) -> list[tuple[bool, bool]]:
+    """The (channels_last, compiled) combinations a run measures: eager, then as asked."""
+    variants = [(False, False)]
+    variants += [(True, False)] if args.channels_last else []
+    variants += [(args.channels_last, True)] if args.compile else []
+    return variants
+
+
+def _prepare(
+    models: dict[str, nn.Module], device: torch.device, channels_last: bool, compiled: bool
+) -> dict[str, nn.Module]:
+    """Copies of ``models`` on ``device``, in channels-last memory format and compiled as asked."""
+    out = {}
+    for label, m in models.items():
+        m = copy.deepcopy(m).to(device)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+        out[label] = torch.compile(m) if compiled else m
+    return out
+
+
+def _timed_modes(
+    models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Namespace, device: torch.device
+) -> list[tuple[bool, dict[str, list[float]]]]:
+    """Seconds per call of each model, timed interleaved, for a training step and then an inference batch."""
+    out = []
+    for train in (True, False):
+        for m in models.values():
+            m.train(train)
+        fns = {k: _step_fn(m, x, train, args.amp) for k, m in models.items()}
+        out.append((train, interleaved(fns, device, args.warmup, args.repeats)))
+    return out
+
+
 def speed(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Throughput of the sharified ``name`` against the original, per mode and variant."""
     torch.manual_seed(0)
     original, shape = build(name)
     shared = sharify.sharify(original)
     x = torch.randn(*shape, device=device)
     rows = []
-    variants = [(False, False)]
-    variants += [(True, False)] if args.channels_last else []
-    variants += [(args.channels_last, True)] if args.compile else []
-    for channels_last, compiled in variants:
-        models = {}
-        for label, m in (("original", original), ("shared", shared)):
-            m = copy.deepcopy(m).to(device)
-            if channels_last:
-                m = m.to(memory_format=torch.channels_last)
-            models[label] = torch.compile(m) if compiled else m
+    for channels_last, compiled in _variants(args):
+        models = _prepare({"original": original, "shared": shared}, device, channels_last, compiled)
         xin = x.to(memory_format=torch.channels_last) if channels_last else x
-        for train in (True, False):
-            for m in models.values():
-                m.train(train)
-            fns = {k: _step_fn(m, xin, train, args.amp) for k, m in models.items()}
-            times = interleaved(fns, device, args.warmup, args.repeats)
+        for train, times in _timed_modes(models, xin, args, device):
             t = {k: statistics.median(v) for k, v in times.items()}
-            # The two models of one round run back to back, so a round's ratio cancels the machine's slow
-            # drifts (steal time of a shared VM, thermal state); the figure is the median of those paired
-            # ratios, and their interquartile range shows the noise (one that contains 1 is no difference).
-            paired = [o / s for o, s in zip(times["original"], times["shared"], strict=True)]
-            q1, q3 = _quartiles(paired)
-            ci = median_ci(paired)
+            stats = ratio_stats(times["original"], times["shared"])
             rows.append({
                 "model": name, "mode": "train step" if train else "inference", "batch": list(shape),
                 "channels_last": channels_last, "compile": compiled, "amp": args.amp or "fp32",
-                "original_img_s": shape[0] / t["original"], "shared_img_s": shape[0] / t["shared"],
-                "ratio": statistics.median(paired), "ratio_q1": q1, "ratio_q3": q3,
-                "ratio_ci95": list(ci), "verdict": verdict(statistics.median(paired), ci),
+                "original_img_s": shape[0] / t["original"], "shared_img_s": shape[0] / t["shared"], **stats,
                 "original_step_s": t["original"], "repeats": args.repeats, "warmup": args.warmup,
             })  # fmt: skip
-            print(f"{name:16s} {rows[-1]['mode']:10s} cl={channels_last!s:5s} compile={compiled!s:5s} "
-                  f"orig {rows[-1]['original_img_s']:8.1f} img/s  shared {rows[-1]['shared_img_s']:8.1f} img/s  "
-                  f"ratio {rows[-1]['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})",
-                  flush=True)  # fmt: skip
+            _print_row(rows[-1], "shared")
+    return rows
+
+
+def _print_row(r: dict[str, Any], label: str) -> None:
+    q1, q3, ci = r["ratio_q1"], r["ratio_q3"], r["ratio_ci95"]
+    print(f"{r['model']:16s} {r['mode']:10s} cl={r['channels_last']!s:5s} compile={r['compile']!s:5s} "
+          f"orig {r['original_img_s']:8.1f} img/s  {label} {r['shared_img_s']:8.1f} img/s  "
+          f"ratio {r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})", flush=True)  # fmt: skip
+
+
+def step_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
+    """FLOPs of one call of :func:`_step_fn` (forward, plus backward for a training step; the optimizer's
+    elementwise update is not counted), by ``torch.utils.flop_counter``: exact, and immune to the machine's noise."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = copy.deepcopy(model).train(train)
+    with FlopCounterMode(display=False) as counter:
+        if train:
+            model(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return int(counter.get_total_flops())
+
+
+def delta_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The relaxed-sharing options measured: ``{"delta_rank": r}`` per rank, then ``{"param_budget": f}``."""
+    return [{"delta_rank": r} for r in args.delta_ranks] + [{"param_budget": f} for f in args.delta_budgets]
+
+
+def delta_speed(
+    name: str, spec: dict[str, Any], args: argparse.Namespace, device: torch.device
+) -> list[dict[str, Any]]:
+    """Throughput of relaxed sharing (``sharify(model, **spec)``) against the original, in two implementations.
+
+    ``materialised`` is the library's member conv (``W + B @ A`` once per forward, one convolution);
+    ``activations`` the benchmark's reference (:mod:`benchmarks.delta_reference`: the shared convolution plus a
+    ``kh x kw`` conv with ``A`` and a 1x1 conv with ``B`` over the activations). The three models are timed in
+    the same rounds; each row's ratio is to the original (target :data:`DELTA_TARGET`), and the activations
+    rows also carry ``vs_materialised``, their paired throughput ratio to the materialised implementation
+    (> 1: the activations are faster). ``max_rel_difference`` checks that both compute the same function.
+    """
+    torch.manual_seed(0)
+    original, shape = build(name)
+    shared = sharify.sharify(original, **spec)
+    report = sharify.report(original, shared)
+    reference = activation_delta(shared)
+    x = torch.randn(*shape)
+    base = {
+        "model": name, "sharing": ", ".join(f"{k}={v}" for k, v in spec.items()), "options": spec,
+        "param_fraction": report.params_after / report.params_before, "batch": list(shape),
+        "members_with_delta": sum(isinstance(m, ActivationDelta) for m in reference.modules()),
+        "max_rel_difference": max_difference(shared, reference, x), "amp": args.amp or "fp32",
+    }  # fmt: skip
+    x = x.to(device)
+    rows = []
+    for channels_last, compiled in _variants(args):
+        models = {"original": original, "materialised": shared, "activations": reference}
+        models = _prepare(models, device, channels_last, compiled)
+        xin = x.to(memory_format=torch.channels_last) if channels_last else x
+        for train, times in _timed_modes(models, xin, args, device):
+            t = {k: statistics.median(v) for k, v in times.items()}
+            versus = ratio_stats(times["materialised"], times["activations"], 1.0)
+            flops = {k: step_flops(m, x.cpu(), train) for k, m in (("original", original), ("materialised", shared),
+                                                                   ("activations", reference))}  # fmt: skip
+            for impl in ("materialised", "activations"):
+                rows.append({
+                    **base, "mode": "train step" if train else "inference", "channels_last": channels_last,
+                    "compile": compiled, "implementation": impl, "original_img_s": shape[0] / t["original"],
+                    "shared_img_s": shape[0] / t[impl], **ratio_stats(times["original"], times[impl], DELTA_TARGET),
+                    "original_step_s": t["original"], "repeats": args.repeats, "warmup": args.warmup,
+                    "original_flops": flops["original"], "shared_flops": flops[impl],
+                })  # fmt: skip
+                _print_row(rows[-1], f"{base['sharing']} {impl} (FLOPs x{flops[impl] / flops['original']:.4f})")
+            rows[-1]["vs_materialised"] = {"ratio": versus["ratio"], "ratio_ci95": versus["ratio_ci95"]}
     return rows
 
 
@@ -409,12 +523,9 @@ def steal_share(start: dict[str, int] | None, end: dict[str, int] | None) -> flo
     return (end["steal"] - start["steal"]) / total if total > 0 else None
 
 
-def write(results: dict[str, Any], out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_" + results["machine"]["gpu"].replace(" ", "_") if "gpu" in results["machine"] else ""
-    (out / f"perf{suffix}.json").write_text(json.dumps(results, indent=2))
-    m = results["machine"]
-    lines = [
+def _header_lines(m: dict[str, Any], command: str) -> list[str]:
+    """The markdown's title, command and machine."""
+    return [
         "# Performance: sharified vs original, measured side by side",
         "",
         f"Command: `{command}`",
@@ -422,6 +533,12 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         f"Machine: {m.get('gpu', m['cpu'])}, {m['cpu_count']} CPU cores ({m['torch_threads']} torch threads); "
         f"Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, sharify {m['sharify']}."
         + (f" CPU time stolen by the VM host during the run: {m['steal_share']:.0%}." if m.get("steal_share") else ""),
+    ]
+
+
+def _speed_lines(results: dict[str, Any]) -> list[str]:
+    """The throughput table of the plain sharified models, its target line and the call overhead."""
+    lines = [
         "",
         "## Throughput (images/s; ratio = shared / original, target >= 0.98)",
         "",
@@ -463,6 +580,47 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
                 f"| {r['model']} | {r['members']} | {r['member_read_s'] * 1e9:.0f} ns "
                 f"| {r['plain_read_s'] * 1e9:.0f} ns | {r['extra_per_forward_s'] * 1e6:+.1f} us | {share} |"
             )
+    return lines
+
+
+def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The relaxed-sharing table (:func:`delta_speed`) and its target line."""
+    lines = ["", f"## Relaxed sharing (delta_rank, param_budget): ratio = shared / original, target >= {DELTA_TARGET}",
+             "", "Each member conv owns a low-rank delta `B @ A` added to the shared weight. Two implementations, "
+             "timed in the same rounds as the original (the order of the three models alternating every round): "
+             "*materialised*, the library's member conv (`W + (B @ A).view_as(W)` once per forward, one "
+             "convolution), and *activations*, a reference built only in the benchmark "
+             "(`benchmarks/delta_reference.py`: the shared convolution plus a kh x kw conv with `A` (r output "
+             "channels) and a 1x1 conv with `B` over the activations). *act / mat* is the paired throughput ratio "
+             "of the two (> 1: the activations are faster), with its 95% CI. Both compute the same function: "
+             "*max diff* is their largest output difference relative to the largest output (eval mode). *FLOPs* "
+             "is the step's FLOP count relative to the original's (`torch.utils.flop_counter`, forward + backward "
+             "for a training step): exact, so it shows what the implementation costs where the timings' noise "
+             "hides it.", "",
+             "| model | sharing | params | mode | batch | channels_last | compile | precision | implementation "
+             "| original | shared | ratio | ratio IQR | 95% CI of the ratio | target | act / mat | FLOPs | max diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ci, vs = r["ratio_ci95"], r.get("vs_materialised")
+        versus = f"{vs['ratio']:.3f} ({vs['ratio_ci95'][0]:.3f}-{vs['ratio_ci95'][1]:.3f})" if vs else "-"
+        lines.append(
+            f"| {r['model']} | {r['sharing']} | {r['param_fraction']:.3f} | {r['mode']} "
+            f"| {'x'.join(map(str, r['batch']))} | {r['channels_last']} | {r['compile']} | {r['amp']} "
+            f"| {r['implementation']} | {r['original_img_s']:.1f} | {r['shared_img_s']:.1f} | {r['ratio']:.3f} "
+            f"| {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | {r['verdict']} | {versus} "
+            f"| {r['shared_flops'] / r['original_flops']:.4f} | {r['max_rel_difference']:.1e} |"
+        )
+    for impl in ("materialised", "activations"):
+        verdicts = [r["verdict"] for r in rows if r["implementation"] == impl]
+        lines += ["", f"Relaxed-sharing target, {impl} (ratio >= {DELTA_TARGET}): {verdicts.count('met')} of "
+                  f"{len(verdicts)} rows met; {verdicts.count('noise')} below it by less than this machine's noise; "
+                  f"{verdicts.count('below')} measurably below."]  # fmt: skip
+    return lines
+
+
+def _memory_lines(results: dict[str, Any]) -> list[str]:
+    """The exact byte counts and the peak memory of a training step."""
+    lines: list[str] = []
     lines += ["", "## Memory (ratio = shared / original, target = parameter fraction ± 1 %)", "",
               "Exact byte counts of the parameters, the optimizer state and the safetensors checkpoint.", "",
               "| model | parameter fraction | params | SGD momentum | AdamW state | safetensors file |",
@@ -495,6 +653,12 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
                 f"| {pk['predicted_saving_bytes'] / 2**20:.1f} MiB "
                 f"| {pk['saving_bytes'] / pk['predicted_saving_bytes']:.2f} |"
             )
+    return lines
+
+
+def _time_lines(results: dict[str, Any]) -> list[str]:
+    """The wall time of ``sharify()`` and the memory of its analysis."""
+    lines: list[str] = []
     lines += ["", "## sharify() wall time (trace + fake-tensor shapes + rewrite)", "",
               "| model | device | parameters | seconds | target |", "|---|---|---|---|---|"]  # fmt: skip
     targets = {"resnet50": "< 1 s", "resnet152": "< 3 s"}
@@ -510,6 +674,20 @@ def write(results: dict[str, Any], out: Path, command: str) -> None:
         for r in results["analysis_memory"]:
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r.get('graph_nodes', '-')} "
                          f"| {r['peak_rss_growth_bytes'] / 2**20:.1f} MiB |")  # fmt: skip
+    return lines
+
+
+def write(results: dict[str, Any], out: Path, command: str) -> None:
+    """Writes ``perf.json`` and ``perf.md`` to ``out`` (suffixed with the GPU's name on a GPU machine); sections
+    without rows (a ``--delta-only`` run) are left out of the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_" + results["machine"]["gpu"].replace(" ", "_") if "gpu" in results["machine"] else ""
+    (out / f"perf{suffix}.json").write_text(json.dumps(results, indent=2))
+    lines = _header_lines(results["machine"], command)
+    lines += _speed_lines(results) if results["speed"] else []
+    lines += _delta_lines(results["delta"]) if results.get("delta") else []
+    lines += _memory_lines(results) if results["memory"] else []
+    lines += _time_lines(results) if results["sharify_time"] or results.get("analysis_memory") else []
     (out / f"perf{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -521,22 +699,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 21; 3 with --quick)")
     parser.add_argument("--time-models", nargs="+", default=["resnet50", "resnet152"], help="sharify() wall time")
     parser.add_argument("--big-model", default="resnetv2_152x4_bit", help="timm model analysed on the meta device")
     parser.add_argument("--small-meta-model", default="resnet50", help="timm model compared with --big-model for "
                         "analysis memory")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="resnet50 only, eager, 3 repeats")
+    parser.add_argument("--delta-models", nargs="+", default=None, help="models of the relaxed-sharing rows "
+                        "(default resnet50 resnet18; resnet50 with --quick)")  # fmt: skip
+    parser.add_argument("--delta-ranks", nargs="*", type=int, default=[8, 32], help="delta_rank values measured")
+    parser.add_argument("--delta-budgets", nargs="*", type=float, default=[0.9], help="param_budget values measured")
+    parser.add_argument("--delta-only", action="store_true", help="only the relaxed-sharing rows")
+    parser.add_argument("--quick", action="store_true", help="resnet50 only, eager, 3 repeats unless --repeats")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.models, args.repeats, args.compile = ["resnet50"], 3, False
+        args.models, args.compile = ["resnet50"], False
+        args.delta_models = args.delta_models or ["resnet50"]
+    args.repeats = args.repeats or (3 if args.quick else 21)
+    args.delta_models = args.delta_models or ["resnet50", "resnet18"]
+    if args.delta_only:
+        args.models, args.time_models, args.big_model = [], [], None
     device = torch.device(args.device)
     start = cpu_times()
-    results: dict[str, Any] = {"machine": machine(), "speed": [], "overhead": [], "memory": [], "sharify_time": [],
-                               "analysis_memory": []}  # fmt: skip
+    results: dict[str, Any] = {"machine": machine(), "speed": [], "delta": [], "overhead": [], "memory": [],
+                               "sharify_time": [], "analysis_memory": []}  # fmt: skip
     for name in args.models:
         results["speed"] += speed(name, args, device)
+    for name in args.delta_models:
+        for spec in delta_specs(args):
+            results["delta"] += delta_speed(name, spec, args, device)
     results["overhead"] = [call_overhead(name) for name in args.models]
     for name in args.models:
         mem = memory(name)
@@ -548,7 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.big_model:
         results["sharify_time"].append(sharify_time(args.big_model, meta=True, repeats=1))
         results["analysis_memory"] = [analysis_memory(n) for n in (args.small_meta_model, args.big_model)]
-    print(json.dumps(results["sharify_time"], indent=1))
+    if results["sharify_time"]:
+        print(json.dumps(results["sharify_time"], indent=1))
     results["machine"]["steal_share"] = steal_share(start, cpu_times())
     write(results, args.out, "python -m benchmarks.perf " + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
