@@ -353,8 +353,8 @@ def markdown(results: dict[str, Any]) -> str:
         "optimisations (a pre-activation net's BatchNorms come before its convs and stay).",
         "",
         "The int8 columns compare the int8 QDQ file in ONNX Runtime with the int8 PyTorch model (the same "
-        "dequantised weights), and count its `DequantizeLinear` nodes (one per conv and Linear: a shared int8 "
-        "initializer is read by one per member) and its int8 elements against the model's int8 weights.",
+        "dequantised weights), and count its `DequantizeLinear` nodes (one per int8 weight: the members of a shared "
+        "tensor read the output of one) and its int8 elements against the model's int8 weights.",
         "",
         "| model | max abs difference | max abs output | relative | BatchNormalization ops: file / run "
         "| int8: max abs difference | relative | DequantizeLinear | int8 elements: file / model |",

@@ -13,8 +13,9 @@ cast-and-multiply where each member reads it. For ONNX, :func:`qdq_dequantize` m
 dequantise through torch's ``quantized_decomposed.dequantize_per_channel`` (bitwise the same values), which
 torch's ONNX exporter writes as ``DequantizeLinear`` (per-output-channel scale, ``axis=0``, no zero point)
 on the int8 initializer: the QDQ form ONNX Runtime and other runtimes recognise, each shared tensor one int8
-initializer that every member's ``DequantizeLinear`` reads (:func:`sharify.export_onnx` does it for any
-model holding int8 weights). It is not the forward outside exports because Inductor's lowering of that op
+initializer whose dequantised value every member's Conv reads (the exporter's common-subexpression pass merges
+the members' identical ``DequantizeLinear`` nodes into one; :func:`sharify.export_onnx` does this for any model
+holding int8 weights). It is not the forward outside exports because Inductor's lowering of that op
 needs a zero-point tensor.
 
 Why not torchao (checked with torchao 0.18.0): ``quantize_(model, Int8WeightOnlyConfig())`` swaps each

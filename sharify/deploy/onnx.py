@@ -300,7 +300,16 @@ def _check_inputs_fit(model: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         ) from exc
 
 
-def _export(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -> Any:
+def _drop_node_metadata(model: Any) -> None:
+    """Clears the ``metadata_props`` of every node of the ONNX IR ``model``: the exporter's debugging records of
+    where each node came from (Python stack trace, module class hierarchy, FX node, name scopes), about 1.3 kB a
+    node, which ONNX Runtime never reads."""
+    for graph in [model.graph, *model.functions.values()]:
+        for node in graph.all_nodes():
+            node.metadata_props.clear()
+
+
+def _export(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool, keep_metadata: bool = False) -> Any:
     optimizer = _import("onnxscript.optimizer", "export_onnx")
     shapes = batch_dynamic_shapes(inputs) if dynamic_batch else None
     qdq = qdq_dequantize() if holds_int8(model) else contextlib.nullcontext()
@@ -325,6 +334,8 @@ def _export(model: nn.Module, inputs: tuple[Tensor, ...], dynamic_batch: bool) -
     fusions = getattr(importlib.import_module("onnxscript.rewriter"), "onnx_fusions", None)
     if fusions is not None:
         fusions.fuse(program.model)
+    if not keep_metadata:
+        _drop_node_metadata(program.model)
     return program
 
 
@@ -335,6 +346,7 @@ def export_onnx(
     *,
     dynamic_batch: bool = True,
     check: bool = True,
+    keep_metadata: bool = False,
 ) -> Path:
     """Exports ``model`` to an ONNX file that stores each shared tensor once.
 
@@ -344,8 +356,8 @@ def export_onnx(
     fails is not written.
 
     A model quantised by :func:`sharify.quantize_int8` is written in ONNX's QDQ form: each int8 weight is one
-    int8 initializer (a shared one read by every member), dequantised by ``DequantizeLinear`` (one float32
-    scale per output channel, ``axis=0``, no zero point) in front of the Conv or Gemm; the outputs are the int8
+    int8 initializer, dequantised by ``DequantizeLinear`` (one float32 scale per output channel, ``axis=0``, no
+    zero point) in front of the Conv or Gemm, a shared one once for all its members; the outputs are the int8
     PyTorch model's. The constant folding never folds a ``DequantizeLinear`` into a float constant.
 
     Args:
@@ -355,6 +367,9 @@ def export_onnx(
             :func:`sharify.sharify`'s analysis used.
         dynamic_batch: Whether the file accepts any batch size (dimension 0 of every input).
         check: Whether to check the file (see :func:`check_onnx`).
+        keep_metadata: Keep the exporter's per-node debugging metadata (the Python stack trace, module class
+            hierarchy and FX node each node came from: about 1.3 kB a node, 3 % of the int8 file of a shared
+            WRN-40-4); dropped by default, as ONNX Runtime never reads it.
 
     Returns:
         ``path``.
@@ -375,7 +390,7 @@ def export_onnx(
     bare = bare_model(model, "export_onnx")
     inputs = example_inputs_of(bare, example_inputs, "export_onnx")
     path = Path(path)
-    program = _export(bare, inputs, dynamic_batch)
+    program = _export(bare, inputs, dynamic_batch, keep_metadata)
 
     def write(tmp: Path) -> None:
         program.save(str(tmp), external_data=False)

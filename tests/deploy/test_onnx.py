@@ -246,3 +246,14 @@ def test_check_names_a_duplicated_or_dequantised_int8_shared_weight(
     name = _rewired(path, tmp_path / "dequantised.onnx", dequantised=True)
     with pytest.raises(sharify.ExportError, match=rf"as floating point .*`{name}` as {name}_float"):
         check_onnx(q, tmp_path / "dequantised.onnx", X)
+
+
+def test_exporter_debugging_metadata_is_dropped_unless_kept(
+    models: tuple[nn.Module, nn.Module], exported: Path, tmp_path: Path
+) -> None:
+    _, shared = models
+    assert not any(n.metadata_props for n in onnx.load(str(exported)).graph.node)
+    kept = sharify.export_onnx(shared, tmp_path / "kept.onnx", X, keep_metadata=True)
+    keys = {p.key for n in onnx.load(str(kept)).graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" in keys  # where each node came from: debugging, not inference
+    assert kept.stat().st_size > exported.stat().st_size
