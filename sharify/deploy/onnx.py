@@ -385,7 +385,7 @@ def export_onnx(
         >>> shared = sharify.sharify(torchvision.models.resnet18())
         >>> path = sharify.export_onnx(shared, "resnet18-shared.onnx")
         >>> round(path.stat().st_size / 1e6, 1)
-        34.3
+        34.2
     """
     bare = bare_model(model, "export_onnx")
     inputs = example_inputs_of(bare, example_inputs, "export_onnx")
