@@ -7,17 +7,19 @@
 For each model (BatchNorm statistics randomised like a trained network's, so that a per-member fold would
 show): the bytes of the shared and the original model as safetensors (:func:`sharify.save`), ONNX
 (:func:`sharify.export_onnx`) and ``.pt2`` (``torch.export.save``, through
-:func:`sharify.deploy.check_export`), each ratio shared/original against the parameter fraction
-(``params_after / params_before`` of :func:`sharify.report`); the ONNX Runtime latency ratio shared/original
-at batch 1 and 8, measured interleaved as in :mod:`benchmarks.perf` (the median of the per-round ratios with
-its distribution-free 95 % confidence interval); the largest difference between ONNX Runtime's and PyTorch's
-outputs of the shared model. Targets: every shared file within 2 % of the parameter fraction; latency ratio
-<= 1.05. ONNX Runtime runs single-threaded by default (``--threads``), which keeps the ratio steady on a small
-shared machine.
+:func:`sharify.deploy.check_export`), and both quantised by :func:`sharify.quantize_int8` (weight-only int8,
+per-output-channel scales) as safetensors (``safetensors.torch.save`` of the state_dict) and as int8 ONNX
+(:func:`sharify.export_onnx`: QDQ, one int8 initializer per weight, checked), each ratio shared/original
+against the parameter fraction (``params_after / params_before`` of :func:`sharify.report`); the ONNX Runtime
+latency ratio shared/original at batch 1 and 8 (int8: shared int8 / original int8), measured interleaved as in
+:mod:`benchmarks.perf` (the median of the per-round ratios with its distribution-free 95 % confidence
+interval); the largest difference between ONNX Runtime's and PyTorch's outputs of the shared model, float and
+int8. Targets: every shared file within 2 % of the parameter fraction; latency ratio <= 1.05. ONNX Runtime
+runs single-threaded by default (``--threads``), which keeps the ratio steady on a small shared machine.
 
-Optional columns (they appear when the functions exist in ``sharify.deploy``; merge, then rerun):
-``fold_batchnorm`` (BatchNorm folded into per-member scale/bias after the shared conv) and ``quantize_int8``
-(weight-only int8): the ONNX bytes and latency of the shared model so transformed.
+Optional column (it appears when the function exists in ``sharify.deploy``): ``fold_batchnorm`` (BatchNorm
+folded into per-member scale/bias after the shared conv): the ONNX bytes and latency of the shared model so
+transformed.
 
 Results go to ``benchmarks/results/deploy.md`` and ``deploy.json``.
 """
@@ -38,6 +40,7 @@ import numpy as np
 import onnxruntime
 import torch
 import torchvision
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 import sharify
@@ -54,28 +57,23 @@ MODELS = ["resnet18", "resnet34", "resnet50", "wrn-40-4", "resnet34-dsfb-basis"]
 
 
 def optional_transforms() -> dict[str, Callable[[nn.Module], nn.Module]]:
-    """The deployment transforms of ``sharify.deploy`` this checkout has, by column name.
-
-    OPTIONAL HOOKS: ``fold_batchnorm`` and ``quantize_int8`` come from another branch; a column is skipped (and
-    the Markdown says so) while its function is absent. After merging, rerun ``python -m benchmarks.deploy``.
-    """
+    """The deployment transforms of ``sharify.deploy`` this checkout has, by column name (a column is skipped,
+    and the Markdown says so, while its function is absent)."""
     found: dict[str, Callable[[nn.Module], nn.Module]] = {}
     try:
-        from sharify.deploy import fold_batchnorm  # type: ignore[attr-defined]
+        from sharify.deploy import fold_batchnorm
 
         found["folded-bn"] = fold_batchnorm
-    except ImportError:
-        pass
-    try:
-        from sharify.deploy import quantize_int8  # type: ignore[attr-defined]
-
-        found["int8"] = quantize_int8
     except ImportError:
         pass
     return found
 
 
-OPTIONAL = ("folded-bn", "int8")
+OPTIONAL = ("folded-bn",)
+#: The file formats of the bytes table, in order: float, then quantised by ``sharify.quantize_int8``.
+FORMATS = ["safetensors", "onnx", "pt2", "safetensors-int8", "onnx-int8"]
+#: The model each latency variant is timed against (the original in the same format).
+BASELINE = {"shared": "original", "folded-bn": "original", "int8": "original-int8"}
 
 
 def trained_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -143,6 +141,13 @@ def _runner(session: onnxruntime.InferenceSession, x: np.ndarray, calls: int) ->
     return run
 
 
+def dequantize_linear_nodes(path: Path) -> int:
+    """``DequantizeLinear`` nodes in the ONNX file."""
+    import onnx
+
+    return sum(n.op_type == "DequantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+
 def batchnorms_left(path: Path) -> tuple[int, int]:
     """BatchNormalization ops in the file, and left in the graph ONNX Runtime runs after its optimisations."""
     import onnx
@@ -169,19 +174,50 @@ def latency(name: str, files: dict[str, Path], chw: tuple[int, ...], args: argpa
         times = {k: [t / calls for t in v] for k, v in interleaved(fns, torch.device("cpu"), args.warmup,
                                                                       args.repeats).items()}  # fmt: skip
         for label in files:
-            if label == "original":
+            if label not in BASELINE:
                 continue
-            paired = [s / o for s, o in zip(times[label], times["original"], strict=True)]
+            base = BASELINE[label]
+            paired = [s / o for s, o in zip(times[label], times[base], strict=True)]
             ratio, ci = statistics.median(paired), median_ci(paired)
             rows.append({
-                "model": name, "variant": label, "batch": batch, "ratio": ratio, "ratio_ci95": list(ci),
-                "verdict": latency_verdict(ratio, ci), "original_ms": 1e3 * statistics.median(times["original"]),
-                "variant_ms": 1e3 * statistics.median(times[label]), "repeats": args.repeats, "warmup": args.warmup,
-                "calls_per_round": calls,
+                "model": name, "variant": label, "baseline": base, "batch": batch, "ratio": ratio,
+                "ratio_ci95": list(ci), "verdict": latency_verdict(ratio, ci),
+                "original_ms": 1e3 * statistics.median(times[base]),
+                "variant_ms": 1e3 * statistics.median(times[label]),
+                "repeats": args.repeats, "warmup": args.warmup, "calls_per_round": calls,
             })  # fmt: skip
             print(f"{name:22s} {label:10s} batch {batch}: latency ratio {ratio:.3f} "
                   f"(95% CI {ci[0]:.3f}-{ci[1]:.3f}) {rows[-1]['verdict']}", flush=True)  # fmt: skip
     return rows
+
+
+def file_sizes(model: nn.Module, label: str, x: torch.Tensor, work: Path, aoti: bool) -> dict[str, int]:
+    """Bytes of ``model``'s files by format (:data:`FORMATS`), written to ``work`` as ``{label}.*`` (the ONNX files
+    checked by ``export_onnx``: each shared tensor once, int8 ones as int8, outputs equal in ONNX Runtime)."""
+    sharify.save(model, work / f"{label}.safetensors")
+    sharify.export_onnx(model, work / f"{label}.onnx", x)
+    pt2 = check_export(model, x, path=work / f"{label}.pt2", aoti=aoti)
+    q = sharify.quantize_int8(model)
+    sharify.export_onnx(q, work / f"{label}-int8.onnx", x)
+    int8_state = {k: v.contiguous() for k, v in q.state_dict().items()}
+    size = {"safetensors": (work / f"{label}.safetensors").stat().st_size,
+            "onnx": (work / f"{label}.onnx").stat().st_size, "pt2": pt2.package_bytes,
+            "safetensors-int8": len(save_safetensors(int8_state)),
+            "onnx-int8": (work / f"{label}-int8.onnx").stat().st_size}  # fmt: skip
+    if pt2.aoti_bytes is not None:
+        size["aoti"] = pt2.aoti_bytes
+    return size
+
+
+def ort_difference(model: nn.Module, path: Path, chw: tuple[int, ...], threads: int) -> tuple[float, float]:
+    """Largest difference between ONNX Runtime's outputs of ``path`` and ``model``'s on a batch of 8, and the largest
+    output."""
+    x8 = torch.randn(8, *chw, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(x8).numpy()
+    session = _session(path, threads)
+    got = session.run(None, {session.get_inputs()[0].name: x8.numpy()})[0]
+    return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -191,30 +227,25 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> tuple[dict[str, 
     x = torch.randn(1, *chw)
     row: dict[str, Any] = {"model": name, "input": list(chw), "params_before": report.params_before,
                            "params_after": report.params_after, "param_fraction": fraction, "files": {}}  # fmt: skip
-    size = {}
-    for label, model in (("original", original), ("shared", shared)):
-        sharify.save(model, work / f"{label}.safetensors")
-        sharify.export_onnx(model, work / f"{label}.onnx", x)  # checked: each shared tensor once, outputs equal
-        pt2 = check_export(model, x, path=work / f"{label}.pt2", aoti=args.aoti)
-        size[label] = {"safetensors": (work / f"{label}.safetensors").stat().st_size,
-                       "onnx": (work / f"{label}.onnx").stat().st_size, "pt2": pt2.package_bytes}  # fmt: skip
-        if pt2.aoti_bytes is not None:
-            size[label]["aoti"] = pt2.aoti_bytes
+    size = {label: file_sizes(model, label, x, work, args.aoti) for label, model in (("original", original),
+            ("shared", shared))}  # fmt: skip
     for fmt in size["shared"]:
         row["files"][fmt] = _bytes_row(size["original"][fmt], size["shared"][fmt], fraction)
     check = check_onnx(shared, work / "shared.onnx", x)
     row["onnx_check"] = {"shared_tensors": len(check.tensors), "max_copies": max((c.count for c in check.tensors),
                          default=0), "stored_elements": check.stored_elements, "params": check.params}  # fmt: skip
-    # ONNX Runtime against PyTorch on a batch of 8
-    x8 = torch.randn(8, *chw)
-    with torch.no_grad():
-        ref = shared(x8).numpy()
-    session = _session(work / "shared.onnx", args.threads)
-    got = session.run(None, {session.get_inputs()[0].name: x8.numpy()})[0]
-    row["max_abs_diff"] = float(np.abs(got - ref).max())
-    row["max_abs_output"] = float(np.abs(ref).max())
+    shared_int8 = sharify.quantize_int8(shared)
+    check = check_onnx(shared_int8, work / "shared-int8.onnx", x)
+    row["onnx_int8_check"] = {"shared_tensors": len(check.tensors), "max_copies": max((c.count for c in
+                              check.tensors), default=0), "int8_elements": check.int8_elements,
+                              "int8_weights": check.int8_buffers, "dequantize_linear": dequantize_linear_nodes(
+                              work / "shared-int8.onnx")}  # fmt: skip
+    row["max_abs_diff"], row["max_abs_output"] = ort_difference(shared, work / "shared.onnx", chw, args.threads)
+    row["int8_max_abs_diff"], row["int8_max_abs_output"] = ort_difference(shared_int8, work / "shared-int8.onnx",
+                                                                          chw, args.threads)  # fmt: skip
     row["batchnorms"] = dict(zip(("file", "after_ort_optimisation"), batchnorms_left(work / "shared.onnx")))
-    files = {"original": work / "original.onnx", "shared": work / "shared.onnx"}
+    files = {"original": work / "original.onnx", "shared": work / "shared.onnx",
+             "original-int8": work / "original-int8.onnx", "int8": work / "shared-int8.onnx"}  # fmt: skip
     row["optional"] = {}
     for label, transform in optional_transforms().items():  # OPTIONAL HOOKS (see optional_transforms)
         try:
@@ -238,10 +269,22 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}"
 
 
+def int8_latency_line(lat: list[dict[str, Any]]) -> list[str]:
+    """The markdown's line on the int8 rows' latency against the original's int8 file (none without int8 rows)."""
+    rows = [r for r in lat if r["variant"] == "int8"]
+    if not rows:
+        return []
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("met", "noise", "above")}
+    return [f"int8 (shared int8 / original int8, ratio <= {LATENCY_TARGET}): {counts['met']} of {len(rows)} rows "
+            f"met; {counts['noise']} above it by less than this machine's noise; {counts['above']} measurably above.",
+            ""]  # fmt: skip
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, rows, lat = results["machine"], results["models"], results["latency"]
     formats = list(rows[0]["files"]) if rows else []
-    names = {"safetensors": "safetensors", "onnx": "ONNX", "pt2": ".pt2", "aoti": "AOTI .pt2"}
+    names = {"safetensors": "safetensors", "onnx": "ONNX", "pt2": ".pt2", "safetensors-int8": "int8 safetensors",
+             "onnx-int8": "int8 ONNX (QDQ)", "aoti": "AOTI .pt2"}  # fmt: skip
     lines = [
         "# Deployment: file sizes and ONNX Runtime latency of sharified models",
         "",
@@ -256,7 +299,12 @@ def markdown(results: dict[str, Any]) -> str:
         "conv would give each member its own copy; with default statistics such copies are equal and merge). ONNX "
         "files come from `sharify.export_onnx` (torch's `torch.export`-based exporter; each file passed the check: "
         "one initializer per shared tensor, outputs equal to PyTorch's), `.pt2` packages from `torch.export.save` "
-        "(checked by `sharify.deploy.check_export`), safetensors from `sharify.save`.",
+        "(checked by `sharify.deploy.check_export`), safetensors from `sharify.save`. The int8 columns quantise "
+        "both models with `sharify.quantize_int8` (weight-only, one scale per output channel; each shared tensor "
+        "quantised once) and compare the shared file with the original's quantised the same way: safetensors of the "
+        "state_dict, and ONNX from `sharify.export_onnx` in QDQ form (each weight one int8 initializer read by "
+        "`DequantizeLinear`, checked: one int8 initializer per shared tensor, int8 elements equal to the model's int8 "
+        "weights, outputs equal to the int8 PyTorch model's).",
         "",
         f"## File bytes (MB, shared / original; target: ratio within {BYTES_TOLERANCE:.0%} of the parameter fraction)",
         "",
@@ -278,15 +326,17 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "The ratio is the median of the per-round ratios (the models of a round run back to back, the order "
         "alternating; a round of batch 1 times 8 calls of each), with the distribution-free 95% confidence interval "
-        "of that median.",
+        "of that median. Each variant is timed against the original in its own format: `shared` and `folded-bn` "
+        "against the float original, `int8` (the shared model's int8 QDQ file) against the original's int8 QDQ file.",
         "",
-        "| model | variant | batch | original ms | variant ms | ratio | 95% CI | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | variant | batch | baseline | baseline ms | variant ms | ratio | 95% CI | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in lat:
         low, high = r["ratio_ci95"]
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['original_ms']:.2f} | {r['variant_ms']:.2f} "
-                     f"| {r['ratio']:.3f} | {low:.3f}-{high:.3f} | {r['verdict']} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r.get('baseline', 'original')} | "
+                     f"{r['original_ms']:.2f} | {r['variant_ms']:.2f} | {r['ratio']:.3f} | {low:.3f}-{high:.3f} | "
+                     f"{r['verdict']} |")  # fmt: skip
     shared_rows = [r for r in lat if r["variant"] == "shared"]
     counts = {v: sum(r["verdict"] == v for r in shared_rows) for v in ("met", "noise", "above")}
     lines += [
@@ -294,6 +344,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Latency target (ratio <= {LATENCY_TARGET}): {counts['met']} of {len(shared_rows)} rows met; "
         f"{counts['noise']} above it by less than this machine's noise; {counts['above']} measurably above.",
         "",
+        *int8_latency_line(lat),
         "## Outputs: ONNX Runtime against PyTorch (shared model, batch 8)",
         "",
         "A BatchNorm after a shared conv stays a BatchNormalization op in the file (folding it would give each member "
@@ -301,15 +352,22 @@ def markdown(results: dict[str, Any]) -> str:
         "original's graph. The last column counts BatchNormalization ops in the file and left after ONNX Runtime's "
         "optimisations (a pre-activation net's BatchNorms come before its convs and stay).",
         "",
-        "| model | max abs difference | max abs output | relative | BatchNormalization ops: file / run |",
-        "|---|---|---|---|---|",
+        "The int8 columns compare the int8 QDQ file in ONNX Runtime with the int8 PyTorch model (the same "
+        "dequantised weights), and count its `DequantizeLinear` nodes (one per int8 weight: the members of a shared "
+        "tensor read the output of one) and its int8 elements against the model's int8 weights.",
+        "",
+        "| model | max abs difference | max abs output | relative | BatchNormalization ops: file / run "
+        "| int8: max abs difference | relative | DequantizeLinear | int8 elements: file / model |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = r["max_abs_diff"] / r["max_abs_output"] if r["max_abs_output"] else 0.0
-        bn = r["batchnorms"]
+        bn, q = r["batchnorms"], r["onnx_int8_check"]
+        rel8 = r["int8_max_abs_diff"] / r["int8_max_abs_output"] if r["int8_max_abs_output"] else 0.0
         lines.append(f"| {r['model']} | {r['max_abs_diff']:.3g} | {r['max_abs_output']:.3g} | {rel:.2g} | "
-                     f"{bn['file']} / {bn['after_ort_optimisation']} |")  # fmt: skip
-    lines += ["", "## Optional columns (other branches)", ""]
+                     f"{bn['file']} / {bn['after_ort_optimisation']} | {r['int8_max_abs_diff']:.3g} | {rel8:.2g} | "
+                     f"{q['dequantize_linear']} | {q['int8_elements']:,} / {q['int8_weights']:,} |")  # fmt: skip
+    lines += ["", "## Optional columns", ""]
     for label in OPTIONAL:
         cells = [(r["model"], r["optional"].get(label)) for r in rows]
         if all(c is None for _, c in cells):

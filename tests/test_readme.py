@@ -66,6 +66,7 @@ def test_readme_deploy_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     holders = [m for m in int8.modules() if type(m).__name__ == "Int8SharedConvParams"]  # type: ignore[union-attr]
     assert holders and len(holders) == len(sharify.shared_groups(folded))  # type: ignore[arg-type]
     assert (tmp_path / "resnet18_shared.onnx").stat().st_size < 0.75 * 46.8e6  # checked by export_onnx itself
+    assert (tmp_path / "resnet18_int8.onnx").stat().st_size < 0.75 * 11.8e6  # one int8 initializer per weight
 
 
 @pytest.mark.results
@@ -73,15 +74,18 @@ def test_readme_onnx_figures_are_the_committed_deploy_benchmark() -> None:
     deploy = (README.parent / "benchmarks/results/deploy.md").read_text()
     rows = _table_after("- **ONNX and `torch.export`**", "model")
     assert [r[0] for r in rows] == ["resnet18", "resnet34", "resnet50", "wrn-40-4", "resnet34-dsfb-basis"]
-    for model, fraction, onnx, pt2, safetensors, latency in rows:
+    for model, fraction, onnx, int8_onnx, pt2, safetensors, latency in rows:
         line = next(x for x in deploy.splitlines() if x.startswith(f"| {model} | 3x"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[4] == fraction, model
         assert cells[5].startswith(f"{safetensors} = "), model
         assert cells[6].startswith(f"{onnx.replace(' (', ' = ').rstrip(')')}"), model
         assert cells[7].startswith(f"{pt2} = "), model
+        assert cells[9].startswith(f"{int8_onnx.replace(' (', ' = ').rstrip(')')}"), model
         ratios = [
-            next(x for x in deploy.splitlines() if x.startswith(f"| {model} | shared | {b} |")).split("|")[6].strip()
+            next(x for x in deploy.splitlines() if x.startswith(f"| {model} | shared | {b} | original |"))
+            .split("|")[7]
+            .strip()
             for b in (1, 8)
         ]
         assert latency == " / ".join(ratios), model
@@ -107,6 +111,25 @@ def test_readme_deploy_figures_are_the_committed_benchmarks() -> None:
         r"\| (resnet\d+) \| [^|]+ \| [^|]+ \| ([\d.]+) / ([\d.]+) \([\d.]+\) MiB \| [^|]+ \|$", speed, flags=re.M
     ):
         assert f"{model} {original} -> {shared} MiB" in " ".join(section.split()), model
+
+
+@pytest.mark.results
+def test_readme_int8_accuracy_figures_are_the_committed_benchmark() -> None:
+    import json
+
+    results = json.loads((README.parent / "benchmarks/results/int8_accuracy.json").read_text())
+    rows = _table_after("`python -m benchmarks.int8_accuracy`", "model")
+    expected = [
+        [r["model"], f"{r['params']:,}", f"{r['float_top1']:.2f}", f"{r['int8_top1']:.2f}", f"{r['agreement']:.2f}"]
+        for r in results["accuracy"]
+    ]
+    assert rows == expected
+    section = " ".join(README.read_text().split("`python -m benchmarks.int8_accuracy`", 1)[1].split()[:400])
+    for model in ("original", "shared"):
+        ratios = [f"{r['ratio']:.2f}" for r in results["speed"] if r["model"] == model]
+        assert f"{model} {' / '.join(ratios)}" in section, model
+    logged = results["finetune_top1"]["shared"]
+    assert f"{logged[0]:.2f} % after BatchNorm re-calibration" in section
 
 
 def test_readme_commands_are_the_ci_commands() -> None:

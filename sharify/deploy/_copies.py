@@ -7,6 +7,11 @@ found by comparing every stored tensor of the shared weight's shape with it: *ex
 when, row by row (one row per output channel), it is a multiple of the shared weight up to the rounding
 of its dtype. With a BatchNorm's default statistics every member's scale is the same, so an exporter's
 deduplication merges the folded copies into one; test with randomised statistics.
+
+The shared weight of an int8 model (:func:`sharify.quantize_int8`) is its holder's int8 tensor
+(``weight_int8``): a file keeps the sharing when it stores that tensor once, as int8. A float copy of it
+(the dequantised weight folded into a constant, possibly scaled by a member's BatchNorm) is a copy too, and
+is also listed as *dequantised*: the file stores it at four times the bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class TensorCopies:
         exact: Names of the stored tensors equal to it.
         scaled: Names of the stored tensors equal to it up to a per-output-channel scale (a BatchNorm
             folded into a member).
+        dequantised: Names of the stored floating-point copies of an int8 shared weight (among ``scaled``).
     """
 
     key: str
@@ -47,6 +53,7 @@ class TensorCopies:
     shape: tuple[int, ...]
     exact: tuple[str, ...]
     scaled: tuple[str, ...]
+    dequantised: tuple[str, ...] = ()
 
     @property
     def count(self) -> int:
@@ -55,9 +62,14 @@ class TensorCopies:
 
 
 def shared_weights(model: nn.Module) -> dict[str, tuple[str, Tensor]]:
-    """The shared weight of each group of ``model`` with its ``state_dict`` name, by group key."""
+    """The shared weight of each group of ``model`` with its ``state_dict`` name, by group key: the holder's
+    ``weight``, or its ``weight_int8`` when :func:`sharify.quantize_int8` stored it as int8."""
     paths = holder_paths(model)
-    return {key: (f"{paths[key]}.weight", holder.weight.detach()) for key, (holder, _) in shared_groups(model).items()}
+    out = {}
+    for key, (holder, _) in shared_groups(model).items():
+        q = holder._buffers.get("weight_int8")
+        out[key] = (f"{paths[key]}.weight_int8", q) if q is not None else (f"{paths[key]}.weight", holder.weight)
+    return {key: (name, w.detach()) for key, (name, w) in out.items()}
 
 
 def _relation(stored: Tensor, shared: Tensor) -> str | None:
@@ -88,12 +100,15 @@ def find_copies(model: nn.Module, stored: Mapping[str, Tensor]) -> tuple[TensorC
     out = []
     for key, (name, weight) in shared_weights(model).items():
         weight = weight.cpu()
-        found: dict[str, list[str]] = {"exact": [], "scaled": []}
+        found: dict[str, list[str]] = {"exact": [], "scaled": [], "dequantised": []}
         for stored_name, tensor in stored.items():
             relation = _relation(tensor, weight)
             if relation is not None:
                 found[relation].append(stored_name)
-        out.append(TensorCopies(key, name, tuple(weight.shape), tuple(found["exact"]), tuple(found["scaled"])))
+                if weight.dtype == torch.int8 and tensor.is_floating_point():
+                    found["dequantised"].append(stored_name)
+        exact, scaled, dequantised = (tuple(found[k]) for k in ("exact", "scaled", "dequantised"))
+        out.append(TensorCopies(key, name, tuple(weight.shape), exact, scaled, dequantised))
     return tuple(out)
 
 
@@ -121,11 +136,18 @@ def copies_message(copies: Sequence[TensorCopies], what: str, fix: str) -> str |
             f"{what} stores {len(duplicated)} of {len(copies)} shared tensors more than once{folded}: {shown}{more}; "
             f"{fix}"
         )
+    floats = [c for c in copies if c.count == 1 and c.dequantised]
+    if floats:
+        shown = ", ".join(f"`{c.name}` as {c.dequantised[0]}" for c in floats[:4]) + (" ..." if len(floats) > 4 else "")
+        parts.append(
+            f"{what} stores {len(floats)} of {len(copies)} int8 shared tensors as floating point (dequantised into "
+            f"a constant, four times the bytes): {shown}; {fix}"
+        )
     if missing:
         names = ", ".join(f"`{c.name}`" for c in missing[:4]) + (" ..." if len(missing) > 4 else "")
         parts.append(
             f"{what} stores no copy of {len(missing)} shared tensors ({names}): the exporter transformed them, so "
-            "the check cannot tell whether they are stored once; export the model in eval mode without "
-            "quantisation, or pass check=False"
+            "the check cannot tell whether they are stored once; export the model in eval mode, quantised (if at "
+            "all) by sharify.quantize_int8, or pass check=False"
         )
     return "; ".join(parts) or None

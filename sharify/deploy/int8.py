@@ -9,7 +9,14 @@ and its ``weight`` is the dequantised tensor, which every member reads as it rea
 get the same treatment in place (their class becomes ``Int8<Class>``, whose own forward runs unchanged).
 The forward is ordinary tensor code (a cast and a multiply per weight), so ``torch.compile`` and
 ``torch.export`` trace it: the exported program has one int8 constant per shared tensor and a dequantising
-cast-and-multiply where each member reads it.
+cast-and-multiply where each member reads it. For ONNX, :func:`qdq_dequantize` makes the same forward
+dequantise through torch's ``quantized_decomposed.dequantize_per_channel`` (bitwise the same values), which
+torch's ONNX exporter writes as ``DequantizeLinear`` (per-output-channel scale, ``axis=0``, no zero point)
+on the int8 initializer: the QDQ form ONNX Runtime and other runtimes recognise, each shared tensor one int8
+initializer whose dequantised value every member's Conv reads (the exporter's common-subexpression pass merges
+the members' identical ``DequantizeLinear`` nodes into one; :func:`sharify.export_onnx` does this for any model
+holding int8 weights). It is not the forward outside exports because Inductor's lowering of that op
+needs a zero-point tensor.
 
 Why not torchao (checked with torchao 0.18.0): ``quantize_(model, Int8WeightOnlyConfig())`` swaps each
 module's ``weight`` parameter for an ``Int8Tensor``, by default only in ``nn.Linear``. It works per module,
@@ -21,7 +28,10 @@ but ``Int8Tensor`` implements no ``aten.convolution``, so the first member conv'
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -30,7 +40,16 @@ from torch import Tensor, nn
 from ..layers import SharedConvParams, is_shared_conv
 from ._checks import check_model_and_flag
 
-__all__ = ["Int8SharedConvParams", "Int8WeightMixin", "dequantize", "int8_class", "quantize_int8", "quantize_weight"]
+__all__ = [
+    "Int8SharedConvParams",
+    "Int8WeightMixin",
+    "dequantize",
+    "holds_int8",
+    "int8_class",
+    "qdq_dequantize",
+    "quantize_int8",
+    "quantize_weight",
+]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -53,9 +72,49 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale.to(weight.dtype)
 
 
+_QDQ = False  # set by qdq_dequantize: dequantise through quantized_decomposed.dequantize_per_channel
+
+
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
-    """``q * scale`` along dim 0, in ``scale``'s dtype."""
+    """``q * scale`` along dim 0, in ``scale``'s dtype (within :func:`qdq_dequantize`: as torch's
+    ``quantized_decomposed.dequantize_per_channel``, the same values)."""
+    if _QDQ:
+        out_dtype = None if scale.dtype == torch.float32 else scale.dtype  # None: the op's float32, no extra Cast
+        op = torch.ops.quantized_decomposed.dequantize_per_channel
+        return op(q, scale, None, 0, -127, 127, torch.int8, out_dtype=out_dtype)
     return q.to(scale.dtype) * scale.view(-1, *([1] * (q.dim() - 1)))
+
+
+@contextlib.contextmanager
+def qdq_dequantize() -> Iterator[None]:
+    """Within the block, int8 weights dequantise through ``torch.ops.quantized_decomposed.dequantize_per_channel``
+    (symmetric, per output channel, no zero point), which torch's ONNX exporter writes as ``DequantizeLinear``.
+
+    The values are bitwise those of the plain forward (``q * scale`` rounded once in the scale's dtype).
+    :func:`sharify.export_onnx` exports within it; it is for tracing (ONNX), not for ``torch.compile``, whose
+    Inductor lowering of the op requires a zero-point tensor.
+
+    Example:
+        >>> import torch
+        >>> from sharify.deploy.int8 import qdq_dequantize, quantize_int8
+        >>> q = quantize_int8(torch.nn.Linear(4, 2))
+        >>> with qdq_dequantize():
+        ...     program = torch.export.export(q, (torch.randn(1, 4),))
+        >>> any("dequantize_per_channel" in str(n.target) for n in program.graph.nodes)
+        True
+    """
+    global _QDQ
+    importlib.import_module("torch.ao.quantization.fx._decomposed")  # registers the quantized_decomposed ops
+    previous, _QDQ = _QDQ, True
+    try:
+        yield
+    finally:
+        _QDQ = previous
+
+
+def holds_int8(model: nn.Module) -> bool:
+    """Whether ``model`` has a weight :func:`quantize_int8` stored as int8."""
+    return any(isinstance(m, Int8WeightMixin) for m in model.modules())
 
 
 class Int8WeightMixin:

@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 
 BYTES_TOLERANCE = 0.02  # the targets: each shared file within 2 % of the parameter fraction ...
 LATENCY_TARGET = 1.05  # ... and ONNX Runtime latency shared / original <= 1.05
-FORMATS = ["safetensors", "onnx", "pt2"]
+FORMATS = ["safetensors", "onnx", "pt2", "safetensors-int8", "onnx-int8"]  # int8: shared int8 / original int8
 
 
 def problems(results: dict[str, Any], markdown: str) -> list[str]:
@@ -33,6 +33,11 @@ def problems(results: dict[str, Any], markdown: str) -> list[str]:
             out.append(f"{r['model']}: the ONNX check found {r['onnx_check']}")
         if not r["max_abs_diff"] <= 1e-5 + 1e-4 * r["max_abs_output"]:
             out.append(f"{r['model']}: ONNX Runtime differs from PyTorch by {r['max_abs_diff']}")
+        q = r.get("onnx_int8_check")
+        if q is not None and (q["max_copies"] != 1 or q["int8_elements"] != q["int8_weights"]):
+            out.append(f"{r['model']}: the int8 ONNX check found {q}")
+        if q is not None and not r["int8_max_abs_diff"] <= 1e-5 + 1e-4 * r["int8_max_abs_output"]:
+            out.append(f"{r['model']}: the int8 file in ONNX Runtime differs from PyTorch by {r['int8_max_abs_diff']}")
         for fmt, f in r["files"].items():
             ratio = f["shared_bytes"] / f["original_bytes"]
             expected = "met" if abs(ratio / fraction - 1) <= BYTES_TOLERANCE else "missed"
@@ -68,8 +73,18 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     assert row["model"] == "wrn-16-1" and list(row["files"]) == FORMATS
     assert row["onnx_check"]["shared_tensors"] == 3  # conv2 of the 3 stages
     assert all(0 < f["ratio"] < 1 for f in row["files"].values())
-    # the folded-BN and int8 variants are measured now that sharify.deploy has them
-    assert [(r["variant"], r["batch"]) for r in results["latency"]] == [("shared", 1), ("folded-bn", 1), ("int8", 1)]
+    # int8 against the original's int8 file, the folded-BN variant against the float original
+    assert [(r["variant"], r["baseline"], r["batch"]) for r in results["latency"]] == [
+        ("shared", "original", 1),
+        ("int8", "original-int8", 1),
+        ("folded-bn", "original", 1),
+    ]
+    q = row["onnx_int8_check"]
+    assert q["shared_tensors"] == 3 and q["max_copies"] == 1 and q["int8_elements"] == q["int8_weights"] > 0
+    assert (
+        q["dequantize_linear"] > 0
+        and row["files"]["onnx-int8"]["shared_bytes"] < row["files"]["onnx"]["shared_bytes"] / 2
+    )
     assert problems(results, (tmp_path / "deploy.md").read_text()) == []
 
 

@@ -133,3 +133,32 @@ def test_errors() -> None:
         sharify.quantize_int8(torch.zeros(1))  # type: ignore[type-var]
     with pytest.raises(TypeError, match="inplace must be True or False"):
         sharify.quantize_int8(nn.Linear(1, 1), inplace=1)  # type: ignore[arg-type]
+
+
+def _templates_task(n: int, gen: torch.Generator, templates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learnable task: each class one random 3x16x16 template, under noise of 1.5 times its scale."""
+    y = torch.randint(0, len(templates), (n,), generator=gen)
+    return templates[y] + 1.5 * torch.randn(n, *templates.shape[1:], generator=gen), y
+
+
+def test_int8_accuracy_is_within_a_point_of_float_on_a_trained_model() -> None:
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.randn(10, 3, 16, 16, generator=gen)
+    model = sharify.sharify(cifar_resnet(14, width=8), example_inputs=torch.randn(1, 3, 16, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(60):
+        x, y = _templates_task(32, gen, templates)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x, y = _templates_task(1000, gen, templates)
+    variants = {"float": model, "int8": sharify.quantize_int8(model)}
+    variants["folded int8"] = sharify.quantize_int8(sharify.fold_batchnorm(model))
+    with torch.no_grad():
+        predicted = {k: m(x).argmax(1) for k, m in variants.items()}
+    accuracy = {k: (p == y).float().mean().item() for k, p in predicted.items()}
+    assert accuracy["float"] > 0.5, accuracy  # trained well above chance (0.1): the bound below means something
+    assert all(abs(a - accuracy["float"]) <= 0.01 for a in accuracy.values()), accuracy
+    assert (predicted["int8"] == predicted["float"]).float().mean() >= 0.97

@@ -165,3 +165,95 @@ def test_example_inputs_the_model_cannot_run_are_named(models: tuple[nn.Module, 
     with pytest.raises(sharify.ExampleInputsError, match=r"cannot run on example inputs of shape \(2, 5, 32, 32\)"):
         sharify.export_onnx(shared, tmp_path / "m.onnx", torch.randn(2, 5, 32, 32))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def _int8_initializers(proto: object) -> dict[str, np.ndarray]:
+    inits = proto.graph.initializer  # type: ignore[attr-defined]
+    return {i.name: onnx.numpy_helper.to_array(i) for i in inits if i.data_type == onnx.TensorProto.INT8}
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["int8", "folded-bn+int8"])
+def test_int8_export_is_qdq_with_one_int8_initializer_per_weight(
+    models: tuple[nn.Module, nn.Module], tmp_path: Path, folded: bool
+) -> None:
+    _, shared = models  # randomised BatchNorm statistics: a per-member fold would show
+    q = sharify.quantize_int8(sharify.fold_batchnorm(shared) if folded else shared).eval()
+    path = sharify.export_onnx(q, tmp_path / "q.onnx", X)  # checked: each int8 weight once, outputs equal
+    proto = onnx.load(str(path))
+    int8 = _int8_initializers(proto)
+    expected = {k: v for k, v in q.state_dict().items() if v.dtype == torch.int8}  # one per holder, conv, Linear
+    assert sorted(int8) == sorted(expected)
+    assert all(np.array_equal(int8[k], v.numpy()) for k, v in expected.items())
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    readers = {n.output[0]: consumers.get(n.output[0], []) for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    for name in int8:  # every int8 weight is read by DequantizeLinear only, per output channel, no zero point
+        nodes = consumers[name]
+        assert {n.op_type for n in nodes} == {"DequantizeLinear"}, name
+        for n in nodes:
+            assert onnx.helper.get_attribute_value(n.attribute[0]) == 0 and n.attribute[0].name == "axis"
+            assert len(n.input) == 2 or not n.input[2], "zero point omitted"
+            assert {r.op_type for r in readers[n.output[0]]} <= {"Conv", "Gemm", "MatMul", "Transpose"}
+    for holder, members in sharify.shared_groups(q).values():  # each member's Conv reads the one int8 initializer
+        name = next(k for k, v in expected.items() if v.data_ptr() == holder.weight_int8.data_ptr())
+        convs = [r for n in consumers[name] for r in readers[n.output[0]] if r.op_type == "Conv"]
+        assert len(convs) == len(members) > 1
+    shapes = {v.shape for v in int8.values()}
+    assert not [
+        i.name for i in proto.graph.initializer if i.data_type != onnx.TensorProto.INT8 and tuple(i.dims) in shapes
+    ]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = q(x).numpy()
+    np.testing.assert_allclose(_run(path, x), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def _rewired(path: Path, out: Path, dequantised: bool) -> str:
+    """The file with its first shared int8 initializer duplicated (one member's DequantizeLinear reads the copy) or,
+    with ``dequantised``, replaced by the float weight it stands for; returns the initializer's name."""
+    proto = onnx.load(str(path))
+    name = next(i.name for i in proto.graph.initializer if i.name.startswith("sharify_shared."))
+    init = next(i for i in proto.graph.initializer if i.name == name)
+    q = onnx.numpy_helper.to_array(init)
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name)
+    if dequantised:  # a float constant in place of the int8 weight and its DequantizeLinear (as a constant fold would)
+        scale = next(onnx.numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == dq.input[1])
+        weight = onnx.numpy_helper.from_array(q.astype(np.float32) * scale.reshape(-1, 1, 1, 1), name + "_float")
+        proto.graph.initializer.remove(init)
+        proto.graph.initializer.append(weight)
+        for node in [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == name]:
+            node.CopyFrom(onnx.helper.make_node("Identity", [weight.name], list(node.output)))
+    else:
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(q.copy(), name + "_copy"))
+        dq.input[0] = name + "_copy"
+    onnx.save(proto, str(out))
+    return name
+
+
+def test_check_names_a_duplicated_or_dequantised_int8_shared_weight(
+    models: tuple[nn.Module, nn.Module], tmp_path: Path
+) -> None:
+    _, shared = models
+    q = sharify.quantize_int8(shared)
+    path = sharify.export_onnx(q, tmp_path / "q.onnx", X)
+    name = _rewired(path, tmp_path / "duplicated.onnx", dequantised=False)
+    with pytest.raises(sharify.ExportError) as info:
+        check_onnx(q, tmp_path / "duplicated.onnx", X)
+    assert "stores 1 of 3 shared tensors more than once" in str(info.value)
+    assert f"`{name}` (8x8x3x3) 2 times: {name}, {name}_copy" in str(info.value)
+    name = _rewired(path, tmp_path / "dequantised.onnx", dequantised=True)
+    with pytest.raises(sharify.ExportError, match=rf"as floating point .*`{name}` as {name}_float"):
+        check_onnx(q, tmp_path / "dequantised.onnx", X)
+
+
+def test_exporter_debugging_metadata_is_dropped_unless_kept(
+    models: tuple[nn.Module, nn.Module], exported: Path, tmp_path: Path
+) -> None:
+    _, shared = models
+    assert not any(n.metadata_props for n in onnx.load(str(exported)).graph.node)
+    kept = sharify.export_onnx(shared, tmp_path / "kept.onnx", X, keep_metadata=True)
+    keys = {p.key for n in onnx.load(str(kept)).graph.node for p in n.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" in keys  # where each node came from: debugging, not inference
+    assert kept.stat().st_size > exported.stat().st_size
