@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import pareto
 from benchmarks.pareto_report import targets
+from tests.conftest import ROOT
 from tests.fake_data import fake_fashion_mnist
 
 
@@ -41,3 +44,20 @@ def test_pareto_smoke(tmp_path: Path) -> None:
     assert payload["git_commit"] and payload["command"].startswith("python -m benchmarks.pareto --smoke")
     assert "Command: `python -m benchmarks.pareto --smoke" in table
     assert any(line.startswith("- after fine-tuning at param_budget=0.8") for line in targets(payload["rows"]))
+
+
+@pytest.mark.results
+def test_committed_front_and_the_readme_say_the_same(tmp_path: Path) -> None:
+    """pareto.md is what the two committed runs' JSON give, and every row the README quotes is one of its rows."""
+    results = ROOT / "benchmarks" / "results" / "pareto"
+    runs = [str(results / depth / "pareto.json") for depth in ("resnet20", "resnet56")]
+    assert pareto.main(["--from-json", *runs, "--out", str(tmp_path)]) == 0
+    committed = (results / "pareto.md").read_text()
+    assert (tmp_path / "pareto.md").read_text() == committed
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Choosing how much to share")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert len(rows) == 22
+    assert all(row in committed for row in rows)
+    for figure in ("76.9 % after BatchNorm re-calibration against the baseline's 77.7 %", "61.5 % against 57.5 %"):
+        assert figure.split(" ")[0] in committed
