@@ -159,7 +159,7 @@ class SharedConvMixin:
         params = self._parameters  # type: ignore[attr-defined]
         up, down = params.get("delta_b"), params.get("delta_a")
         if up is not None and down is not None:
-            w = w + (up @ down).view_as(w)
+            w = torch.addmm(w.flatten(1), up, down).view_as(w)  # one fused W + B @ A
         gain = params.get("shared_gain")
         return w if gain is None else w * gain.view(-1, *([1] * (w.dim() - 1)))
 
