@@ -225,3 +225,23 @@ def test_committed_speed_verdicts_follow_their_numbers(name: str) -> None:
     results = json.loads(path.read_text())
     assert verdict_problems(results["speed"]) == []
     assert summary_problems(results["speed"], (path.parent / "perf.md").read_text()) == []
+
+
+@pytest.mark.results
+def test_readme_relaxed_sharing_speed_is_the_committed_run() -> None:
+    """The ratios 'Choosing how much to share' quotes are the materialised rows of results/perf_delta."""
+    table = (ROOT / "benchmarks" / "results" / "perf_delta" / "perf.md").read_text()
+    rows = [line.split("|") for line in table.splitlines() if "| materialised |" in line]
+    ratios = {(r[2].strip(), r[4].strip()): r[12].strip() for r in rows}
+    readme = (ROOT / "README.md").read_text()
+    quoted = readme.split("Throughput: the deltas are added")[1].split("## Performance")[0]
+    expected = (
+        f"{ratios['delta_rank=8', 'train step']} at rank 8 and at rank 32, {ratios['param_budget=0.9', 'train step']} "
+        f"at `param_budget=0.9`; inference {ratios['delta_rank=8', 'inference']}, "
+        f"{ratios['delta_rank=32', 'inference']}, {ratios['param_budget=0.9', 'inference']}"
+    )
+    assert ratios["delta_rank=8", "train step"] == ratios["delta_rank=32", "train step"]
+    assert expected in " ".join(quoted.split())
+    summary = next(line for line in table.splitlines() if line.startswith("Relaxed-sharing target, materialised"))
+    assert "1 of 6 rows met; 3 below it by less than this machine's noise; 2 measurably below" in summary
+    assert "met in 1 of 6 rows, 3 are below it within this machine's noise and 2" in " ".join(quoted.split())
