@@ -155,7 +155,7 @@ class SharedConvMixin:
 
     @property
     def weight(self) -> Tensor:
-        w = self._sharify_holder.weight
+        w: Tensor = self._sharify_holder.weight
         params = self._parameters  # type: ignore[attr-defined]
         up, down = params.get("delta_b"), params.get("delta_a")
         if up is not None and down is not None:
