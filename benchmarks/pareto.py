@@ -253,8 +253,11 @@ def run_depth(bench: Bench, depth: int) -> list[Row]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Sized for about 3 hours on 2 CPU cores (ResNet-20 trains at ~280 images/s there, ResNet-56 at ~100):
-    # 5,000 training and 2,000 test images, a short schedule; one seed.
+    # The defaults are sized, from the training rates of an idle 2-core machine (ResNet-20 ~280 images/s,
+    # ResNet-56 ~100), for about 3 hours: 5,000 training and 2,000 test images, a short schedule, one seed.
+    # That estimate has not been run. The committed front (results/pareto) is two smaller commands, one per
+    # depth, 18 minutes each; pareto.md records them (ResNet-56 needs batch 32 and lr 0.05 to train at all
+    # on so few images in 8 epochs).
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--subset", type=int, default=5_000, help="training images (0: all 60,000)")
