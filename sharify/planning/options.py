@@ -489,7 +489,11 @@ def _check_relaxed(merged: dict[str, Any], given: Mapping[str, Any]) -> None:
             "parameters) or delta_rank (explicit ranks), not both"
         )
     if budget is not None and not (math.isfinite(budget) and 0 < budget <= 1):
-        raise ValueError(f"param_budget must be a fraction of the original's parameters in (0, 1], got {budget!r}")
+        hint = f"; for {budget} % pass param_budget={budget / 100:g}" if 1 < budget <= 100 else ""
+        raise ValueError(
+            f"param_budget must be a fraction of the original's parameters in (0, 1] (0.7 keeps 70 % of them), got "
+            f"{budget!r}{hint}"
+        )
     ranks = delta.values() if isinstance(delta, Mapping) else [delta]
     if isinstance(delta, Mapping) and not all(isinstance(k, str) for k in delta):
         raise TypeError(f"the keys of delta_rank must be stage paths or group keys (str), got {list(delta)!r}")

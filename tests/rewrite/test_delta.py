@@ -181,6 +181,7 @@ def test_a_budget_below_full_sharing_names_the_smallest_possible() -> None:
         ({"delta_rank": "half"}, TypeError, "delta_rank must be"),
         ({"param_budget": 0.0}, ValueError, r"in \(0, 1\]"),
         ({"param_budget": 1.5}, ValueError, r"in \(0, 1\]"),
+        ({"param_budget": 70}, ValueError, r"for 70 % pass param_budget=0\.7"),
         ({"param_budget": "0.7"}, TypeError, "param_budget must be"),
         ({"param_budget": 0.9, "delta_rank": 2}, ValueError, "not both"),
         ({"method": "basis", "shared_rank": 8, "unique_rank": 1, "delta_rank": 2}, ValueError, "method='share'"),
@@ -307,3 +308,19 @@ def test_ddp_compile_and_ema_train_the_deltas(process_group) -> None:
     torch.testing.assert_close(
         member.delta_a, 0.5 * before["layer1.1.conv2.delta_a"] + 0.5 * shared.layer1[1].conv2.delta_a
     )
+
+
+def test_a_budget_on_a_transformers_resnet_round_trips(tmp_path: Path) -> None:
+    """Model code nobody here wrote: a Hugging Face ResNet keeps its class, spends the budget, and loads back."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[3, 3], layer_type="basic", num_labels=4)
+    original = perturb(ResNetForImageClassification(config)).eval()
+    shared = sharify.sharify(original, param_budget=0.9, init="scaled", align=True).eval()
+    assert type(shared) is ResNetForImageClassification
+    assert n_params(shared) <= 0.9 * n_params(original) and any(shared.sharify_shared.options["delta_rank"].values())
+    x = torch.randn(2, 3, 32, 32)
+    loaded = sharify.load(sharify.save(shared, tmp_path / "hf.safetensors"), ResNetForImageClassification(config))
+    torch.testing.assert_close(loaded.eval()(x).logits, shared(x).logits, rtol=0, atol=0)
+    exact = sharify.sharify(original, delta_rank="full").eval()
+    torch.testing.assert_close(exact(x).logits, original(x).logits, rtol=1e-4, atol=1e-5)
