@@ -55,7 +55,8 @@ T = TypeVar("T")
 
 
 def _holds_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+    """Whether ``module`` holds a layer sharify can share (a conv, or a Linear of a transformer block)."""
+    return any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
 
 
 def root_default_input(model: nn.Module) -> tuple[Tensor, ...]:
@@ -113,7 +114,9 @@ def record_calls(model: nn.Module, inputs: tuple[Tensor, ...]) -> dict[str, Call
     per argument. The run stops at the first operation fake tensors cannot run. The model's own hooks do not
     run, and the model is not changed (attributes the forward sets on its modules are restored).
     """
-    paths = {id(m): p for p, m in model.named_modules() if p and not isinstance(m, nn.Conv2d) and _holds_conv(m)}
+    paths = {
+        id(m): p for p, m in model.named_modules() if p and not isinstance(m, (nn.Conv2d, nn.Linear)) and _holds_conv(m)
+    }
     seen: dict[str, Call] = {}
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -206,7 +209,7 @@ def plan_parts(
     def visit(module: nn.Module, prefix: str) -> None:
         for name, child in module.named_children():
             path = prefix + name
-            if isinstance(child, nn.Conv2d) or not _holds_conv(child):
+            if isinstance(child, (nn.Conv2d, nn.Linear)) or not _holds_conv(child):
                 continue
             calls = recorded.get(path)
             example = tuple(torch.zeros(s, dtype=d) for s, d in calls) if calls else None
@@ -252,7 +255,7 @@ def _nothing_found(
     reason = getattr(root_error, "reason", str(root_error))
     error = UntraceableError(
         f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}), and none of its "
-        f"submodules analysed in its place has anything to share ({tried or 'no submodule holds convs'}). sharify "
+        f"submodules analysed in its place has anything to share ({tried or 'no submodule holds convs or Linear layers'}). sharify "
         "needs the data flow of the residual stages: share a submodule that torch.fx can trace and that holds "
         "residual blocks (sharify.sharify(model.<name>, inplace=True)), or pass example_inputs= matching the "
         "forward's arguments"

@@ -3,11 +3,12 @@
 Definitions (all on the dataflow graph, never on module names):
 
 * A **residual add** is an addition ``a + b`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_``) of two
-  same-shaped feature maps (at least 3-D: ``(N, C, H, W)``, ...) that both depend on the model input and share
-  ancestors, where at least one
-  operand's *exclusive* ancestors (those the other operand does not have) include a conv. The side
-  with more convs (then: more spatial convs) is the **branch**, the other the **shortcut**
-  (identity, projection, pooling, ...). Scales, layer scale, drop path or SE products on the branch
+  same-shaped feature maps (at least 3-D: ``(N, C, H, W)``, tokens ``(N, L, C)``, ...) that both depend on the
+  model input and share ancestors, where at least one operand's *exclusive* ancestors (those the other operand does
+  not have) include a conv or an ``nn.Linear``. The side with more convs (then: more spatial convs, then: more
+  Linear layers) is the **branch**, the other the **shortcut** (identity, projection, pooling, ...): a
+  transformer's ``x + attn(norm(x))`` and ``x + mlp(norm(x))`` are blocks, and so are Mixer's token and channel
+  MLPs. Scales, layer scale, drop path or SE products on the branch
   are simply part of it. Additions of vectors (``(N, C)``, or ``(N, C, 1, 1)`` maps whose operands are both
   globally pooled: an attention or recurrent context carried across blocks, an LSTM-style gate
   ``fc(x) + h``) are no blocks, and do not break the chain of the blocks around them.
@@ -66,6 +67,10 @@ class Block:
         shortcut_convs: Paths of the convs on its shortcut (projections).
         output_shape: Shape of the block's output (the add's result).
         predecessor: Index of the previous block on the residual stream, if any.
+        linears: Paths of the ``nn.Linear`` layers on its residual branch, in execution order (a transformer's
+            attention or MLP; an SE gate's in a CNN).
+        attention: Whether its branch attends (holds a softmax or ``scaled_dot_product_attention``): a
+            transformer's attention block rather than its MLP block.
     """
 
     index: int
@@ -75,6 +80,8 @@ class Block:
     shortcut_convs: tuple[str, ...]
     output_shape: tuple[int, ...]
     predecessor: int | None
+    linears: tuple[str, ...] = ()
+    attention: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,19 @@ def _pools_globally(node: fx.Node) -> bool:
     return any(math.prod(s[2:]) > 1 for s in sizes)
 
 
+_ATTENTION_FUNCTIONS = {torch.softmax, torch.nn.functional.softmax, torch.nn.functional.scaled_dot_product_attention}
+
+
+def _attends(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is the core of an attention: a softmax (function, method or ``nn.Softmax``) or
+    ``scaled_dot_product_attention``."""
+    if node.op == "call_function":
+        return node.target in _ATTENTION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target == "softmax"
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Softmax)
+
+
 def _is_add(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_FUNCTIONS
@@ -163,6 +183,8 @@ class _Graph:
         self.from_input: list[bool] = []
         self.conv_mask = 0
         self.spatial_mask = 0
+        self.linear_mask = 0
+        self.attention_mask = 0  # nodes that mix tokens by attention (softmax, scaled_dot_product_attention)
         self.pool_mask = 0  # nodes other than convs that reduce a feature map to one position (global pooling)
         modules = dict(model.named_modules())
         for i, n in enumerate(self.nodes):
@@ -177,6 +199,10 @@ class _Graph:
                 self.conv_mask |= 1 << i
                 if any(k > 1 for k in modules[str(n.target)].kernel_size):
                     self.spatial_mask |= 1 << i
+            elif n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Linear):
+                self.linear_mask |= 1 << i
+            elif _attends(n, modules):
+                self.attention_mask |= 1 << i
             elif _pools_globally(n):
                 self.pool_mask |= 1 << i
         self.index = index
@@ -186,6 +212,14 @@ class _Graph:
 
     def conv_paths(self, mask: int) -> tuple[str, ...]:
         return tuple(str(self.nodes[i].target) for i in _bits(mask & self.conv_mask))
+
+    def linear_paths(self, mask: int) -> tuple[str, ...]:
+        return tuple(str(self.nodes[i].target) for i in _bits(mask & self.linear_mask))
+
+    def layer_count(self, mask: int) -> tuple[int, int, int]:
+        """Convs, spatial convs, then Linear layers in ``mask``: convs decide a branch first, so a CNN block's
+        Linear layers (an SE gate's) never change which side is its branch."""
+        return (*self.conv_count(mask), (mask & self.linear_mask).bit_count())
 
 
 def _structural_add(g: _Graph, i: int) -> tuple[int, int, int] | None:
@@ -205,9 +239,9 @@ def _structural_add(g: _Graph, i: int) -> tuple[int, int, int] | None:
     if not common:
         return None
     only_a, only_b = anc_a & ~anc_b, anc_b & ~anc_a
-    count_a, count_b = g.conv_count(only_a), g.conv_count(only_b)
+    count_a, count_b = g.layer_count(only_a), g.layer_count(only_b)
     if count_a == count_b:
-        return None  # no conv on either side, or two symmetric branches: not a residual block
+        return None  # no conv or Linear on either side, or two symmetric branches: not a residual block
     return (only_a, only_b, common) if count_a > count_b else (only_b, only_a, common)
 
 
@@ -288,9 +322,20 @@ def _predecessors(adds: list[_Add], enclosing: list[int | None]) -> list[int | N
     return predecessor
 
 
-def _stage_runs(adds: list[_Add], predecessor: list[int | None]) -> list[list[int]]:
+def _same_stream(g: _Graph, a: _Add, b: _Add) -> bool:
+    """Whether two chained blocks are of one stage: their outputs have one shape, or, when one of them has no conv
+    on its branch (a token block), one batch size and number of elements, so that a stage of token blocks survives
+    reshapes and permutes between its blocks (Swin's attention adds ``(N, H, W, C)``, its MLP adds
+    ``(N, H*W, C)``; a channels-last MLP between two conv blocks)."""
+    if a.shape == b.shape:
+        return True
+    tokens = not (a.branch & g.conv_mask) or not (b.branch & g.conv_mask)
+    return tokens and a.shape[0] == b.shape[0] and math.prod(a.shape) == math.prod(b.shape)
+
+
+def _stage_runs(g: _Graph, adds: list[_Add], predecessor: list[int | None]) -> list[list[int]]:
     """The stages as lists of block indices: chains of consecutive blocks (each with its predecessor, from
-    :func:`_predecessors`) of one output shape, in execution order of their first blocks."""
+    :func:`_predecessors`) of one output shape (see :func:`_same_stream`), in execution order of their first blocks."""
     parent = list(range(len(adds)))
 
     def find(k: int) -> int:
@@ -300,7 +345,7 @@ def _stage_runs(adds: list[_Add], predecessor: list[int | None]) -> list[list[in
         return k
 
     for k, p in enumerate(predecessor):
-        if p is not None and adds[p].shape == adds[k].shape:
+        if p is not None and _same_stream(g, adds[p], adds[k]):
             parent[find(k)] = find(p)
     members: dict[int, list[int]] = {}
     for k in range(len(adds)):
@@ -334,6 +379,8 @@ def _blocks(
                 shortcut_convs=g.conv_paths(a.shortcut),
                 output_shape=a.shape,
                 predecessor=predecessor[k],
+                linears=g.linear_paths(own),
+                attention=bool(own & g.attention_mask),
             )
         )
     return blocks
@@ -368,7 +415,7 @@ def find_stages(graph: fx.Graph, model: nn.Module) -> tuple[list[Block], list[St
     adds = [a for a in (_residual_add(g, i) for i in range(len(g.nodes))) if a is not None]
     enclosing = _nesting(adds)
     predecessor = _predecessors(adds, enclosing)
-    runs = _stage_runs(adds, predecessor)
+    runs = _stage_runs(g, adds, predecessor)
     blocks = _blocks(g, adds, enclosing, predecessor, runs)
     stages = []
     for ks in runs:

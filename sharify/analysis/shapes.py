@@ -36,7 +36,14 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         fake_log.setLevel(level)
 
 
-__all__ = ["ExampleInputsError", "Propagation", "as_inputs", "default_input_shapes", "propagate_shapes"]
+__all__ = [
+    "ExampleInputsError",
+    "Propagation",
+    "as_inputs",
+    "default_input_shapes",
+    "patch_embed_size",
+    "propagate_shapes",
+]
 
 
 def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:
@@ -82,7 +89,20 @@ def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, i
     channels = [hf_channels] if hf_channels is not None else []
     channels += [first[1].in_channels] if first is not None else []
     channels += [int(size[0])] if size is not None and len(size) == 3 else []
-    return [(1, c, height, width) for c in dict.fromkeys([*channels, 3])]
+    shapes = [(1, c, height, width) for c in dict.fromkeys([*channels, 3])]
+    built = patch_embed_size(model)  # a timm ViT built with img_size=64 still has a 224 pretrained_cfg
+    if built is not None and built != (height, width):
+        shapes.insert(0, (1, shapes[0][1], *built))
+    return shapes
+
+
+def patch_embed_size(model: nn.Module) -> tuple[int, int] | None:
+    """The image size a fixed-size patch embedding was built for (timm's ``PatchEmbed.img_size``), if any."""
+    for module in model.modules():
+        size = getattr(module, "img_size", None) if getattr(module, "strict_img_size", True) else None
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(type(n) is int and n > 0 for n in size):
+            return int(size[0]), int(size[1])
+    return None
 
 
 def as_inputs(example_inputs: object) -> tuple[Tensor, ...] | None:

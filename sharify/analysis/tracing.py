@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..errors import UntraceableError
@@ -87,6 +88,37 @@ def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., An
     return modules, functions
 
 
+class _AnalysisProxy(fx.Proxy):
+    """A proxy whose ``dtype`` and ``device`` are concrete where they are known before any value is: a parameter's
+    or buffer's own, and for the root's inputs the model's parameters' (the inputs an analysis runs with). Hugging
+    Face forwards branch on them (``if pixel_values.dtype != self.patch_embeddings.projection.weight.dtype``),
+    which a plain proxy cannot answer."""
+
+    tracer: _AnalysisTracer
+
+    def _known(self, name: str) -> Any:
+        if self.node.op == "placeholder":
+            return getattr(self.tracer, f"input_{name}")
+        if self.node.op == "get_attr":  # read through the dicts: fx patches Module.__getattr__ while tracing
+            *path, leaf = str(self.node.target).split(".")
+            module: nn.Module | None = self.tracer.root
+            for part in path:
+                module = module._modules.get(part) if module is not None else None
+            value = None if module is None else module._parameters.get(leaf, module._buffers.get(leaf))
+            return getattr(value, name) if isinstance(value, torch.Tensor) else None
+        return None
+
+    @property
+    def dtype(self) -> Any:
+        known = self._known("dtype")
+        return fx.Proxy.__getattr__(self, "dtype") if known is None else known
+
+    @property
+    def device(self) -> Any:
+        known = self._known("device")
+        return fx.Proxy.__getattr__(self, "device") if known is None else known
+
+
 class _AnalysisTracer(fx.Tracer):
     def __init__(
         self,
@@ -102,6 +134,11 @@ class _AnalysisTracer(fx.Tracer):
         self.failed_path: str | None = None
         self._parameter_names: dict[int, str] | None = None
         self.inputs = inputs
+        self.input_dtype: Any = None  # the root inputs' dtype and device (see _AnalysisProxy), set by trace()
+        self.input_device: Any = None
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _AnalysisProxy(node, self)
 
     def create_args_for_root(
         self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
@@ -164,6 +201,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _floating_parameter(model: nn.Module) -> tuple[Any, Any]:
+    """The dtype and device of the model's first floating-point parameter (``None, None`` without one)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, None) if p is None else (p.dtype, p.device)
 
 
 def root_inputs(model: nn.Module, num_inputs: int) -> list[tuple[str, bool]] | None:
@@ -281,6 +324,7 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
     with eval_mode(model):
         while True:
             tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves), inputs)
+            tracer.input_dtype, tracer.input_device = _floating_parameter(model)
             try:
                 with attributes_restored(model), _direct_leaf_calls(tracer, model):
                     graph = tracer.trace(model)

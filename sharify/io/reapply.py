@@ -111,9 +111,9 @@ def fit_problems(
             prefixes.append(f"{path}.")
             if conv is None:
                 problems.append(f"`{path}` (member of shared group `{group.key}`) is not in {here}")
-            elif not isinstance(conv, nn.Conv2d):
+            elif not isinstance(conv, (nn.Conv2d, nn.Linear)):
                 kind = type(conv).__name__
-                problems.append(f"`{path}` (member of shared group `{group.key}`) is a {kind}, not a conv")
+                problems.append(f"`{path}` (member of shared group `{group.key}`) is a {kind}, not a conv or Linear")
             elif group.whole_conv:
                 for attr in ("weight", "bias"):
                     mine = getattr(conv, attr)
@@ -176,18 +176,19 @@ def _plan_from_recipe(model: nn.Module, recipe: Recipe) -> SharingPlan:
     rank = (recipe.options or {}).get("delta_rank") or 0
     for g in recipe.groups:
         conv = model.get_submodule(g.members[0])
-        assert isinstance(conv, nn.Conv2d)  # check_fits ran first
-        row = conv.weight.numel() // conv.out_channels
+        assert isinstance(conv, (nn.Conv2d, nn.Linear))  # check_fits ran first
+        sig = ConvSignature.of(conv)
+        row = conv.weight.numel() // sig.out_channels
         groups.append(
             SharingGroup(
                 key=g.key,
                 stage=g.stage,
                 position=g.position,
-                signature=ConvSignature.of(conv),
+                signature=sig,
                 members=g.members,
                 weight_numel=conv.weight.numel(),
                 bias_numel=0 if conv.bias is None else conv.bias.numel(),
-                delta_rank=delta_rank_of(rank, g.stage, g.key, conv.out_channels, row),
+                delta_rank=delta_rank_of(rank, g.stage, g.key, sig.out_channels, row),
             )
         )
     options = {k: v for k, v in (recipe.options or {}).items() if k != "init"}

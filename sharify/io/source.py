@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._paths import within
+from ..analysis.shapes import patch_embed_size
 from ..layers import SHARED_STORE_NAME, SharedStore
 from .reapply import conv_path, fit_problems
 from .recipe import Recipe, recipe_of
@@ -58,6 +59,9 @@ def _known_source(model: nn.Module) -> ModelSource | None:
         first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if first_conv is not None:
             kwargs["in_chans"] = first_conv.in_channels
+        size, default = patch_embed_size(model), tuple(cfg.get("input_size") or ())[1:]
+        if size is not None and size != default:  # a ViT built with img_size=64: its position table's size
+            kwargs["img_size"] = list(size)
         tag = cfg.get("tag")  # the pretrained tag selects the rebuilt model's pretrained_cfg (mean/std, input size)
         return ModelSource("timm", f"{cfg['architecture']}.{tag}" if tag else str(cfg["architecture"]), kwargs)
     return None

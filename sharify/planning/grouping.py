@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from .._paths import module_paths, names_by_identity
 from ..analysis.channels import channel_slots
 from ..analysis.residual import Block, Stage
-from .options import _ALIASES, Selector, SharingOptions
+from .options import _ALIASES, LINEAR_SELECTORS, Selector, SharingOptions
 from .rules import (
     ConvSignature,
     SharingGroup,
@@ -28,6 +28,7 @@ from .rules import (
     is_depthwise,
     is_spatial,
     select,
+    select_linear,
 )
 
 __all__ = ["GroupFinder", "Seen", "check_indices", "computed_tensor_reason", "nothing_to_share_hints"]
@@ -39,6 +40,7 @@ class Seen:
 
     Attributes:
         depthwise / spatial / pointwise: Whether some free eligible branch conv is of that kind.
+        linear: Whether some branch holds a free eligible ``nn.Linear`` (a transformer's or MLP block's).
         reused: Whether some branch conv is called more than once, holds tied parameters or computes its weight.
         branch_lengths: Convs per branch considered (for the range check of index selectors).
         skipped: Convs a selector picked that cannot be members, by path: why, and the selector's label.
@@ -47,6 +49,7 @@ class Seen:
     depthwise: bool = False
     spatial: bool = False
     pointwise: bool = False
+    linear: bool = False
     reused: bool = False
     branch_lengths: list[int] = field(default_factory=list)
     skipped: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -65,6 +68,13 @@ class Seen:
                 f"{'its' if one else 'their'} place"
             )
         return notes
+
+
+def _runs(picked: list[tuple[Block, str]], size: int) -> list[list[tuple[Block, str]]]:
+    """The members of a stage's position split into runs of ``size`` consecutive ones (``0``: one run), those of
+    two or more members: the groups they form."""
+    runs = [picked[i : i + size] for i in range(0, len(picked), size)] if size else [picked]
+    return [r for r in runs if len(r) > 1]
 
 
 class GroupFinder:
@@ -147,7 +157,13 @@ class GroupFinder:
                     seen.depthwise |= any(is_depthwise(c) and is_spatial(c) for c in free)
                     seen.spatial |= any(is_spatial(c) for c in free)
                     seen.pointwise |= any(not is_spatial(c) for c in free)
-                    for label, path in select(convs, selector, options.depthwise):
+                    seen.linear |= any(p not in used and self.eligible(p) for p in block.linears)
+                    picks = (
+                        select_linear(block, selector)
+                        if selector in LINEAR_SELECTORS
+                        else select(convs, selector, options.depthwise)
+                    )
+                    for label, path in picks:
                         reason = self.ineligible_reason(path)
                         if reason is not None:
                             seen.skipped.setdefault(path, (reason, label))
@@ -155,9 +171,9 @@ class GroupFinder:
                             sig = ConvSignature.of(self.modules[path])
                             by_position.setdefault((label, sig), []).append((block, path))
                 for (label, sig), picked in by_position.items():
-                    if len(picked) > 1:
-                        used.update(p for _, p in picked)
-                        groups.append(self._group(stage, label, sig, picked, options, taken))
+                    for run in _runs(picked, options.group_size):
+                        used.update(p for _, p in run)
+                        groups.append(self._group(stage, label, sig, run, options, taken))
         return groups, seen
 
     def _group(
@@ -171,7 +187,7 @@ class GroupFinder:
     ) -> SharingGroup:
         first_block, first_path = picked[0]
         conv = self.modules[first_path]
-        assert isinstance(conv, nn.Conv2d)
+        assert isinstance(conv, (nn.Conv2d, nn.Linear))
         ranks = (
             basis_ranks(options, stage.path, sig, first_path, self.stage_paths) if options.method == "basis" else (0, 0)
         )
@@ -182,7 +198,7 @@ class GroupFinder:
             else ()
         )
         unique_stage = self.stage_paths.count(stage.path) == 1
-        key = group_key(stage, unique_stage, first_block, first_path, label, taken)
+        key = group_key(stage, unique_stage and not options.group_size, first_block, first_path, label, taken)
         row = conv.weight.numel() // sig.out_channels
         delta = (
             delta_rank_of(options.delta_rank, stage.path, key, sig.out_channels, row)
@@ -231,6 +247,14 @@ def nothing_to_share_hints(options: SharingOptions, seen: Seen, finder: GroupFin
         notes.append(
             "the residual branches hold only pointwise (1x1) convs, which positions="
             f"{list(options.positions)!r} does not pick; positions=['last'] shares the last conv of each branch"
+        )
+        suggested = True
+    linear_only = not any(p in LINEAR_SELECTORS for p in options.positions)
+    if seen.linear and linear_only and finder.would_share(options, positions=("all_linear",)):
+        notes.append(
+            "the residual branches hold nn.Linear layers (transformer or MLP blocks), which conv selectors do not "
+            "pick: preset='minivit' shares them as MiniViT does (every Linear, runs of two consecutive blocks); "
+            "positions=('all_linear',) shares each position across a whole stage ('attn' or 'mlp' for one kind)"
         )
         suggested = True
     if seen.reused:

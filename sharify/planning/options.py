@@ -25,6 +25,9 @@ preset                      options
                             plus a unique one (ResNet34-S48U1: ``shared_rank=48, unique_rank=1``)
 ``mobilenetv2-shared``      non-first blocks, the 1x1 expansion conv (MobileNetV2-Shared)
 ``mobilenetv2-shared++``    non-first blocks, expansion and projection 1x1 (MobileNetV2-Shared++)
+``minivit``                 every Linear of attention and MLP branches, shared by runs of two
+                            consecutive blocks (MiniViT: Mini-DeiT-Ti/S/B, Mini-Swin-S/B; Mini-Swin-T
+                            shares whole stages: ``preset="minivit", group_size=0``)
 ==========================  ==================================================================
 """
 
@@ -42,6 +45,7 @@ from .._argtypes import delta_rank_arg, fraction_arg, positive_int
 
 __all__ = [
     "DEFAULT_PRESET",
+    "LINEAR_SELECTORS",
     "METHODS",
     "PRESETS",
     "SELECTORS",
@@ -63,11 +67,15 @@ __all__ = [
     "sharing_options",
 ]
 
-#: A selector by name: the last / every spatial (kernel > 1) conv of the branch, its first or its last conv.
-NamedSelector = Literal["last_spatial", "all_spatial", "first", "last"]
+#: A selector by name: the last / every spatial (kernel > 1) conv of the branch, its first or its last conv; or the
+#: ``nn.Linear`` layers of attention branches (``"attn"``: qkv and output projection), of other branches
+#: (``"mlp"``: fc1 and fc2, Mixer's token MLP), or of both (``"all_linear"``).
+NamedSelector = Literal["last_spatial", "all_spatial", "first", "last", "attn", "mlp", "all_linear"]
 #: A position selector: a :data:`NamedSelector` or an index into the branch's convs.
 Selector = NamedSelector | int
 SELECTORS: tuple[str, ...] = get_args(NamedSelector)
+#: The selectors that pick a branch's ``nn.Linear`` layers (the others pick its convs).
+LINEAR_SELECTORS: tuple[str, ...] = ("attn", "mlp", "all_linear")
 _ALIASES: dict[str, int] = {"first": 0, "last": -1}  # selectors that are conv indices
 #: ``"share"``: members share one conv weight (ShaResNet). ``"basis"``: members share a filter basis (DSFB).
 Method = Literal["share", "basis"]
@@ -96,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dsfb-basis": {"skip_first_block": True, "positions": ("all_spatial",), "method": "basis", "init": "orthogonal"},
     "mobilenetv2-shared": {"skip_first_block": True, "positions": ("first",)},
     "mobilenetv2-shared++": {"skip_first_block": True, "positions": ("first", "last")},
+    "minivit": {"positions": ("all_linear",), "group_size": 2},
 }
 #: The preset that applies when none is given; it sets nothing, so the fields' defaults apply.
 DEFAULT_PRESET = "sharesnet"
@@ -151,17 +160,32 @@ class SharingOptions:
             ("last_spatial",),
             doc="Which conv(s) of each block's residual branch to share, each selector forming its own groups: "
             '``"last_spatial"`` (ShaResNet), ``"all_spatial"``, ``"first"``, ``"last"`` or an index into the '
-            "branch's convs. Every selector picks from the branch's full list of convs; a pick an earlier selector "
+            "branch's convs; for transformer and MLP blocks, whose branches hold ``nn.Linear`` layers, "
+            '``"attn"`` (every Linear of an attention branch: qkv or q, k, v, and the output projection), '
+            '``"mlp"`` (every Linear of another branch: fc1, fc2) or ``"all_linear"`` (both); each Linear of a '
+            "branch is its own position (``attn0``, ``attn1``, ...). Every selector picks from the branch's full list of convs; a pick an earlier selector "
             'already put in a group is skipped, not replaced (on a basic block ``"last"`` is the ``"last_spatial"`` '
             "conv2, so ``dsfb-shared++`` adds no group there), and so is a pick that cannot be a member (a conv "
             "called more than once, tied to another module's Parameter, or with a parametrized / ``weight_norm`` "
             'weight), which ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, '
             '``"last"`` and ``-1`` count as one) and an index out of range for every branch raise ``ValueError``; '
             "an index that fits only the longer branches picks nothing in the shorter ones.",
-            help="branch convs to share: last_spatial (default), all_spatial, first, last, index",
+            help="branch layers to share: last_spatial (default), all_spatial, first, last, index; attn, mlp, all_linear",
             nargs="+",
             type=selector_arg,
             metavar="SEL",
+        ),
+    )
+    group_size: int = field(
+        default=_UNSET,
+        metadata=_meta(
+            0,
+            doc="Share within runs of this many consecutive members of a stage (``2``: blocks 0-1, 2-3, ... share "
+            "one tensor each, MiniViT's pattern; a last run of one member stays unshared); ``0`` shares the whole "
+            "stage (ShaResNet's rule).",
+            help="share within runs of N consecutive blocks of a stage (0: the whole stage, default)",
+            type=int,
+            metavar="N",
         ),
     )
     skip_first_block: bool = field(
@@ -436,6 +460,8 @@ def _check_types(options: Mapping[str, Any]) -> None:
             raise TypeError(
                 f"param_budget must be a fraction of the original's parameters (a float), got {_got(value)}"
             )
+        elif name == "group_size" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"group_size must be an int (0: the whole stage), got {_got(value)}")
         elif name == "positions" and (isinstance(value, bool) or not isinstance(value, (str, int, list, tuple))):
             raise TypeError(f"positions must be a selector or a list/tuple of selectors, got {_got(value)}")
 
@@ -466,6 +492,11 @@ def _resolve(preset: str | None, explicit: Mapping[str, Any]) -> dict[str, Any]:
     elif merged["shared_rank"] is not None or merged["unique_rank"] is not None:
         raise ValueError("shared_rank/unique_rank only apply to method='basis'")
     _check_relaxed(merged, given)
+    if merged["group_size"] < 0 or merged["group_size"] == 1:
+        raise ValueError(
+            f"group_size={merged['group_size']} shares nothing; pass 2 or more (runs of that many consecutive blocks "
+            "share one tensor) or 0 (the whole stage)"
+        )
     if merged["align"] and merged["init"] in ("random", "orthogonal"):
         raise ValueError(
             f"align=True orders the members' channels alike before their weights are combined; init={merged['init']!r} "
@@ -515,7 +546,11 @@ def _check_positions(positions: Sequence[Selector] | Selector) -> tuple[Selector
         if isinstance(p, bool) or not isinstance(p, (str, int)):
             raise TypeError(f"a position selector is a str ({valid}) or an int index, got {_got(p)}")
         if isinstance(p, str) and p not in SELECTORS:
-            raise ValueError(f"unknown position selector {p!r}; valid: {valid} or an int index into the branch's convs")
+            close = difflib.get_close_matches(p, SELECTORS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown position selector {p!r}{hint}; valid: {valid} or an int index into the branch's convs"
+            )
     seen: dict[Selector, Selector] = {}
     for p in out:
         same = _ALIASES.get(p, p) if isinstance(p, str) else p

@@ -108,18 +108,18 @@ class SharingPlan:
             )
         if not self.stages:
             why = (
-                f"no residual blocks found in {self.model} (no addition of a conv branch to a same-shaped shortcut); "
-                "sharify shares convs between the residual blocks of a stage"
+                f"no residual blocks found in {self.model} (no addition of a conv or Linear branch to a same-shaped "
+                "shortcut); sharify shares layers between the residual blocks of a stage"
             )
             if self.auto_leaves:
                 hints.append(
                     "if they hold the residual blocks, make their forward traceable by torch.fx, or pass "
                     "leaf_modules=[...] naming only the untraceable code inside them"
                 )
-            if not any(n.startswith("the model has no Conv2d") for n in self.notes):
+            if not any(n.startswith("the model has no Conv2d or Linear") for n in self.notes):
                 shapes = ", ".join(str(tuple(s)) for s in self.input_shapes) or "none"
                 hints.append(
-                    f"if {self.model} does add conv branches to shortcuts, pass example_inputs= it accepts (analysed "
+                    f"if {self.model} does add conv or Linear branches to shortcuts, pass example_inputs= it accepts (analysed "
                     f"with {shapes}) and leaf_modules= for submodules torch.fx must not trace into; a network "
                     "without residual additions (VGG, DenseNet, Inception) has nothing ShaResNet-style to share"
                 )
@@ -309,9 +309,9 @@ def make_plan(
         raise TypeError(f"plan expects a torch.nn.Module, got {type(model).__name__}")
     leaf_modules = resolve_leaf_modules(model, leaf_modules)
     inputs = as_inputs(example_inputs)
-    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
-        # Nothing to share, and nothing to trace for (a conv-free transformer need not even be traceable).
-        no_convs = ("the model has no Conv2d layers",)
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
+        # Nothing to share, and nothing to trace for.
+        no_convs = ("the model has no Conv2d or Linear layers",)
         return SharingPlan(type(model).__name__, (), (), count_params(model), options.to_dict(), notes=no_convs)
     try:
         return _analyse(model, options, inputs, leaf_modules)

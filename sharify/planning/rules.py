@@ -31,6 +31,7 @@ __all__ = [
     "is_spatial",
     "scaled_rank",
     "select",
+    "select_linear",
 ]
 
 
@@ -51,7 +52,23 @@ class ConvSignature:
     dtype: str
 
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> ConvSignature:
+    def of(cls, conv: nn.Module) -> ConvSignature:
+        """The signature of a conv, or of an ``nn.Linear`` (``in_features -> out_features``, no kernel)."""
+        if isinstance(conv, nn.Linear):
+            return cls(
+                kind=f"{type(conv).__module__}.{type(conv).__qualname__}",
+                in_channels=conv.in_features,
+                out_channels=conv.out_features,
+                kernel_size=(),
+                stride=(),
+                padding=(),
+                dilation=(),
+                groups=1,
+                bias=conv.bias is not None,
+                padding_mode="",
+                dtype=str(conv.weight.dtype).removeprefix("torch."),
+            )
+        assert isinstance(conv, nn.Conv2d)
         padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
         return cls(
             kind=f"{type(conv).__module__}.{type(conv).__qualname__}",
@@ -67,7 +84,14 @@ class ConvSignature:
             dtype=str(conv.weight.dtype).removeprefix("torch."),
         )
 
+    @property
+    def linear(self) -> bool:
+        """Whether the members are ``nn.Linear`` layers (no kernel)."""
+        return not self.kernel_size
+
     def __str__(self) -> str:
+        if self.linear:
+            return f"{self.in_channels}->{self.out_channels} linear{' +bias' if self.bias else ''}"
         k = "x".join(map(str, self.kernel_size))
         s = "x".join(map(str, self.stride))
         g = f" g{self.groups}" if self.groups > 1 else ""
@@ -193,6 +217,16 @@ def is_spatial(conv: nn.Conv2d) -> bool:
     return any(k > 1 for k in conv.kernel_size)
 
 
+def select_linear(block: Block, selector: str) -> list[tuple[str, str]]:
+    """``(position label, Linear path)`` picked by a Linear selector (``"attn"``, ``"mlp"``, ``"all_linear"``) in one
+    block: every Linear of its branch when the branch is of the selected kind (attention or not), labelled by its
+    index in the branch (``attn0`` is a ViT's qkv, ``attn1`` its output projection; ``mlp0``/``mlp1`` fc1/fc2)."""
+    kind = "attn" if block.attention else "mlp"
+    if selector not in (kind, "all_linear"):
+        return []
+    return [(f"{kind}{i}", path) for i, path in enumerate(block.linears)]
+
+
 def select(convs: Sequence[tuple[str, nn.Conv2d]], selector: Selector, depthwise: bool) -> list[tuple[str, str]]:
     """``(position label, conv path)`` picked by ``selector`` in one block's branch convs.
 
@@ -258,6 +292,11 @@ def basis_ranks(
         member: Path of the first member (for messages).
         stages: Paths of all stages that can hold groups (for messages).
     """
+    if sig.linear:
+        raise ValueError(
+            f"method='basis' replaces dense 3x3 convs, but position {member!r} holds an nn.Linear; share Linear layers "
+            "whole (method='share', optionally with delta_rank or param_budget)"
+        )
     if sig.kernel_size != (3, 3) or sig.groups != 1:
         raise ValueError(
             f"method='basis' replaces dense 3x3 convs, but position {member!r} holds a "

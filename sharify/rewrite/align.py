@@ -62,15 +62,20 @@ class _Permuted:
         return self.read(path, name)
 
     def move(self, slot: ChannelSlot, order: Tensor) -> None:
-        """Permutes the channels of ``slot`` (producer's outputs, its BatchNorms, consumer's inputs) by ``order``."""
-        self._permute(slot.producer, "weight", order, 0)
-        self._permute(slot.producer, "bias", order, 0)
+        """Permutes the channels of ``slot`` (producer's outputs, its BatchNorms, consumer's inputs) by ``order``
+        (an order over heads for a head slot: each head's channels move with it, in q, k and v)."""
+        produced, consumed = self.get(slot.producer, "weight"), self.get(slot.consumer, "weight")
+        assert produced is not None and consumed is not None
+        out_order = slot.channel_order(order, produced.shape[0], 1)
+        in_order = slot.channel_order(order, consumed.shape[1], 0)
+        self._permute(slot.producer, "weight", out_order, 0)
+        self._permute(slot.producer, "bias", out_order, 0)
         for norm in slot.norms:
             for name in _NORM_TENSORS:
-                self._permute(norm, name, order, 0)
-        self._permute(slot.consumer, "weight", order, 1)
-        self._record(slot.producer, "out", order)
-        self._record(slot.consumer, "in", order)
+                self._permute(norm, name, out_order, 0)
+        self._permute(slot.consumer, "weight", in_order, 1)
+        self._record(slot.producer, "out", out_order)
+        self._record(slot.consumer, "in", in_order)
 
     def _permute(self, path: str, name: str, order: Tensor, dim: int) -> None:
         t = self.get(path, name)
@@ -122,15 +127,15 @@ def _sweep(
     for _ in range(_MAX_SWEEPS):
         changed = False
         for i in movable:
-            feats = [_channel_features(state.get(p, "weight"), side) for p in members]
+            slot = slots[i][side]
+            assert slot is not None
+            feats = [_channel_features(state.get(p, "weight"), side, slot) for p in members]
             ref = torch.stack([f for j, f in enumerate(feats) if j != i]).mean(0)
             similarity = (feats[i] @ ref.T).cpu().numpy()
             _, cols = assign(similarity, maximize=True)
             order = torch.as_tensor(cols).argsort()  # new channel k <- old channel order[k]
             if torch.equal(order, torch.arange(len(order))):
                 continue
-            slot = slots[i][side]
-            assert slot is not None
             state.move(slot, order)
             changed = moved = True
         if not changed:
@@ -138,8 +143,13 @@ def _sweep(
     return moved
 
 
-def _channel_features(weight: Tensor | None, side: int) -> Tensor:
-    """One row per input (``side=0``) or output (``side=1``) channel of a conv weight, in float64."""
+def _channel_features(weight: Tensor | None, side: int, slot: ChannelSlot) -> Tensor:
+    """One row per input (``side=0``) or output (``side=1``) channel of a conv or Linear weight, in float64; one
+    row per head for a head slot (its q, k and v rows, or its projection columns)."""
     assert weight is not None
     w = weight.detach().double()
-    return (w.transpose(0, 1) if side == 0 else w).flatten(1)
+    rows = w.transpose(0, 1) if side == 0 else w
+    if not slot.heads:
+        return rows.flatten(1)
+    chunks = slot.chunks if side == 1 else 1
+    return rows.reshape(chunks, slot.heads, -1, rows.shape[-1]).transpose(0, 1).flatten(1)

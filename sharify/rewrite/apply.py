@@ -457,9 +457,9 @@ def _check_plan_fits(model: nn.Module, sharing: SharingPlan) -> None:
     for group in sharing.groups:
         for path in group.members:
             conv = modules.get(path)
-            if not isinstance(conv, nn.Conv2d) or ConvSignature.of(conv) != group.signature:
+            if not isinstance(conv, (nn.Conv2d, nn.Linear)) or ConvSignature.of(conv) != group.signature:
                 raise SharifyError(
-                    f"the plan does not match the model: `{path}` is not a conv with signature [{group.signature}]; "
+                    f"the plan does not match the model: `{path}` is not a layer with signature [{group.signature}]; "
                     "make the plan from this model (sharify.plan(model))"
                 )
             reason = computed_tensor_reason(conv)

@@ -93,12 +93,14 @@ class _PatchTransformer(nn.Module):
         return self.blocks(self.patch(x).flatten(2).transpose(1, 2))
 
 
-def test_model_without_conv_branches_is_refused_without_running_it() -> None:
-    # No add has a conv on one side only, so shape propagation (which would fail here) is not needed.
+def test_linear_blocks_whose_shapes_cannot_be_propagated_are_refused_naming_the_op() -> None:
+    # Its adds have a Linear on one side, so they are candidate blocks whose shapes are needed; fake tensors
+    # cannot run the data-dependent nonzero: the refusal names it instead of claiming there are no blocks.
     model = _PatchTransformer()
-    plan = sharify.plan(model)
-    assert plan.groups == () and plan.stages == () and plan.notes == ()
-    with pytest.raises(sharify.NothingToShareError, match="no residual blocks found"):
+    plan = sharify.plan(model, positions=("all_linear",))
+    assert plan.groups == () and plan.stages == ()
+    assert len(plan.notes) == 1 and "stopped at `nonzero` (module `blocks.0`)" in plan.notes[0]
+    with pytest.raises(sharify.NothingToShareError, match=r"(?s)no residual blocks found.*stopped at `nonzero`"):
         sharify.sharify(model)
 
 
@@ -149,11 +151,27 @@ class _UntraceableMixer(nn.Module):
         return x
 
 
-def test_model_without_convs_is_refused_without_tracing() -> None:
-    model = _UntraceableMixer()
+class _NoLayers(nn.Module):
+    """Nothing sharify shares (no conv, no Linear), and a forward torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) if x.sum() > 0 else x
+
+
+def test_model_without_convs_or_linears_is_refused_without_tracing() -> None:
+    model = _NoLayers()
     assert sharify.plan(model).groups == ()
-    with pytest.raises(sharify.NothingToShareError, match=r"no residual blocks found.*has no Conv2d layers"):
+    with pytest.raises(sharify.NothingToShareError, match=r"no residual blocks found.*has no Conv2d or Linear layers"):
         sharify.sharify(model)
+
+
+def test_untraceable_linear_model_is_refused_naming_the_control_flow() -> None:
+    with pytest.raises(sharify.UntraceableError, match=r"cannot trace `_UntraceableMixer.forward` \(TraceError"):
+        sharify.sharify(_UntraceableMixer(), example_inputs=torch.randn(2, 4, 8))
 
 
 class _PoolMixerBlock(nn.Module):
