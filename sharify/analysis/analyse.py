@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, fx, nn
 
 from .residual import Block, Stage, find_stages, last_candidate_add
-from .shapes import Propagation, propagate_shapes
+from .shapes import Propagation, default_input_shapes, propagate_shapes
 from .tracing import LeafSpec, TraceResult, trace
 
 __all__ = ["Analysis", "analyse"]
@@ -56,10 +57,23 @@ def analyse(
         UntraceableError: The model cannot be traced where its stages are.
         ExampleInputsError: ``example_inputs`` do not fit the model, or no conv got a shape.
     """
-    traced = trace(model, leaf_modules, num_inputs=len(example_inputs) if example_inputs is not None else 1)
+    num_inputs = len(example_inputs) if example_inputs is not None else 1
+    values = lambda: _value_inputs(model, example_inputs)  # noqa: E731
+    traced = trace(model, leaf_modules, num_inputs=num_inputs, example_inputs=values)
     # Shapes are needed up to the last possible residual add (in a transformer: none past the inputs).
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     needed = last_candidate_add(traced.graph, model) or (placeholders[-1] if placeholders else None)
     shapes = propagate_shapes(model, traced.graph, example_inputs, stop_after=needed)
     blocks, stages = find_stages(traced.graph, model)
     return Analysis(model, traced.graph, tuple(blocks), tuple(stages), traced, shapes)
+
+
+def _value_inputs(model: nn.Module, example_inputs: Sequence[Tensor] | None) -> Sequence[Tensor]:
+    """The inputs the trace computes values on where Python control flow needs one (see
+    :func:`~sharify.analysis.tracing.trace`): the example inputs, else the first default input, on the model's
+    device."""
+    if example_inputs is not None:
+        return example_inputs
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device, dtype = (param.device, param.dtype) if param is not None else ("cpu", torch.get_default_dtype())
+    return (torch.empty(default_input_shapes(model, None)[0], device=device, dtype=dtype),)

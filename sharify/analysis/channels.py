@@ -157,8 +157,9 @@ def head_slot(member: fx.Node, modules: Mapping[str, nn.Module], calls: Mapping[
     proj_module = modules[str(proj.target)]
     assert isinstance(proj_module, nn.Linear)
     feed = proj.args[0] if proj.args else None
-    while isinstance(feed, fx.Node) and feed.op == "call_module" and not isinstance(modules.get(str(feed.target)), nn.Linear):
-        feed = feed.args[0] if feed.args else None  # Identity / Dropout / a norm over dim before the projection
+    while isinstance(feed, fx.Node) and isinstance(modules.get(str(feed.target)), (nn.Identity, nn.Dropout)):
+        feed = feed.args[0] if feed.args else None  # an Identity or Dropout before the projection (a norm over
+        # all heads' channels would need its weights permuted too: no head slot then)
     merged = feed.args[0] if isinstance(feed, fx.Node) and feed.args else None
     before = merged.meta.get("val") if isinstance(merged, fx.Node) else None
     if not isinstance(before, torch.Tensor) or tuple(before.shape[-2:]) != (heads, dim):
@@ -245,7 +246,8 @@ def _heads_into(member: fx.Node, modules: Mapping[str, nn.Module], calls: Mappin
             slot = head_slot(node, modules, calls)
             if slot is not None and slot.consumer == str(member.target):
                 return slot
-        elif _head_node_ok(node, modules, -1) or (node.op == "call_module" and isinstance(
-            modules.get(str(node.target)), (nn.LayerNorm, nn.RMSNorm))):
+        elif _head_node_ok(node, modules, -1) or (
+            node.op == "call_module" and isinstance(modules.get(str(node.target)), (nn.LayerNorm, nn.RMSNorm))
+        ):
             todo.extend(a for a in node.all_input_nodes if not isinstance(a.meta.get("val"), (int, float, torch.Size)))
     return None

@@ -255,7 +255,8 @@ def _nothing_found(
     reason = getattr(root_error, "reason", str(root_error))
     error = UntraceableError(
         f"torch.fx cannot trace `{type(model).__name__}.forward` ({short_reason(reason)}), and none of its "
-        f"submodules analysed in its place has anything to share ({tried or 'no submodule holds convs or Linear layers'}). sharify "
+        f"submodules analysed in its place has anything to share "
+        f"({tried or 'no submodule holds convs or Linear layers'}). sharify "
         "needs the data flow of the residual stages: share a submodule that torch.fx can trace and that holds "
         "residual blocks (sharify.sharify(model.<name>, inplace=True)), or pass example_inputs= matching the "
         "forward's arguments"

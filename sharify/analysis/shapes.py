@@ -46,9 +46,12 @@ __all__ = [
 ]
 
 
-def _first_conv(model: nn.Module, graph: fx.Graph) -> tuple[str, nn.Conv2d, bool] | None:
+def _first_conv(model: nn.Module, graph: fx.Graph | None) -> tuple[str, nn.Conv2d, bool] | None:
     """The first conv the traced forward calls (not the first one registered): its path, the module, and
-    whether it takes the model's input directly (then the input must have its ``in_channels``)."""
+    whether it takes the model's input directly (then the input must have its ``in_channels``). Without a graph
+    (before tracing), the first one registered."""
+    if graph is None:
+        return next(((p, m, False) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
     first_input = next((n for n in graph.nodes if n.op == "placeholder"), None)
     for node in graph.nodes:
         if node.op != "call_module":
@@ -70,7 +73,7 @@ def _hf_config(model: nn.Module) -> tuple[int | None, tuple[int, int] | None]:
     return (channels if ok_channels else None), ((sizes[0], sizes[1]) if ok else None)
 
 
-def default_input_shapes(model: nn.Module, graph: fx.Graph) -> list[tuple[int, int, int, int]]:
+def default_input_shapes(model: nn.Module, graph: fx.Graph | None) -> list[tuple[int, int, int, int]]:
     """Candidate default inputs ``(1, C, H, W)`` for ``model`` traced as ``graph``, most likely first.
 
     H and W come from timm's ``pretrained_cfg["input_size"]`` or a Hugging Face ``config.image_size`` when

@@ -29,12 +29,13 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import UntraceableError
 
@@ -76,6 +77,13 @@ class TraceResult:
         return error
 
 
+def _unpatched() -> contextlib.AbstractContextManager[None]:
+    """Undoes torch.fx's patches of ``Module.__getattr__``/``__call__`` for the duration (so that an op run for its
+    value while tracing reads real parameters, not proxies); a private helper of torch.fx, absent in some versions."""
+    revert = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", None)
+    return revert() if revert is not None else contextlib.nullcontext()
+
+
 @functools.cache
 def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple[Callable[..., Any], ...]]:
     try:
@@ -99,14 +107,17 @@ class _AnalysisProxy(fx.Proxy):
     def _known(self, name: str) -> Any:
         if self.node.op == "placeholder":
             return getattr(self.tracer, f"input_{name}")
-        if self.node.op == "get_attr":  # read through the dicts: fx patches Module.__getattr__ while tracing
-            *path, leaf = str(self.node.target).split(".")
-            module: nn.Module | None = self.tracer.root
-            for part in path:
-                module = module._modules.get(part) if module is not None else None
-            value = None if module is None else module._parameters.get(leaf, module._buffers.get(leaf))
-            return getattr(value, name) if isinstance(value, torch.Tensor) else None
-        return None
+        value = self._known_tensor() if self.node.op == "get_attr" else None
+        return getattr(value, name) if isinstance(value, torch.Tensor) else None
+
+    def _known_tensor(self) -> Any:
+        """The parameter or buffer of a ``get_attr`` node (read through the module dicts: fx patches
+        ``Module.__getattr__`` while tracing), else ``None``."""
+        *path, leaf = str(self.node.target).split(".")
+        module: nn.Module | None = self.tracer.root
+        for part in path:
+            module = module._modules.get(part) if module is not None else None
+        return None if module is None else module._parameters.get(leaf, module._buffers.get(leaf))
 
     @property
     def dtype(self) -> Any:
@@ -117,6 +128,12 @@ class _AnalysisProxy(fx.Proxy):
     def device(self) -> Any:
         known = self._known("device")
         return fx.Proxy.__getattr__(self, "device") if known is None else known
+
+    def __len__(self) -> int:
+        value = self.tracer.value_of(self.node)
+        if isinstance(value, (tuple, list, torch.Size, torch.Tensor)):
+            return len(value)
+        return fx.Proxy.__len__(self)
 
 
 class _AnalysisTracer(fx.Tracer):
@@ -136,9 +153,70 @@ class _AnalysisTracer(fx.Tracer):
         self.inputs = inputs
         self.input_dtype: Any = None  # the root inputs' dtype and device (see _AnalysisProxy), set by trace()
         self.input_device: Any = None
+        #: The analysis inputs (a thunk: made only when a value is needed), for :meth:`value_of`.
+        self.example_inputs: Callable[[], Sequence[Any]] | None = None
+        self.values: dict[fx.Node, Any] | None = None
+        self.fake_mode: FakeTensorMode | None = None
+        self._fake_inputs: list[Any] | None = None
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _AnalysisProxy(node, self)
+
+    # Python control flow on a proxy (``if x.shape[1] != c``, ``(*x.shape[:-1], -1, d)``) stops a plain trace.
+    # Where it would, the value is computed instead, on fake tensors from the analysis inputs (lazily, only
+    # then), and the trace goes on with it: the graph is specialised to those inputs, as the analysis is anyway.
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self.value_of(obj.node)
+        if isinstance(value, (bool, int, float)):
+            return bool(value)
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = self.value_of(obj.node)
+        if isinstance(value, (tuple, list, torch.Size)) and all(type(v) is int for v in value):
+            return iter(value)
+        if isinstance(value, (tuple, list, torch.Tensor)):
+            return iter([cast(Any, obj)[i] for i in range(len(value))])
+        return super().iter(obj)
+
+    def value_of(self, node: fx.Node) -> Any:
+        """What ``node`` computes on fake tensors of the analysis inputs, or ``None`` where that is unknown."""
+        if self.values is None:
+            return None
+        if node not in self.values:
+            self.values[node] = None  # also on failure, and against cycles
+            try:
+                self.values[node] = self._evaluate(node)
+            except Exception:  # unknown: the trace fails as it would without values
+                logger.debug("no value for %s while tracing", node.name, exc_info=True)
+        return self.values[node]
+
+    def _evaluate(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            index = [n for n in node.graph.nodes if n.op == "placeholder"].index(node)
+            return self.values_inputs()[index]
+        if node.op == "get_attr":
+            return _AnalysisProxy(node, self)._known_tensor()
+        if any(self.value_of(n) is None for n in node.all_input_nodes):
+            return None
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), self.value_of)
+        assert self.fake_mode is not None
+        with _unpatched(), self.fake_mode:
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)  # type: ignore[operator]
+            if node.op == "call_method":
+                return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            module = self.root.get_submodule(str(node.target))
+            if node.op == "call_module" and not any(True for _ in module.children()):
+                return type(module).forward(module, *args, **kwargs)  # not __call__: the tracer intercepts that
+        return None
+
+    def values_inputs(self) -> list[Any]:
+        """The analysis inputs as fake tensors (made once per trace)."""
+        if self._fake_inputs is None:
+            assert self.fake_mode is not None and self.example_inputs is not None
+            self._fake_inputs = [self.fake_mode.from_tensor(x) for x in self.example_inputs()]
+        return self._fake_inputs
 
     def create_args_for_root(
         self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None
@@ -298,7 +376,13 @@ def attributes_restored(model: nn.Module) -> Iterator[None]:
                     container.update(content)
 
 
-def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs: int = 1) -> TraceResult:
+def trace(
+    model: nn.Module,
+    leaf_modules: LeafSpec | None = None,
+    *,
+    num_inputs: int = 1,
+    example_inputs: Callable[[], Sequence[Tensor]] | None = None,
+) -> TraceResult:
     """Traces ``model`` (in eval mode, restored afterwards) into a graph over its modules.
 
     Args:
@@ -306,6 +390,9 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
         leaf_modules: Extra module classes or paths not to trace into.
         num_inputs: How many positional inputs the model is called with; later parameters with a default
             keep that default (see :func:`root_inputs`).
+        example_inputs: Makes the analysis inputs; where Python control flow needs a value the trace cannot
+            give (``len(x.shape)``, ``if x.size(1) != c``), it is computed on fake tensors of these inputs
+            (only then: most models never call it). ``None``: such code stops the trace.
 
     Returns:
         The graph, the submodules that had to be treated as leaves, and where the root's forward stopped
@@ -325,6 +412,9 @@ def trace(model: nn.Module, leaf_modules: LeafSpec | None = None, *, num_inputs:
         while True:
             tracer = _AnalysisTracer(user_types, leaf_paths | set(auto_leaves), inputs)
             tracer.input_dtype, tracer.input_device = _floating_parameter(model)
+            if example_inputs is not None:
+                tracer.example_inputs, tracer.values = example_inputs, {}
+                tracer.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
             try:
                 with attributes_restored(model), _direct_leaf_calls(tracer, model):
                     graph = tracer.trace(model)

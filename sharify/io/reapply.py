@@ -140,7 +140,12 @@ def conv_path(group: GroupRecipe, member: str) -> str:
 
 
 def _basis_problems(
-    group: GroupRecipe, path: str, conv: nn.Conv2d, file_shapes: Mapping[str, tuple[int, ...]], here: str, there: str
+    group: GroupRecipe,
+    path: str,
+    conv: nn.Conv2d | nn.Linear,
+    file_shapes: Mapping[str, tuple[int, ...]],
+    here: str,
+    there: str,
 ) -> list[str]:
     """How the conv at ``path`` differs from the filter-basis block the file has in its place."""
     basis_key = f"{group.holder_prefix}weight"

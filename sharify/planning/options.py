@@ -163,14 +163,16 @@ class SharingOptions:
             "branch's convs; for transformer and MLP blocks, whose branches hold ``nn.Linear`` layers, "
             '``"attn"`` (every Linear of an attention branch: qkv or q, k, v, and the output projection), '
             '``"mlp"`` (every Linear of another branch: fc1, fc2) or ``"all_linear"`` (both); each Linear of a '
-            "branch is its own position (``attn0``, ``attn1``, ...). Every selector picks from the branch's full list of convs; a pick an earlier selector "
+            "branch is its own position (``attn0``, ``attn1``, ...). Every selector picks from the branch's full list "
+            "of convs; a pick an earlier selector "
             'already put in a group is skipped, not replaced (on a basic block ``"last"`` is the ``"last_spatial"`` '
             "conv2, so ``dsfb-shared++`` adds no group there), and so is a pick that cannot be a member (a conv "
             "called more than once, tied to another module's Parameter, or with a parametrized / ``weight_norm`` "
             'weight), which ``plan.notes`` names with the reason. A selector given twice (``"first"`` and ``0``, '
             '``"last"`` and ``-1`` count as one) and an index out of range for every branch raise ``ValueError``; '
             "an index that fits only the longer branches picks nothing in the shorter ones.",
-            help="branch layers to share: last_spatial (default), all_spatial, first, last, index; attn, mlp, all_linear",
+            help="branch layers to share: last_spatial (default), all_spatial, first, last, index; attn, mlp, "
+            "all_linear",
             nargs="+",
             type=selector_arg,
             metavar="SEL",

@@ -119,9 +119,9 @@ class SharingPlan:
             if not any(n.startswith("the model has no Conv2d or Linear") for n in self.notes):
                 shapes = ", ".join(str(tuple(s)) for s in self.input_shapes) or "none"
                 hints.append(
-                    f"if {self.model} does add conv or Linear branches to shortcuts, pass example_inputs= it accepts (analysed "
-                    f"with {shapes}) and leaf_modules= for submodules torch.fx must not trace into; a network "
-                    "without residual additions (VGG, DenseNet, Inception) has nothing ShaResNet-style to share"
+                    f"if {self.model} does add conv or Linear branches to shortcuts, pass example_inputs= it accepts "
+                    f"(analysed with {shapes}) and leaf_modules= for submodules torch.fx must not trace into; a "
+                    "network without residual additions (VGG, DenseNet, Inception) has nothing ShaResNet-style to share"
                 )
         elif all(len(s.blocks) < 2 for s in self.stages):
             why = f"residual blocks found in {self.model}, but no stage has two consecutive blocks of one output shape"

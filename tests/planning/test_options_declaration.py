@@ -95,8 +95,8 @@ def test_an_unknown_keyword_is_a_type_error_with_the_closest_name(call) -> None:
     name = call.__name__
     expected = (
         rf"^{name}\(\) got an unexpected keyword argument 'positon' \(did you mean 'positions'\?\); the sharing "
-        r"options \(fields of sharify\.SharingOptions\) are positions, group_size, skip_first_block, depthwise, method, "
-        r"shared_rank, unique_rank, init, align, delta_rank, param_budget, preset; "
+        r"options \(fields of sharify\.SharingOptions\) are positions, group_size, skip_first_block, depthwise, "
+        r"method, shared_rank, unique_rank, init, align, delta_rank, param_budget, preset; "
     )
     with pytest.raises(TypeError, match=expected):
         call(CifarResNet(), example_inputs=X, positon="first")

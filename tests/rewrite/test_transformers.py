@@ -37,7 +37,8 @@ def test_blocks_of_linear_branches_are_found_and_chained_through_reshapes() -> N
     with torch.device("meta"):
         swin = timm.create_model("swin_tiny_patch4_window7_224")
     stages = analyse(swin).stages
-    assert [(s.path, len(s.blocks)) for s in stages] == [(f"layers.{i}.blocks", 2 * d) for i, d in enumerate((2, 2, 6, 2))]
+    expected = [(f"layers.{i}.blocks", 2 * d) for i, d in enumerate((2, 2, 6, 2))]
+    assert [(s.path, len(s.blocks)) for s in stages] == expected
 
 
 @pytest.mark.parametrize(
@@ -83,7 +84,7 @@ def test_bad_linear_options_are_refused() -> None:
         sharify.SharingOptions(positions=("atn",))
     model = _vit()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="holds an nn.Linear"):
+    with pytest.raises(ValueError, match=r"holds an nn\.Linear"):
         sharify.sharify(model, example_inputs=X32, positions=("mlp",), method="basis", shared_rank=8, unique_rank=1)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -211,7 +212,8 @@ def test_hugging_face_vit_and_swin(tmp_path: Path) -> None:
     swin_config = transformers.SwinConfig(
         image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5
     )
-    for model in (transformers.ViTForImageClassification(vit_config), transformers.SwinForImageClassification(swin_config)):
+    vit = transformers.ViTForImageClassification(vit_config)
+    for model in (vit, transformers.SwinForImageClassification(swin_config)):
         model.eval()
         shared = sharify.sharify(model, example_inputs=X32, preset="minivit", align=True, delta_rank="full")
         assert type(shared) is type(model)
