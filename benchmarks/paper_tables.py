@@ -2,12 +2,13 @@
 
     python -m benchmarks.paper_tables            # prints the table, writes benchmarks/results/paper_tables.md
 
-ImageNet rows use torchvision's models, CIFAR rows the user-style networks of
+ImageNet rows use torchvision's models (timm's DeiT and Swin for MiniViT), CIFAR rows the user-style networks of
 ``benchmarks/cifar_models.py``; sharify knows none of these classes. Models are built on the meta device
 (the counts need no weights) and analysed with ``sharify.plan``; each row is the published value, the
 measured one and the difference. Each row is also built with ``sharify.sharify`` (on the meta device) and
 its real parameter count must equal the plan's. Published values: ``../shared/reference/paper-tables.md``
-(ShaResNet, Boulch 2017, Table 1; Deeply Shared Filter Bases, Kang et al., README of Net_RL2).
+(ShaResNet, Boulch 2017, Table 1; Deeply Shared Filter Bases, Kang et al., README of Net_RL2); MiniViT (Zhang et
+al., CVPR 2022) from its paper and the model zoo of microsoft/Cream (timm's DeiT and Swin models).
 """
 
 from __future__ import annotations
@@ -38,10 +39,25 @@ class Row:
     published_after: float  # millions
     tolerance: float  # millions: the paper's rounding
     input_size: int = 224
+    before_tolerance: float = 0.05  # millions: the rounding of the published size before sharing
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:
     return lambda: torchvision.models.get_model(name)
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name)
+
+    return build
+
+
+def _mini(model: str, name: str, before: float, after: float, **options: Any) -> Row:
+    """A MiniViT row: its published sizes are whole millions, the originals' truncated (DeiT-B's 86.6 M is "86M")."""
+    return Row("MiniViT", "ImageNet", model, _timm(name), {"preset": "minivit", **options}, before, after, 0.5, 224, 1)
 
 
 ROWS = [
@@ -105,11 +121,31 @@ ROWS = [
         2.976488,
         0.0005,
     ),
+    _mini("Mini-DeiT-Ti", "deit_tiny_patch16_224", 5.7, 3),
+    _mini("Mini-DeiT-S", "deit_small_patch16_224", 22, 11),
+    _mini("Mini-DeiT-B", "deit_base_patch16_224", 86, 44),
+    _mini("Mini-Swin-T", "swin_tiny_patch4_window7_224", 28, 12, group_size=0),
+    _mini("Mini-Swin-S", "swin_small_patch4_window7_224", 50, 26),
+    _mini("Mini-Swin-B", "swin_base_patch4_window7_224", 88, 46),
 ]
-"""The 13 published rows. DSFB targets are the exact counts of the authors' definitions (the reference
+"""The 19 published rows. DSFB targets are the exact counts of the authors' definitions (the reference
 file; the authors' MobileNetV2 differs from torchvision's by a few biases, so those two rows are
 torchvision's exact counts). Tolerances: ShaResNet's ImageNet rows are rounded to 0.1 M, its CIFAR rows
-to 0.01 M; DSFB rows must match to a few hundred parameters."""
+to 0.01 M; DSFB rows must match to a few hundred parameters. MiniViT (Zhang et al., CVPR 2022, Table 1 and the
+README of microsoft/Cream's MiniViT) publishes whole millions: its DeiT models repeat each weight twice
+(``repeated_times=2``: :data:`~sharify.planning.options.PRESETS`'s ``minivit``, ``group_size=2``), Mini-Swin-T
+shares each whole stage (its ``sharenum6`` config: ``group_size=0``), Mini-Swin-S/B every two blocks."""
+
+#: What a MiniViT row's difference is made of (the table's footnote).
+MINIVIT_NOTE = (
+    "MiniViT rows: sharify shares every Linear of the attention and MLP branches (qkv, projection, fc1, fc2) by "
+    "runs of blocks, as MiniViT's weight multiplexing does, and keeps each block's LayerNorms, biases and Swin's "
+    "relative position tables per block. MiniViT also adds small per-block weight transformations (a "
+    "head-mixing linear map in attention, a depth-wise convolution in the MLP), replaces absolute position "
+    "embeddings and the class token by relative position encodings (iRPE) in Mini-DeiT, and distils from a "
+    "teacher; sharify leaves those out (its per-member options are `delta_rank`/`param_budget` and "
+    "`sharify finetune --distill`), so the counts differ by those parameters and by the paper's rounding to 1 M."
+)
 
 
 def _example(row: Row) -> torch.Tensor:
@@ -159,6 +195,8 @@ def table(results: list[tuple[Row, int, int, int]]) -> tuple[list[str], int]:
             f"| {row.published_after:.{digits}f} M | {after / 1e6:.6f} M ({after:,}) | {diff * 1e6:+,.0f} "
             f"| {verdict} |"
         )
+    if any(row.paper == "MiniViT" for row, *_ in results):
+        lines += ["", MINIVIT_NOTE]
     lines += ["", f"{len(results) - failures} of {len(results)} rows within tolerance."]
     return lines, failures
 

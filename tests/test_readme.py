@@ -364,3 +364,26 @@ def test_readme_performance_figures_are_the_committed_benchmark() -> None:
     assert f"{big['seconds']:.1f} s on a {big['params'] / 1e6:.0f} M-parameter" in text
     growth = next(r for r in perf["analysis_memory"] if r["model"] == "resnetv2_152x4_bit")["peak_rss_growth_bytes"]
     assert f"grows the process by {growth / 2**20:.0f} MiB" in text
+
+
+def test_readme_transformer_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    timm = pytest.importorskip("timm")
+    import torch
+
+    import sharify
+
+    with torch.device("meta"):  # the comment's figures: the architecture's counts, no weights needed
+        plan = sharify.plan(timm.create_model("deit_small_patch16_224"), preset="minivit")
+    assert (round(plan.params_before / 1e6, 1), round(plan.params_after / 1e6, 1)) == (22.1, 11.4)
+    # The block itself on a narrower DeiT (12 blocks of width 96 at 64 px), so that aligning and the budget's
+    # SVDs take seconds: the same calls, the same code paths.
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name: create(name, embed_dim=96, num_heads=2, img_size=64))
+    namespace: dict[str, object] = {}
+    block = next(b for b in _blocks("python") if 'preset="minivit"' in b)
+    torch.manual_seed(0)
+    exec(compile(block, "README.md", "exec"), namespace)
+    vit, mini, whole, aligned = (namespace[k] for k in ("vit", "mini", "whole", "aligned"))
+    assert len(sharify.shared_groups(mini)) == 4 * 6 and len(sharify.shared_groups(whole)) == 2
+    budget = sharify.report(vit, aligned)
+    assert 0.55 * budget.params_before < budget.params_after <= 0.6 * budget.params_before

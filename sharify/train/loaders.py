@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import transforms as T
 
+from ..analysis.shapes import patch_embed_size
 from .data import DataBundle
 from .distributed import DistContext
 from .errors import DataError
@@ -89,6 +90,9 @@ def build_transforms(
         raise DataError(f"the model expects {chans} input channels; images give 1 (grayscale) or 3 (RGB)")
     convert: list[Any] = [] if chans == bundle.in_chans else [T.Grayscale(num_output_channels=chans)]
     native = bundle.image_size
+    fixed = patch_embed_size(model)  # a ViT's patch embedding takes one image size only
+    if image_size is None and fixed is not None and native != fixed:
+        image_size = max(fixed)
     small = native is not None and max(native) <= SMALL_IMAGE and (image_size is None or image_size <= SMALL_IMAGE)
     if small:
         assert native is not None

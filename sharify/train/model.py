@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._wrappers import strip_wrapper_prefixes
+from ..analysis.shapes import patch_embed_size
 from ..io.unshared import EMA_KEYS, WEIGHT_KEYS, checkpoint_weights
 from ..io.zoo import SOURCE_ATTR, ModelSource, build_model, resolve_model_name, torchvision_names
 from ..rewrite.apply import sharify
@@ -299,6 +300,8 @@ def prepare_models(
     if input_size is not None and kwargs.get("example_inputs") is None:
         from .loaders import model_in_chans
 
-        kwargs["example_inputs"] = torch.zeros(1, model_in_chans(net) or 3, *input_size)
+        fixed = patch_embed_size(net)  # the size the loaders resize to for a ViT (see build_transforms)
+        size = fixed if fixed is not None else input_size
+        kwargs["example_inputs"] = torch.zeros(1, model_in_chans(net) or 3, *size)
     shared = sharify(net, **kwargs)
     return PreparedModels(net, shared, new_head)

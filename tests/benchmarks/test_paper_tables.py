@@ -50,7 +50,7 @@ def test_published_row(index: int) -> None:
     before, after = _measured(index)
     assert abs(after / 1e6 - row.published_after) <= row.tolerance + 1e-9
     if row.published_before is not None:
-        assert before / 1e6 == pytest.approx(row.published_before, abs=0.05)
+        assert before / 1e6 == pytest.approx(row.published_before, abs=row.before_tolerance)
 
 
 @pytest.mark.parametrize("index", range(len(ROWS)), ids=IDS)

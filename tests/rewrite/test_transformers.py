@@ -13,6 +13,7 @@ from torch import nn
 import sharify
 from sharify.analysis import analyse
 from sharify.rewrite.align import ChannelSlot, alignment
+from tests.rewrite.test_wrappers import process_group as process_group  # the fixture
 
 timm = pytest.importorskip("timm")
 
@@ -192,15 +193,20 @@ def test_heads_with_a_bias_per_head_are_not_moved() -> None:
 
 @pytest.mark.parametrize("init", ["average", "scaled", "first"])
 def test_full_rank_deltas_reproduce_a_vit(init: str) -> None:
-    model = _vit()
+    model = _vit(depth=2, embed_dim=64, num_heads=4)
     shared = sharify.sharify(model, example_inputs=X32, preset="minivit", init=init, align=True, delta_rank="full")
     torch.testing.assert_close(shared(X32), model(X32), rtol=1e-4, atol=1e-4)
-    budget = sharify.sharify(model, example_inputs=X32, preset="minivit", param_budget=0.75)
-    report = sharify.report(model, budget)
-    assert report.params_after <= 0.75 * report.params_before
     unshared = sharify.unshare(shared)
     assert not sharify.shared_groups(unshared)
     torch.testing.assert_close(unshared(X32), shared(X32))
+
+
+def test_a_budget_spends_ranks_on_linear_members() -> None:
+    model = _vit(depth=2, embed_dim=64, num_heads=4)
+    budget = sharify.sharify(model, example_inputs=X32, preset="minivit", param_budget=0.8)
+    report = sharify.report(model, budget)
+    assert 0.75 * report.params_before < report.params_after <= 0.8 * report.params_before
+    assert any(g.delta_rank > 0 for g in report.groups)
 
 
 def test_hugging_face_vit_and_swin(tmp_path: Path) -> None:
@@ -224,3 +230,45 @@ def test_hugging_face_vit_and_swin(tmp_path: Path) -> None:
         sharify.save(plain, tmp_path / "hf.safetensors")
         loaded = sharify.load(tmp_path / "hf.safetensors", model=type(model)(model.config)).eval()
         torch.testing.assert_close(loaded(X32).logits, plain(X32).logits)
+
+
+def test_ddp_compile_verify_and_retie_on_linear_members(process_group) -> None:
+    shared = sharify.sharify(_vit(), example_inputs=X32, preset="minivit", delta_rank=4)
+    torch.testing.assert_close(torch.compile(shared)(X32), shared(X32), rtol=1e-4, atol=1e-5)
+    nn.init.normal_(shared.head.weight, std=0.02)
+    ddp = nn.parallel.DistributedDataParallel(shared)
+    before = {n: p.detach().clone() for n, p in shared.named_parameters()}
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    ddp(X32).square().mean().backward()
+    opt.step()
+    moved = {n for n, p in shared.named_parameters() if not torch.equal(before[n], p)}
+    assert {f"sharify_shared.blocks.0.{k}.weight" for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")} <= moved
+    assert all(n in moved for n in before if n.endswith("delta_a"))
+    assert sharify.verify(ddp) == []
+    # a block copied by user code (a deep copy breaks the tie): verify names it, retie repairs it
+    shared.blocks[1] = copy.deepcopy(shared.blocks[1])
+    assert any("blocks.1.attn.qkv" in problem for problem in sharify.verify(shared))
+    sharify.retie(shared)
+    assert sharify.verify(shared) == []
+
+
+def test_onnx_export_stores_each_shared_linear_once(tmp_path: Path) -> None:
+    pytest.importorskip("onnxscript")
+    from sharify.deploy.onnx import check_onnx, export_onnx
+
+    shared = sharify.sharify(_vit(depth=2), example_inputs=X32, preset="minivit").eval()
+    check = check_onnx(shared, export_onnx(shared, tmp_path / "vit.onnx", X32), X32)
+    assert len(check.tensors) == 4 and all(len(t.exact) == 1 for t in check.tensors)
+    assert check.stored_elements <= 1.02 * (check.params + check.buffers)
+
+
+def test_finetune_command_line_on_a_timm_vit(tmp_path: Path) -> None:
+    from sharify.cli import main
+    from tests.fake_data import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=3, train=4, val=2)  # 12 px images: resized to 224 for a ViT
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "timm:deit_tiny_patch16_224", "--preset", "minivit", "--align", "--data", str(data)]
+    assert main([*args, "--out", str(out), "--epochs", "1", "--batch-size", "4", "--workers", "0", "--quiet"]) == 0
+    loaded = sharify.load(out / "model.safetensors")
+    assert len(sharify.shared_groups(loaded)) == 24 and loaded(torch.randn(1, 3, 224, 224)).shape == (1, 3)
