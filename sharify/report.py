@@ -201,6 +201,8 @@ class ParameterReport:
         if self.params_after_folding is None or self.reduction_after_folding is None:
             return []
         folded = sum(g.folded or 0 for g in self.groups)
+        if not folded:
+            return []  # nothing to fold (a transformer's Linear members, convs followed by no BatchNorm)
         members = sum(len(g.members) for g in self.groups)
         return [
             f"after conv-BN folding (deployment): {self.params_after_folding:,} parameters "

@@ -126,10 +126,12 @@ class GroupSpectra:
 
     @property
     def max_rank(self) -> int:
-        """The highest rank a budget gives: the group, shared weight and deltas, stays smaller than its members
-        unshared (``out*d + n*r*(out + d) <= n*out*d``); above that, not sharing is cheaper and as exact."""
-        n = len(self.values)
-        return min(self.out, self.row, (n - 1) * self.out * self.row // (n * (self.out + self.row)))
+        """The highest rank a budget gives: the group -- shared weight and bias, each member's delta and bias
+        delta -- stays strictly smaller than its members unshared (``out*d + b + n*(r*(out + d) + b) < n*(out*d +
+        b)``); from there on, not sharing is cheaper and exact."""
+        n, b = len(self.values), self.bias_numel
+        below = ((n - 1) * self.out * self.row - b - 1) // (n * (self.out + self.row))
+        return max(0, min(self.out, self.row, below))
 
     def gain(self, rank: int) -> float:
         """The relative squared error the ``rank``-th delta direction (0-based) removes, summed over members."""
