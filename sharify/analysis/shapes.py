@@ -18,7 +18,7 @@ from torch import Tensor, fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..errors import ExampleInputsError
-from .tracing import eval_mode, module_path
+from .tracing import attributes_restored, eval_mode, module_path
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,9 @@ def _param_device(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 def _run(model: nn.Module, graph: fx.Graph, fake: tuple[Tensor, ...], stop_after: fx.Node | None) -> Propagation:
     device = next((x.device for x in fake if isinstance(x, Tensor)), None)
     interpreter = _FakePropagation(model, graph, stop_after, device)
-    with eval_mode(model), contextlib.suppress(_Stop):
+    # attributes_restored: a leaf's forward may cache what it computes on its module (ConViT's attention keeps its
+    # `rel_indices` buffer); fake tensors must not outlive the run, or the model's next real forward uses them
+    with attributes_restored(model), eval_mode(model), contextlib.suppress(_Stop):
         interpreter.run(*fake)
     failure = None
     if interpreter.failure is not None:

@@ -216,3 +216,42 @@ class _ReusedConvNet(nn.Module):
 def test_convs_reused_across_blocks_are_refused_as_already_shared() -> None:
     with pytest.raises(sharify.NothingToShareError, match="called more than once per forward"):
         sharify.sharify(_ReusedConvNet())
+
+
+class _CachingAttention(nn.Module):
+    """ConViT-style: the forward computes a tensor from the input's size and keeps it in a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache.shape[0] != x.shape[1]:
+            self.cache = torch.ones(x.shape[1], device=x.device)
+        return x * self.cache[:, None]
+
+
+class _CachingViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = nn.ModuleList(_CachingAttention() for _ in range(2))
+        self.fc = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for attn, fc in zip(self.attn, self.fc):
+            x = x + fc(attn(x))
+        return x
+
+
+def test_what_a_leaf_caches_during_shape_propagation_does_not_outlive_the_analysis() -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = _CachingViT()
+    shared = sharify.sharify(model, positions=("mlp",), leaf_modules=[_CachingAttention])  # forwards run on fakes
+    for m in (model, shared):
+        assert not any(isinstance(b, FakeTensor) for b in m.buffers())
+    x = torch.randn(2, 3, 16, 16)
+    shared(x).sum().backward()  # a fake buffer left behind would make this fail (or the gradient fake)
+    assert not isinstance(next(iter(sharify.shared_groups(shared).values()))[0].weight.grad, FakeTensor)
