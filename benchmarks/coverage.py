@@ -8,6 +8,8 @@ image-classification model types with default configs (when ``transformers`` is 
 blocks and stages found, the groups, the parameters before/after and the outcome (``shared`` /
 ``nothing-to-share`` with the library's reason / ``skipped``: a package is missing / ``error``); shared
 models up to 60 M parameters also get a real forward/backward check (see :mod:`benchmarks.coverage_check`).
+A second pass plans every model with ``preset="minivit"`` (MiniViT's sharing of the Linear layers of
+transformer and MLP blocks) and records the same outcome, checked the same way, in the ``minivit_*`` columns.
 Every model runs in a worker process, so a crash or a timeout costs only that model. Results go to
 ``<out>/coverage.{csv,json,md}``; with ``--merge`` the rows of this run replace those of the same models in
 the results already in ``<out>`` (all rows of a source run whole), and the summary is recomputed from the
@@ -43,7 +45,7 @@ from tqdm import tqdm
 
 from benchmarks.coverage_check import ModelResult, new_result
 from benchmarks.coverage_sources import PREFIXES, SOURCES, source_models
-from benchmarks.coverage_summary import write_summary
+from benchmarks.coverage_summary import errors_of, write_summary
 
 __all__ = ["list_models", "main", "merge_results", "parse_sources", "run_sweep"]
 
@@ -177,6 +179,9 @@ def run_sweep(
         bar.set_postfix_str(f"{outcome['name']}: {outcome['outcome']}", refresh=False)
         if outcome["outcome"] == "error":
             tqdm.write(f"error: {outcome['source']}:{outcome['name']}: {outcome['reason'][:300]}")
+        if outcome["minivit_outcome"] == "error":
+            name, reason = f"{outcome['source']}:{outcome['name']}", outcome["minivit_reason"][:300]
+            tqdm.write(f"error (MiniViT pass): {name}: {reason}")
 
     bar = tqdm(total=len(models), disable=not progress, unit="model", dynamic_ncols=True)
     try:
@@ -331,11 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         whole = sources if args.filter == "*" and args.limit is None else []
         rows, meta = _merge_into(args.out, results, meta, whole)
     write_results(rows, args.out, meta)
-    errors = sum(r["outcome"] == "error" for r in results)
+    errors = len(errors_of(results))  # an error in either pass
     print(f"{len(results)} models in {wall:.0f} s: "
           f"{sum(r['outcome'] == 'shared' for r in results)} shared, "
           f"{sum(r['outcome'] == 'nothing-to-share' for r in results)} nothing-to-share, "
-          f"{sum(r['outcome'] == 'skipped' for r in results)} skipped, {errors} errors; "
+          f"{sum(r['outcome'] == 'skipped' for r in results)} skipped, "
+          f"{sum(r['minivit_outcome'] == 'shared' for r in results)} shared with preset='minivit', {errors} errors; "
           f"results in {args.out}" + (f" (merged: {len(rows)} rows)" if args.merge else ""))  # fmt: skip
     return 1 if errors else 0
 

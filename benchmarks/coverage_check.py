@@ -20,6 +20,12 @@ and the sharified model on a small input (``input_px``, respecting timm's fixed/
 plan's own input shapes when the small one does not fit; detectors get two images and one target box each
 and are run in training mode, which returns their losses) and back-propagates through the sharified one.
 Refused models get no real check: sharify changes nothing in them, so there is no sharified model to run.
+
+A second pass, the *MiniViT pass*, does the same with ``preset="minivit"`` (every ``nn.Linear`` of the
+attention and MLP branches of transformer and MLP blocks, shared by runs of two consecutive blocks) and records
+its outcome in the ``minivit_*`` fields: the same four outcomes (``""`` when the model could not be built),
+the groups and parameters after, and, for a model it shares, the same real check (``minivit_real_check``). An
+``error`` in either pass is a bug to fix.
 """
 
 from __future__ import annotations
@@ -40,9 +46,29 @@ from sharify.io.source import registered_on_meta
 from sharify.layers import shared_groups
 from sharify.planning.rules import ConvSignature, is_depthwise, is_spatial
 
-__all__ = ["ModelResult", "check_model", "family_of", "new_result", "suggested_options", "variant_of"]
+__all__ = [
+    "LINEAR_ONLY",
+    "MINIVIT",
+    "NO_RESIDUAL_SEEN",
+    "ModelResult",
+    "check_model",
+    "family_of",
+    "new_result",
+    "suggested_options",
+    "variant_of",
+]
 
 OUTCOMES = ("shared", "nothing-to-share", "skipped", "error")
+
+#: The options of the second pass of the sweep (MiniViT's weight sharing of transformer and MLP blocks).
+MINIVIT: dict[str, Any] = {"preset": "minivit"}
+
+#: The refusal kind of a model whose residual branches hold nn.Linear layers that only Linear selectors pick.
+LINEAR_ONLY = "linear only (try preset='minivit')"
+
+#: The refusal kind "no residual blocks" when parts of the model were not analysed (submodules torch.fx could not
+#: trace, or shape propagation that stopped): the model may have residual blocks there.
+NO_RESIDUAL_SEEN = "no residual blocks in the analysed parts"
 
 
 @dataclass
@@ -74,6 +100,17 @@ class ModelResult:
     real_check: str = ""  # "passed", "skipped: ...", or "" when not applicable
     real_input: str = ""
     output_shape: str = ""
+    # The MiniViT pass (preset="minivit"): outcome ("" when not run: the model could not be built), reason kind
+    # and reason of a refusal or an error, groups, members and parameters after, real check; params_before is
+    # the one above.
+    minivit_outcome: str = ""
+    minivit_reason_kind: str = ""
+    minivit_reason: str = ""
+    minivit_groups: int = 0
+    minivit_members: int = 0
+    minivit_params_after: int = 0
+    minivit_reduction: float = 0.0
+    minivit_real_check: str = ""
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,9 +142,11 @@ def _kind_of(exc: BaseException) -> str:
     if isinstance(exc, sharify.ExampleInputsError):
         return "input-shapes"
     if isinstance(exc, sharify.NothingToShareError):
-        if "has no Conv2d layers" in message:
-            return "no conv layers"
+        if "has no Conv2d or Linear layers" in message:
+            return "no conv or linear layers"
         if message.startswith("no residual blocks"):
+            if "could not be traced and were not analysed" in message or "shape propagation stopped" in message:
+                return NO_RESIDUAL_SEEN  # parts of the model were not analysed: it may well have some
             return "no residual blocks"
         if "no stage has two" in message:
             return "no multi-block stage"
@@ -115,6 +154,8 @@ def _kind_of(exc: BaseException) -> str:
             return "depthwise only"
         if "only pointwise" in message:
             return "pointwise only"
+        if "preset='minivit'" in message:  # the branches hold nn.Linear layers, which conv selectors do not pick
+            return LINEAR_ONLY
         if "called more than once" in message:
             return "convs reused across blocks"
         return "no same-signature convs"
@@ -168,10 +209,15 @@ def _real_inputs(source: str, model: nn.Module, plan: sharify.SharingPlan, input
     return list({_describe(c): c for c in candidates}.values())
 
 
-def _real_check(result: ModelResult, plan: sharify.SharingPlan, input_px: int) -> None:
+def _real_check(
+    source: str, name: str, plan: sharify.SharingPlan, input_px: int, options: dict[str, Any]
+) -> tuple[str, str]:
+    """Builds the model for real, sharifies it with ``options`` (the groups of ``plan``, made on the meta model,
+    are required), runs forward and backward and checks the output shapes and the shared weights' gradients.
+    Returns the input and the output shapes, described; raises on any failure."""
     torch.manual_seed(0)
-    model = build(result.source, result.name)
-    shared = sharify.sharify(model)
+    model = build(source, name)
+    shared = sharify.sharify(model, **options)
     got = {key: tuple(members) for key, (_, members) in shared_groups(shared).items()}
     want = {g.key: g.members for g in plan.groups}
     if got != want:
@@ -180,12 +226,15 @@ def _real_check(result: ModelResult, plan: sharify.SharingPlan, input_px: int) -
     if params_after != plan.params_after:
         raise AssertionError(f"real model: report params_after {params_after} != plan params_after {plan.params_after}")
 
-    candidates = _real_inputs(result.source, model, plan, input_px)
+    candidates = _real_inputs(source, model, plan, input_px)
     model.train()
     shared.train()
     reference: list[tuple[int, ...]] | None = None
     first_error: Exception | None = None
     for args in candidates:
+        if first_error is not None:  # a failed forward may have changed the model (transformers' Swin shrinks
+            torch.manual_seed(0)  # its attention windows to a small input's size): the next input gets a new one
+            model = build(source, name).train()
         try:
             with torch.no_grad():
                 reference = _shapes(model(*args))
@@ -196,10 +245,8 @@ def _real_check(result: ModelResult, plan: sharify.SharingPlan, input_px: int) -
         assert first_error is not None
         tried = "; ".join(_describe(c) for c in candidates)
         raise RuntimeError(f"the original model's forward fails on {tried}: {first_error}") from first_error
-    result.real_input = _describe(args)
     out = shared(*args)
     shapes = _shapes(out)
-    result.output_shape = "; ".join("x".join(map(str, s)) for s in shapes)
     if shapes != reference:
         raise AssertionError(f"sharified output shapes {shapes} != original {reference}")
     floats = [y.float().sum() for y in _leaves(out) if y.is_floating_point() and y.requires_grad]
@@ -210,7 +257,7 @@ def _real_check(result: ModelResult, plan: sharify.SharingPlan, input_px: int) -
         grad = holder.weight.grad
         if grad is None or not torch.isfinite(grad).all():
             raise AssertionError(f"shared weight `{key}` got no (finite) gradient")
-    result.real_check = "passed"
+    return _describe(args), "; ".join("x".join(map(str, s)) for s in shapes)
 
 
 _SUGGESTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -219,6 +266,8 @@ _SUGGESTIONS: list[tuple[str, dict[str, Any]]] = [
     ("positions='all_spatial'", {"positions": "all_spatial"}),
     ("positions='last'", {"positions": "last"}),
     ("skip_first_block=False", {"skip_first_block": False}),
+    ("preset='minivit'", MINIVIT),
+    ("positions=('all_linear',)", {"positions": ("all_linear",)}),
 ]
 
 
@@ -229,15 +278,18 @@ def suggested_options(reason: str) -> list[dict[str, Any]]:
     return [o for i, o in enumerate(out) if o not in out[:i]]
 
 
-def _alternative(model: nn.Module, plan: sharify.SharingPlan) -> tuple[str, bool]:
+def _alternative(
+    model: nn.Module, plan: sharify.SharingPlan, minivit: sharify.SharingPlan | None = None
+) -> tuple[str, bool]:
     """What other options would share: every dense spatial conv position (an audit of the default rule), and
-    each option the refusal suggests; and whether one of those suggestions shares nothing (a misleading hint)."""
+    each option the refusal suggests; and whether one of those suggestions shares nothing (a misleading hint).
+    ``minivit``: the model's plan with :data:`MINIVIT`, when already made (not made again)."""
     suggested = suggested_options(plan.empty_reason())
     tries = [{"positions": "all_spatial"}, *(o for o in suggested if o != {"positions": "all_spatial"})]
     out, misleading = [], False
     for options in tries:
         label = ", ".join(f"{k}={v!r}" for k, v in options.items()) + (" (suggested)" if options in suggested else "")
-        alt = sharify.plan(model, **options)
+        alt = minivit if options == MINIVIT and minivit is not None else sharify.plan(model, **options)
         out.append(f"{label}: {len(alt.groups)} groups, -{alt.reduction:.1%}" if alt.groups else f"{label}: nothing")
         misleading |= options in suggested and not alt.groups
     return "; ".join(out), misleading
@@ -266,34 +318,30 @@ def _build_meta(source: str, name: str) -> tuple[nn.Module, str]:
             return build(source, name), "meta (moved at registration)"
 
 
-def check_model(source: str, name: str, *, forward_max_params: int = 60_000_000, input_px: int = 128) -> ModelResult:
-    """Runs the coverage check for one model; never raises (failures become ``outcome="error"``).
+def _error(exc: BaseException, stage: str) -> tuple[str, str]:
+    """The reason kind and reason of an unexpected exception: its type, and its message with where it was raised."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return type(exc).__name__, f"during {stage}: {exc} [{where}]".replace("\n", " ")[:1000]
 
-    Args:
-        source: One of :data:`benchmarks.coverage_sources.SOURCES` (``"torchvision"``, ``"timm"``,
-            ``"torchvision-detection"``, ``"transformers"``, ...).
-        name: Builder name (``transformers``: model type) in that source.
-        forward_max_params: Run the real forward/backward check for shared models up to this size.
-        input_px: Side of the real check's input (timm models with a fixed input size keep theirs).
-    """
-    start = time.perf_counter()
-    result = new_result(source, name)
-    stage = "build"
+
+def _default_pass(
+    result: ModelResult,
+    model: nn.Module,
+    minivit: sharify.SharingPlan | None,
+    forward_max_params: int,
+    input_px: int,
+) -> None:
+    """``sharify.plan(model)`` and ``sharify.sharify(model)`` with no extra arguments (and the real check of a
+    shared model): fills the fields of the default options; never raises (a failure is an ``error``)."""
+    stage = "plan"
     try:
-        try:
-            model, result.build = _build_meta(source, name)
-        except MissingPackageError as exc:
-            result.outcome, result.reason_kind, result.reason = "skipped", "missing package", str(exc)
-            return result
-        result.repeated_dense_convs = _repeated_dense_convs(model)
-        stage = "plan"
         try:
             plan = sharify.plan(model)
         except sharify.SharifyError as exc:
             result.traced = "no" if isinstance(exc, sharify.UntraceableError) else "yes"
             result.outcome, result.reason_kind, result.reason = "nothing-to-share", _kind_of(exc), str(exc)
-            result.params_before = result.params_after = sum(p.numel() for p in model.parameters())
-            return result
+            return
         result.traced = "auto-leaf: " + ", ".join(plan.auto_leaves) if plan.auto_leaves else "yes"
         result.input_shape = "x".join(map(str, plan.input_shapes[0])) if plan.input_shapes else ""
         result.convs_without_shape = plan.convs_without_shape
@@ -311,26 +359,114 @@ def check_model(source: str, name: str, *, forward_max_params: int = 60_000_000,
                 raise
             result.outcome, result.reason_kind, result.reason = "nothing-to-share", _kind_of(exc), str(exc)
             if plan.stages:
-                result.alternative, result.misleading_hint = _alternative(model, plan)
-            return result
+                result.alternative, result.misleading_hint = _alternative(model, plan, minivit)
+            return
         if not plan.groups:
             raise AssertionError("sharify() returned a model although the plan has no groups")
         stage = "report"
         params_after = sharify.report(model, shared).params_after
         if params_after != plan.params_after:
             raise AssertionError(f"report params_after {params_after} != plan params_after {plan.params_after}")
-        del shared, model
+        del shared
         stage = "real check"
         if plan.params_before <= forward_max_params:
-            _real_check(result, plan, input_px)
+            result.real_input, result.output_shape = _real_check(result.source, result.name, plan, input_px, {})
+            result.real_check = "passed"
         else:
             result.real_check = f"skipped: {plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
         result.outcome = "shared"
     except Exception as exc:
-        result.outcome, result.reason_kind = "error", type(exc).__name__
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
-        where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
-        result.reason = f"during {stage}: {exc} [{where}]".replace("\n", " ")[:1000]
+        result.outcome = "error"
+        result.reason_kind, result.reason = _error(exc, stage)
+
+
+def _minivit_pass(
+    result: ModelResult,
+    model: nn.Module,
+    planned: sharify.SharingPlan | Exception,
+    forward_max_params: int,
+    input_px: int,
+) -> None:
+    """The MiniViT pass: ``planned`` is ``sharify.plan(model, preset="minivit")`` or what it raised; a plan with
+    groups is applied to the meta model (:func:`sharify.apply_plan`, not planned again; report arithmetic
+    checked) and, up to ``forward_max_params``, checked for real, where the real model is sharified with
+    ``sharify.sharify(model, preset="minivit")`` (which must find the same groups). Fills the ``minivit_*``
+    fields; never raises."""
+    stage = "plan"
+    try:
+        if isinstance(planned, sharify.SharifyError):
+            result.minivit_outcome, result.minivit_reason_kind = "nothing-to-share", _kind_of(planned)
+            result.minivit_reason, result.minivit_params_after = str(planned), result.params_before
+            return
+        if isinstance(planned, Exception):
+            raise planned
+        plan = planned
+        result.minivit_groups = len(plan.groups)
+        result.minivit_members = sum(len(g.members) for g in plan.groups)
+        result.minivit_params_after, result.minivit_reduction = plan.params_after, plan.reduction
+        if not plan.groups:  # sharify() would raise NothingToShareError(plan.empty_reason()): not run again
+            refusal = sharify.NothingToShareError(plan.empty_reason())
+            result.minivit_outcome, result.minivit_reason_kind = "nothing-to-share", _kind_of(refusal)
+            result.minivit_reason = str(refusal)
+            return
+        stage = "apply_plan"
+        shared = sharify.apply_plan(model, plan)
+        stage = "report"
+        params_after = sharify.report(model, shared).params_after
+        if params_after != plan.params_after:
+            raise AssertionError(f"report params_after {params_after} != plan params_after {plan.params_after}")
+        del shared
+        stage = "real check"
+        if plan.params_before <= forward_max_params:
+            _real_check(result.source, result.name, plan, input_px, MINIVIT)
+            result.minivit_real_check = "passed"
+        else:
+            limit = f"{plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
+            result.minivit_real_check = f"skipped: {limit}"
+        result.minivit_outcome = "shared"
+    except Exception as exc:
+        result.minivit_outcome = "error"
+        result.minivit_reason_kind, result.minivit_reason = _error(exc, f"the MiniViT pass's {stage}")
+
+
+def check_model(
+    source: str, name: str, *, forward_max_params: int = 60_000_000, input_px: int = 128, minivit: bool = True
+) -> ModelResult:
+    """Runs the coverage check for one model; never raises (failures become ``outcome="error"``, or
+    ``minivit_outcome="error"`` in the MiniViT pass).
+
+    Args:
+        source: One of :data:`benchmarks.coverage_sources.SOURCES` (``"torchvision"``, ``"timm"``,
+            ``"torchvision-detection"``, ``"transformers"``, ...).
+        name: Builder name (``transformers``: model type) in that source.
+        forward_max_params: Run the real forward/backward check for shared models up to this size.
+        input_px: Side of the real check's input (timm models with a fixed input size keep theirs).
+        minivit: Also run the MiniViT pass (``preset="minivit"``).
+    """
+    start = time.perf_counter()
+    result = new_result(source, name)
+    try:
+        try:
+            model, result.build = _build_meta(source, name)
+        except MissingPackageError as exc:
+            result.outcome, result.reason_kind, result.reason = "skipped", "missing package", str(exc)
+            return result
+        except Exception as exc:
+            result.outcome = "error"
+            result.reason_kind, result.reason = _error(exc, "build")
+            return result
+        result.repeated_dense_convs = _repeated_dense_convs(model)
+        result.params_before = result.params_after = sum(p.numel() for p in model.parameters())
+        planned: sharify.SharingPlan | Exception | None = None
+        if minivit:  # planned first: the default pass's audit of a refusal that suggests preset='minivit' reuses it
+            try:
+                planned = sharify.plan(model, **MINIVIT)
+            except Exception as exc:
+                planned = exc
+        _default_pass(result, model, planned if isinstance(planned, sharify.SharingPlan) else None,
+                      forward_max_params, input_px)  # fmt: skip
+        if planned is not None:
+            _minivit_pass(result, model, planned, forward_max_params, input_px)
     finally:
         result.seconds = round(time.perf_counter() - start, 2)
     return result

@@ -274,6 +274,7 @@ def test_readme_coverage_figures_are_the_committed_sweep() -> None:
     refused = Counter(r["reason_kind"] for r in rows if r["outcome"] == "nothing-to-share")
     kinds = {  # README wording -> the sweep's reason kind
         "no residual blocks": "no residual blocks",
+        "only Linear layers in the branches (transformers, MLP models)": "linear only (try preset='minivit')",
         "only depthwise spatial convs in the branches": "depthwise only",
         "no two consecutive blocks of one shape": "no multi-block stage",
         "only pointwise convs in the branches": "pointwise only",

@@ -3,9 +3,10 @@
 Each model is checked by :func:`benchmarks.coverage_check.check_model`: built on the meta device, planned
 and sharified (report arithmetic == plan arithmetic); shared models up to 30 M parameters (except those in
 ``META_ONLY``) are also built for real, sharified, and run forward/backward on a 64-px input with the output
-shapes compared to the original's and gradients required on every shared weight. The expected outcome of
-each model is part of the test: a model that stops being shared, or starts being refused for another
-reason, fails it; so does one that starts or stops needing automatic leafing or the meta-build fallback.
+shapes compared to the original's and gradients required on every shared weight. The same is done with
+``preset="minivit"`` (the sweep's MiniViT pass). The expected outcome of each model is part of the test: a
+model that stops being shared, or starts being refused for another reason, fails it; so does one that starts
+or stops needing automatic leafing or the meta-build fallback, or whose MiniViT outcome changes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import benchmarks.coverage_check
+import sharify
 from benchmarks.coverage import list_models, main, merge_results, parse_sources, run_sweep, write_results
-from benchmarks.coverage_check import ModelResult, _real_inputs, check_model
+from benchmarks.coverage_check import LINEAR_ONLY, NO_RESIDUAL_SEEN, ModelResult, _kind_of, _real_inputs, check_model
 from benchmarks.coverage_sources import MissingPackageError, build, family_of
-from benchmarks.coverage_summary import summary_markdown
+from benchmarks.coverage_summary import (
+    OTHER_LINEAR,
+    OTHER_TRANSFORMERS,
+    errors_of,
+    headline,
+    minivit_headline,
+    summary_markdown,
+    transformer_family,
+    transformer_family_rows,
+)
 from tests.conftest import ROOT
 
 SHARED = "shared"
@@ -31,7 +43,8 @@ NO_RESIDUAL = "no residual blocks"
 ONE_BLOCK_STAGES = "no multi-block stage"
 NO_SAME_SIGNATURE = "no same-signature convs"
 POINTWISE = "pointwise only"
-NO_CONV2D = "no conv layers"
+NO_CONV_OR_LINEAR = "no conv or linear layers"
+LINEAR = LINEAR_ONLY  # residual branches of nn.Linear layers (transformer and MLP blocks): preset='minivit'
 UNTRACEABLE = "untraceable"
 
 # (source, model, expected outcome: "shared" or the kind of nothing-to-share reason)
@@ -43,7 +56,7 @@ SUBSET = [
     ("torchvision", "mobilenet_v3_small", DEPTHWISE),
     ("torchvision", "densenet121", NO_RESIDUAL),
     ("torchvision", "vgg11", NO_RESIDUAL),
-    ("torchvision", "swin_t", NO_RESIDUAL),
+    ("torchvision", "swin_t", LINEAR),
     ("timm", "resnet18d", SHARED),
     ("timm", "resnet10t", ONE_BLOCK_STAGES),
     ("timm", "seresnext26d_32x4d", SHARED),
@@ -75,7 +88,7 @@ SUBSET = [
     ("timm", "convnext_atto", DEPTHWISE),
     ("timm", "poolformer_s12", POINTWISE),  # pooling mixer + 1x1-conv MLP
     ("timm", "levit_conv_128", POINTWISE),
-    ("timm", "vit_tiny_patch16_224", NO_RESIDUAL),
+    ("timm", "vit_tiny_patch16_224", LINEAR),
     ("timm", "bat_resnext26ts", SHARED),  # untraceable attention (data-dependent) leafed automatically
     ("timm", "resnetv2_50x1_bit", SHARED),  # StdConv2d (weight standardised in its own forward)
     ("torchvision", "mobilenet_v2", DEPTHWISE),
@@ -84,9 +97,9 @@ SUBSET = [
     # The other sources (benchmarks/coverage_sources.py), called as a user would: sharify.plan(model).
     ("torchvision-segmentation", "fcn_resnet50", SHARED),
     ("torchvision-segmentation", "lraspp_mobilenet_v3_large", DEPTHWISE),
-    ("torchvision-video", "r3d_18", NO_CONV2D),  # Conv3d only
-    # Hugging Face forwards trace with their defaults (the embedder's channel check is leafed automatically);
-    # untraceable roots (detectors, RAFT) are analysed through their submodules.
+    ("torchvision-video", "r3d_18", NO_RESIDUAL),  # Conv3d blocks (not analysed) and a Linear head: traced
+    # Hugging Face forwards trace whole with their defaults; untraceable roots (detectors, RAFT) are analysed
+    # through their submodules.
     ("transformers", "resnet", SHARED),
     ("transformers", "convnext", DEPTHWISE),
     ("torchvision-detection", "fasterrcnn_resnet50_fpn", SHARED),  # the backbone's stages
@@ -96,6 +109,11 @@ SUBSET = [
 
 FORWARD_MAX_PARAMS = 30_000_000
 
+# The models of SUBSET that preset="minivit" shares (the sweep's MiniViT pass): transformer blocks and the
+# Linear MLPs of Hugging Face's ConvNeXt; every other model of SUBSET is refused with it (untraceable roots
+# whose parts hold no Linear branches: UNTRACEABLE).
+MINIVIT_SHARED = {"swin_t", "vit_tiny_patch16_224", "convnext"}
+
 # Shared models analysed on the meta device only: their real check takes 10-20 s on two cores (it passes in
 # the full sweep, benchmarks/results/coverage.csv); what is particular about them is analysis. StdConv2d's
 # real-weight analysis is also tested in tests/analysis/test_trace_and_shapes.py.
@@ -103,10 +121,10 @@ META_ONLY = {"bat_resnext26ts", "resnetv2_50x1_bit"}
 
 # Models with submodules torch.fx cannot trace, leafed automatically (every other model but the UNTRACEABLE
 # ones traces whole).
+# (transformers' embedders, `if num_channels != self.num_channels: raise`, trace since that Python control flow is
+# decided on the fake tensors of the analysis inputs.)
 AUTO_LEAFED = {
     "bat_resnext26ts": [f"stages.{s}.{b}.attn.ba" for s in range(4) for b in range(2)],
-    "resnet": ["resnet.embedder"],  # transformers: `if num_channels != self.num_channels: raise`
-    "convnext": ["convnext.embeddings"],
 }
 
 # Builders that compute with tensors and cannot run under `torch.device("meta")`: their parameters and
@@ -151,9 +169,85 @@ def test_model_outcome(source: str, name: str, expected: str) -> None:
         assert (result.outcome, result.reason_kind) == ("nothing-to-share", expected), result.reason
         assert result.params_after == result.params_before and result.reason
         # The refusal's suggestion works: the option it names shares something.
-        hint = {DEPTHWISE: "depthwise=True (suggested): ", POINTWISE: "positions='last' (suggested): "}.get(expected)
+        hint = {
+            DEPTHWISE: "depthwise=True (suggested): ",
+            POINTWISE: "positions='last' (suggested): ",
+            LINEAR: "preset='minivit' (suggested): ",
+        }.get(expected)
         if hint is not None:
             assert hint in result.alternative and f"{hint}nothing" not in result.alternative, result.alternative
+    # The MiniViT pass: the same checks with preset="minivit".
+    if name in MINIVIT_SHARED:
+        assert result.minivit_outcome == "shared", result.minivit_reason
+        assert result.minivit_groups >= 1 and result.minivit_members >= 2 * result.minivit_groups
+        assert result.minivit_params_after < result.params_before
+        assert result.minivit_reduction == pytest.approx(1 - result.minivit_params_after / result.params_before)
+        want = "passed" if result.params_before <= forward_max_params else "skipped"
+        assert result.minivit_real_check.startswith(want)
+    else:
+        assert result.minivit_outcome == "nothing-to-share", f"{result.minivit_reason_kind}: {result.minivit_reason}"
+        assert result.minivit_params_after == result.params_before and result.minivit_reason
+        assert (result.minivit_groups, result.minivit_real_check) == (0, "")
+        if expected == UNTRACEABLE:
+            assert result.minivit_reason_kind == UNTRACEABLE
+
+
+def test_minivit_pass_on_a_small_vit() -> None:
+    # DeiT-Ti / ViT-Ti (12 blocks of 192 channels, MLP 768): refused by the defaults, whose message suggests
+    # preset='minivit'; the MiniViT pass shares its 4 Linear layers (qkv, proj, fc1, fc2, weight and bias) in
+    # each of the 6 runs of two blocks, and the sharified model runs forward and backward for real (224 px, the
+    # model's fixed size).
+    result = check_model("timm", "vit_tiny_patch16_224", input_px=64)
+    assert (result.outcome, result.reason_kind) == ("nothing-to-share", LINEAR)
+    assert "preset='minivit' shares them" in result.reason
+    assert (result.minivit_outcome, result.minivit_reason_kind, result.minivit_reason) == ("shared", "", "")
+    per_run = (192 * 576 + 576) + (192 * 192 + 192) + (192 * 768 + 768) + (768 * 192 + 192)  # one block's Linears
+    assert result.params_before == 5_717_416
+    assert result.minivit_params_after == result.params_before - 6 * per_run == 3_052_840  # MiniViT's 3.0 M
+    assert (result.minivit_groups, result.minivit_members) == (24, 48)
+    assert result.minivit_reduction == pytest.approx(6 * per_run / 5_717_416)
+    assert result.minivit_real_check == "passed"
+    # The refusal's hint was audited with the very plan of the MiniViT pass.
+    assert "preset='minivit' (suggested): 24 groups, -46.6%" in result.alternative and not result.misleading_hint
+
+
+class _Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(x.abs().sum() > 0)):  # data-dependent control flow: torch.fx cannot trace it
+            x = self.inner(x)
+        return x
+
+
+def test_refusal_kinds_of_models_without_convs() -> None:
+    # No Conv2d or Linear at all: its own kind; residual Linear (MLP) blocks on tokens (N, L, C): the linear-only
+    # kind, whose suggestion shares; Linear layers without residual additions: no residual blocks.
+    def refusal(model: nn.Module) -> str:
+        with pytest.raises(sharify.NothingToShareError) as info:
+            sharify.sharify(model, example_inputs=torch.randn(1, 4, 8))
+        return _kind_of(info.value)
+
+    assert refusal(nn.Sequential(nn.ReLU(), nn.Flatten())) == NO_CONV_OR_LINEAR
+    mlp = nn.Sequential(*(_Mlp() for _ in range(4)))
+    assert refusal(mlp) == LINEAR
+    minivit = sharify.plan(mlp, preset="minivit", example_inputs=torch.randn(1, 4, 8))
+    assert [len(g.members) for g in minivit.groups] == [2] * 4  # 2 runs of two blocks x (fc1, fc2)
+    assert refusal(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))) == NO_RESIDUAL
+    # Blocks inside a submodule torch.fx cannot trace are not seen: not "no residual blocks".
+    hidden = nn.Sequential(_Untraceable(nn.Sequential(*(_Mlp() for _ in range(4)))), nn.Linear(8, 8))
+    assert refusal(hidden) == NO_RESIDUAL_SEEN
 
 
 # The committed sweep (benchmarks/results/coverage.json) must be what the current code gives: a change to the
@@ -161,7 +255,9 @@ def test_model_outcome(source: str, name: str, expected: str) -> None:
 # analysis is compared (the real forward/backward check is test_model_outcome's), so the models are checked on
 # the meta device alone.
 _ANALYSIS_FIELDS = ("outcome", "reason_kind", "reason", "build", "traced", "input_shape", "blocks", "stages", "groups",
-                    "members", "params_before", "params_after", "alternative", "misleading_hint")  # fmt: skip
+                    "members", "params_before", "params_after", "alternative", "misleading_hint", "minivit_outcome",
+                    "minivit_reason_kind", "minivit_reason", "minivit_groups", "minivit_members",
+                    "minivit_params_after")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +277,24 @@ def test_committed_sweep_is_what_the_code_gives(
         k: (committed.get(k), v) for k, v in result.to_dict().items() if k in _ANALYSIS_FIELDS and committed.get(k) != v
     }
     assert not stale, f"benchmarks/results/coverage.json is stale (committed, now): {stale}; rerun benchmarks.coverage"
+
+
+@pytest.mark.results
+def test_readme_minivit_table_is_the_committed_sweep(committed_sweep: dict[str, dict[str, object]]) -> None:
+    # The README's per-family table of the MiniViT pass ("Which models it works on") is the committed sweep's.
+    section = (ROOT / "README.md").read_text().split("## Which models it works on", 1)[1].split("\n## ", 1)[0]
+    lines = section.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| transformer / MLP family |"))
+    rows = lines[start + 2 : next(i for i in range(start, len(lines) + 1) if i == len(lines) or not lines[i])]
+    readme = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+    # coverage.md's rows: family, models, shared (defaults), refused as linear only, shared (minivit), mean and
+    # max reduction (minivit), real checks passed (minivit), errors; the README leaves out the linear-only
+    # refusals and the real checks, and writes "%" with a space.
+    expected = []
+    for row in transformer_family_rows(list(committed_sweep.values()))[2:]:
+        family, models, shared, _, minivit, mean, best, _, errors = (c.strip() for c in row.strip("|").split("|"))
+        expected.append([family, models, shared, minivit, mean.replace("%", " %"), best.replace("%", " %"), errors])
+    assert readme == expected
 
 
 def test_list_models_filters_with_globs() -> None:
@@ -294,9 +408,11 @@ def test_main_merges_a_source_into_earlier_results(tmp_path: Path) -> None:
     summary = (tmp_path / "coverage.md").read_text()
     assert "**0 of 1 timm models shared, 0 of 1 torchvision-video models shared, 0 errors.**" in summary
     assert "- Merged (rows from this run: torchvision-video 1): `" in summary
-    assert "| torchvision-video | 1 | 0 | 1 | 0 | 0 | - | - | 0 | no conv layers (1) |" in summary  # by source
+    # r3d_18: Conv3d blocks, which sharify does not analyse, and a Linear head: traced, no residual blocks.
+    assert "| torchvision-video | 1 | 0 | 1 | 0 | 0 | - | - | 0 | 0 | - | no residual blocks (1) |" in summary
     # A source run whole replaces its rows and the earlier runs of only that source.
     flow = ["--sources", "torchvision-optical-flow", "--merge", "--out", str(tmp_path), "--no-progress"]
+    flow += ["--forward-max-params", "0"]  # merging is tested here, not RAFT's real forward
     assert main(flow) == 0 and main(flow) == 0
     data = json.loads((tmp_path / "coverage.json").read_text())
     assert [r["name"] for r in data["models"]] == ["test_resnet", "r3d_18", "raft_large", "raft_small"]
@@ -334,6 +450,58 @@ def test_detector_real_check_input_trains_the_detector() -> None:
     assert all(v.shape == () and torch.isfinite(v) and v.requires_grad for v in losses.values())
 
 
+def _vit(name: str, reduction: float, family: str = "timm.vision_transformer", **extra: object) -> dict[str, object]:
+    """A row refused by the defaults as linear-only and shared by the MiniViT pass with ``reduction``."""
+    minivit = {"minivit_outcome": "shared", "minivit_reduction": reduction, "minivit_real_check": "passed"}
+    return {**_row("timm", name, "nothing-to-share", family=family, reason_kind=LINEAR), **minivit, **extra}
+
+
+def test_transformer_family_table_counts_both_passes() -> None:
+    refused = "nothing-to-share"
+    rows = [
+        _vit("vit_tiny_patch16_224", 0.466),
+        _vit("vit_small_patch16_224", 0.482, minivit_real_check="skipped: 22M params > 0M"),
+        _vit("vit_small_r26_s32_224", 0.30, "timm.vision_transformer_hybrid"),  # a hybrid by its module
+        _vit("vit_small_resnet26d_224", 0.20, outcome="shared", reason_kind=""),  # a hybrid by name, conv-shared
+        _vit("deit_tiny_patch16_224", 0.466),
+        _vit("swinv2_cr_tiny_ns_224", 0.0, minivit_outcome="error", minivit_reason_kind="RuntimeError"),
+        _vit("levit_128", 0.25, reason_kind="pointwise only"),  # minivit shares Linear layers beside convs
+        _vit("pit_ti_224", 0.45),  # another transformer family
+        _row("timm", "resnet18", minivit_outcome=refused),  # not a transformer: in no row
+        _row("timm", "poolformer_s12", "nothing-to-share", reason_kind="pointwise only", minivit_outcome=refused),
+        _row("torchvision-video", "swin3d_t", "nothing-to-share", reason_kind=LINEAR, minivit_outcome="shared"),
+        _vit("vit", 0.495, source="transformers", library="transformers", minivit_real_check="skipped: 86M > 60M"),
+        _row("transformers", "resnet", minivit_outcome=refused, minivit_reason_kind="no same-signature convs"),
+    ]
+    families = [transformer_family(r) for r in rows]
+    assert families == [
+        "ViT (`vit_*`)", "ViT (`vit_*`)", "hybrids (`vit_*resnet*`, `*hybrid*`)",
+        "hybrids (`vit_*resnet*`, `*hybrid*`)", "DeiT (`deit*`)", "Swin (`swin*`)", OTHER_LINEAR,
+        OTHER_TRANSFORMERS, None, "PoolFormer (`poolformer*`)", None, None, None,
+    ]  # fmt: skip
+    # models, shared (defaults), refused as linear only, shared (minivit), mean and max reduction (minivit),
+    # real checks passed (minivit), errors (either pass).
+    assert transformer_family_rows(rows)[2:] == [
+        "| hybrids (`vit_*resnet*`, `*hybrid*`) | 2 | 1 | 1 | 2 | 25.0% | 30.0% | 2 | 0 |",
+        "| ViT (`vit_*`) | 2 | 0 | 2 | 2 | 47.4% | 48.2% | 1 | 0 |",
+        "| DeiT (`deit*`) | 1 | 0 | 1 | 1 | 46.6% | 46.6% | 1 | 0 |",
+        "| Swin (`swin*`) | 1 | 0 | 1 | 0 | - | - | 0 | 1 |",
+        "| PoolFormer (`poolformer*`) | 1 | 0 | 0 | 0 | - | - | 0 | 0 |",
+        "| other transformers | 1 | 0 | 1 | 1 | 45.0% | 45.0% | 1 | 0 |",
+        "| other models with Linear branches | 1 | 0 | 0 | 1 | 25.0% | 25.0% | 1 | 0 |",
+        "| transformers (Hugging Face), every model type | 2 | 1 | 1 | 1 | 49.5% | 49.5% | 0 | 0 |",
+    ]
+    # An error of the MiniViT pass counts in the headline and is listed with the errors.
+    assert headline(rows).endswith("1 of 2 transformers models shared, 1 error")
+    assert minivit_headline(rows) == (
+        "with preset='minivit': 7 of 10 timm models, 1 of 1 torchvision-video models, 1 of 2 transformers models shared"
+    )
+    summary = summary_markdown(rows, {})
+    assert "- `timm:swinv2_cr_tiny_ns_224` (MiniViT pass): RuntimeError: " in summary
+    assert "| vit | nothing-to-share: linear only (try preset='minivit') | shared | 49.5% | skipped: 86M" in summary
+    assert "| resnet | shared | nothing-to-share: no same-signature convs | - |  |" in summary
+
+
 @pytest.mark.slow
 def test_full_sweep_has_no_errors(tmp_path: Path) -> None:
     # Every source (~1520 models, about 35 minutes with two workers): every model is shared or refused
@@ -341,6 +509,7 @@ def test_full_sweep_has_no_errors(tmp_path: Path) -> None:
     results = run_sweep(list_models(), jobs=2, timeout=600, progress=False)
     write_results(results, tmp_path, {"command": "pytest -m slow", "wall_seconds": 0.0})
     errors = [
-        f"{r['library']}:{r['name']}: {r['reason_kind']}: {r['reason']}" for r in results if r["outcome"] == "error"
+        f"{r['library']}:{r['name']}: {r['reason_kind']}: {r['reason']} | MiniViT pass: {r['minivit_reason']}"
+        for r in errors_of(results)
     ]
     assert not errors, "\n".join(errors)
