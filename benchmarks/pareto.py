@@ -253,21 +253,20 @@ def run_depth(bench: Bench, depth: int) -> list[Row]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # The defaults are sized, from the training rates of an idle 2-core machine (ResNet-20 ~280 images/s,
-    # ResNet-56 ~100), for about 3 hours: 5,000 training and 2,000 test images, a short schedule, one seed.
-    # That estimate has not been run. The committed front (results/pareto) is two smaller commands, one per
-    # depth, 18 minutes each; pareto.md records them (ResNet-56 needs batch 32 and lr 0.05 to train at all
-    # on so few images in 8 epochs).
+    # The defaults are sized for about 75 minutes on an idle 2-core machine (measured training rates in
+    # sharify.train.finetune with augmentation, batch 64, 2 threads: ResNet-20 ~900 images/s, ResNet-56
+    # ~380): 10,000 training and 2,000 test images, 10 + 2 epochs, one seed. The committed front
+    # (results/pareto) is this default command.
     p.add_argument("--depths", type=int, nargs="+", default=[20, 56])
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--subset", type=int, default=5_000, help="training images (0: all 60,000)")
+    p.add_argument("--subset", type=int, default=10_000, help="training images (0: all 60,000)")
     p.add_argument("--val-subset", type=int, default=2_000, help="test images (0: all 10,000)")
-    p.add_argument("--baseline-epochs", type=int, default=8)
+    p.add_argument("--baseline-epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--finetune-lr", type=float, default=0.005)
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bn-images", type=int, default=1024)
     p.add_argument("--delta-ranks", type=int, nargs="+", default=[2, 8])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.65, 0.75, 0.8])
