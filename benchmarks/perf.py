@@ -185,15 +185,28 @@ def _prepare(
 
 
 def _timed_modes(
-    models: dict[str, nn.Module], x: torch.Tensor, args: argparse.Namespace, device: torch.device
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+    cached: tuple[str, ...] = (),
 ) -> list[tuple[bool, dict[str, list[float]]]]:
-    """Seconds per call of each model, timed interleaved, for a training step and then an inference batch."""
+    """Seconds per call of each model, timed interleaved, for a training step and then an inference batch.
+
+    The models named in ``cached`` are timed for inference only, inside :func:`sharify.cached_weights` (entered
+    once around all their calls, as around an evaluation loop).
+    """
     out = []
     for train in (True, False):
-        for m in models.values():
+        timed = {k: m for k, m in models.items() if not (train and k in cached)}
+        for m in timed.values():
             m.train(train)
-        fns = {k: _step_fn(m, x, train, args.amp) for k, m in models.items()}
-        out.append((train, interleaved(fns, device, args.warmup, args.repeats)))
+        with contextlib.ExitStack() as stack:
+            for k in cached:
+                if k in timed:
+                    stack.enter_context(sharify.cached_weights(timed[k]))
+            fns = {k: _step_fn(m, x, train, args.amp) for k, m in timed.items()}
+            out.append((train, interleaved(fns, device, args.warmup, args.repeats)))
     return out
 
 
@@ -227,18 +240,24 @@ def _print_row(r: dict[str, Any], label: str) -> None:
           f"ratio {r['ratio']:.3f} (IQR {q1:.3f}-{q3:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})", flush=True)  # fmt: skip
 
 
-def step_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
+def step_flops(model: nn.Module, x: torch.Tensor, train: bool, cached: bool = False) -> int:
     """FLOPs of one call of :func:`_step_fn` (forward, plus backward for a training step; the optimizer's
-    elementwise update is not counted), by ``torch.utils.flop_counter``: exact, and immune to the machine's noise."""
+    elementwise update is not counted), by ``torch.utils.flop_counter``: exact, and immune to the machine's noise.
+    ``cached``: an inference call inside :func:`sharify.cached_weights`, after a first call filled the cache."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(model).train(train)
-    with FlopCounterMode(display=False) as counter:
-        if train:
-            model(x).float().square().mean().backward()
-        else:
+    with contextlib.ExitStack() as stack:
+        if cached:
+            stack.enter_context(sharify.cached_weights(model))
             with torch.no_grad():
                 model(x)
+        with FlopCounterMode(display=False) as counter:
+            if train:
+                model(x).float().square().mean().backward()
+            else:
+                with torch.no_grad():
+                    model(x)
     return int(counter.get_total_flops())
 
 
@@ -276,13 +295,18 @@ def delta_speed(
     for channels_last, compiled in _variants(args):
         models = {"original": original, "materialised": shared, "activations": reference}
         models = _prepare(models, device, channels_last, compiled)
+        cached = () if compiled else ("cached",)  # a compiled model computes its graph; the cache is eager's
+        if cached:
+            models["cached"] = copy.deepcopy(models["materialised"])
         xin = x.to(memory_format=torch.channels_last) if channels_last else x
-        for train, times in _timed_modes(models, xin, args, device):
+        for train, times in _timed_modes(models, xin, args, device, cached):
             t = {k: statistics.median(v) for k, v in times.items()}
             versus = ratio_stats(times["materialised"], times["activations"], 1.0)
             flops = {k: step_flops(m, x.cpu(), train) for k, m in (("original", original), ("materialised", shared),
                                                                    ("activations", reference))}  # fmt: skip
-            for impl in ("materialised", "activations"):
+            if "cached" in times:
+                flops["cached"] = step_flops(shared, x.cpu(), train, cached=True)
+            for impl in [k for k in ("materialised", "activations", "cached") if k in times]:
                 rows.append({
                     **base, "mode": "train step" if train else "inference", "channels_last": channels_last,
                     "compile": compiled, "implementation": impl, "original_img_s": shape[0] / t["original"],
@@ -291,7 +315,8 @@ def delta_speed(
                     "original_flops": flops["original"], "shared_flops": flops[impl],
                 })  # fmt: skip
                 _print_row(rows[-1], f"{base['sharing']} {impl} (FLOPs x{flops[impl] / flops['original']:.4f})")
-            rows[-1]["vs_materialised"] = {"ratio": versus["ratio"], "ratio_ci95": versus["ratio_ci95"]}
+                if impl == "activations":
+                    rows[-1]["vs_materialised"] = {"ratio": versus["ratio"], "ratio_ci95": versus["ratio_ci95"]}
     return rows
 
 
@@ -587,7 +612,7 @@ def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The relaxed-sharing table (:func:`delta_speed`) and its target line."""
     lines = ["", f"## Relaxed sharing (delta_rank, param_budget): ratio = shared / original, target >= {DELTA_TARGET}",
              "", "Each member conv owns a low-rank delta `B @ A` added to the shared weight. Two implementations, "
-             "timed in the same rounds as the original (the order of the three models alternating every round): "
+             "timed in the same rounds as the original (the order of the models alternating every round): "
              "*materialised*, the library's member conv (`W + (B @ A).view_as(W)` once per forward, one "
              "convolution), and *activations*, a reference built only in the benchmark "
              "(`benchmarks/delta_reference.py`: the shared convolution plus a kh x kw conv with `A` (r output "
@@ -596,7 +621,9 @@ def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
              "*max diff* is their largest output difference relative to the largest output (eval mode). *FLOPs* "
              "is the step's FLOP count relative to the original's (`torch.utils.flop_counter`, forward + backward "
              "for a training step): exact, so it shows what the implementation costs where the timings' noise "
-             "hides it.", "",
+             "hides it. *cached* (inference only, eager only) is the library's member conv inside "
+             "`sharify.cached_weights(model)`, entered once around all its calls as around an evaluation loop: "
+             "each member's sum is computed once, not per forward.", "",
              "| model | sharing | params | mode | batch | channels_last | compile | precision | implementation "
              "| original | shared | ratio | ratio IQR | 95% CI of the ratio | target | act / mat | FLOPs | max diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -610,8 +637,10 @@ def _delta_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['ratio_q1']:.3f}-{r['ratio_q3']:.3f} | {ci[0]:.3f}-{ci[1]:.3f} | {r['verdict']} | {versus} "
             f"| {r['shared_flops'] / r['original_flops']:.4f} | {r['max_rel_difference']:.1e} |"
         )
-    for impl in ("materialised", "activations"):
+    for impl in ("materialised", "activations", "cached"):
         verdicts = [r["verdict"] for r in rows if r["implementation"] == impl]
+        if not verdicts:
+            continue
         lines += ["", f"Relaxed-sharing target, {impl} (ratio >= {DELTA_TARGET}): {verdicts.count('met')} of "
                   f"{len(verdicts)} rows met; {verdicts.count('noise')} below it by less than this machine's noise; "
                   f"{verdicts.count('below')} measurably below."]  # fmt: skip

@@ -38,7 +38,7 @@ from .io.recipe import GroupRecipe, Recipe
 from .io.serialization import load, read_recipe, save
 from .io.unshared import load_unshared_state_dict
 from .io.zoo import ModelSource
-from .layers import SharedConv2d, SharedConvParams, is_shared_conv, shared_groups
+from .layers import SharedConv2d, SharedConvParams, cached_weights, is_shared_conv, shared_groups
 from .planning.options import PRESETS, SharingOptions
 from .planning.plan import ConvSignature, SharingGroup, SharingPlan, plan
 from .report import GroupReport, ParameterReport, report
@@ -73,6 +73,7 @@ __all__ = [
     "UntraceableError",
     "__version__",
     "apply_plan",
+    "cached_weights",
     "export_onnx",
     "fold_batchnorm",
     "is_shared_conv",

@@ -24,6 +24,8 @@ it becomes an instance of its original class again with its own copies of the te
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -39,6 +41,7 @@ __all__ = [
     "SharedConvMixin",
     "SharedConvParams",
     "SharedStore",
+    "cached_weights",
     "is_shared_conv",
     "holder_paths",
     "shared_class",
@@ -131,6 +134,39 @@ class SharedStore(nn.Module):
         node.add_module(leaf, holder)
 
 
+#: Member weights computed once inside :func:`cached_weights`, by ``id`` of the member (a copy made inside the
+#: context is not cached: its id is new).
+_WEIGHT_CACHE: dict[int, dict[str, Tensor | None]] = {}
+
+
+@contextlib.contextmanager
+def cached_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside this context, each member conv of ``model`` computes its weight and bias once and reuses them.
+
+    A member with a low-rank delta (``delta_rank``/``param_budget``) or a ``shared_gain`` computes
+    ``W + B @ A`` (times the gain) at every forward, so that training updates the shared tensor and the
+    deltas. For inference that sum is the same at every call: ``with sharify.cached_weights(model):``
+    around an evaluation loop computes it once per member, and the forward then costs what the original
+    model's does. Members without a delta or gain read the shared tensor directly and gain nothing.
+
+    The contract is that of ``torch.nn.utils.parametrize.cached()``: do not update the weights inside the
+    context (an optimizer step, ``load_state_dict``), they would not be seen; with autograd on, one forward
+    and backward per context. Nested contexts and several models are fine; leaving the context drops the
+    tensors it cached.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    model = _check_module(model, "cached_weights")
+    added = [id(m) for m in model.modules() if isinstance(m, SharedConvMixin) and id(m) not in _WEIGHT_CACHE]
+    _WEIGHT_CACHE.update({key: {} for key in added})
+    try:
+        yield model
+    finally:
+        for key in added:
+            _WEIGHT_CACHE.pop(key, None)
+
+
 class SharedConvMixin:
     """Turns an instance of a conv class into a member of a sharing group.
 
@@ -155,6 +191,23 @@ class SharedConvMixin:
 
     @property
     def weight(self) -> Tensor:
+        cache = _WEIGHT_CACHE.get(id(self)) if _WEIGHT_CACHE else None
+        if cache is None:
+            return self._sharify_weight()
+        if "weight" not in cache:
+            cache["weight"] = self._sharify_weight()
+        return cache["weight"]  # type: ignore[return-value]  # never None
+
+    @property
+    def bias(self) -> Tensor | None:
+        cache = _WEIGHT_CACHE.get(id(self)) if _WEIGHT_CACHE else None
+        if cache is None:
+            return self._sharify_bias()
+        if "bias" not in cache:
+            cache["bias"] = self._sharify_bias()
+        return cache["bias"]
+
+    def _sharify_weight(self) -> Tensor:
         w: Tensor = self._sharify_holder.weight
         params = self._parameters  # type: ignore[attr-defined]
         up, down = params.get("delta_b"), params.get("delta_a")
@@ -163,8 +216,7 @@ class SharedConvMixin:
         gain = params.get("shared_gain")
         return w if gain is None else w * gain.view(-1, *([1] * (w.dim() - 1)))
 
-    @property
-    def bias(self) -> Tensor | None:
+    def _sharify_bias(self) -> Tensor | None:
         b = self._sharify_holder.bias
         params = self._parameters  # type: ignore[attr-defined]
         delta = params.get("delta_bias")
@@ -181,7 +233,7 @@ class SharedConvMixin:
 
     def _sharify_detached_tensors(self) -> dict[str, Tensor | None]:
         """What the member computes with, as the tensors of an ordinary conv (its weight and bias, gain applied)."""
-        return {"weight": self.weight, "bias": self.bias}
+        return {"weight": self._sharify_weight(), "bias": self._sharify_bias()}
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in ("weight", "bias") and "_sharify_holder" in self.__dict__:

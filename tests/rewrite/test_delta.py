@@ -328,3 +328,51 @@ def test_a_budget_on_a_transformers_resnet_round_trips(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.eval()(x).logits, shared(x).logits, rtol=0, atol=0)
     exact = sharify.sharify(original, delta_rank="full").eval()
     torch.testing.assert_close(exact(x).logits, original(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_weights_compute_each_members_sum_once_and_give_the_same_outputs() -> None:
+    model = sharify.sharify(cifar_resnet(14, width=8).eval(), positions=("all_spatial",), delta_rank=2)
+    members = [m for m in model.modules() if sharify.is_shared_conv(m) and m.delta_rank]
+    assert members
+    x = torch.randn(2, 3, 16, 16)
+    calls = 0
+    real = torch.addmm
+
+    def counting_addmm(*args: object, **kwargs: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        expected = model(x)
+        torch.addmm = counting_addmm  # type: ignore[assignment]
+        try:
+            with sharify.cached_weights(model):
+                outputs = [model(x) for _ in range(3)]
+        finally:
+            torch.addmm = real
+    assert calls == len(members)  # once per member, not once per member and forward
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    members[0].weight  # noqa: B018  # outside the context: computed again, from the current tensors
+    with torch.no_grad():
+        members[0].delta_b.add_(1.0)
+    assert not torch.equal(model(x), expected)  # a change after the context is seen
+
+
+def test_cached_weights_leave_copies_and_other_models_alone_and_refuse_non_modules() -> None:
+    model = sharify.sharify(cifar_resnet(14, width=8).eval(), positions=("all_spatial",), delta_rank=2)
+    with sharify.cached_weights(model):
+        inner = copy.deepcopy(model)
+        member = next(m for m in inner.modules() if sharify.is_shared_conv(m) and m.delta_rank)
+        first = member.weight
+        with torch.no_grad():
+            member.delta_b.add_(1.0)
+        assert not torch.equal(member.weight, first)  # the copy is not cached: it sees its own update
+        with sharify.cached_weights(model):  # nested: the outer context keeps its cache
+            pass
+        outer = next(m for m in model.modules() if sharify.is_shared_conv(m) and m.delta_rank)
+        assert outer.weight is outer.weight
+    assert outer.weight is not outer.weight
+    with pytest.raises(TypeError, match=r"cached_weights expects a torch\.nn\.Module"), sharify.cached_weights("x"):  # type: ignore[arg-type]
+        pass
