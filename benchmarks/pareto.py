@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     for depth in args.depths:
         rows += run_depth(bench, depth)
         payload = {  # written after every depth, so a long run keeps what it finished
-            "command": "python -m benchmarks.pareto " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(["python -m benchmarks.pareto", *(sys.argv[1:] if argv is None else argv)]),
             "seconds": time.perf_counter() - start, "git_commit": git_commit(), "machine": _machine(),
             "data": {"source": str(bench.data.source), "train_images": len(bench.data.train),
                      "val_images": len(bench.data.val)},

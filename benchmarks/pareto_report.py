@@ -113,7 +113,8 @@ def _plot(payload: dict[str, Any], path: Path) -> None:
 def _part_line(part: dict[str, Any]) -> str:
     data, args = part["data"], part["args"]
     return (
-        f"Command: `{part['command']}` ({part['seconds'] / 60:.0f} min; git commit `{part['git_commit']}`). "
+        f"Command: `{part['command'].strip()}` ({part['seconds'] / 60:.0f} min for the whole command; "
+        f"git commit `{part['git_commit']}`). "
         f"Fashion-MNIST ({data['source']}): {data['train_images']:,} training and {data['val_images']:,} test "
         f"images; baseline {args['baseline_epochs']} epochs at lr {args['lr']}, every fine-tune "
         f"{args['finetune_epochs']} epochs at lr {args['finetune_lr']}; seed {args['seed']}."

@@ -48,16 +48,28 @@ def test_pareto_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.results
 def test_committed_front_and_the_readme_say_the_same(tmp_path: Path) -> None:
-    """pareto.md is what the two committed runs' JSON give, and every row the README quotes is one of its rows."""
+    """pareto.md is what the committed run's JSON gives, that run is the default command, and every row the README
+    quotes is one of its rows."""
     results = ROOT / "benchmarks" / "results" / "pareto"
-    runs = [str(results / depth / "pareto.json") for depth in ("resnet20", "resnet56")]
-    assert pareto.main(["--from-json", *runs, "--out", str(tmp_path)]) == 0
+    payload = json.loads((results / "pareto.json").read_text())
+    assert payload["command"].strip() == "python -m benchmarks.pareto"  # the defaults, as `--help` documents them
+    assert {r["depth"] for r in payload["rows"]} == {20, 56}
+    assert pareto.main(["--from-json", str(results / "pareto.json"), "--out", str(tmp_path)]) == 0
     committed = (results / "pareto.md").read_text()
     assert (tmp_path / "pareto.md").read_text() == committed
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Choosing how much to share")[1].split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert len(rows) == 22
+    assert len(rows) == 24
     assert all(row in committed for row in rows)
-    for figure in ("76.9 % after BatchNorm re-calibration against the baseline's 77.7 %", "61.5 % against 57.5 %"):
-        assert figure.split(" ")[0] in committed
+    quoted = " ".join(section.split())
+    for figure in ("86.15 % against 88.25 %", "84.55 % against 85.80 %", "80.70 % against 81.85 %",
+                   "88.05 % at 14 %", "87.80 → 88.40 %", "88.45 % vs 88.50 %", "85.60 % vs 85.65 %"):  # fmt: skip
+        assert figure in quoted
+        numbers = [n for n in figure.replace("%", "").replace("→", " ").split() if n[0].isdigit() and "." in n]
+        assert all(f"| {n} |" in committed for n in numbers), figure
+    assert "met at 5 of 6 counts on ResNet-20" in quoted and "and 1 of 6 on ResNet-56" in quoted
+    for depth, met in ((20, 5), (56, 1)):
+        lines = committed.split(f"## ResNet-{depth}")[1].split("## ResNet-")[0].splitlines()
+        after = [line for line in lines if line.startswith("- after fine-tuning")]
+        assert (len(after), sum(line.endswith("-> met") for line in after)) == (6, met)

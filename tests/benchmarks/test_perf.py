@@ -238,19 +238,28 @@ def test_committed_speed_verdicts_follow_their_numbers(name: str) -> None:
 
 @pytest.mark.results
 def test_readme_relaxed_sharing_speed_is_the_committed_run() -> None:
-    """The ratios 'Choosing how much to share' quotes are the materialised rows of results/perf_delta."""
+    """The ratios 'Choosing how much to share' quotes are rows of results/perf_delta, and so is its summary."""
     table = (ROOT / "benchmarks" / "results" / "perf_delta" / "perf.md").read_text()
-    rows = [line.split("|") for line in table.splitlines() if "| materialised |" in line]
-    ratios = {(r[2].strip(), r[4].strip()): r[12].strip() for r in rows}
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| resnet50 |")]
+    ratio = {(r[2].strip(), r[4].strip(), r[9].strip()): r[12].strip() for r in rows}
     readme = (ROOT / "README.md").read_text()
-    quoted = readme.split("Throughput: the deltas are added")[1].split("## Performance")[0]
-    expected = (
-        f"{ratios['delta_rank=8', 'train step']} at rank 8 and at rank 32, {ratios['param_budget=0.9', 'train step']} "
-        f"at `param_budget=0.9`; inference {ratios['delta_rank=8', 'inference']}, "
-        f"{ratios['delta_rank=32', 'inference']}, {ratios['param_budget=0.9', 'inference']}"
+    quoted = " ".join(readme.split("Throughput: the deltas are added")[1].split("## Performance")[0].split())
+    specs = ("delta_rank=8", "delta_rank=32", "param_budget=0.9")
+    train = [ratio[s, "train step", "materialised"] for s in specs]
+    assert (
+        f"{train[0]} of the original's throughput at rank 8, {train[1]} at rank 32 and {train[2]} at `param_budget=0.9`"
+        in quoted
     )
-    assert ratios["delta_rank=8", "train step"] == ratios["delta_rank=32", "train step"]
-    assert expected in " ".join(quoted.split())
-    summary = next(line for line in table.splitlines() if line.startswith("Relaxed-sharing target, materialised"))
-    assert "1 of 6 rows met; 3 below it by less than this machine's noise; 2 measurably below" in summary
-    assert "met in 1 of 6 rows, 3 are below it within this machine's noise and 2" in " ".join(quoted.split())
+    cached = (
+        ", ".join(ratio[s, "inference", "cached"] for s in specs[:2]) + f" and {ratio[specs[2], 'inference', 'cached']}"
+    )
+    plain = ", ".join(ratio[s, "inference", "materialised"] for s in specs)
+    assert f"inference runs at {cached} of the original" in quoted and f"without it {plain}" in quoted
+    summary = {impl: next(line for line in table.splitlines() if line.startswith(f"Relaxed-sharing target, {impl}"))
+               for impl in ("materialised", "cached")}  # fmt: skip
+    assert (
+        "0 of 6 rows met; 2 below it by less than this machine's noise; 4 measurably below" in summary["materialised"]
+    )
+    assert "(materialised: 0 of 6 rows met, 2 below it within this machine's noise, 4 measurably below)" in quoted
+    assert "3 of 3 rows met" in summary["cached"] and "(target met in 3 of 3 rows;" in quoted
+    assert "--repeats 40" in table and "--repeats 40" in quoted
