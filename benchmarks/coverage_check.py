@@ -364,20 +364,31 @@ def _default_pass(
         if not plan.groups:
             raise AssertionError("sharify() returned a model although the plan has no groups")
         stage = "report"
-        params_after = sharify.report(model, shared).params_after
-        if params_after != plan.params_after:
-            raise AssertionError(f"report params_after {params_after} != plan params_after {plan.params_after}")
+        _check_report(model, shared, plan)
         del shared
         stage = "real check"
-        if plan.params_before <= forward_max_params:
+        skipped = _too_big(plan, forward_max_params)
+        if skipped is None:
             result.real_input, result.output_shape = _real_check(result.source, result.name, plan, input_px, {})
-            result.real_check = "passed"
-        else:
-            result.real_check = f"skipped: {plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
+        result.real_check = skipped or "passed"
         result.outcome = "shared"
     except Exception as exc:
         result.outcome = "error"
         result.reason_kind, result.reason = _error(exc, stage)
+
+
+def _check_report(model: nn.Module, shared: nn.Module, plan: sharify.SharingPlan) -> None:
+    """The report of the rewritten model counts what the plan predicted."""
+    params_after = sharify.report(model, shared).params_after
+    if params_after != plan.params_after:
+        raise AssertionError(f"report params_after {params_after} != plan params_after {plan.params_after}")
+
+
+def _too_big(plan: sharify.SharingPlan, forward_max_params: int) -> str | None:
+    """Why the real check is skipped (the model is above ``forward_max_params``), or ``None`` to run it."""
+    if plan.params_before <= forward_max_params:
+        return None
+    return f"skipped: {plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
 
 
 def _minivit_pass(
@@ -412,17 +423,13 @@ def _minivit_pass(
         stage = "apply_plan"
         shared = sharify.apply_plan(model, plan)
         stage = "report"
-        params_after = sharify.report(model, shared).params_after
-        if params_after != plan.params_after:
-            raise AssertionError(f"report params_after {params_after} != plan params_after {plan.params_after}")
+        _check_report(model, shared, plan)
         del shared
         stage = "real check"
-        if plan.params_before <= forward_max_params:
+        skipped = _too_big(plan, forward_max_params)
+        if skipped is None:
             _real_check(result.source, result.name, plan, input_px, MINIVIT)
-            result.minivit_real_check = "passed"
-        else:
-            limit = f"{plan.params_before / 1e6:.0f}M params > {forward_max_params / 1e6:.0f}M"
-            result.minivit_real_check = f"skipped: {limit}"
+        result.minivit_real_check = skipped or "passed"
         result.minivit_outcome = "shared"
     except Exception as exc:
         result.minivit_outcome = "error"

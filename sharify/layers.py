@@ -191,21 +191,21 @@ class SharedConvMixin:
 
     @property
     def weight(self) -> Tensor:
-        cache = _WEIGHT_CACHE.get(id(self)) if _WEIGHT_CACHE else None
-        if cache is None:
-            return self._sharify_weight()
-        if "weight" not in cache:
-            cache["weight"] = self._sharify_weight()
-        return cache["weight"]  # type: ignore[return-value]  # never None
+        return self._sharify_weight() if not _WEIGHT_CACHE else self._sharify_cached("weight")  # type: ignore[return-value]
 
     @property
     def bias(self) -> Tensor | None:
-        cache = _WEIGHT_CACHE.get(id(self)) if _WEIGHT_CACHE else None
-        if cache is None:
-            return self._sharify_bias()
-        if "bias" not in cache:
-            cache["bias"] = self._sharify_bias()
-        return cache["bias"]
+        return self._sharify_bias() if not _WEIGHT_CACHE else self._sharify_cached("bias")
+
+    def _sharify_cached(self, name: str) -> Tensor | None:
+        """``weight`` or ``bias`` inside :func:`cached_weights`: computed on first use, then reused."""
+        compute = self._sharify_weight if name == "weight" else self._sharify_bias
+        cache = _WEIGHT_CACHE.get(id(self))
+        if cache is None:  # another model is cached, not this member
+            return compute()
+        if name not in cache:
+            cache[name] = compute()
+        return cache[name]
 
     def _sharify_weight(self) -> Tensor:
         w: Tensor = self._sharify_holder.weight
